@@ -1,0 +1,380 @@
+"""Order files: `.cpu` sell orders and `.buy` buyer credentials.
+
+Both are configobj files checked against a configspec (SELL_SPEC,
+BUY_SPEC); see cpushare.cpu(5).  Every error is an OrderError whose text
+names the file, the line and the key, e.g.
+
+    /etc/cpushare/cpu0.cpu:7: price: 'abc' is not a number of CPUCoins
+
+Prices are decimal CPUCoins in the file and integer milli-CPUCoins in
+memory; sizes take K, M, G suffixes (powers of 1024).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
+from validate import ValidateError, Validator, VdtMissingValue
+
+MILLI = 1000
+MAX_PRICE_MILLI = 10**15  # a bound far above any sane price, below int64 trouble
+DEFAULT_PORT = 7300
+
+
+class OrderError(ValueError):
+    """An order file is unusable; the text says which file, line and key."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpu_seconds: int
+    wall_seconds: int
+    memory: int  # bytes
+    output: int  # bytes
+
+
+@dataclass(frozen=True)
+class SellOrder:
+    name: str  # the file's stem: cpu0 for /etc/cpushare/cpu0.cpu
+    path: str
+    host: str
+    port: int
+    model: str  # 'seccomp' | 'kvm'
+    price_milli: int  # ask, milli-CPUCoins per CPU-hour
+    ca_pem: str
+    cert_pem: str
+    key_pem: str
+    limits: Limits
+
+    @property
+    def server(self) -> str:
+        return join_hostport(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class BuyOrder:
+    name: str
+    path: str
+    host: str
+    port: int
+    price_milli: int  # bid, milli-CPUCoins per CPU-hour
+    redundancy: int
+    max_cpu_seconds: int
+    ca_pem: str
+    cert_pem: str
+    key_pem: str
+
+    @property
+    def server(self) -> str:
+        return join_hostport(self.host, self.port)
+
+
+# --- values -----------------------------------------------------------------
+
+_PRICE = re.compile(r"\d+(\.\d{1,3})?|\.\d{1,3}")
+
+
+def parse_price(text: str) -> int:
+    """"0.010" CPUCoins -> 10 milli-CPUCoins, exactly (no float anywhere)."""
+    t = str(text).strip()
+    if t.startswith("-"):
+        raise ValueError(f"{text!r} is negative")
+    if not _PRICE.fullmatch(t):
+        if re.fullmatch(r"\d*\.\d{4,}", t):
+            raise ValueError(f"{text!r} has more than 3 decimals (the unit is 0.001 CPUCoin)")
+        raise ValueError(f"{text!r} is not a number of CPUCoins (like 0.010)")
+    whole, _, frac = t.partition(".")
+    milli = int(whole or "0") * MILLI + int((frac + "000")[:3])
+    if milli > MAX_PRICE_MILLI:
+        raise ValueError(f"{text!r} is too large")
+    return milli
+
+
+def format_coins(milli: int) -> str:
+    """10 -> '0.010'; -1500 -> '-1.500'."""
+    sign = "-" if milli < 0 else ""
+    whole, frac = divmod(abs(milli), MILLI)
+    return f"{sign}{whole}.{frac:03d}"
+
+
+_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """"256M" -> 268435456; suffixes K, M, G, T are powers of 1024."""
+    m = _SIZE.fullmatch(str(text).strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a size (like 1048576, 64K, 256M, 1G)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
+def format_size(n: int) -> str:
+    """268435456 -> '256M': the largest unit that divides n exactly."""
+    for suffix in ("T", "G", "M", "K"):
+        unit = _SIZE_UNITS[suffix]
+        if n and n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)
+
+
+def split_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """'host:port', '[v6]:port' or 'host' -> (host, port)."""
+    t = str(text).strip()
+    if t.startswith("["):
+        host, sep, rest = t[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        port_s = rest[1:] if rest else ""
+    elif t.count(":") == 1:
+        host, port_s = t.split(":")
+    elif ":" in t:
+        raise ValueError(f"{text!r}: write an IPv6 address as [ADDRESS]:PORT")
+    else:
+        host, port_s = t, ""
+    if not host or not re.fullmatch(r"[A-Za-z0-9._:-]+", host):
+        raise ValueError(f"{text!r} has no valid host name")
+    if port_s == "":
+        return host, default_port
+    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise ValueError(f"{text!r}: port {port_s!r} is not 1..65535")
+    return host, int(port_s)
+
+
+def join_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_cert(text: str) -> str:
+    from cryptography import x509
+    try:
+        x509.load_pem_x509_certificate(text.strip().encode())
+    except ValueError as e:
+        raise ValueError(f"is not a PEM certificate ({e})") from None
+    return text.strip() + "\n"
+
+
+def _check_key(text: str) -> str:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    try:
+        load_pem_private_key(text.strip().encode(), password=None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"is not an unencrypted PEM private key ({e})") from None
+    return text.strip() + "\n"
+
+
+# --- configspecs ------------------------------------------------------------
+
+_CREDENTIALS_SPEC = """
+[credentials]
+ca = pem_cert()
+certificate = pem_cert()
+key = pem_key()
+"""
+
+SELL_SPEC = """
+server = hostport()
+model = option('seccomp', 'kvm', default='seccomp')
+price = price()
+[limits]
+cpu_seconds = integer(min=1, max=31536000, default=3600)
+wall_seconds = integer(min=1, max=31536000, default=7200)
+memory = size(min=4096, default=256M)
+output = size(min=0, default=64M)
+""" + _CREDENTIALS_SPEC
+
+BUY_SPEC = """
+server = hostport()
+price = price()
+redundancy = integer(min=1, max=16, default=1)
+max_cpu_seconds = integer(min=1, max=31536000, default=60)
+""" + _CREDENTIALS_SPEC
+
+
+class _Bad(ValidateError):
+    pass
+
+
+def _wrap(fn):
+    def check(value, *args, **kw):
+        if isinstance(value, list):
+            raise _Bad(f"{value!r} is a list (quote a value that holds commas)")
+        try:
+            out = fn(value)
+        except ValueError as e:
+            raise _Bad(str(e)) from None
+        if "min" in kw and out < parse_size(kw["min"]):
+            raise _Bad(f"{value!r} is below the minimum {kw['min']}")
+        return out
+    return check
+
+
+_VALIDATOR = Validator({
+    "price": _wrap(parse_price),
+    "size": _wrap(parse_size),
+    "hostport": _wrap(split_hostport),
+    "pem_cert": _wrap(_check_cert),
+    "pem_key": _wrap(_check_key),
+})
+
+
+def _key_line(lines: list[str], section: tuple[str, ...], key: str | None) -> int:
+    """Best-effort line number (1-based) of `key` in `section`; 0 if absent."""
+    current: tuple[str, ...] = ()
+    section_line = 0
+    for n, raw in enumerate(lines, 1):
+        s = raw.strip()
+        m = re.fullmatch(r"(\[+)\s*([^\]]+?)\s*\]+\s*(#.*)?", s)
+        if m:
+            depth = len(m.group(1))
+            current = current[:depth - 1] + (m.group(2),)
+            if current == section:
+                section_line = n
+            continue
+        if current == section and key is not None and re.match(
+                rf"['\"]?{re.escape(key)}['\"]?\s*=", s):
+            return n
+    return section_line
+
+
+def _load(path: str | os.PathLike, spec: str, kind: str) -> tuple[ConfigObj, list[str]]:
+    path = str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise OrderError(f"{path}: cannot read {kind}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise OrderError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = text.splitlines()
+    try:
+        conf = ConfigObj(lines, configspec=spec.splitlines(), file_error=True,
+                         interpolation=False, list_values=True, raise_errors=True)
+    except ConfigObjError as e:
+        line = getattr(e, "line_number", None) or 0
+        msg = str(e).split(" at line ")[0].rstrip(".")
+        raise OrderError(f"{path}:{line}: {msg}") from None
+    errors: list[str] = []
+    result = conf.validate(_VALIDATOR, preserve_errors=True)
+    if result is not True:
+        for sections, key, err in flatten_errors(conf, result):
+            where = ".".join([*sections, key]) if key else ".".join(sections)
+            line = _key_line(lines, tuple(sections), key)
+            if err is False or isinstance(err, VdtMissingValue):
+                what = "missing" if key else "section missing"
+                errors.append(f"{path}:{line or len(lines)}: {where}: {what}")
+            else:
+                errors.append(f"{path}:{line}: {where}: {err}")
+    for sections, key in get_extra_values(conf):
+        where = ".".join([*sections, key])
+        line = _key_line(lines, tuple(sections), key) or _key_line(lines, (*sections, key), None)
+        errors.append(f"{path}:{line}: {where}: unknown key")
+    if errors:
+        raise OrderError("\n".join(errors))
+    return conf, lines
+
+
+def _check_pair(path: str, lines: list[str], creds) -> None:
+    """The key must belong to the certificate."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    cert = x509.load_pem_x509_certificate(creds["certificate"].encode())
+    key = load_pem_private_key(creds["key"].encode(), password=None)
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    if cert.public_key().public_bytes(enc, pub) != key.public_key().public_bytes(enc, pub):
+        line = _key_line(lines, ("credentials",), "key")
+        raise OrderError(f"{path}:{line}: credentials.key: does not belong to "
+                         f"credentials.certificate")
+
+
+def load_sell(path: str | os.PathLike) -> SellOrder:
+    conf, lines = _load(path, SELL_SPEC, "sell order")
+    _check_pair(str(path), lines, conf["credentials"])
+    lim = conf["limits"]
+    host, port = conf["server"]
+    return SellOrder(
+        name=Path(path).stem, path=str(path), host=host, port=port, model=conf["model"],
+        price_milli=conf["price"], ca_pem=conf["credentials"]["ca"],
+        cert_pem=conf["credentials"]["certificate"], key_pem=conf["credentials"]["key"],
+        limits=Limits(cpu_seconds=lim["cpu_seconds"], wall_seconds=lim["wall_seconds"],
+                      memory=lim["memory"], output=lim["output"]))
+
+
+def load_buy(path: str | os.PathLike) -> BuyOrder:
+    conf, lines = _load(path, BUY_SPEC, "buy order")
+    _check_pair(str(path), lines, conf["credentials"])
+    host, port = conf["server"]
+    return BuyOrder(
+        name=Path(path).stem, path=str(path), host=host, port=port,
+        price_milli=conf["price"], redundancy=conf["redundancy"],
+        max_cpu_seconds=conf["max_cpu_seconds"], ca_pem=conf["credentials"]["ca"],
+        cert_pem=conf["credentials"]["certificate"], key_pem=conf["credentials"]["key"])
+
+
+# --- writing ----------------------------------------------------------------
+
+def _pem_block(name: str, pem: str) -> str:
+    return f'{name} = """\n{pem.strip()}\n"""\n'
+
+
+def _write_private(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically, mode 0600 from the first byte."""
+    path = str(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_sell(path: str | os.PathLike, *, host: str, port: int, price_milli: int,
+               ca_pem: str, cert_pem: str, key_pem: str, model: str = "seccomp",
+               cpu_seconds: int = 3600, wall_seconds: int = 7200,
+               memory: int = 256 << 20, output: int = 64 << 20, comment: str = "") -> None:
+    head = f"# {comment}\n" if comment else ""
+    text = (
+        f"# CPUShare sell order: one CPU sold to the market, see cpushare.cpu(5).\n{head}"
+        f"server = {join_hostport(host, port)}\n"
+        f"model = {model}\n"
+        f"price = {format_coins(price_milli)}          # ask, CPUCoins per CPU-hour\n"
+        f"\n[limits]                 # per task\n"
+        f"cpu_seconds = {cpu_seconds}\n"
+        f"wall_seconds = {wall_seconds}\n"
+        f"memory = {format_size(memory)}\n"
+        f"output = {format_size(output)}\n"
+        f"\n[credentials]            # secret: keep this file mode 0600\n"
+        + _pem_block("ca", ca_pem) + _pem_block("certificate", cert_pem)
+        + _pem_block("key", key_pem))
+    _write_private(path, text)
+
+
+def write_buy(path: str | os.PathLike, *, host: str, port: int, price_milli: int,
+              ca_pem: str, cert_pem: str, key_pem: str, redundancy: int = 1,
+              max_cpu_seconds: int = 60, comment: str = "") -> None:
+    head = f"# {comment}\n" if comment else ""
+    text = (
+        f"# CPUShare buyer credentials and buy order, see cpushare.cpu(5).\n{head}"
+        f"server = {join_hostport(host, port)}\n"
+        f"price = {format_coins(price_milli)}          # bid, CPUCoins per CPU-hour\n"
+        f"redundancy = {redundancy}\n"
+        f"max_cpu_seconds = {max_cpu_seconds}\n"
+        f"\n[credentials]            # secret: keep this file mode 0600\n"
+        + _pem_block("ca", ca_pem) + _pem_block("certificate", cert_pem)
+        + _pem_block("key", key_pem))
+    _write_private(path, text)

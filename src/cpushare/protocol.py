@@ -1,0 +1,304 @@
+"""The CPUShare wire protocol, version 1: frames, messages, TLS contexts.
+
+Shared by the market server, the seller and the buyer; docs/protocol.md is
+the reference.  A frame is
+
+    header_length  u32 big-endian, 1 .. MAX_HEADER
+    payload_length u32 big-endian, 0 .. max_payload
+    header         UTF-8 JSON object with a string "type"
+    payload        raw bytes
+
+Every received header is checked against SCHEMA (the fields each message
+type must or may carry, and their JSON types); anything else raises
+ProtocolError, and the caller closes that one connection.
+
+This module imports neither sqlite nor D-Bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import ssl
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+VERSION = 1
+MAX_HEADER = 65536
+DEFAULT_MAX_PAYLOAD = 64 << 20
+DEFAULT_HEARTBEAT = 15  # seconds between server pings
+
+# Error codes of `error` and `failed` frames.
+ERROR_CODES = frozenset(
+    {"version", "auth", "frame", "funds", "order", "image", "task", "internal", "dispute"})
+
+_LENGTHS = struct.Struct(">II")
+
+
+class ProtocolError(Exception):
+    """A peer broke the protocol; `code` is the error code sent back."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+# --- message schema ---------------------------------------------------------
+# Type tags for field checks.  bool is a subclass of int in Python, so INT
+# refuses it explicitly.
+
+INT, STR, BOOL, OPT_INT, OPT_STR, ANY = "int", "str", "bool", "int|null", "str|null", "any"
+
+
+def _check(tag: str, value: Any) -> bool:
+    if tag == INT:
+        return type(value) is int
+    if tag == STR:
+        return type(value) is str
+    if tag == BOOL:
+        return type(value) is bool
+    if tag == OPT_INT:
+        return value is None or type(value) is int
+    if tag == OPT_STR:
+        return value is None or type(value) is str
+    return True
+
+
+# type -> {field: (tag, required)}.  Optional fields may be absent.
+R, O = True, False
+SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
+    "hello": {"version": (INT, R), "role": (STR, R), "software": (STR, O)},
+    "welcome": {"version": (INT, R), "account": (STR, R), "order": (OPT_INT, O),
+                "max_payload": (INT, R), "heartbeat": (INT, R)},
+    "error": {"code": (STR, R), "message": (STR, R), "ref": (OPT_STR, O)},
+    "ping": {"t": (INT, O)},
+    "pong": {"t": (INT, O)},
+    # seller
+    "ready": {},
+    "task": {"task": (INT, R), "attempt": (INT, R), "image": (STR, R), "cpu_ms": (INT, R),
+             "wall_ms": (INT, R), "memory": (INT, R), "output_limit": (INT, R),
+             "session": (OPT_INT, O)},
+    "need_image": {"image": (STR, R)},
+    "image": {"image": (STR, R)},
+    "result": {"attempt": (INT, R), "exit_status": (OPT_INT, R), "signal": (OPT_INT, R),
+               "reason": (STR, R), "cpu_ms": (INT, R), "output_sha256": (STR, R)},
+    "settled": {"attempt": (INT, R), "paid_milli": (INT, R), "accepted": (BOOL, R)},
+    "handback": {"attempt": (INT, R), "reason": (STR, O)},
+    # buyer
+    "image_ok": {"image": (STR, R)},
+    "submit": {"ref": (STR, R), "image": (STR, R), "redundancy": (OPT_INT, O),
+               "cpu_ms": (OPT_INT, O)},
+    "accepted": {"ref": (STR, R), "task": (INT, R), "escrow_milli": (INT, R)},
+    "done": {"ref": (STR, R), "task": (INT, R), "exit_status": (OPT_INT, R),
+             "signal": (OPT_INT, R), "reason": (STR, R), "cpu_ms": (INT, R),
+             "cost_milli": (INT, R), "attempts": (INT, R)},
+    "failed": {"ref": (STR, R), "task": (OPT_INT, O), "code": (STR, R), "message": (STR, R)},
+    # interactive sessions
+    "open": {"ref": (STR, R), "image": (STR, R), "cpu_ms": (OPT_INT, O)},
+    "opened": {"ref": (STR, R), "session": (INT, R)},
+    "stream": {"session": (INT, R), "eof": (BOOL, O)},
+    "closed": {"session": (INT, R), "exit_status": (OPT_INT, O), "signal": (OPT_INT, O),
+               "reason": (STR, O), "cpu_ms": (INT, O), "cost_milli": (INT, O)},
+}
+# The length of refs and digests is bounded so that a peer cannot make the
+# server store big keys.
+MAX_REF = 128
+DIGEST_LEN = 64
+
+
+def validate(type_: str, fields: dict) -> None:
+    """Raise ProtocolError('frame') unless `fields` fit the schema of `type_`."""
+    schema = SCHEMA.get(type_)
+    if schema is None:
+        raise ProtocolError("frame", f"unknown message type {type_!r}")
+    for name, (tag, required) in schema.items():
+        if name not in fields:
+            if required:
+                raise ProtocolError("frame", f"{type_}: missing field {name!r}")
+            continue
+        if not _check(tag, fields[name]):
+            raise ProtocolError(
+                "frame", f"{type_}: field {name!r} must be {tag}, not {fields[name]!r:.40}")
+    ref = fields.get("ref")
+    if isinstance(ref, str) and len(ref) > MAX_REF:
+        raise ProtocolError("frame", f"{type_}: ref longer than {MAX_REF} characters")
+    for name in ("image", "output_sha256"):
+        v = fields.get(name)
+        if name in schema and isinstance(v, str) and not is_digest(v):
+            raise ProtocolError("frame", f"{type_}: {name} is not a SHA-256 hex digest")
+
+
+def is_digest(text: str) -> bool:
+    return len(text) == DIGEST_LEN and all(c in "0123456789abcdef" for c in text)
+
+
+def digest(data: bytes) -> str:
+    """The digest of an image or an output as the protocol names it."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Message:
+    type: str
+    fields: dict = field(default_factory=dict)
+    payload: bytes = b""
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+
+# --- framing ----------------------------------------------------------------
+
+def encode(type: str, payload: bytes = b"", **fields: Any) -> bytes:  # noqa: A002
+    """One frame.  The fields are not checked beyond the type being known."""
+    if type not in SCHEMA:
+        raise ValueError(f"encode: unknown message type {type!r}")
+    fields["type"] = type
+    header = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(header) > MAX_HEADER:
+        raise ValueError(f"encode: {type} header is {len(header)} bytes (> {MAX_HEADER})")
+    return _LENGTHS.pack(len(header), len(payload)) + header + payload
+
+
+def decode_header(header: bytes) -> tuple[str, dict]:
+    try:
+        obj = json.loads(header)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError("frame", f"header is not UTF-8 JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("frame", "header is not a JSON object")
+    type_ = obj.pop("type", None)
+    if not isinstance(type_, str):
+        raise ProtocolError("frame", "header has no string 'type'")
+    validate(type_, obj)
+    return type_, obj
+
+
+async def read_message(reader: asyncio.StreamReader,
+                       max_payload: int = DEFAULT_MAX_PAYLOAD) -> Message | None:
+    """The next message, or None at a clean end of stream (between frames).
+
+    Raises ProtocolError('frame') for a truncated, oversized or malformed
+    frame.
+    """
+    try:
+        head = await reader.readexactly(8)
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            return None
+        raise ProtocolError("frame", f"truncated frame: {len(e.partial)} of 8 length bytes")
+    hlen, plen = _LENGTHS.unpack(head)
+    if not 1 <= hlen <= MAX_HEADER:
+        raise ProtocolError("frame", f"header length {hlen} outside 1..{MAX_HEADER}")
+    if plen > max_payload:
+        raise ProtocolError("frame", f"payload length {plen} exceeds the limit {max_payload}")
+    try:
+        header = await reader.readexactly(hlen)
+        payload = await reader.readexactly(plen) if plen else b""
+    except asyncio.IncompleteReadError as e:
+        raise ProtocolError("frame", f"truncated frame: stream ended after "
+                                     f"{len(e.partial)} of {e.expected} bytes") from None
+    type_, fields = decode_header(header)
+    return Message(type_, fields, payload)
+
+
+async def send(writer: asyncio.StreamWriter, type: str, payload: bytes = b"",  # noqa: A002
+               **fields: Any) -> None:
+    writer.write(encode(type, payload, **fields))
+    await writer.drain()
+
+
+# --- pricing ----------------------------------------------------------------
+
+MS_PER_HOUR = 3_600_000
+
+
+def cost_milli(cpu_ms: int, price_milli_per_hour: int) -> int:
+    """What `cpu_ms` of CPU costs at a price per CPU-hour, rounded up.
+
+    The one pricing rule of the market: escrow, settlement and the buyer
+    all use it, in integers.
+    """
+    if cpu_ms < 0 or price_milli_per_hour < 0:
+        raise ValueError(f"cost_milli: negative cpu_ms {cpu_ms} or price {price_milli_per_hour}")
+    return -(-cpu_ms * price_milli_per_hour // MS_PER_HOUR)
+
+
+# --- TLS ----------------------------------------------------------------------
+
+def _load_chain(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
+    """Load a certificate and key held in memory into `ctx`.
+
+    The stdlib's SSLContext.load_cert_chain only reads files.  The key of
+    an order lives inside its order file (readable by the daemon alone), so
+    writing it to a temporary file would leave a copy on disk, readable by
+    whoever wins the race for its name.  An anonymous memory file
+    (memfd_create) has no name in any file system; OpenSSL opens it
+    through /proc/self/fd, and it vanishes when closed.
+    """
+    fd = os.memfd_create("cpushare-credentials", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, (cert_pem.strip() + "\n" + key_pem.strip() + "\n").encode())
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    except ssl.SSLError as e:
+        raise ValueError(f"TLS credentials: the certificate or key is unusable: {e}") from None
+    finally:
+        os.close(fd)
+
+
+def _base(purpose: int, ca_pem: str, cert_pem: str, key_pem: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Only the market's CA: never the system store, so that a public CA can
+    # neither impersonate the market nor break it when it changes.
+    try:
+        ctx.load_verify_locations(cadata=ca_pem)
+    except ssl.SSLError as e:
+        raise ValueError(f"TLS credentials: the CA certificate is unusable: {e}") from None
+    _load_chain(ctx, cert_pem, key_pem)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_context(ca_pem: str, cert_pem: str, key_pem: str) -> ssl.SSLContext:
+    """For sellers and buyers: verify the server against `ca_pem` only.
+
+    The host name is checked: pass server_hostname=order.host to
+    asyncio.open_connection.
+    """
+    ctx = _base(ssl.PROTOCOL_TLS_CLIENT, ca_pem, cert_pem, key_pem)
+    ctx.check_hostname = True
+    return ctx
+
+
+def server_context(ca_pem: str, cert_pem: str, key_pem: str) -> ssl.SSLContext:
+    """For the market: client certificates of the CA are required."""
+    return _base(ssl.PROTOCOL_TLS_SERVER, ca_pem, cert_pem, key_pem)
+
+
+def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[str, str]:
+    """(SHA-256 hex fingerprint of the peer's certificate, its subject CN)."""
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        raise ProtocolError("auth", "the peer presented no certificate")
+    cn = ""
+    for rdn in ssl_object.getpeercert().get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                cn = value
+    return hashlib.sha256(der).hexdigest(), cn
+
+
+def fingerprint_pem(cert_pem: str) -> str:
+    """The fingerprint peer_identity() gives for a PEM certificate."""
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert_pem.strip())).hexdigest()
