@@ -167,10 +167,18 @@ class Image:
         others.sort(key=lambda r: r.start)
         for a, b in zip(others, others[1:]):
             if a.end > b.start:
+                if "stack" not in (a.name, b.name):
+                    raise BytecodeError(
+                        f"{a.name} region [{a.start:#x}, {a.end:#x}) overlaps "
+                        f"{b.name} region [{b.start:#x}, {b.end:#x})")
+                r = a if b.name == "stack" else b
+                if r.start < stack.end and stack.start < r.end:
+                    raise BytecodeError(
+                        f"{r.name} region [{r.start:#x}, {r.end:#x}) overlaps "
+                        f"stack region [{stack.start:#x}, {stack.end:#x})")
                 raise BytecodeError(
-                    f"{a.name} region [{a.start:#x}, {a.end:#x}) overlaps "
-                    f"{b.name} region [{b.start:#x}, {b.end:#x})"
-                    + (" (including the stack's guard page)" if "stack" in (a.name, b.name) else ""))
+                    f"{r.name} region [{r.start:#x}, {r.end:#x}) overlaps the stack's guard page "
+                    f"[{guarded.start:#x}, {stack.start:#x}), which must stay unmapped")
         if not self.text_address <= self.entry < self.text_address + len(self.text):
             raise BytecodeError(
                 f"entry {self.entry:#x} is outside text [{self.text_address:#x}, "
