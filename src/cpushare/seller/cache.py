@@ -1,0 +1,152 @@
+"""The seller's image cache: bytecode images by digest, bounded in size.
+
+A directory of ``DIGEST.bin`` files.  A file is written to a temporary
+name and renamed into place, so a crash never leaves a half image under a
+digest's name; every load parses the image again and checks that its
+digest is the one it is filed under, so a file changed on disk is dropped
+rather than run.  The total size is bounded: the least recently used
+images are evicted first (use is recorded in the file's mtime, so the
+order survives a restart).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from .. import bytecode
+from ..protocol import is_digest
+
+log = logging.getLogger("cpushare.seller")
+
+DEFAULT_MAX_BYTES = 1 << 30
+
+
+class CacheError(ValueError):
+    """An image could not be cached; the message says which and why."""
+
+
+class ImageCache:
+    def __init__(self, directory: Path, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Parsed images of this process, so a hot image is not re-read and
+        # re-hashed for every tiny task.  Keyed by digest, checked at put().
+        self._parsed: dict[str, bytecode.Image] = {}
+
+    def _path(self, digest: str) -> Path:
+        if not is_digest(digest):
+            raise CacheError(f"image cache: {digest!r:.80} is not a SHA-256 hex digest")
+        return self.directory / f"{digest}.bin"
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._parsed or (is_digest(digest) and self._path(digest).exists())
+
+    def get(self, digest: str) -> bytecode.Image | None:
+        """The image filed under `digest`, verified; None if absent or bad."""
+        path = self._path(digest)
+        image = self._parsed.get(digest)
+        if image is not None:
+            self._touch(path)
+            return image
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            image = bytecode.parse(blob, where=str(path))
+            if image.digest != digest:
+                raise bytecode.BytecodeError(
+                    f"{path}: content has digest {image.digest}, not the {digest} it is filed under")
+        except bytecode.BytecodeError as e:
+            log.warning("image cache: dropping a bad file: %s", e)
+            path.unlink(missing_ok=True)
+            return None
+        self._touch(path)
+        self._remember(digest, image)
+        return image
+
+    def put(self, digest: str, blob: bytes) -> bytecode.Image:
+        """Verify `blob` against `digest`, store it, return the parsed image.
+
+        Raises CacheError (nothing is stored) when the blob does not parse or
+        its digest differs.
+        """
+        path = self._path(digest)
+        try:
+            image = bytecode.parse(blob, where=f"image {digest[:16]}")
+        except bytecode.BytecodeError as e:
+            raise CacheError(str(e)) from None
+        if image.digest != digest:
+            raise CacheError(
+                f"image {digest[:16]}: the received image has digest {image.digest}, "
+                f"not the {digest} it was sent as")
+        if len(blob) > self.max_bytes:
+            raise CacheError(
+                f"image {digest[:16]}: {len(blob)} bytes exceeds the cache size {self.max_bytes}")
+        self._evict(need=len(blob))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bin", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._remember(digest, image)
+        return image
+
+    def _remember(self, digest: str, image: bytecode.Image) -> None:
+        self._parsed[digest] = image
+        while len(self._parsed) > 64:
+            self._parsed.pop(next(iter(self._parsed)))
+
+    @staticmethod
+    def _touch(path: Path) -> None:
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            pass
+
+    def entries(self) -> list[tuple[float, int, Path]]:
+        """(last use, size, path) of every cached image, oldest first."""
+        out = []
+        for p in self.directory.glob("*.bin"):
+            if p.name.startswith(".tmp-"):
+                continue
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            out.append((st.st_mtime, st.st_size, p))
+        out.sort()
+        return out
+
+    def size(self) -> int:
+        return sum(size for _, size, _ in self.entries())
+
+    def _evict(self, need: int) -> None:
+        entries = self.entries()
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in entries:
+            if total + need <= self.max_bytes:
+                break
+            log.info("image cache: evicting %s (%d bytes, least recently used)", path.name, size)
+            path.unlink(missing_ok=True)
+            self._parsed.pop(path.stem, None)
+            total -= size
+        # leftovers of a crash mid-write (old enough not to be another
+        # writer's file in progress)
+        now = time.time()
+        for p in self.directory.glob(".tmp-*"):
+            try:
+                if now - p.stat().st_mtime > 3600:
+                    p.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,628 @@
+"""The seller core: sell one CPU to the market under one sell order.
+
+`Seller.run()` connects to the market over TLS, authenticates with the
+order's client certificate, says `ready`, takes one `task` at a time, runs
+it in `cpushare.sandbox` (in a worker thread, so that the event loop keeps
+answering heartbeats), and sends back the `result`.  A lost connection is
+retried with exponential backoff and jitter.  The object has no D-Bus and
+no systemd in it: `cpushare.daemon` adapts it, `python -m cpushare.seller`
+runs it in the foreground.
+
+Threading: `run()` owns an asyncio loop.  `stop`, `pause`, `resume` and
+`reload` may be called from that loop (signal handlers) or from any other
+thread (a D-Bus main loop); they hand their work to the loop.  `status()`
+returns an immutable snapshot and is safe from anywhere.  `on_change` is
+called in the loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__, protocol
+from ..order import SellOrder
+from ..protocol import Message, ProtocolError
+from .cache import CacheError, ImageCache
+
+log = logging.getLogger("cpushare.seller")
+
+STATES = ("starting", "connecting", "idle", "running", "paused", "stopping", "stopped", "error")
+
+
+@dataclass(frozen=True)
+class Status:
+    state: str  # one of STATES
+    order: str  # order name (file stem)
+    model: str
+    server: str  # host:port
+    current_task: str | None
+    buyer_order: str | None
+    tasks_done: int
+    cpu_seconds_sold: float
+    coins_earned_milli: int
+    connected_since: float | None  # epoch seconds
+    last_error: str
+
+
+class AuthError(Exception):
+    """The market refused us, or we refused the market (TLS verification)."""
+
+
+class _Lost(Exception):
+    """The connection is gone; reconnect."""
+
+
+@dataclass
+class _Running:
+    """The task in progress on this connection."""
+    task: int
+    attempt: int
+    buyer_order: str | None
+    session: int | None = None
+    job: object | None = None  # sandbox.Job once started
+    aborted: str = ""  # why we killed it ourselves ('' if we did not)
+    stream_in: asyncio.Queue | None = None  # session input chunks (None = EOF)
+
+
+def _min_nonzero(*values: int) -> int:
+    vals = [v for v in values if v and v > 0]
+    return min(vals) if vals else 0
+
+
+class Seller:
+    BACKOFF_BASE = 0.25  # seconds before the first reconnection attempt
+    BACKOFF_CAP = 30.0  # the longest wait between attempts
+    CONNECT_TIMEOUT = 20.0
+    PAUSE_HANDBACK_SECONDS = 600.0  # a task paused this long is handed back
+    IMAGE_TIMEOUT = 300.0  # waiting for an `image` after `need_image`
+
+    def __init__(self, order: SellOrder, *, cache_dir: Path,
+                 on_change: Callable[[Status], None] | None = None):
+        self._order = order
+        self._cache = ImageCache(Path(cache_dir))
+        self._on_change = on_change
+        self._status = Status(
+            state="starting", order=order.name, model=order.model, server=order.server,
+            current_task=None, buyer_order=None, tasks_done=0, cpu_seconds_sold=0.0,
+            coins_earned_milli=0, connected_since=None, last_error="")
+        self._status_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._hand_back = True
+        self._paused = False
+        self._paused_at = 0.0
+        self._stop_event: asyncio.Event | None = None
+        self._session_task: asyncio.Task | None = None
+        self._running: _Running | None = None
+        self._task_coro: asyncio.Task | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._ready_sent = False
+        self._image_waiters: dict[str, asyncio.Future] = {}
+        self._last_rx = 0.0
+        self._welcomed = False
+
+    # --- public API --------------------------------------------------------
+
+    def status(self) -> Status:
+        with self._status_lock:
+            return self._status
+
+    async def run(self) -> None:
+        """Sell until stop(); reconnect with backoff after every failure."""
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        if self._stopping:  # stop() came before run()
+            self._set(state="stopped")
+            return
+        failures = 0
+        try:
+            while not self._stopping:
+                self._set(state="connecting")
+                self._session_task = asyncio.create_task(self._session())
+                self._welcomed = False
+                refused = False
+                try:
+                    await self._session_task
+                    error = ""
+                except asyncio.CancelledError:
+                    if not self._stopping:
+                        raise
+                    break
+                except AuthError as e:
+                    error, refused = str(e), True
+                except (_Lost, ProtocolError) as e:
+                    error = f"{self._order.server}: {e}"
+                except (OSError, EOFError, asyncio.TimeoutError, ssl.SSLError) as e:
+                    error = f"{self._order.server}: {type(e).__name__}: {e}"
+                finally:
+                    self._session_task = None
+                    self._set(connected_since=None, current_task=None, buyer_order=None)
+                if self._stopping:
+                    break
+                failures = 0 if self._welcomed else failures + 1
+                delay = min(self.BACKOFF_CAP, self.BACKOFF_BASE * (2 ** min(failures, 16)))
+                delay *= random.uniform(0.5, 1.0)  # jitter: sellers do not return in step
+                if error:
+                    log.warning("%s; retrying in %.1f s", error, delay,
+                                extra={"ORDER": self._order.name})
+                    self._set(last_error=error,
+                              state="error" if refused or failures >= 3 else "connecting")
+                try:
+                    await asyncio.wait_for(self._stop_event.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._set(state="stopped", connected_since=None, current_task=None)
+            log.info("seller stopped", extra={"ORDER": self._order.name})
+
+    def stop(self, hand_back: bool = True) -> None:
+        """Stop taking work; hand back (default) or finish the running task."""
+        self._call(self._stop, hand_back)
+
+    def pause(self) -> None:
+        """SIGSTOP the running job, keeping its work; take no new task."""
+        self._call(self._pause)
+
+    def resume(self) -> None:
+        self._call(self._resume)
+
+    def reload(self, order: SellOrder) -> None:
+        """Use `order` from the next task (limits) and connection (server, credentials)."""
+        self._call(self._reload, order)
+
+    # --- thread plumbing ---------------------------------------------------
+
+    def _call(self, fn, *args) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            fn(*args)
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            fn(*args)
+        else:
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _set(self, **changes) -> None:
+        with self._status_lock:
+            new = dataclasses.replace(self._status, **changes)
+            if new == self._status:
+                return
+            self._status = new
+        if self._on_change is not None:
+            try:
+                self._on_change(new)
+            except Exception:  # a broken observer must not break selling
+                log.exception("on_change callback failed")
+
+    # --- control (in the loop's thread) ------------------------------------
+
+    def _stop(self, hand_back: bool) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self._hand_back = hand_back
+        self._set(state="stopping")
+        log.info("stopping (%s the running task)", "hand back" if hand_back else "finish",
+                 extra={"ORDER": self._order.name})
+        if self._stop_event is not None:
+            self._stop_event.set()
+        r = self._running
+        if r is None:
+            if self._session_task is not None:
+                self._session_task.cancel()
+            return
+        if hand_back:
+            self._abort(r, "the seller is stopping")
+        elif self._paused:
+            self._paused = False
+            self._signal_job(r, "resume")
+        # the task's coroutine sends its result or handback and then ends the session
+
+    def _pause(self) -> None:
+        if self._paused:
+            return
+        self._paused = True
+        self._paused_at = time.monotonic()
+        r = self._running
+        if r is not None:
+            self._signal_job(r, "pause")
+        if not self._stopping:
+            self._set(state="paused")
+        log.info("paused", extra={"ORDER": self._order.name,
+                                  "TASK": self._status.current_task or ""})
+        if self._loop is not None and r is not None:
+            self._loop.call_later(self.PAUSE_HANDBACK_SECONDS, self._pause_timeout, r)
+
+    def _pause_timeout(self, r: _Running) -> None:
+        if self._paused and self._running is r and \
+                time.monotonic() - self._paused_at >= self.PAUSE_HANDBACK_SECONDS - 1:
+            self._abort(r, f"paused for more than {self.PAUSE_HANDBACK_SECONDS:.0f} s")
+
+    def _resume(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        r = self._running
+        if r is not None:
+            self._signal_job(r, "resume")
+        if not self._stopping:
+            self._set(state="running" if r is not None else
+                      ("idle" if self._writer is not None else "connecting"))
+        log.info("resumed", extra={"ORDER": self._order.name})
+        self._send_ready()
+
+    def _reload(self, order: SellOrder) -> None:
+        self._order = order
+        self._set(order=order.name, model=order.model, server=order.server)
+        log.info("order reloaded from %s", order.path, extra={"ORDER": order.name})
+
+    def _signal_job(self, r: _Running, what: str) -> None:
+        job = r.job
+        if job is None:
+            return
+        try:
+            getattr(job, what)()
+        except ProcessLookupError:
+            pass
+        except OSError as e:
+            log.warning("%s of job %s failed: %s", what, r.task, e)
+
+    def _abort(self, r: _Running, why: str) -> None:
+        """Kill the running job ourselves; its coroutine sends `handback`."""
+        if r.aborted:
+            return
+        r.aborted = why
+        if r.stream_in is not None:
+            r.stream_in.put_nowait(None)
+        job = r.job
+        if job is not None:
+            try:
+                job.kill()
+            except (ProcessLookupError, OSError):
+                pass
+
+    # --- one connection ----------------------------------------------------
+
+    async def _session(self) -> None:
+        """Run one connection until it fails (it always ends by raising)."""
+        order = self._order
+        try:
+            ctx = protocol.client_context(order.ca_pem, order.cert_pem, order.key_pem)
+        except ValueError as e:
+            raise AuthError(f"{order.path}: {e}") from None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(order.host, order.port, ssl=ctx,
+                                        server_hostname=order.host, limit=1 << 20),
+                self.CONNECT_TIMEOUT)
+        except ssl.SSLCertVerificationError as e:
+            raise AuthError(f"{order.server}: the market's certificate does not verify "
+                            f"against the CA in {order.path}: {e.verify_message}") from None
+        welcomed = False
+        try:
+            await protocol.send(writer, "hello", version=protocol.VERSION, role="seller",
+                                software=f"cpushare/{__version__}")
+            try:
+                msg = await asyncio.wait_for(protocol.read_message(reader), self.CONNECT_TIMEOUT)
+            except (ssl.SSLError, ConnectionResetError) as e:
+                # TLS 1.3: a refused client certificate shows up at the first read
+                raise AuthError(f"{order.server}: the market refused us during the TLS "
+                                f"handshake ({e}); is the certificate in {order.path} "
+                                f"issued by this market and still valid?") from None
+            if msg is None:
+                raise _Lost("the market closed the connection during the handshake")
+            if msg.type == "error":
+                if msg.get("code") in ("auth", "version", "order"):
+                    raise AuthError(f"{order.server}: the market refused us: "
+                                    f"{msg['code']}: {msg['message']}")
+                raise _Lost(f"handshake: {msg['code']}: {msg['message']}")
+            if msg.type != "welcome":
+                raise ProtocolError("frame", f"expected welcome, got {msg.type}")
+            welcomed = self._welcomed = True
+            max_payload = msg["max_payload"]
+            heartbeat = max(1, msg["heartbeat"])
+            self._writer = writer
+            self._ready_sent = False
+            self._last_rx = time.monotonic()
+            self._set(state="paused" if self._paused else "idle", connected_since=time.time(),
+                      last_error="")
+            log.info("connected to %s as account %s (order %s)", order.server, msg["account"],
+                     msg.get("order"), extra={"ORDER": order.name})
+            watchdog = asyncio.create_task(self._watchdog(writer, heartbeat))
+            try:
+                self._send_ready()
+                while True:
+                    msg = await protocol.read_message(reader, max_payload)
+                    if msg is None:
+                        raise _Lost("the market closed the connection")
+                    self._last_rx = time.monotonic()
+                    self._dispatch(msg)
+            finally:
+                watchdog.cancel()
+        except ProtocolError as e:
+            log.warning("protocol error from %s: %s", order.server, e,
+                        extra={"ORDER": order.name})
+            try:
+                await protocol.send(writer, "error", code=e.code, message=e.message)
+            except Exception:
+                pass
+            raise
+        finally:
+            self._writer = None
+            r = self._running
+            if r is not None:
+                self._abort(r, "the connection to the market was lost")
+            if self._task_coro is not None:
+                self._task_coro.cancel()
+                self._task_coro = None
+            for fut in self._image_waiters.values():
+                if not fut.done():
+                    fut.cancel()
+            self._image_waiters.clear()
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 2)
+            except Exception:
+                pass
+
+    async def _watchdog(self, writer: asyncio.StreamWriter, heartbeat: int) -> None:
+        """Drop a connection on which the market has been silent too long."""
+        while True:
+            await asyncio.sleep(heartbeat)
+            if time.monotonic() - self._last_rx > 3 * heartbeat + 5:
+                log.warning("the market has been silent for %d s; reconnecting",
+                            3 * heartbeat + 5, extra={"ORDER": self._order.name})
+                writer.transport.abort()
+                return
+
+    def _send(self, type_: str, payload: bytes = b"", **fields) -> None:
+        w = self._writer
+        if w is None or w.is_closing():
+            return
+        w.write(protocol.encode(type_, payload, **fields))
+
+    async def _drain(self) -> None:
+        w = self._writer
+        if w is not None:
+            try:
+                await w.drain()
+            except (ConnectionError, OSError):
+                pass
+
+    def _send_ready(self) -> None:
+        if (self._writer is None or self._ready_sent or self._running is not None
+                or self._paused or self._stopping):
+            return
+        self._ready_sent = True
+        self._send("ready")
+
+    def _dispatch(self, msg: Message) -> None:
+        t = msg.type
+        if t == "ping":
+            self._send("pong", **({"t": msg["t"]} if "t" in msg.fields else {}))
+        elif t == "pong":
+            pass
+        elif t == "task":
+            self._take(msg)
+        elif t == "image":
+            fut = self._image_waiters.pop(msg["image"], None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg.payload)
+            else:
+                log.warning("unrequested image %s ignored", msg["image"][:16],
+                            extra={"ORDER": self._order.name})
+        elif t == "stream":
+            r = self._running
+            if r is None or r.session is None or r.session != msg["session"]:
+                log.warning("stream for unknown session %s ignored", msg["session"],
+                            extra={"ORDER": self._order.name})
+                return
+            if r.stream_in is not None:
+                if msg.payload:
+                    r.stream_in.put_nowait(msg.payload)
+                if msg.get("eof"):
+                    r.stream_in.put_nowait(None)
+        elif t == "settled":
+            paid = msg["paid_milli"]
+            st = self._status
+            self._set(coins_earned_milli=st.coins_earned_milli + max(0, paid))
+            log.debug("attempt %s settled: paid %d milli, accepted %s", msg["attempt"], paid,
+                      msg["accepted"], extra={"ORDER": self._order.name})
+        elif t == "error":
+            log.warning("market error: %s: %s", msg["code"], msg["message"],
+                        extra={"ORDER": self._order.name})
+        else:
+            raise ProtocolError("frame", f"a seller does not expect {t!r} messages")
+
+    # --- one task ------------------------------------------------------------
+
+    def _take(self, msg: Message) -> None:
+        self._ready_sent = False
+        attempt = msg["attempt"]
+        if self._running is not None:
+            self._send("handback", attempt=attempt, reason="busy with another task")
+            return
+        if self._paused or self._stopping:
+            why = "the seller is paused" if self._paused else "the seller is stopping"
+            self._send("handback", attempt=attempt, reason=why)
+            return
+        bo = msg.get("buyer_order")
+        r = _Running(task=msg["task"], attempt=attempt,
+                     buyer_order=None if bo is None else str(bo), session=msg.get("session"))
+        if r.session is not None:
+            r.stream_in = asyncio.Queue()
+        self._running = r
+        self._set(state="running", current_task=f"{r.task}/{r.attempt}",
+                  buyer_order=r.buyer_order)
+        self._task_coro = asyncio.create_task(self._run_task(r, msg))
+
+    def _limits(self, msg: Message):
+        from .. import sandbox
+        lim = self._order.limits
+        cpu_ms = _min_nonzero(lim.cpu_seconds * 1000, msg["cpu_ms"])
+        wall_ms = _min_nonzero(lim.wall_seconds * 1000, msg["wall_ms"])
+        return sandbox.Limits(
+            cpu_seconds=cpu_ms / 1000, wall_seconds=wall_ms / 1000,
+            memory=_min_nonzero(lim.memory, msg["memory"]),
+            output=min(lim.output, msg["output_limit"]) if msg["output_limit"] >= 0
+            else lim.output)
+
+    async def _image(self, digest: str):
+        image = self._cache.get(digest)
+        if image is not None:
+            return image
+        fut = self._loop.create_future()
+        self._image_waiters[digest] = fut
+        self._send("need_image", image=digest)
+        blob = await asyncio.wait_for(fut, self.IMAGE_TIMEOUT)
+        return self._cache.put(digest, blob)
+
+    async def _run_task(self, r: _Running, msg: Message) -> None:
+        name = self._order.name
+        tag = f"{r.task}/{r.attempt}"
+        fields = {"ORDER": name, "TASK": tag, "BUYER_ORDER": r.buyer_order or ""}
+        outcome = "ok"
+        try:
+            try:
+                image = await self._image(msg["image"])
+            except CacheError as e:
+                outcome = "bad-image"
+                log.warning("task %s: bad image: %s", tag, e, extra={**fields, "OUTCOME": outcome})
+                self._send("result", attempt=r.attempt, exit_status=None, signal=None,
+                           reason=f"bad image: {e}", cpu_ms=0,
+                           output_sha256=protocol.digest(b""))
+                return
+            except asyncio.TimeoutError:
+                outcome = "handback"
+                self._send("handback", attempt=r.attempt,
+                           reason=f"image {msg['image'][:16]} did not arrive within "
+                                  f"{self.IMAGE_TIMEOUT:.0f} s")
+                return
+            if r.aborted:
+                outcome = "handback"
+                self._send("handback", attempt=r.attempt, reason=r.aborted)
+                return
+            limits = self._limits(msg)
+            if r.session is None:
+                result = await self._loop.run_in_executor(
+                    None, self._execute, r, image, limits, msg.payload)
+                output = result.output
+            else:
+                result, output = await self._execute_session(r, image, limits)
+            if r.aborted:
+                outcome = "handback"
+                log.info("task %s handed back: %s", tag, r.aborted,
+                         extra={**fields, "OUTCOME": outcome})
+                self._send("handback", attempt=r.attempt, reason=r.aborted)
+                return
+            cpu_ms = max(0, round(result.cpu_seconds * 1000))
+            reported = self._output_for_result(output)
+            payload = reported if r.session is None else b""
+            self._send("result", payload, attempt=r.attempt, exit_status=result.exit_status,
+                       signal=result.signal, reason=result.reason or "", cpu_ms=cpu_ms,
+                       output_sha256=protocol.digest(reported))
+            await self._drain()
+            outcome = "ok" if result.exit_status == 0 else "failed"
+            st = self._status
+            self._set(tasks_done=st.tasks_done + 1,
+                      cpu_seconds_sold=st.cpu_seconds_sold + cpu_ms / 1000)
+            log.info("task %s: %s (exit %s, signal %s, %s); %d ms CPU, %d bytes out", tag,
+                     outcome, result.exit_status, result.signal, result.reason or "-", cpu_ms,
+                     len(output), extra={**fields, "OUTCOME": outcome, "CPU_MS": cpu_ms})
+        except asyncio.CancelledError:
+            outcome = "lost"
+            raise
+        except Exception as e:  # a bad job fails that task only
+            outcome = "error"
+            log.exception("task %s failed in the seller", tag, extra={**fields, "OUTCOME": outcome})
+            self._send("result", attempt=r.attempt, exit_status=None, signal=None,
+                       reason=f"seller error: {type(e).__name__}: {e}", cpu_ms=0,
+                       output_sha256=protocol.digest(b""))
+        finally:
+            if self._running is r:
+                self._running = None
+                self._task_coro = None
+                if self._writer is not None and not self._stopping:
+                    self._set(state="paused" if self._paused else "idle",
+                              current_task=None, buyer_order=None)
+                    self._send_ready()
+            if self._stopping and outcome != "lost":
+                await self._drain()
+                if self._session_task is not None:
+                    self._session_task.cancel()
+
+    def _output_for_result(self, output: bytes) -> bytes:
+        """The output reported to the market (a seam for test runners)."""
+        return output
+
+    def _execute(self, r: _Running, image, limits, data: bytes):
+        """In a worker thread: run one job to the end."""
+        from .. import sandbox
+        job = sandbox.start(image, limits)
+        r.job = job
+        if r.aborted:
+            job.kill()
+        elif self._paused:
+            job.pause()
+        return job.communicate(data)
+
+    async def _execute_session(self, r: _Running, image, limits):
+        """Run an interactive job: relay `stream` frames both ways."""
+        from .. import sandbox
+        loop = self._loop
+        job = await loop.run_in_executor(None, sandbox.start, image, limits)
+        r.job = job
+        if r.aborted:
+            job.kill()
+        out_chunks: list[bytes] = []
+
+        def pump_out() -> None:
+            while True:
+                try:
+                    chunk = job.read()
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    return
+                out_chunks.append(chunk)
+                loop.call_soon_threadsafe(self._send_stream, r.session, chunk)
+
+        async def pump_in() -> None:
+            while True:
+                chunk = await r.stream_in.get()
+                if chunk is None:
+                    break
+                try:
+                    await loop.run_in_executor(None, job.write, chunk)
+                except (BrokenPipeError, OSError):
+                    break
+            try:
+                job.close_input()
+            except OSError:
+                pass
+
+        reader = loop.run_in_executor(None, pump_out)
+        feeder = asyncio.create_task(pump_in())
+        try:
+            await reader
+            result = await loop.run_in_executor(None, job.wait)
+        finally:
+            feeder.cancel()
+        self._send("stream", session=r.session, eof=True)
+        return result, b"".join(out_chunks)
+
+    def _send_stream(self, session: int, chunk: bytes) -> None:
+        self._send("stream", chunk, session=session, eof=False)
