@@ -1,0 +1,155 @@
+"""``cpushare buy``: run one task per input file on the market."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+from .. import bytecode
+from ..order import OrderError, format_coins, load_buy
+from . import Market, MarketError, TaskResult
+
+EPILOG = """\
+Each INPUT file is the standard input of one task.  The output of the task
+for INPUT is written to DIR/<basename of INPUT>.out (so input names must be
+distinct).  On a terminal a progress bar is shown; otherwise one line per
+finished task.
+
+Exit status: 0 if every task succeeded (exit status 0), 1 if some failed
+(each is named on standard error), 2 for a usage error or an unusable file.
+"""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("--order", required=True, metavar="FILE.buy", type=Path,
+                        help="buyer credentials and buy order (from cpushare-server buy-order add)")
+    parser.add_argument("--redundancy", type=int, metavar="K",
+                        help="run each task on K sellers of different accounts and accept "
+                             "agreeing outputs (default: the buy order's)")
+    parser.add_argument("--output-dir", required=True, metavar="DIR", type=Path,
+                        help="where to write INPUT's output as DIR/<basename of INPUT>.out")
+    parser.add_argument("job", metavar="JOB.bin", type=Path, help="the bytecode image to run")
+    parser.add_argument("inputs", metavar="INPUT", type=Path, nargs="+",
+                        help="one input file per task")
+
+
+def _err(text: str) -> None:
+    print(f"cpushare buy: {text}", file=sys.stderr)
+
+
+class _Progress:
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total = total
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.done = 0
+        self.failed = 0
+        self._last = 0.0
+
+    def update(self, name: str, r: TaskResult) -> None:
+        self.done += 1
+        self.failed += not r.ok
+        if not self.tty:
+            state = "ok" if r.ok else f"FAILED ({_why(r)})"
+            print(f"[{self.done}/{self.total}] {name}: {state}", file=self.stream, flush=True)
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1 and self.done != self.total:
+            return
+        self._last = now
+        width = 30
+        filled = width * self.done // max(1, self.total)
+        bar = "#" * filled + "-" * (width - filled)
+        fail = f", {self.failed} failed" if self.failed else ""
+        self.stream.write(f"\r[{bar}] {self.done}/{self.total}{fail}")
+        if self.done == self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _why(r: TaskResult) -> str:
+    if r.code is not None:
+        return r.reason
+    if r.signal is not None:
+        return f"killed by signal {r.signal}" + (f": {r.reason}" if r.reason else "")
+    return f"exit status {r.exit_status}" + (f": {r.reason}" if r.reason else "")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.redundancy is not None and not 1 <= args.redundancy <= 16:
+        _err(f"--redundancy {args.redundancy}: must be 1..16")
+        return 2
+    try:
+        order = load_buy(args.order)
+    except OrderError as e:
+        _err(str(e))
+        return 2
+    try:
+        image = bytecode.load(args.job)
+    except OSError as e:
+        _err(f"{args.job}: cannot read the job: {e.strerror}")
+        return 2
+    except bytecode.BytecodeError as e:
+        _err(str(e))
+        return 2
+    names: dict[str, Path] = {}
+    for p in args.inputs:
+        if p.name in names:
+            _err(f"{p} and {names[p.name]} would both write {args.output_dir / (p.name + '.out')}")
+            return 2
+        names[p.name] = p
+    datas: list[bytes] = []
+    for p in args.inputs:
+        try:
+            datas.append(p.read_bytes())
+        except OSError as e:
+            _err(f"{p}: cannot read the input: {e.strerror}")
+            return 2
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _err(f"{args.output_dir}: cannot create the output directory: {e.strerror}")
+        return 2
+    try:
+        return asyncio.run(_buy(order, image, args.inputs, datas, args.output_dir,
+                                args.redundancy))
+    except MarketError as e:
+        _err(e.message if e.message.startswith(order.server) else f"{order.server}: {e}")
+        return 1 if e.code == "funds" else 2 if e.code in ("auth", "order", "image") else 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 1
+
+
+async def _buy(order, image, paths: list[Path], datas: list[bytes], out_dir: Path,
+               redundancy: int | None) -> int:
+    progress = _Progress(len(paths))
+    failed: list[tuple[Path, TaskResult]] = []
+    cpu_ms = cost = retries = 0
+    k = redundancy or order.redundancy
+    async with Market(order) as m:
+        async for r in m.map(image, datas, redundancy=redundancy):
+            path = paths[r.index]
+            if r.code is None:
+                target = out_dir / (path.name + ".out")
+                tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+                tmp.write_bytes(r.output)
+                os.replace(tmp, target)
+            cpu_ms += r.cpu_ms
+            cost += r.cost_milli
+            retries += max(0, r.attempts - k)
+            if not r.ok:
+                failed.append((path, r))
+            progress.update(path.name, r)
+        retries += m.resubmitted
+    for path, r in failed:
+        _err(f"{path}: task {r.task if r.task is not None else '-'} failed: {_why(r)}")
+    print(f"{len(paths)} tasks, {len(failed)} failed, {cpu_ms / 1000:.3f} CPU seconds, "
+          f"{format_coins(cost)} CPUCoins spent, {retries} retries")
+    return 1 if failed else 0
