@@ -62,6 +62,7 @@ class ToolchainError(Exception):
 PT_LOAD, PT_TLS = 1, 7
 PF_X, PF_W, PF_R = 1, 2, 4
 SHF_ALLOC = 2
+SHF_TLS = 0x400
 SHT_NOBITS = 8
 
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
@@ -138,7 +139,8 @@ def read_elf(data: bytes, where: str = "ELF file") -> Elf:
 def elf_to_image(elf: Elf, *, stack_size: int = DEFAULT_STACK_SIZE,
                  where: str = "ELF file") -> Image:
     """Turn a linked ELF into an image: r-x segment -> text, rw- -> data + bss."""
-    if any(s.type == PT_TLS for s in elf.segments):
+    if any(s.type == PT_TLS for s in elf.segments) or any(
+            sec.flags & SHF_TLS and sec.size for sec in elf.sections):
         raise ToolchainError(f"{where}: uses thread-local storage (_Thread_local, __thread), "
                              "which a bytecode job cannot have")
     for sec in elf.sections:
