@@ -1,0 +1,219 @@
+"""A whole market on loopback for the seller, buyer and end-to-end tests.
+
+No tests here: the helpers the test modules share (and bench/ reuses).
+Everything is real: `cpushare.market` is run through its admin CLI and as
+a server process, sellers are `python -m cpushare.seller` processes, TLS is
+the market's own CA.
+
+The jobs are tiny machine-code images (one text, three entry points), so
+the tests do not depend on a compiler:
+
+    echo   copy stdin to stdout, exit 0
+    spin   read a u64 count n, spin n times, write the count back, echo the rest
+    bad    make a forbidden system call (getpid): the sandbox kills it
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cpushare import bytecode
+
+PYTHON = "/usr/bin/python3"
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+
+# as(1) of the .S in the module docstring of tests/test_e2e_support.py; see
+# JOB_SOURCE below for the source.
+_TEXT = bytes.fromhex(
+    "4989e44981ec00000100eb364989e44981ec0000010031c031ff4c89e6ba080000000f054883f8"
+    "0875574d8b2c244d85ed740549ffcd75fbba080000004c89e6eb1b31c031ff4c89e6ba00000100"
+    "0f054885c07423782a4889c24c89e6b801000000bf010000000f054885c07e134801c64829c275"
+    "e7ebcab83c00000031ff0f05b83c000000bf030000000f05b8270000000f05ebe2")
+_ENTRIES = {"echo": 0x00, "spin": 0x0C, "bad": 0x8D}
+
+JOB_SOURCE = """
+_start:    mov r12, rsp; sub r12, 65536; jmp rd          # echo
+spin_entry:mov r12, rsp; sub r12, 65536
+           read(0, r12, 8); cmp rax, 8; jne fail
+           mov r13, [r12]; test r13, r13; jz spun
+spin:      dec r13; jnz spin
+spun:      mov edx, 8; mov rsi, r12; jmp wl            # write the count back
+rd:        read(0, r12, 65536); jz done; js fail
+           mov rdx, rax; mov rsi, r12
+wl:        write(1, rsi, rdx) until all written; jmp rd
+done:      exit(0)
+fail:      exit(3)
+bad_entry: getpid(); jmp done
+"""
+
+
+def job(name: str) -> bytecode.Image:
+    """The test image `name` ('echo', 'spin' or 'bad')."""
+    return bytecode.Image(text=_TEXT, entry=bytecode.DEFAULT_TEXT_ADDRESS + _ENTRIES[name],
+                          stack_size=1 << 20).validate()
+
+
+def spin_input(count: int, rest: bytes = b"") -> bytes:
+    return struct.pack("<Q", count) + rest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = SRC + (":" + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e.pop("CPUSHARE_TEST_CORRUPT", None)
+    return e
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Proc:
+    """A child process whose stderr goes to a file we can search."""
+
+    def __init__(self, argv: list[str], log: Path, name: str):
+        self.name = name
+        self.log = log
+        self._f = open(log, "ab")
+        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._f,
+                                  stderr=subprocess.STDOUT, env=env())
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def signal(self, sig: int) -> None:
+        self.p.send_signal(sig)
+
+    def kill9(self) -> None:
+        self.p.kill()
+        self.p.wait(10)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(10)
+        self._f.close()
+        return self.p.returncode
+
+
+class LocalMarket:
+    """One market server on 127.0.0.1 with its store in `root`."""
+
+    def __init__(self, root: Path, *, price: str = "0.010"):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db = self.root / "market.db"
+        self.port = free_port()
+        self.server: Proc | None = None
+        self.sellers: dict[str, Proc] = {}
+        self.procs: list[Proc] = []
+        self.cli("init", "--listen", f"127.0.0.1:{self.port}")
+
+    # --- admin CLI ----------------------------------------------------------
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        p = subprocess.run([PYTHON, "-m", "cpushare.market", "--db", str(self.db), *args],
+                           capture_output=True, text=True, env=env(), timeout=60)
+        if check and p.returncode != 0:
+            raise AssertionError(f"cpushare.market {' '.join(args)} exited {p.returncode}:\n"
+                                 f"{p.stdout}{p.stderr}")
+        return p
+
+    def account(self, name: str, coins: int | str = 0) -> None:
+        self.cli("account", "add", name, "--coins", str(coins))
+
+    def sell_order(self, account: str, name: str, price: str = "0.010", **kw) -> Path:
+        path = self.root / f"{name}.cpu"
+        self.cli("sell-order", "add", account, "--price", price, "--output", str(path),
+                 *[a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))])
+        return path
+
+    def buy_order(self, account: str, name: str = "buyer", price: str = "1.000",
+                  redundancy: int = 1, max_cpu_seconds: int = 10) -> Path:
+        path = self.root / f"{name}.buy"
+        self.cli("buy-order", "add", account, "--price", price, "--redundancy", str(redundancy),
+                 "--max-cpu-seconds", str(max_cpu_seconds), "--output", str(path))
+        return path
+
+    def balance_milli(self, account: str) -> int:
+        out = self.cli("balance", account).stdout.strip()
+        m = re.fullmatch(rf"{re.escape(account)}\s+(-?)(\d+)\.(\d{{3}})", out)
+        assert m, f"balance {account}: unexpected output {out!r}"
+        milli = int(m.group(2)) * 1000 + int(m.group(3))
+        return -milli if m.group(1) else milli
+
+    def ledger_check(self) -> subprocess.CompletedProcess:
+        return self.cli("ledger", "check", check=False)
+
+    # --- processes ------------------------------------------------------------
+    def serve(self) -> Proc:
+        n = sum(1 for p in self.procs if p.name == "server")
+        self.server = Proc([PYTHON, "-m", "cpushare.market", "--db", str(self.db), "serve"],
+                           self.root / f"server{n}.log", "server")
+        self.procs.append(self.server)
+
+        def listening():
+            if not self.server.alive():
+                raise AssertionError(f"the server exited:\n{self.server.text()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return True
+            except OSError:
+                return False
+        wait_for(listening, 30, f"the server to listen on {self.port}")
+        return self.server
+
+    def seller(self, order: Path, *extra: str, wait: bool = True) -> Proc:
+        name = order.stem
+        log = self.root / f"seller-{name}.log"
+        p = Proc([PYTHON, "-m", "cpushare.seller", str(order), "--cache-dir",
+                  str(self.root / f"cache-{name}"), *extra], log, name)
+        self.sellers[name] = p
+        self.procs.append(p)
+        if wait:
+            self.wait_connected(name)
+        return p
+
+    def wait_connected(self, name: str, count: int = 1, timeout: float = 30) -> None:
+        p = self.sellers[name]
+
+        def connected():
+            if not p.alive():
+                raise AssertionError(f"seller {name} exited:\n{p.text()}")
+            return p.text().count("connected to") >= count
+        wait_for(connected, timeout, f"seller {name} to connect ({count})")
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
