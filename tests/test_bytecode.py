@@ -291,3 +291,24 @@ def test_mutated_images_only_raise_bytecode_error(img, data):
         # anything accepted is a valid, self-consistent image
         assert parsed.validate() is parsed
         assert parsed.pack() == bytes(blob)
+
+
+# -- the manual page -----------------------------------------------------------
+
+def test_man_page_renders_without_warnings_and_documents_the_header():
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parent.parent / "man" / "cpushare-bytecode.5"
+    assert shutil.which("man"), "man (man-db) is needed: make deps installs it"
+    env = dict(os.environ, LC_ALL="C.UTF-8", MANROFFSEQ="", MANWIDTH="80")
+    proc = subprocess.run(["man", "--warnings", "-E", "UTF-8", "-l", "-Tutf8", "-Z", str(page)],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    text = page.read_text()
+    for offset, field in ((0, "magic"), (8, "version"), (16, "text_address"), (56, "stack_size"),
+                          (64, "entry"), (72, "sha256")):
+        assert f".B {offset}\\fR" in text and f".IR {field}" in text
+    assert f"{STACK_TOP:#x}" in text and f"[{USER_MIN:#x}, {USER_MAX:#x})" in text
