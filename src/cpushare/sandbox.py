@@ -1,0 +1,493 @@
+"""Run a bytecode image in the seccomp sandbox: the public face of _seccomp.
+
+A job is a forked child that runs no Python: it keeps only fds 0 (input)
+and 1 (output), gets rlimits (CPU, no core, no files, no processes), loses
+every mapping of this process (so it cannot read the seller's memory),
+maps exactly its image's regions (text read+execute from a sealed memfd,
+data+bss and stack read+write), cannot read the time-stamp counter unless
+allowed, and enters SECCOMP_MODE_STRICT, or, where this process already
+runs under a seccomp filter and the kernel refuses strict mode, a filter
+that allows exactly what strict mode allows.
+
+This side enforces the wall-clock and output limits, reaps the job with
+wait4 for its CPU time (what the buyer pays for) and says why it ended.
+run() and Job.communicate() may be called from several threads at once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from .bytecode import STACK_TOP, Image
+
+__all__ = ["SandboxError", "MemoryLimitError", "Limits", "Result", "Job",
+           "mode", "run", "start", "self_test"]
+
+REASONS = ("exit", "forbidden-syscall", "cpu-limit", "wall-limit", "output-limit",
+           "fault", "killed")
+
+_CHUNK = 65536
+
+
+class SandboxError(Exception):
+    """The sandbox could not be set up; the message names the failing call."""
+
+
+class MemoryLimitError(ValueError):
+    """The image needs more memory than the run's limit allows."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpu_seconds: float = 60.0    # RLIMIT_CPU, rounded up to whole seconds
+    wall_seconds: float = 300.0  # time not paused
+    memory: int = 256 << 20      # refuse images whose memory_size exceeds it
+    output: int = 64 << 20       # bytes of output before the job is killed
+    allow_tsc: bool = False
+
+    def __post_init__(self):
+        for name in ("cpu_seconds", "wall_seconds"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"Limits.{name} must be a positive number of seconds, not {value!r}")
+        for name in ("memory", "output"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 0):
+                raise ValueError(f"Limits.{name} must be a number of bytes >= 0, not {value!r}")
+
+    @property
+    def cpu_rlimit(self) -> tuple[int, int]:
+        """(soft, hard) RLIMIT_CPU: SIGXCPU at soft, SIGKILL one second later."""
+        soft = max(1, math.ceil(self.cpu_seconds))
+        return soft, soft + 1
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+@dataclass(frozen=True)
+class Result:
+    exit_status: int | None      # the job's exit code when it exited
+    signal: int | None           # the signal that killed it otherwise
+    reason: str                  # one of REASONS
+    cpu_seconds: float           # user+sys from rusage
+    wall_seconds: float          # not counting pauses
+    output: bytes                # b"" when the output was streamed elsewhere
+    mode: str                    # 'strict' | 'filter'
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+    @property
+    def shell_status(self) -> int:
+        if self.exit_status is not None:
+            return self.exit_status
+        return 128 + (self.signal or 0)
+
+    def describe(self) -> str:
+        sig = f" ({_signame(self.signal)})" if self.signal is not None else ""
+        if self.reason == "exit":
+            return f"exited with status {self.exit_status}"
+        if self.reason == "forbidden-syscall":
+            return f"killed: forbidden system call{sig}"
+        if self.reason == "cpu-limit":
+            return f"killed: CPU time limit reached after {self.cpu_seconds:.2f} s of CPU{sig}"
+        if self.reason == "wall-limit":
+            return f"killed: wall-clock limit reached after {self.wall_seconds:.2f} s{sig}"
+        if self.reason == "output-limit":
+            return f"killed: output limit reached after {len(self.output)} bytes{sig}"
+        if self.reason == "killed":
+            return f"killed by its caller{sig}"
+        return f"killed: fault{sig}"
+
+
+def _ext():
+    try:
+        from . import _seccomp
+    except ImportError as e:
+        raise SandboxError(
+            f"the extension cpushare._seccomp is not built ({e}); run `make build`") from None
+    return _seccomp
+
+
+def _mode_number() -> int:
+    ext = _ext()
+    try:
+        current = ext.seccomp_mode()
+    except OSError as e:
+        raise SandboxError(f"this kernel has no seccomp (CONFIG_SECCOMP): {e}") from None
+    return ext.MODE_STRICT if current == 0 else ext.MODE_FILTER
+
+
+def mode() -> str:
+    """'strict' if this thread may enter strict mode, else 'filter'."""
+    return "strict" if _mode_number() == _ext().MODE_STRICT else "filter"
+
+
+def _close(*fds):
+    for fd in fds:
+        if fd is not None and fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Job:
+    """A running job.  Use communicate() (or run()), or do the I/O yourself
+    on fileno_in()/fileno_out() and then wait()."""
+
+    pid: int
+
+    def __init__(self, image: Image, limits: Limits = Limits()):
+        image.validate()
+        if image.memory_size > limits.memory:
+            parts = ", ".join(f"{r.name} {r.size}" for r in image.regions())
+            raise MemoryLimitError(
+                f"image needs {image.memory_size} bytes of memory ({parts}), "
+                f"more than the limit of {limits.memory}")
+        ext = _ext()
+        self.limits = limits
+        modenum = _mode_number()
+        self.mode = "strict" if modenum == ext.MODE_STRICT else "filter"
+        self._lock = threading.Lock()
+        self._result: Result | None = None
+        self._kill_reason: str | None = None
+        self._output = bytearray()
+        self._streamed = False
+        self._in: int | None = None
+        self._out: int | None = None
+        self.pidfd = -1
+        regions = {r.name: r for r in image.regions()}
+        text_fd = data_fd = -1
+        child_ends: list[int] = []
+        status_r = -1
+        try:
+            text_fd = ext.sealed_memfd("cpushare-text", image.text, regions["text"].size, True)
+            data = regions.get("data")
+            if data is not None:
+                data_fd = ext.sealed_memfd("cpushare-data", image.data, data.size, False)
+            in_r, self._in = os.pipe2(os.O_CLOEXEC)
+            child_ends.append(in_r)
+            self._out, out_w = os.pipe2(os.O_CLOEXEC)
+            child_ends.append(out_w)
+            status_r, status_w = os.pipe2(os.O_CLOEXEC)
+            child_ends.append(status_w)
+            soft, hard = limits.cpu_rlimit
+            stack = regions["stack"]
+            try:
+                self.pid = ext.spawn(
+                    stdin_fd=in_r, stdout_fd=out_w, status_fd=status_w,
+                    text_fd=text_fd, data_fd=data_fd,
+                    text=(regions["text"].start, regions["text"].size),
+                    data=None if data is None else (data.start, data.size),
+                    stack=(stack.start, stack.size), entry=image.entry, stack_top=STACK_TOP,
+                    cpu_soft=soft, cpu_hard=hard, allow_tsc=limits.allow_tsc, mode=modenum)
+            except OSError as e:
+                raise SandboxError(f"starting a job: {e}") from None
+            self._start = time.monotonic()
+            self._paused_at: float | None = None
+            self._paused_total = 0.0
+            _close(text_fd, data_fd, *child_ends)
+            text_fd = data_fd = -1
+            child_ends = []
+            self.pidfd = os.pidfd_open(self.pid)
+            self._await_ready(status_r)
+        except BaseException:
+            _close(text_fd, data_fd, *child_ends, self._in, self._out, self.pidfd)
+            self._in = self._out = None
+            self.pidfd = -1
+            raise
+        finally:
+            _close(status_r)
+
+    def _await_ready(self, status_r: int) -> None:
+        ext = _ext()
+        records = bytearray()
+        while True:
+            chunk = os.read(status_r, 64)
+            if not chunk:
+                break
+            records += chunk
+        size = ext.RECORD_SIZE
+        failures = []
+        ready = False
+        for i in range(0, len(records) - size + 1, size):
+            step = int.from_bytes(records[i:i + 4], "little", signed=True)
+            err = int.from_bytes(records[i + 4:i + 8], "little", signed=True)
+            if step == 0:
+                ready = True
+            else:
+                failures.append(f"{ext.step_name(step)}: {os.strerror(err)} (errno {err})")
+        if failures or not ready:
+            self._reap_failed()
+            if failures:
+                raise SandboxError("job set-up failed in the child at " + "; ".join(failures))
+            raise SandboxError("job set-up failed: the child died before it was ready "
+                               f"(wait status {self._failed_status:#x})")
+
+    def _reap_failed(self) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except OSError:
+            pass
+        _, self._failed_status, _ = os.wait4(self.pid, 0)
+        self._result = None
+
+    # -- I/O for callers that do their own ---------------------------------
+    def fileno_in(self) -> int:
+        if self._in is None:
+            raise ValueError("the job's input is closed")
+        return self._in
+
+    def fileno_out(self) -> int:
+        if self._out is None:
+            raise ValueError("the job's output is closed")
+        return self._out
+
+    def write(self, data: bytes) -> None:
+        """Write all of data to the job's input (blocks while the pipe is full)."""
+        fd = self.fileno_in()
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+    def close_input(self) -> None:
+        if self._in is not None:
+            _close(self._in)
+            self._in = None
+
+    def read(self, n: int = _CHUNK) -> bytes:
+        """Up to n bytes of the job's output; b"" at end of output."""
+        return os.read(self.fileno_out(), n)
+
+    # -- control -----------------------------------------------------------
+    def _signal(self, sig: int) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
+            pass
+
+    def pause(self) -> None:
+        """Stop the job (SIGSTOP); its wall clock stops too."""
+        with self._lock:
+            if self._paused_at is None and self._result is None:
+                self._signal(signal.SIGSTOP)
+                self._paused_at = time.monotonic()
+
+    def resume(self) -> None:
+        with self._lock:
+            if self._paused_at is not None:
+                self._signal(signal.SIGCONT)
+                self._paused_total += time.monotonic() - self._paused_at
+                self._paused_at = None
+
+    def _kill(self, reason: str) -> None:
+        with self._lock:
+            if self._result is None and self._kill_reason is None:
+                self._kill_reason = reason
+                self._signal(signal.SIGKILL)
+
+    def kill(self) -> None:
+        self._kill("killed")
+
+    def _elapsed(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        paused = self._paused_total
+        if self._paused_at is not None:
+            paused += now - self._paused_at
+        return now - self._start - paused
+
+    # -- the end -----------------------------------------------------------
+    def communicate(self, input: bytes = b"") -> Result:
+        """Feed input, collect output, enforce the limits, reap."""
+        return self._pump(memoryview(bytes(input)), None, None)
+
+    def stream(self, source, sink) -> Result:
+        """Like communicate(), from a readable file and to a writable one
+        (binary, with fileno()); Result.output is then empty."""
+        self._streamed = True
+        return self._pump(None, source.fileno(), sink)
+
+    def wait(self) -> Result:
+        """Reap the job, after the caller did its own I/O (the wall-clock
+        limit still applies).  Output not read yet is collected."""
+        self.close_input()
+        return self._pump(memoryview(b""), None, None)
+
+    def _pump(self, data, source_fd, sink) -> Result:
+        if self._result is not None:
+            return self._result
+        limit = self.limits.output
+        pending = data if data is not None else memoryview(b"")
+        source_open = source_fd is not None
+        if self._in is not None:
+            os.set_blocking(self._in, False)
+        if self._out is not None:
+            os.set_blocking(self._out, False)
+        exited = False
+        poller = select.poll()
+        while True:
+            remaining = self.limits.wall_seconds - self._elapsed()
+            if remaining <= 0 and not exited:
+                self._kill("wall-limit")
+                remaining = 0.2  # wait for the kill to land
+            if self._in is not None and not pending and not source_open:
+                self.close_input()
+            if exited and self._out is None:
+                break
+            poller = select.poll()
+            if self._in is not None and pending:
+                poller.register(self._in, select.POLLOUT)
+            if source_open and not pending:
+                poller.register(source_fd, select.POLLIN)
+            if self._out is not None:
+                poller.register(self._out, select.POLLIN)
+            if not exited:
+                poller.register(self.pidfd, select.POLLIN)
+            timeout = min(remaining, 1.0) if self._paused_at is None else 1.0
+            events = poller.poll(max(0, int(timeout * 1000) + 1))
+            for fd, ev in events:
+                if fd == self.pidfd:
+                    exited = True
+                elif fd == self._out:
+                    self._read_output(limit, sink)
+                elif fd == self._in:
+                    try:
+                        n = os.write(self._in, pending[:_CHUNK])
+                        pending = pending[n:]
+                    except BlockingIOError:
+                        pass
+                    except BrokenPipeError:  # the job closed or ended: drop the rest
+                        pending = memoryview(b"")
+                        source_open = False
+                        self.close_input()
+                elif fd == source_fd:
+                    chunk = os.read(source_fd, _CHUNK)
+                    if chunk:
+                        pending = memoryview(chunk)
+                    else:
+                        source_open = False
+        return self._reap()
+
+    def _read_output(self, limit: int, sink) -> None:
+        try:
+            chunk = os.read(self._out, _CHUNK)
+        except BlockingIOError:
+            return
+        if not chunk:
+            _close(self._out)
+            self._out = None
+            return
+        if self._kill_reason == "output-limit":
+            return
+        room = limit - self._produced()
+        if len(chunk) > room:
+            chunk = chunk[:max(room, 0)]
+            self._kill("output-limit")
+        if sink is None:
+            self._output += chunk
+        else:
+            self._sent = getattr(self, "_sent", 0) + len(chunk)
+            sink.write(chunk)
+            sink.flush()
+
+    def _produced(self) -> int:
+        return len(self._output) + getattr(self, "_sent", 0)
+
+    def _reap(self) -> Result:
+        with self._lock:
+            if self._result is not None:
+                return self._result
+            _, status, rusage = os.wait4(self.pid, 0)
+            wall = self._elapsed()
+            _close(self.pidfd, self._in, self._out)
+            self.pidfd = -1
+            self._in = self._out = None
+            cpu = rusage.ru_utime + rusage.ru_stime
+            exit_status = sig = None
+            if os.WIFEXITED(status):
+                exit_status = os.WEXITSTATUS(status)
+                reason = "exit"
+            else:
+                sig = os.WTERMSIG(status)
+                if sig == signal.SIGUSR1 and self._kill_reason is None:
+                    raise SandboxError(
+                        "job set-up failed in the child at the last step, entering seccomp "
+                        "(prctl(PR_SET_SECCOMP) failed; the job did not run)")
+                reason = self._reason_for(sig, cpu)
+            self._result = Result(exit_status=exit_status, signal=sig, reason=reason,
+                                  cpu_seconds=cpu, wall_seconds=wall,
+                                  output=bytes(self._output), mode=self.mode)
+            return self._result
+
+    def _reason_for(self, sig: int, cpu: float) -> str:
+        if self._kill_reason is not None:
+            return self._kill_reason
+        soft, _ = self.limits.cpu_rlimit
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= soft):
+            return "cpu-limit"
+        if sig == signal.SIGSYS or (sig == signal.SIGKILL and self.mode == "strict"):
+            return "forbidden-syscall"
+        return "fault"
+
+    def __del__(self):
+        # A job nobody waits for must not outlive its handle as a zombie.
+        if getattr(self, "_result", 1) is None and getattr(self, "pidfd", -1) >= 0:
+            try:
+                self._kill("killed")
+                self._reap()
+            except Exception:
+                pass
+
+
+def start(image: Image, limits: Limits = Limits()) -> Job:
+    """Start a job; the caller feeds it and collects its end."""
+    return Job(image, limits)
+
+
+def run(image: Image, input: bytes = b"", limits: Limits = Limits()) -> Result:
+    """Run an image to its end with `input` on its stdin."""
+    return Job(image, limits).communicate(input)
+
+
+def _self_test_image() -> Image:
+    # write(1, "ok", 2); getpid(); exit(0)  -- getpid must kill it.
+    code = bytes.fromhex(
+        "b801000000"        # mov eax, 1 (write)
+        "bf01000000"        # mov edi, 1
+        "488d3517000000"    # lea rsi, [rip+0x17] -> "ok"
+        "ba02000000"        # mov edx, 2
+        "0f05"              # syscall
+        "b827000000"        # mov eax, 39 (getpid)
+        "0f05"              # syscall
+        "b83c000000"        # mov eax, 60 (exit)
+        "31ff"              # xor edi, edi
+        "0f05"              # syscall
+    ) + b"ok"
+    return Image(text=code, entry=0x400000)
+
+
+def self_test() -> str:
+    """A sandboxed child that makes a forbidden call must die.  Returns
+    the mode in use; raises SandboxError when the sandbox does not hold."""
+    result = run(_self_test_image(), limits=Limits(cpu_seconds=5, wall_seconds=10))
+    if result.output != b"ok":
+        raise SandboxError(f"self-test: the sandboxed child could not write its output "
+                           f"(got {result.output!r}; {result.describe()})")
+    if result.reason != "forbidden-syscall":
+        raise SandboxError(f"self-test: a child that called getpid() was not killed by seccomp: "
+                           f"{result.describe()}")
+    return result.mode
