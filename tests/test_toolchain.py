@@ -1,8 +1,8 @@
 """`cpushare cc`: C sources -> bytecode images.
 
-Images are checked by parsing them; the linked ELF that `--save-elf` keeps
-is the same program as a static executable, so it is also run directly to
-check crt0, the runtime and the cpushare.h helpers.
+Images are checked by parsing them and by running them in the seller's
+sandbox (cpushare.sandbox, strict mode or its filter equivalent).  The
+linked ELF that `--save-elf` keeps runs as a static executable too.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cpushare import bytecode
+from cpushare import bytecode, sandbox
 from cpushare.bytecode import DEFAULT_STACK_SIZE, DEFAULT_TEXT_ADDRESS, PAGE, page_up
 from cpushare.toolchain import ToolchainError, build, cli, read_elf
 
@@ -49,6 +49,20 @@ def run_elf(path: Path, input: bytes = b"") -> subprocess.CompletedProcess:
     return subprocess.run([str(path)], input=input, capture_output=True, timeout=30)
 
 
+LIMITS = sandbox.Limits(cpu_seconds=5, wall_seconds=20)
+
+
+def run(img: bytecode.Image, input: bytes = b"") -> sandbox.Result:
+    """Run an image as a seller would (after a round trip through its bytes)."""
+    return sandbox.run(bytecode.parse(img.pack()), input=input, limits=LIMITS)
+
+
+def exited(result: sandbox.Result, status: int, output: bytes | None = None) -> None:
+    assert (result.reason, result.exit_status) == ("exit", status), result.describe()
+    if output is not None:
+        assert result.output == output
+
+
 def text_end(img: bytecode.Image) -> int:
     return img.text_address + len(img.text)
 
@@ -65,19 +79,19 @@ def test_hello_example_builds_and_has_only_text(tmp_path):
     assert img.data == b"" and img.data_address == 0 and img.bss_size == 0
     assert img.stack_size == DEFAULT_STACK_SIZE
     assert [r.name for r in img.regions()] == ["text", "stack"]
+    exited(run(img), 0, b"hello, world\n")
     proc = run_elf(tmp_path / "hello.elf")
     assert (proc.returncode, proc.stdout) == (0, b"hello, world\n")
 
 
 def test_echo_example_builds_with_bss(tmp_path):
-    img = build([EXAMPLES / "echo" / "echo.c"], tmp_path / "echo.bin",
-                elf_output=tmp_path / "echo.elf")
+    img = build([EXAMPLES / "echo" / "echo.c"], tmp_path / "echo.bin")
     assert img.data == b""
     assert img.bss_size == 64 * 1024
     assert img.data_address == page_up(text_end(img))
     payload = bytes(range(256)) * 1000
-    proc = run_elf(tmp_path / "echo.elf", payload)
-    assert (proc.returncode, proc.stdout) == (0, payload)
+    exited(run(img, payload), 0, payload)
+    exited(run(img), 0, b"")
 
 
 def test_examples_have_a_readme():
@@ -104,7 +118,7 @@ int main(void)
 
 
 def test_data_and_bss_are_placed_page_aligned_after_text(tmp_path):
-    img = build([source(tmp_path, DATA_AND_BSS)], elf_output=tmp_path / "job.elf")
+    img = build([source(tmp_path, DATA_AND_BSS)])
     assert img.data_address % PAGE == 0
     assert img.data_address == page_up(text_end(img))
     assert b"DATA-MARKER\0" in img.data
@@ -114,14 +128,29 @@ def test_data_and_bss_are_placed_page_aligned_after_text(tmp_path):
     regions = {r.name: r for r in img.regions()}
     assert regions["data"].size == page_up(len(img.data) + img.bss_size)
     assert bytecode.parse(img.pack()) == img
-    proc = run_elf(tmp_path / "job.elf")
-    assert proc.returncode == 43 and proc.stdout == b"DATA-MARKERRODATA-MARKER"
+    exited(run(img), 43, b"DATA-MARKERRODATA-MARKER")
+
+
+def test_bss_is_zero_and_fully_mapped(tmp_path):
+    img = build([source(tmp_path, r"""
+        static long big[300000];            /* 2.4 MB of bss */
+        long initialised = 5;
+        int main(void)
+        {
+            for (long i = 0; i < 300000; i++)
+                if (big[i]) return 1;
+            big[0] = big[299999] = initialised;
+            return (int)(big[0] + big[299999]);
+        }
+    """)])
+    assert img.bss_size >= 300000 * 8 and len(img.data) == 8
+    exited(run(img), 10)
 
 
 def test_text_only_program(tmp_path):
-    img = build([source(tmp_path, "int main(void) { return 7; }")], elf_output=tmp_path / "job.elf")
+    img = build([source(tmp_path, "int main(void) { return 7; }")])
     assert img.data == b"" and img.bss_size == 0 and img.data_address == 0
-    assert run_elf(tmp_path / "job.elf").returncode == 7
+    exited(run(img), 7, b"")
 
 
 def test_only_two_loadable_segments(tmp_path):
@@ -135,8 +164,7 @@ def test_only_two_loadable_segments(tmp_path):
 def test_several_sources_and_exit_status_is_mains_return_value(tmp_path):
     a = source(tmp_path, "int twice(int x);\nint main(void) { return twice(21) + 200; }", "a.c")
     b = source(tmp_path, "int twice(int x) { return 2 * x; }", "b.c")
-    build([a, b], elf_output=tmp_path / "job.elf")
-    assert run_elf(tmp_path / "job.elf").returncode == (42 + 200) & 0xFF
+    exited(run(build([a, b])), (42 + 200) & 0xFF)
 
 
 def test_stack_size_is_rounded_to_a_page_and_bounded(tmp_path):
@@ -147,6 +175,22 @@ def test_stack_size_is_rounded_to_a_page_and_bounded(tmp_path):
         build([src], stack_size=bytecode.MAX_STACK + 1)
     with pytest.raises(ToolchainError, match="positive"):
         build([src], stack_size=0)
+
+
+def test_the_stack_size_reaches_the_job(tmp_path):
+    # about 100 KiB of stack: fits in 1 MiB, overflows 64 KiB into the guard page
+    src = source(tmp_path, r"""
+        __attribute__((noinline)) static int down(int n)
+        {
+            volatile char frame[1000];
+            frame[0] = (char)n;
+            return n ? down(n - 1) + frame[0] - (char)n : 0;
+        }
+        int main(void) { return down(100) + 3; }
+    """)
+    exited(run(build([src], stack_size=1 << 20)), 3)
+    small = run(build([src], stack_size=64 << 10))
+    assert (small.reason, small.signal) == ("fault", 11), small.describe()
 
 
 # -- the runtime and cpushare.h ------------------------------------------------
@@ -178,8 +222,7 @@ int main(void)
 
 @pytest.mark.parametrize("opt", ["-O0", "-O2", "-O3"])
 def test_runtime_mem_and_str_functions(tmp_path, opt):
-    build([source(tmp_path, RUNTIME_CHECKS)], cflags=[opt], elf_output=tmp_path / "job.elf")
-    assert run_elf(tmp_path / "job.elf").returncode == 0
+    exited(run(build([source(tmp_path, RUNTIME_CHECKS)], cflags=[opt])), 0, b"")
 
 
 MESSAGES = r"""
@@ -204,18 +247,15 @@ def msg(body: bytes) -> bytes:
 
 
 def test_length_prefixed_messages(tmp_path):
-    build([source(tmp_path, MESSAGES)], elf_output=tmp_path / "job.elf")
-    proc = run_elf(tmp_path / "job.elf", msg(b"hello") + msg(b"") + msg(b"A" * 256))
-    assert proc.returncode == 0
-    assert proc.stdout == msg(b"HELLO") + msg(b"") + msg(b"a" * 256)
-    too_long = run_elf(tmp_path / "job.elf", msg(b"x" * 257))
-    assert too_long.returncode == 3 and too_long.stdout == b""
-    truncated = run_elf(tmp_path / "job.elf", msg(b"abc")[:-1])
-    assert truncated.returncode == 0 and truncated.stdout == b""
+    img = build([source(tmp_path, MESSAGES)])
+    exited(run(img, msg(b"hello") + msg(b"") + msg(b"A" * 256)), 0,
+           msg(b"HELLO") + msg(b"") + msg(b"a" * 256))
+    exited(run(img, msg(b"x" * 257)), 3, b"")
+    exited(run(img, msg(b"abc")[:-1]), 0, b"")
 
 
 def test_read_exact_and_write_all(tmp_path):
-    build([source(tmp_path, r"""
+    img = build([source(tmp_path, r"""
         #include <cpushare.h>
         static char buf[100000];
         int main(void)
@@ -224,20 +264,19 @@ def test_read_exact_and_write_all(tmp_path):
             if (cs_write_all(CS_STDOUT, buf, sizeof buf) != (long)sizeof buf) return 2;
             return cs_read_exact(CS_STDIN, buf, 1) == -1 ? 0 : 3;
         }
-    """)], elf_output=tmp_path / "job.elf")
+    """)])
     data = os.urandom(100000)
-    proc = run_elf(tmp_path / "job.elf", data)
-    assert proc.returncode == 0 and proc.stdout == data
-    assert run_elf(tmp_path / "job.elf", data[:-1]).returncode == 1
+    exited(run(img, data), 0, data)
+    exited(run(img, data[:-1]), 1, b"")
 
 
 def test_cs_exit_ends_the_job_with_its_status(tmp_path):
-    build([source(tmp_path, """
+    img = build([source(tmp_path, """
         #include <cpushare.h>
         static void deep(int n) { if (n == 0) cs_exit(9); deep(n - 1); }
         int main(void) { deep(10); return 1; }
-    """)], elf_output=tmp_path / "job.elf")
-    assert run_elf(tmp_path / "job.elf").returncode == 9
+    """)])
+    exited(run(img), 9)
 
 
 def test_exit_goes_through_the_exit_syscall_not_exit_group(tmp_path):
@@ -248,6 +287,7 @@ def test_exit_goes_through_the_exit_syscall_not_exit_group(tmp_path):
     assert "mov    $0x3c,%eax" in start and "$0xe7" not in start  # 60, never 231
     assert "call" in start and "<main>" in start
     assert img.entry == DEFAULT_TEXT_ADDRESS
+    exited(run(img), 0)  # the sandbox kills exit_group, so this shows exit was used
 
 
 # -- failures ------------------------------------------------------------------
@@ -309,6 +349,7 @@ def test_cli_passes_gcc_options_and_names_the_output(tmp_path, capsys, monkeypat
     img = bytecode.load(tmp_path / "prog.bin")  # default name: the first source's, .bin
     assert img.stack_size == 64 * 1024
     assert run_elf(tmp_path / "prog.elf").returncode == 5
+    exited(run(img), 5)
     assert f"prog.bin: text {len(img.text)}, data 0, bss 0" in capsys.readouterr().err
 
 
