@@ -369,3 +369,12 @@ def test_cpushare_cc_command(tmp_path):
     assert proc.returncode == 1
     assert "bad.c:1:" in proc.stderr and "cpushare cc: error: compiling" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_shows_gcc_warnings_and_still_builds(tmp_path, capsys):
+    src = source(tmp_path, "int main(void) { int unused; return 0; }\n", "warn.c")
+    assert cc_main("-Wall", "-o", str(tmp_path / "warn.bin"), str(src)) == 0
+    err = capsys.readouterr().err
+    assert "warn.c:1:" in err and "unused" in err and "-Wunused-variable" in err
+    assert bytecode.load(tmp_path / "warn.bin")
+    assert cc_main("-Wall", "-Werror", "-o", str(tmp_path / "warn.bin"), str(src)) == 1

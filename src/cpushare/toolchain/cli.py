@@ -45,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-g", dest="cflags", action="append_const", const="-g",
                         help="debugging information (kept in --save-elf only)")
     parser.add_argument("-std", dest="cflags", action="append", type=lambda v: "-std=" + v.lstrip("="),
-                        metavar="=STD", help="language standard (-std=c11)")
+                        metavar="STD", help="language standard (-std=c11)")
     for flag, help_ in _PASS.items():
         parser.add_argument(flag, dest="cflags", action="append",
                             type=lambda v, flag=flag: flag + v, metavar="OPT", help=help_)
