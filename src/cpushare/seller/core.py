@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import random
 import ssl
@@ -28,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__, protocol
+from .. import __version__, protocol, sandbox
 from ..order import SellOrder
 from ..protocol import Message, ProtocolError
+from ..sandbox import MemoryLimitError, SandboxError
 from .cache import CacheError, ImageCache
 
 log = logging.getLogger("cpushare.seller")
@@ -469,8 +471,7 @@ class Seller:
                   buyer_order=r.buyer_order)
         self._task_coro = asyncio.create_task(self._run_task(r, msg))
 
-    def _limits(self, msg: Message):
-        from .. import sandbox
+    def _limits(self, msg: Message) -> sandbox.Limits:
         lim = self._order.limits
         cpu_ms = _min_nonzero(lim.cpu_seconds * 1000, msg["cpu_ms"])
         wall_ms = _min_nonzero(lim.wall_seconds * 1000, msg["wall_ms"])
@@ -519,9 +520,8 @@ class Seller:
             if r.session is None:
                 result = await self._loop.run_in_executor(
                     None, self._execute, r, image, limits, msg.payload)
-                output = result.output
             else:
-                result, output = await self._execute_session(r, image, limits)
+                result, streamed = await self._execute_session(r, image, limits)
             if r.aborted:
                 outcome = "handback"
                 log.info("task %s handed back: %s", tag, r.aborted,
@@ -529,11 +529,14 @@ class Seller:
                 self._send("handback", attempt=r.attempt, reason=r.aborted)
                 return
             cpu_ms = max(0, round(result.cpu_seconds * 1000))
-            reported = self._output_for_result(output)
-            payload = reported if r.session is None else b""
+            if r.session is None:
+                payload = self._output_for_result(result.output)
+                out_sha, out_len = protocol.digest(payload), len(payload)
+            else:  # the output went to the buyer as `stream` frames
+                payload, out_sha, out_len = b"", streamed.hexdigest(), -1
             self._send("result", payload, attempt=r.attempt, exit_status=result.exit_status,
                        signal=result.signal, reason=result.reason or "", cpu_ms=cpu_ms,
-                       output_sha256=protocol.digest(reported))
+                       output_sha256=out_sha)
             await self._drain()
             outcome = "ok" if result.exit_status == 0 else "failed"
             st = self._status
@@ -541,10 +544,16 @@ class Seller:
                       cpu_seconds_sold=st.cpu_seconds_sold + cpu_ms / 1000)
             log.info("task %s: %s (exit %s, signal %s, %s); %d ms CPU, %d bytes out", tag,
                      outcome, result.exit_status, result.signal, result.reason or "-", cpu_ms,
-                     len(output), extra={**fields, "OUTCOME": outcome, "CPU_MS": cpu_ms})
+                     out_len, extra={**fields, "OUTCOME": outcome, "CPU_MS": cpu_ms})
         except asyncio.CancelledError:
             outcome = "lost"
             raise
+        except (MemoryLimitError, SandboxError) as e:  # this job cannot run here
+            outcome = "refused"
+            why = "memory-limit" if isinstance(e, MemoryLimitError) else "sandbox"
+            log.warning("task %s: %s: %s", tag, why, e, extra={**fields, "OUTCOME": outcome})
+            self._send("result", attempt=r.attempt, exit_status=None, signal=None,
+                       reason=f"{why}: {e}", cpu_ms=0, output_sha256=protocol.digest(b""))
         except Exception as e:  # a bad job fails that task only
             outcome = "error"
             log.exception("task %s failed in the seller", tag, extra={**fields, "OUTCOME": outcome})
@@ -570,7 +579,6 @@ class Seller:
 
     def _execute(self, r: _Running, image, limits, data: bytes):
         """In a worker thread: run one job to the end."""
-        from .. import sandbox
         job = sandbox.start(image, limits)
         r.job = job
         if r.aborted:
@@ -579,26 +587,41 @@ class Seller:
             job.pause()
         return job.communicate(data)
 
-    async def _execute_session(self, r: _Running, image, limits):
-        """Run an interactive job: relay `stream` frames both ways."""
-        from .. import sandbox
+    async def _execute_session(self, r: _Running, image, limits: sandbox.Limits):
+        """Run an interactive job: relay `stream` frames both ways.
+
+        The job's output goes to the buyer as it comes, so this side
+        enforces the output and wall-clock limits itself.
+        """
         loop = self._loop
         job = await loop.run_in_executor(None, sandbox.start, image, limits)
         r.job = job
         if r.aborted:
             job.kill()
-        out_chunks: list[bytes] = []
+        digest = hashlib.sha256()
+        produced = 0
+        killed_for = ""
 
         def pump_out() -> None:
+            nonlocal produced, killed_for
             while True:
                 try:
                     chunk = job.read()
-                except OSError:
+                except (OSError, ValueError):
                     chunk = b""
                 if not chunk:
                     return
-                out_chunks.append(chunk)
-                loop.call_soon_threadsafe(self._send_stream, r.session, chunk)
+                room = limits.output - produced
+                if len(chunk) > room:
+                    chunk = chunk[:max(room, 0)]
+                    killed_for = killed_for or "output-limit"
+                    job.kill()
+                if chunk:
+                    produced += len(chunk)
+                    digest.update(chunk)
+                    loop.call_soon_threadsafe(self._send_stream, r.session, chunk)
+                if killed_for:
+                    return
 
         async def pump_in() -> None:
             while True:
@@ -607,22 +630,36 @@ class Seller:
                     break
                 try:
                     await loop.run_in_executor(None, job.write, chunk)
-                except (BrokenPipeError, OSError):
+                except (OSError, ValueError):
                     break
             try:
                 job.close_input()
             except OSError:
                 pass
 
-        reader = loop.run_in_executor(None, pump_out)
+        async def wall_clock() -> None:
+            nonlocal killed_for
+            used = 0.0  # seconds not paused
+            while True:
+                await asyncio.sleep(0.5)
+                used += 0 if self._paused else 0.5
+                if used > limits.wall_seconds:
+                    killed_for = killed_for or "wall-limit"
+                    job.kill()
+                    return
+
         feeder = asyncio.create_task(pump_in())
+        timer = asyncio.create_task(wall_clock())
         try:
-            await reader
+            await loop.run_in_executor(None, pump_out)
             result = await loop.run_in_executor(None, job.wait)
         finally:
             feeder.cancel()
+            timer.cancel()
+        if killed_for and not r.aborted:
+            result = dataclasses.replace(result, reason=killed_for)
         self._send("stream", session=r.session, eof=True)
-        return result, b"".join(out_chunks)
+        return result, digest
 
     def _send_stream(self, session: int, chunk: bytes) -> None:
         self._send("stream", chunk, session=session, eof=False)
