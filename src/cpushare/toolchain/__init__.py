@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable, TextIO
 
 from .. import bytecode
-from ..bytecode import DEFAULT_STACK_SIZE, DEFAULT_TEXT_ADDRESS, PAGE, Image
+from ..bytecode import DEFAULT_STACK_SIZE, PAGE, Image
 
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "cpushare.h"
