@@ -378,3 +378,12 @@ def test_cli_shows_gcc_warnings_and_still_builds(tmp_path, capsys):
     assert "warn.c:1:" in err and "unused" in err and "-Wunused-variable" in err
     assert bytecode.load(tmp_path / "warn.bin")
     assert cc_main("-Wall", "-Werror", "-o", str(tmp_path / "warn.bin"), str(src)) == 1
+
+
+def test_a_buyers_own_strlen_replaces_the_runtimes(tmp_path):
+    img = build([source(tmp_path, r"""
+        #include <cpushare.h>
+        size_t strlen(const char *s) { (void)s; return 77; }
+        int main(void) { return (int)strlen("abc"); }
+    """)], cflags=["-fno-builtin"])
+    exited(run(img), 77)

@@ -5,25 +5,26 @@
  * may call memcpy, memset, memmove and memcmp even in freestanding code
  * (struct copies, zeroed arrays), so they must exist.  `cpushare cc`
  * compiles this file with -fno-tree-loop-distribute-patterns so that gcc
- * does not turn these loops back into calls to themselves.
+ * does not turn these loops back into calls to themselves.  They are weak:
+ * a buyer's own definition of any of them takes precedence.
  */
 #include "cpushare.h"
 
-void *memcpy(void *dst, const void *src, size_t n)
+__attribute__((weak)) void *memcpy(void *dst, const void *src, size_t n)
 {
     void *d = dst;
     __asm__ volatile ("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
     return dst;
 }
 
-void *memset(void *dst, int c, size_t n)
+__attribute__((weak)) void *memset(void *dst, int c, size_t n)
 {
     void *d = dst;
     __asm__ volatile ("rep stosb" : "+D"(d), "+c"(n) : "a"(c) : "memory");
     return dst;
 }
 
-void *memmove(void *dst, const void *src, size_t n)
+__attribute__((weak)) void *memmove(void *dst, const void *src, size_t n)
 {
     unsigned char *d = dst;
     const unsigned char *s = src;
@@ -36,7 +37,7 @@ void *memmove(void *dst, const void *src, size_t n)
     return dst;
 }
 
-int memcmp(const void *a, const void *b, size_t n)
+__attribute__((weak)) int memcmp(const void *a, const void *b, size_t n)
 {
     const unsigned char *p = a, *q = b;
     for (size_t i = 0; i < n; i++)
@@ -45,7 +46,7 @@ int memcmp(const void *a, const void *b, size_t n)
     return 0;
 }
 
-size_t strlen(const char *s)
+__attribute__((weak)) size_t strlen(const char *s)
 {
     const char *p = s;
     while (*p)
@@ -53,7 +54,7 @@ size_t strlen(const char *s)
     return (size_t)(p - s);
 }
 
-int strcmp(const char *a, const char *b)
+__attribute__((weak)) int strcmp(const char *a, const char *b)
 {
     const unsigned char *p = (const unsigned char *)a, *q = (const unsigned char *)b;
     while (*p && *p == *q)
