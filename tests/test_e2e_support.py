@@ -173,6 +173,16 @@ class LocalMarket:
         milli = int(m.group(2)) * 1000 + int(m.group(3))
         return -milli if m.group(1) else milli
 
+    def ca_credentials(self) -> tuple[str, str]:
+        """(CA certificate, CA key) PEMs of this market, to forge test certificates."""
+        import sqlite3
+        db = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('ca_cert', 'ca_key')"))
+        finally:
+            db.close()
+        return meta["ca_cert"], meta["ca_key"]
+
     def ledger_check(self) -> subprocess.CompletedProcess:
         return self.cli("ledger", "check", check=False)
 

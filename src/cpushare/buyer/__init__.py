@@ -74,11 +74,17 @@ class TaskResult:
 
 
 def _pack(image: bytecode.Image | bytes | bytearray | memoryview) -> tuple[str, bytes]:
-    """(digest, packed image) for an Image or an already packed one."""
+    """(digest, packed image) for an Image or an already packed one.
+
+    On the wire an image is named by the SHA-256 of its packed bytes
+    (`protocol.digest`), which the market and the sellers check.
+    """
     if isinstance(image, bytecode.Image):
-        return image.digest, image.pack()
-    blob = bytes(image)
-    return bytecode.parse(blob, where="image to upload").digest, blob
+        blob = image.pack()
+    else:
+        blob = bytes(image)
+        bytecode.parse(blob, where="image to upload")
+    return protocol.digest(blob), blob
 
 
 _LOST = object()  # put in result queues when the connection drops
