@@ -225,18 +225,22 @@ class NotifySocket:
         return fields
 
     def wait(self, key: str, value: str | None = None, timeout: float = 30,
-             after: int = 0) -> dict[str, str]:
-        """Read messages until one (from index `after` on) has `key` (= `value`)."""
+             after: int = 0, contains: str | None = None) -> dict[str, str]:
+        """Read messages until one (from index `after` on) has `key`
+        (equal to `value`, or containing `contains`); return it."""
+        def match(m):
+            return key in m and (value is None or m[key] == value) and \
+                (contains is None or contains in m[key])
         for m in self.messages[after:]:
-            if key in m and (value is None or m[key] == value):
+            if match(m):
                 return m
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             m = self.read(max(0.01, deadline - time.monotonic()))
-            if m is not None and key in m and (value is None or m[key] == value):
+            if m is not None and match(m):
                 return m
-        raise AssertionError(f"no {key}={value or '*'} from cpushared in {timeout} s; "
-                             f"got {self.messages}")
+        raise AssertionError(f"no {key}={value or contains or '*'} from cpushared in "
+                             f"{timeout} s; got {self.messages[after:]}")
 
     def close(self) -> None:
         self.sock.close()

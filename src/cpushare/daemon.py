@@ -138,7 +138,7 @@ def journal_sender(send: Callable[..., Any] | None = None) -> Callable[..., Any]
         from systemd import journal
         send = journal.send
 
-    def sender(message: str, **fields: Any) -> Any:
+    def sender(message: str, /, **fields: Any) -> Any:  # records carry a "message" attribute too
         return send(message, **journal_fields(fields))
     return sender
 
