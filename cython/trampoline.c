@@ -110,8 +110,8 @@ static inline long sys6(long nr, long a1, long a2, long a3, long a4, long a5, lo
  *   and errno to fd 2, sends SIGUSR1 to itself (the status pipe is closed
  *   by the time seccomp runs, so that is how a failing seccomp shows) and
  *   exits 127;
- *   then XRSTOR (or FXRSTOR) the zeroed area, rsp = stack top, rflags and
- *   every other register zero, jump to the entry. */
+ *   then XRSTOR (or FXRSTOR) the zeroed area, rsp = stack top, every other
+ *   register zero, rflags 0x202, jump to the entry. */
 __asm__(
     ".text\n"
     ".balign 16\n"
@@ -164,8 +164,6 @@ __asm__(
     "    jmp 5f\n"
     "4:  fxrstor64 " STR(P_XSAVE) "(%rbx)\n"
     "5:  mov .Ltb+4096+" STR(P_STACK_TOP) "(%rip), %rsp\n"
-    "    pushq $0x202\n"
-    "    popfq\n"
     "    xor %eax, %eax\n"
     "    xor %ebx, %ebx\n"
     "    xor %ecx, %ecx\n"
@@ -181,6 +179,8 @@ __asm__(
     "    xor %r13d, %r13d\n"
     "    xor %r14d, %r14d\n"
     "    xor %r15d, %r15d\n"
+    "    pushq $0x202\n" /* rflags: IF and the reserved bit only */
+    "    popfq\n"
     "    jmp *.Ltb+4096+" STR(P_ENTRY) "(%rip)\n"
     ".globl cps_tramp_end\n"
     ".hidden cps_tramp_end\n"
