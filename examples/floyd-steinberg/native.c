@@ -4,8 +4,8 @@
  * Built with the system gcc and libc (see fsjob.build_native), it includes
  * dither.c itself, so the code that runs is the code the sandbox runs.
  *
- *   dither-native            one FSD1 message on stdin, the job's output
- *                            on stdout and its exit status: exactly what
+ *   dither-native            FSD1 messages on stdin, the job's output on
+ *                            stdout and its exit status: exactly what
  *                            `cpushare run dither.bin` does
  *   dither-native --batch    any number of FSD1 messages on stdin; for each,
  *                            a u32 exit status, a u32 length and the job's
@@ -47,9 +47,12 @@ static int put_u32(uint32_t v)
 int main(int argc, char **argv)
 {
     if (argc == 1) {
-        int status = fs_process();
+        int status = fs_process();      /* exactly dither.c's main */
         if (status == FS_EOF)
             return fs_fail(FS_E_INPUT, "no input: expected one FSD1 message", 0, 0);
+        while (status == 0)
+            if ((status = fs_process()) == FS_EOF)
+                return 0;
         return status;
     }
     if (argc != 2 || strcmp(argv[1], "--batch") != 0) {
