@@ -84,7 +84,7 @@ SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
     "ready": {},
     "task": {"task": (INT, R), "attempt": (INT, R), "image": (STR, R), "cpu_ms": (INT, R),
              "wall_ms": (INT, R), "memory": (INT, R), "output_limit": (INT, R),
-             "session": (OPT_INT, O)},
+             "session": (OPT_INT, O), "buyer_order": (OPT_INT, O)},
     "need_image": {"image": (STR, R)},
     "image": {"image": (STR, R)},
     "result": {"attempt": (INT, R), "exit_status": (OPT_INT, R), "signal": (OPT_INT, R),

@@ -1,0 +1,244 @@
+"""`cpushare-server`: run the CPUShare market and administer it.
+
+    cpushare-server [--db PATH] init [--listen HOST:PORT] [--name NAME]
+    cpushare-server [--db PATH] serve [--listen HOST:PORT] [--heartbeat S]
+    cpushare-server [--db PATH] account add NAME [--coins N]
+    cpushare-server [--db PATH] account mint NAME --coins N
+    cpushare-server [--db PATH] account list
+    cpushare-server [--db PATH] sell-order add ACCOUNT --price P [--model M] ... --output FILE.cpu
+    cpushare-server [--db PATH] buy-order add ACCOUNT --price P [--redundancy K]
+                                          [--max-cpu-seconds S] --output FILE.buy
+    cpushare-server [--db PATH] balance ACCOUNT
+    cpushare-server [--db PATH] ledger check
+    cpushare-server [--db PATH] cert list | cert revoke FINGERPRINT
+
+See cpushare-server(8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from .. import __version__
+from .. import order as orders
+from . import admin
+from .ca import DEFAULT_CERT_DAYS
+
+PROG = "cpushare-server"
+
+
+def _arg(parse, what: str):
+    def conv(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{what}: {e}") from None
+    conv.__name__ = what
+    return conv
+
+
+COINS = _arg(orders.parse_price, "CPUCoins")
+SIZE = _arg(orders.parse_size, "size")
+HOSTPORT = _arg(orders.split_hostport, "HOST:PORT")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="The CPUShare market server and its "
+                                "administration (see cpushare-server(8)).")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    p.add_argument("--db", default=os.environ.get("CPUSHARE_SERVER_DB", admin.DEFAULT_DB),
+                   help=f"the market database (default: $CPUSHARE_SERVER_DB or {admin.DEFAULT_DB})")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("init", help="create the database, the market CA and server certificate")
+    s.add_argument("--listen", default=admin.DEFAULT_LISTEN, type=str,
+                   help=f"address to serve on (default {admin.DEFAULT_LISTEN})")
+    s.add_argument("--name", help="the name sellers and buyers connect to, written into "
+                   "order files and the server certificate (default: the listen host, or "
+                   "this machine's FQDN when listening on every address)")
+
+    s = sub.add_parser("serve", help="run the market until SIGTERM or SIGINT")
+    s.add_argument("--listen", help="override the address given at init")
+    s.add_argument("--heartbeat", type=int, default=15, help="seconds between pings (15)")
+    s.add_argument("--synchronous", choices=("full", "normal"), default="full",
+                   help="SQLite durability of each group commit (default full)")
+    s.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error"))
+
+    acc = sub.add_parser("account", help="accounts").add_subparsers(
+        dest="sub", metavar="SUBCOMMAND", required=True)
+    s = acc.add_parser("add", help="create an account, optionally minting coins for it")
+    s.add_argument("name")
+    s.add_argument("--coins", type=COINS, default=0, help="CPUCoins to mint (e.g. 1000 or 0.5)")
+    s = acc.add_parser("mint", help="mint CPUCoins for an existing account")
+    s.add_argument("name")
+    s.add_argument("--coins", type=COINS, required=True)
+    acc.add_parser("list", help="accounts and balances")
+
+    for kind in ("sell", "buy"):
+        grp = sub.add_parser(f"{kind}-order", help=f"{kind} orders").add_subparsers(
+            dest="sub", metavar="SUBCOMMAND", required=True)
+        s = grp.add_parser("add", help=f"issue a {kind} order and write its file")
+        s.add_argument("account")
+        s.add_argument("--price", type=COINS, required=True,
+                       help=("ask" if kind == "sell" else "bid") + ", CPUCoins per CPU-hour")
+        if kind == "sell":
+            s.add_argument("--model", choices=("seccomp", "kvm"), default="seccomp")
+            s.add_argument("--cpu-seconds", type=int, default=3600, help="per task (3600)")
+            s.add_argument("--wall-seconds", type=int, default=7200, help="per task (7200)")
+            s.add_argument("--memory", type=SIZE, default=256 << 20, help="per task (256M)")
+            s.add_argument("--output-limit", type=SIZE, default=64 << 20,
+                           help="output bytes per task (64M)")
+        else:
+            s.add_argument("--redundancy", type=int, default=1,
+                           help="sellers of different accounts that must agree (1)")
+            s.add_argument("--max-cpu-seconds", type=int, default=60, help="per task (60)")
+        s.add_argument("--days", type=int, default=DEFAULT_CERT_DAYS,
+                       help=f"validity of the order's certificate ({DEFAULT_CERT_DAYS})")
+        s.add_argument("--output", required=True, metavar="FILE",
+                       help="the order file to write (mode 0600)")
+
+    s = sub.add_parser("balance", help="print an account's balance in CPUCoins")
+    s.add_argument("account")
+
+    led = sub.add_parser("ledger", help="the ledger").add_subparsers(
+        dest="sub", metavar="SUBCOMMAND", required=True)
+    led.add_parser("check", help="verify every invariant; exit 0 only if all hold")
+
+    crt = sub.add_parser("cert", help="issued certificates").add_subparsers(
+        dest="sub", metavar="SUBCOMMAND", required=True)
+    crt.add_parser("list", help="every issued certificate")
+    s = crt.add_parser("revoke", help="refuse a certificate from now on")
+    s.add_argument("fingerprint", help="SHA-256 fingerprint (hex, or a unique prefix)")
+    return p
+
+
+def cmd_init(args) -> int:
+    admin.init(args.db, args.listen, args.name).close()
+    print(f"initialised {args.db}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .server import Market  # the admin commands need no asyncio server
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    store = admin.open_store(args.db, args.synchronous)
+    host, port = orders.split_hostport(args.listen or store.get_meta("listen"))
+    ctx = admin.tls_context(store)
+    market = Market(store, heartbeat=args.heartbeat)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, market.stop)
+        await market.serve(host, port, ctx)
+
+    try:
+        asyncio.run(run())
+    except OSError as e:
+        raise admin.AdminError(f"cannot listen on {orders.join_hostport(host, port)}: "
+                               f"{e.strerror or e}") from None
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_account(args) -> int:
+    if args.sub == "add":
+        store = admin.open_store(args.db)
+        admin.add_account(store, args.name, args.coins)
+        print(f"{args.name} {orders.format_coins(store.account(args.name).balance_milli)}")
+    elif args.sub == "mint":
+        store = admin.open_store(args.db)
+        with store.transaction():
+            admin.mint(store, args.name, args.coins)
+        print(f"{args.name} {orders.format_coins(store.account(args.name).balance_milli)}")
+    else:
+        store = admin.open_store(args.db)
+        for a in store.accounts():
+            print(f"{a.name} {orders.format_coins(a.balance_milli)}")
+    return 0
+
+
+def cmd_order(args) -> int:
+    store = admin.open_store(args.db)
+    if args.cmd == "sell-order":
+        oid = admin.add_sell_order(
+            store, args.account, args.price, args.output, model=args.model,
+            cpu_seconds=args.cpu_seconds, wall_seconds=args.wall_seconds, memory=args.memory,
+            output=args.output_limit, days=args.days)
+    else:
+        oid = admin.add_buy_order(
+            store, args.account, args.price, args.output, redundancy=args.redundancy,
+            max_cpu_seconds=args.max_cpu_seconds, days=args.days)
+    print(f"{args.cmd} {oid} for {args.account} written to {args.output}")
+    return 0
+
+
+def cmd_balance(args) -> int:
+    store = admin.open_store(args.db)
+    acct = admin._account(store, args.account)
+    print(f"{acct.name} {orders.format_coins(acct.balance_milli)}")
+    return 0
+
+
+def cmd_ledger(args) -> int:
+    store = admin.open_store(args.db)
+    problems = store.check()
+    if problems:
+        for p in problems:
+            print(f"ledger: {p}")
+        print(f"ledger check FAILED: {len(problems)} problem(s)")
+        return 1
+    s = store.ledger_summary()
+    print(f"ledger ok: {s['transactions']} transactions, {s['accounts']} accounts, "
+          f"minted {orders.format_coins(s['minted'])}, "
+          f"in escrow {orders.format_coins(s['escrow'])}")
+    return 0
+
+
+def cmd_cert(args) -> int:
+    store = admin.open_store(args.db)
+    import time
+    if args.sub == "list":
+        for c in store.certs():
+            state = "revoked" if c.revoked else ("expired" if c.not_after < time.time()
+                                                 else "valid")
+            print(f"{c.fingerprint} {c.account} {c.role} {c.order_id} {state}")
+        return 0
+    matches = [c for c in store.certs() if c.fingerprint.startswith(args.fingerprint.lower())]
+    if len(matches) != 1:
+        raise admin.AdminError(f"fingerprint {args.fingerprint!r} matches {len(matches)} "
+                               f"certificates, not one")
+    with store.transaction():
+        store.revoke(matches[0].fingerprint)
+    print(f"revoked {matches[0].fingerprint} ({matches[0].account} {matches[0].role} "
+          f"{matches[0].order_id})")
+    return 0
+
+
+COMMANDS = {"init": cmd_init, "serve": cmd_serve, "account": cmd_account,
+            "sell-order": cmd_order, "buy-order": cmd_order, "balance": cmd_balance,
+            "ledger": cmd_ledger, "cert": cmd_cert}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except (admin.AdminError, orders.OrderError) as e:
+        print(f"{PROG}: {args.cmd}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{PROG}: {args.cmd}: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

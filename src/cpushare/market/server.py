@@ -1,0 +1,800 @@
+"""The market: TLS listener, matching, relay and settlement.
+
+One asyncio process.  Every connection is a seller (one sell order, one
+CPU) or a buyer (one buy order); who it is comes from its client
+certificate, looked up in the store.  The market keeps the queued tasks,
+the idle sellers and the running attempts in memory and every change of
+state in the store; on start it rebuilds memory from the store, and the
+attempts that were running when it stopped are lost and requeued (their
+escrow stays held).
+
+Group commit.  Handlers write to the store inside one open transaction;
+a flush scheduled with call_soon runs the matcher, commits, and only then
+sends the frames that announce what was written (`accepted`, `task`,
+`settled`, `done`).  So a peer never hears of a state the store may lose,
+and the commits of many messages share one fsync.
+
+Money.  At `submit` the buyer's maximum cost, redundancy x
+cost_milli(cpu_ms, bid), moves to escrow.  When k results agree, each of
+the k sellers gets cost_milli(min(measured, cpu_ms), its ask) and the
+buyer gets the rest back, in one transaction; a task that fails is
+refunded whole.  The ask never exceeds the bid, so escrow always covers
+the payments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .. import __version__, bytecode
+from ..protocol import (DEFAULT_HEARTBEAT, DEFAULT_MAX_PAYLOAD, VERSION, Message,
+                        ProtocolError, cost_milli, digest, encode, peer_identity, read_message)
+from .store import Store
+
+log = logging.getLogger("cpushare.market")
+
+GRACE_MS = 5000  # a seller's deadline is wall_ms + this
+HELLO_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0
+MAX_REDUNDANCY = 16
+MAX_LOST = 5  # attempts lost (disconnect, deadline) before a task fails
+PUMP_SCAN = 10_000  # queued tasks examined per matching round
+
+
+def wall_ms_for(cpu_ms: int, seller_wall_ms: int) -> int:
+    """The wall-clock budget of an attempt: generous for the CPU time it may use."""
+    return min(seller_wall_ms, 4 * cpu_ms + 10_000)
+
+
+@dataclass
+class TaskState:
+    id: int
+    buy_order_id: int
+    buyer_account_id: int
+    ref: str
+    image: str
+    redundancy: int
+    cpu_ms: int
+    bid_milli: int
+    escrow_milli: int
+    running: dict = field(default_factory=dict)  # attempt id -> SellerConn | None
+    # returned results: attempt id -> (key, seller account id, cpu_ms, ask, exit, signal, reason)
+    results: dict = field(default_factory=dict)
+    used_accounts: set = field(default_factory=set)
+    lost: int = 0
+    started: int = 0
+    session: bool = False
+    buyer: "BuyerConn | None" = None  # sessions: the buyer that opened it
+    streams: list = field(default_factory=list)  # sessions: stdin frames before a seller
+
+    def best(self) -> tuple[tuple | None, int]:
+        if not self.results:
+            return None, 0
+        key, n = Counter(r[0] for r in self.results.values()).most_common(1)[0]
+        return key, n
+
+    def need(self) -> int:
+        """Attempts to start now so that k results may agree."""
+        return self.redundancy - self.best()[1] - len(self.running)
+
+
+class Conn:
+    role = ""
+
+    def __init__(self, reader, writer, peer: str):
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+        self.account_id = 0
+        self.account = ""
+        self.order_id = 0
+        self.last_seen = time.monotonic()
+        self.closed = False
+        self.gone = False
+
+    def write(self, frame: bytes) -> None:
+        if not self.closed:
+            self.writer.write(frame)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.writer.close()
+
+    def __str__(self) -> str:
+        return f"{self.role} {self.account}/{self.order_id} at {self.peer}"
+
+
+class SellerConn(Conn):
+    role = "seller"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.order = None  # SellOrderRow
+        self.attempt: tuple[int, TaskState] | None = None
+        self.deadline = 0.0
+        self.ready_seq = 0
+        self.stale: set[int] = set()  # attempts taken from it; late results get paid 0
+        self.returned: set[int] = set()  # attempts it returned, until settled
+
+
+class BuyerConn(Conn):
+    role = "buyer"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.order = None  # BuyOrderRow
+
+
+class Market:
+    def __init__(self, store: Store, *, heartbeat: int = DEFAULT_HEARTBEAT,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD, grace_ms: int = GRACE_MS):
+        self.store = store
+        self.heartbeat = heartbeat
+        self.max_payload = max_payload
+        self.grace_ms = grace_ms
+        self.tasks: dict[int, TaskState] = {}
+        self.queue: dict[int, None] = {}  # tasks that may need attempts, oldest first
+        self.ready: dict[SellerConn, None] = {}
+        self.sellers: dict[int, SellerConn] = {}  # sell order id -> connection
+        self.buyers: dict[int, list[BuyerConn]] = {}  # buy order id -> connections
+        self.images: set[str] = set()
+        self._after: list = []
+        self._delivered: list[int] = []
+        self._scheduled = False
+        self._seq = 0
+        self._stop = asyncio.Event()
+        self._conns: set[Conn] = set()
+        self.fatal: BaseException | None = None
+        self._recovered = False
+        self._stopping = False
+        self._handlers: set[asyncio.Task] = set()
+
+    # --- state ------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Rebuild memory from the store; attempts that were running are lost.
+
+        Runs in the event loop, before the market listens.  Interactive
+        sessions cannot resume (their streams are gone): they fail and are
+        refunded.
+        """
+        self._recovered = True
+        s = self.store
+        s.begin()
+        try:
+            n = s.lose_running_attempts()
+            s.commit()
+        except BaseException:
+            s.rollback()
+            raise
+        for row in s.queued_tasks():
+            t = TaskState(row.id, row.buy_order_id, row.buyer_account_id, row.ref, row.image,
+                          row.redundancy, row.cpu_ms, row.bid_milli, row.escrow_milli,
+                          session=row.session)
+            for a in s.attempts(row.id):
+                t.started += 1
+                if a.state == "returned":
+                    t.results[a.id] = ((a.output_sha256, a.exit_status, a.signal),
+                                       a.seller_account_id, a.cpu_ms, a.ask_milli,
+                                       a.exit_status, a.signal, a.reason)
+                    t.used_accounts.add(a.seller_account_id)
+                elif a.state == "lost":
+                    t.lost += 1
+            self.tasks[t.id] = t
+            if t.session:
+                self._fail(t, "task", "the market restarted during the session")
+            else:
+                self.queue[t.id] = None
+        if n or self.tasks:
+            log.info("recovered %d queued tasks; %d attempts running at the last stop "
+                     "were lost and are requeued", len(self.tasks), n)
+
+    def _tx(self) -> Store:
+        """The store, inside the open group transaction."""
+        if not self.store.in_transaction:
+            self.store.begin()
+        self._schedule()
+        return self.store
+
+    def _after_commit(self, fn) -> None:
+        self._after.append(fn)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._stopping:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        try:
+            self._pump()
+            if self._delivered:
+                self._tx().mark_delivered(self._delivered)
+                self._delivered = []
+            if self.store.in_transaction:
+                self.store.commit()
+        except BaseException as e:  # the store is unusable: stop, restart recovers
+            log.critical("store commit failed, stopping the market: %s", e)
+            self.fatal = e
+            self._after = []
+            self.stop()
+            return
+        after, self._after = self._after, []
+        for fn in after:
+            fn()
+
+    # --- matching ---------------------------------------------------------
+
+    def _choose(self, t: TaskState) -> SellerConn | None:
+        best = None
+        for s in self.ready:
+            o = s.order
+            if (o.price_milli <= t.bid_milli and s.account_id != t.buyer_account_id
+                    and s.account_id not in t.used_accounts and o.model == "seccomp"
+                    and o.cpu_seconds * 1000 >= t.cpu_ms
+                    and (best is None or (o.price_milli, s.ready_seq)
+                         < (best.order.price_milli, best.ready_seq))):
+                best = s
+        return best
+
+    def _pump(self) -> None:
+        if not self.ready or not self.queue:
+            return
+        scanned = 0
+        for tid in list(self.queue):
+            t = self.tasks.get(tid)
+            if t is None:
+                self.queue.pop(tid, None)
+                continue
+            while t.need() > 0 and self.ready:
+                s = self._choose(t)
+                if s is None:
+                    break
+                self._dispatch(t, s)
+            if t.need() <= 0:
+                self.queue.pop(tid, None)
+            scanned += 1
+            if not self.ready or scanned >= PUMP_SCAN:
+                break
+
+    def _dispatch(self, t: TaskState, s: SellerConn) -> None:
+        store = self._tx()
+        aid = store.add_attempt(t.id, s.order_id, s.account_id, s.order.price_milli)
+        payload = store.task_input(t.id)
+        t.running[aid] = s
+        t.used_accounts.add(s.account_id)
+        t.started += 1
+        del self.ready[s]
+        s.attempt = (aid, t)
+        wall_ms = wall_ms_for(t.cpu_ms, s.order.wall_seconds * 1000)
+        s.deadline = time.monotonic() + (wall_ms + self.grace_ms) / 1000
+        frame = encode("task", payload, task=t.id, attempt=aid, image=t.image, cpu_ms=t.cpu_ms,
+                       wall_ms=wall_ms, memory=s.order.memory, output_limit=s.order.output,
+                       buyer_order=t.buy_order_id, session=t.id if t.session else None)
+        if t.session:
+            def start() -> None:
+                s.write(frame)
+                for f in t.streams:  # what the buyer typed before a seller had the job
+                    s.write(f)
+                t.streams = []
+            self._after_commit(start)
+        else:
+            self._after_commit(lambda: s.write(frame))
+
+    def _lose(self, s: SellerConn, why: str) -> None:
+        """Take the running attempt from seller `s` and requeue its task."""
+        if s.attempt is None:
+            return
+        aid, t = s.attempt
+        s.attempt = None
+        s.stale.add(aid)
+        log.info("attempt %d of task %d lost by %s: %s", aid, t.id, s, why)
+        self._tx().set_attempt_state(aid, "lost")
+        t.running.pop(aid, None)
+        t.lost += 1
+        t.used_accounts.discard(s.account_id)  # another of its CPUs may take it again
+        if t.session:
+            self._fail(t, "task", f"the seller running the session was lost: {why}")
+        elif t.lost >= MAX_LOST:
+            self._fail(t, "task", f"{t.lost} attempts were lost (sellers disconnected or "
+                                  f"overran their deadline); last: {why}")
+        else:
+            self.queue[t.id] = None
+
+    # --- settlement -------------------------------------------------------
+
+    def _settle(self, t: TaskState, key: tuple, output: bytes | None) -> None:
+        store = self._tx()
+        winners = [aid for aid, r in t.results.items() if r[0] == key][:t.redundancy]
+        pays = []
+        for aid in winners:
+            _, acct, cpu, ask, *_ = t.results[aid]
+            pays.append((aid, acct, cost_milli(min(cpu, t.cpu_ms), ask)))
+        total = sum(p for _, _, p in pays)
+        refund = t.escrow_milli - total
+        if refund < 0:  # cannot happen while ask <= bid; refuse rather than overdraw
+            raise AssertionError(f"task {t.id}: payments {total} exceed escrow {t.escrow_milli}")
+        with store.op():
+            store.transfer("settle", [(store.escrow_id, -t.escrow_milli),
+                                      *[(acct, p) for _, acct, p in pays],
+                                      (t.buyer_account_id, refund)], task_id=t.id)
+            store.set_task_escrow(t.id, 0)
+            paid = {aid: p for aid, _, p in pays}
+            for aid, r in t.results.items():
+                if aid in paid:
+                    store.set_attempt_state(aid, "accepted", paid[aid])
+                elif r[0] != key:
+                    store.set_attempt_state(aid, "rejected")
+                    store.add_dispute(t.id, aid, r[1], r[0][0], key[0])
+                else:
+                    store.set_attempt_state(aid, "void")
+            for aid in t.running:
+                store.set_attempt_state(aid, "void")
+            if output is None:
+                output = store.attempt_output(winners[0])
+            first = t.results[winners[0]]
+            store.finish_task(t.id, "done", exit_status=first[4], signal=first[5],
+                              reason=first[6] or "", cpu_ms=min(first[2], t.cpu_ms),
+                              cost_milli=total, attempts=t.started, output=output)
+            if t.session:  # a session's end is told once, to the connection that opened it
+                store.mark_delivered([t.id])
+        t.escrow_milli = 0
+        self._close_task(t, paid)
+        log.debug("task %d done: paid %d, refunded %d", t.id, total, refund)
+
+    def _fail(self, t: TaskState, code: str, message: str) -> None:
+        store = self._tx()
+        with store.op():
+            store.transfer("refund", [(store.escrow_id, -t.escrow_milli),
+                                      (t.buyer_account_id, t.escrow_milli)], task_id=t.id)
+            store.set_task_escrow(t.id, 0)
+            for aid, r in t.results.items():
+                store.set_attempt_state(aid, "rejected")
+                if code == "dispute":
+                    store.add_dispute(t.id, aid, r[1], r[0][0], None)
+            for aid in t.running:
+                store.set_attempt_state(aid, "void")
+            store.finish_task(t.id, "failed", attempts=t.started, fail_code=code,
+                              fail_message=message)
+            if t.session:
+                store.mark_delivered([t.id])
+        t.escrow_milli = 0
+        log.info("task %d failed: %s: %s", t.id, code, message)
+        self._close_task(t, {})
+
+    def _close_task(self, t: TaskState, paid: dict[int, int]) -> None:
+        """After settle/fail: forget the task, tell sellers and the buyer after commit."""
+        self.tasks.pop(t.id, None)
+        self.queue.pop(t.id, None)
+        notes = []
+        for aid in t.results:
+            s = self._seller_of(aid, t)
+            if s is not None:
+                notes.append((s, encode("settled", attempt=aid, paid_milli=paid.get(aid, 0),
+                                        accepted=aid in paid)))
+        for aid, s in t.running.items():
+            if s is not None and s.attempt and s.attempt[0] == aid:
+                s.stale.add(aid)  # its result, when it comes, is paid nothing
+        self._after_commit(lambda: self._announce(t, notes))
+
+    def _seller_of(self, aid: int, t: TaskState) -> SellerConn | None:
+        acct = t.results[aid][1]
+        for s in self.sellers.values():
+            if s.account_id == acct and aid in s.returned:
+                s.returned.discard(aid)
+                return s
+        return None
+
+    def _announce(self, t: TaskState, notes) -> None:
+        for s, frame in notes:
+            s.write(frame)
+        if not t.session:
+            self._deliver_task(t.buy_order_id, t.id)
+        elif t.buyer is not None and not t.buyer.gone:
+            r = self.store.result(t.id)
+            reason = r.reason if r.state == "done" else f"{r.fail_code}: {r.fail_message}"
+            t.buyer.write(encode("closed", session=t.id, exit_status=r.exit_status,
+                                 signal=r.signal, reason=reason, cpu_ms=r.cpu_ms,
+                                 cost_milli=r.cost_milli))
+
+    def _deliver_task(self, buy_order_id: int, task_id: int) -> None:
+        conns = self.buyers.get(buy_order_id)
+        if not conns:
+            return  # kept in the store until the buyer comes back
+        self._send_result(conns[-1], self.store.result(task_id))
+
+    def _send_result(self, b: BuyerConn, r) -> None:
+        if r.state == "done":
+            b.write(encode("done", r.output, ref=r.ref, task=r.task_id,
+                           exit_status=r.exit_status, signal=r.signal, reason=r.reason,
+                           cpu_ms=r.cpu_ms, cost_milli=r.cost_milli, attempts=r.attempts))
+        else:
+            b.write(encode("failed", ref=r.ref, task=r.task_id, code=r.fail_code or "task",
+                           message=r.fail_message or ""))
+        self._delivered.append(r.task_id)
+        self._schedule()
+
+    # --- seller messages ----------------------------------------------------
+
+    def _on_seller(self, s: SellerConn, m: Message) -> None:
+        if m.type == "ready":
+            if s.attempt is None and s not in self.ready:
+                self._seq += 1
+                s.ready_seq = self._seq
+                self.ready[s] = None
+                self._schedule()
+        elif m.type == "need_image":
+            if s.attempt is None or s.attempt[1].image != m["image"]:
+                raise ProtocolError("image", f"image {m['image']} is not that of the "
+                                             f"seller's running attempt")
+            data = self.store.image(m["image"])
+            if data is None:
+                raise ProtocolError("internal", f"image {m['image']} missing from the store")
+            s.write(encode("image", data, image=m["image"]))
+        elif m.type == "result":
+            self._on_result(s, m)
+        elif m.type == "handback":
+            if s.attempt and s.attempt[0] == m["attempt"]:
+                self._lose(s, f"handed back: {m.get('reason') or 'no reason given'}")
+        elif m.type == "stream":
+            t = s.attempt[1] if s.attempt else None
+            if t is None or not t.session or t.id != m["session"]:
+                raise ProtocolError("task", f"stream for session {m['session']}, which this "
+                                            f"seller is not running")
+            if t.buyer is not None and not t.buyer.gone:
+                t.buyer.write(encode("stream", m.payload, session=t.id,
+                                     eof=bool(m.get("eof"))))
+        else:
+            raise ProtocolError("frame", f"a seller may not send {m.type!r}")
+
+    def _on_result(self, s: SellerConn, m: Message) -> None:
+        aid = m["attempt"]
+        if s.attempt is None or s.attempt[0] != aid:
+            if aid in s.stale:  # too late: the attempt went elsewhere or the task is closed
+                s.stale.discard(aid)
+                s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
+                return
+            raise ProtocolError("task", f"result for attempt {aid}, which is not this seller's")
+        _, t = s.attempt
+        # (a session's output went to the buyer as a stream; the result carries none)
+        if not t.session and digest(m.payload) != m["output_sha256"]:
+            raise ProtocolError("task", f"attempt {aid}: output_sha256 does not match the output")
+        if m["cpu_ms"] < 0:
+            raise ProtocolError("task", f"attempt {aid}: negative cpu_ms")
+        s.attempt = None
+        t.running.pop(aid, None)
+        key = (m["output_sha256"], m["exit_status"], m["signal"])
+        t.results[aid] = (key, s.account_id, m["cpu_ms"], s.order.price_milli,
+                          m["exit_status"], m["signal"], m["reason"])
+        s.returned.add(aid)
+        best, n = t.best()
+        store = self._tx()
+        if n >= t.redundancy:
+            # The group reached k with this result, so it holds this output.
+            with store.op():
+                store.attempt_returned(aid, m["cpu_ms"], m["output_sha256"], m["exit_status"],
+                                       m["signal"], m["reason"], None)
+                self._settle(t, best, m.payload)
+            return
+        store.attempt_returned(aid, m["cpu_ms"], m["output_sha256"], m["exit_status"],
+                               m["signal"], m["reason"], m.payload)
+        if not t.running and len(t.results) >= 2 * t.redundancy:
+            self._fail(t, "dispute", f"{len(t.results)} sellers returned results, at most "
+                                     f"{n} agreed, {t.redundancy} must")
+        else:
+            self.queue[t.id] = None
+
+    # --- buyer messages -----------------------------------------------------
+
+    def _on_buyer(self, b: BuyerConn, m: Message) -> None:
+        if m.type == "submit":
+            self._on_submit(b, m)
+        elif m.type == "image":
+            self._on_image(b, m)
+        elif m.type == "open":
+            self._on_open(b, m)
+        elif m.type == "stream":
+            t = self.tasks.get(m["session"])
+            if t is None or not t.session or t.buyer is not b:
+                b.write(encode("error", code="task", ref=None,
+                               message=f"no open session {m['session']} on this connection"))
+                return
+            frame = encode("stream", m.payload, session=t.id, eof=bool(m.get("eof")))
+            s = next((x for x in t.running.values() if x is not None), None)
+            if s is not None and not s.gone:
+                s.write(frame)
+            else:
+                t.streams.append(frame)
+        else:
+            raise ProtocolError("frame", f"a buyer may not send {m.type!r}")
+
+    def _on_image(self, b: BuyerConn, m: Message) -> None:
+        d = m["image"]
+        if d not in self.images and not self.store.has_image(d):
+            try:
+                image = bytecode.parse(m.payload, where=f"image {d[:16]}")
+            except bytecode.BytecodeError as e:
+                b.write(encode("error", code="image", ref=None, message=str(e)))
+                return
+            if image.digest != d:
+                b.write(encode("error", code="image", ref=None,
+                               message=f"image {d[:16]}: the image sent has digest "
+                                       f"{image.digest[:16]}"))
+                return
+            self._tx().put_image(d, m.payload)
+        self.images.add(d)
+        self._after_commit(lambda: b.write(encode("image_ok", image=d)))
+
+    def _check_request(self, b: BuyerConn, m: Message, k: int) -> tuple[int, str | None]:
+        """(cpu_ms, None) for a valid submit/open, or (0, why) with the error code."""
+        o = b.order
+        if not 1 <= k <= MAX_REDUNDANCY:
+            return 0, f"order:redundancy {k} is outside 1..{MAX_REDUNDANCY}"
+        max_ms = o.max_cpu_seconds * 1000
+        cpu_ms = m.get("cpu_ms") or max_ms
+        if not 1 <= cpu_ms <= max_ms:
+            return 0, (f"order:cpu_ms {cpu_ms} is outside 1..{max_ms} (the buy order's "
+                       f"max_cpu_seconds)")
+        image = m["image"]
+        if image not in self.images:
+            if not self.store.has_image(image):
+                return 0, f"image:image {image} is unknown: send it first"
+            self.images.add(image)
+        return cpu_ms, None
+
+    def _escrow(self, b: BuyerConn, k: int, cpu_ms: int) -> tuple[int, str | None]:
+        o = b.order
+        escrow = k * cost_milli(cpu_ms, o.price_milli)
+        balance = self._tx().account_by_id(b.account_id).balance_milli
+        if balance < escrow:
+            return escrow, (f"account {b.account} holds {balance} milli-CPUCoins; the task "
+                            f"needs {escrow} in escrow ({k} x {cpu_ms} ms at "
+                            f"{o.price_milli} milli per CPU-hour)")
+        return escrow, None
+
+    def _new_task(self, b: BuyerConn, ref: str, image: str, payload: bytes, k: int,
+                  cpu_ms: int, escrow: int, session: bool) -> TaskState:
+        o = b.order
+        store = self._tx()
+        with store.op():
+            tid = store.add_task(o.id, b.account_id, ref, image, payload, k, cpu_ms,
+                                 o.price_milli, session)
+            store.transfer("escrow", [(b.account_id, -escrow), (store.escrow_id, escrow)],
+                           task_id=tid)
+            store.set_task_escrow(tid, escrow)
+        t = TaskState(tid, o.id, b.account_id, ref, image, k, cpu_ms, o.price_milli, escrow,
+                      session=session, buyer=b if session else None)
+        self.tasks[tid] = t
+        self.queue[tid] = None
+        return t
+
+    def _on_open(self, b: BuyerConn, m: Message) -> None:
+        ref = m["ref"]
+        cpu_ms, why = self._check_request(b, m, 1)
+        if why is None:
+            escrow, funds = self._escrow(b, 1, cpu_ms)
+            if funds is not None:
+                why = "funds:" + funds
+        if why is not None:
+            code, _, message = why.partition(":")
+            b.write(encode("error", code=code, ref=ref, message=message))
+            return
+        t = self._new_task(b, ref, m["image"], b"", 1, cpu_ms, escrow, True)
+        self._after_commit(lambda: b.write(encode("opened", ref=ref, session=t.id)))
+
+    def _on_submit(self, b: BuyerConn, m: Message) -> None:
+        ref = m["ref"]
+        k = m.get("redundancy") or b.order.redundancy
+        cpu_ms, why = self._check_request(b, m, k)
+        if why is None:
+            old = self._tx().pending_task(b.order.id, ref)
+            if old is not None:  # a resubmission after a reconnect: the same task
+                self._after_commit(lambda: b.write(encode(
+                    "accepted", ref=ref, task=old.id, escrow_milli=old.escrow_milli)))
+                return
+            escrow, funds = self._escrow(b, k, cpu_ms)
+            if funds is not None:
+                why = "funds:" + funds
+        if why is not None:
+            code, _, message = why.partition(":")
+            b.write(encode("failed", ref=ref, task=None, code=code, message=message))
+            return
+        t = self._new_task(b, ref, m["image"], m.payload, k, cpu_ms, escrow, False)
+        self._after_commit(lambda: b.write(encode("accepted", ref=ref, task=t.id,
+                                                  escrow_milli=escrow)))
+
+    # --- connections --------------------------------------------------------
+
+    async def handle(self, reader, writer, ssl_ctx: ssl.SSLContext) -> None:
+        task = asyncio.current_task()
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        try:
+            await writer.start_tls(ssl_ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
+            log.warning("refused TLS connection from %s: %s", peer,
+                        getattr(e, "verify_message", None) or e or type(e).__name__)
+            writer.transport.abort()
+            return
+        conn: Conn | None = None
+        try:
+            conn = await self._hello(reader, writer, peer)
+            if conn is None:
+                return
+            self._conns.add(conn)
+            await self._serve_conn(conn)
+        except ProtocolError as e:
+            log.warning("closing %s: %s", conn or peer, e)
+            try:
+                writer.write(encode("error", code=e.code, message=e.message, ref=None))
+            except Exception:  # noqa: BLE001 -- the connection may be gone already
+                pass
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as e:
+            log.info("connection %s ended: %s", conn or peer, e or type(e).__name__)
+        except Exception:  # a bug: this connection ends, the market carries on
+            log.exception("internal error on %s; closing it", conn or peer)
+            try:
+                writer.write(encode("error", code="internal", ref=None,
+                                    message="internal error in the market; see its log"))
+            except Exception:  # noqa: BLE001
+                pass
+        finally:
+            if conn is not None:
+                self._gone(conn)
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def _hello(self, reader, writer, peer: str) -> Conn | None:
+        ssl_obj = writer.get_extra_info("ssl_object")
+        fingerprint, cn = peer_identity(ssl_obj)
+        try:
+            m = await asyncio.wait_for(read_message(reader, 4096), HELLO_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise ProtocolError("frame", f"no hello within {HELLO_TIMEOUT:.0f} s") from None
+        if m is None:
+            return None
+        if m.type != "hello":
+            raise ProtocolError("frame", f"expected hello, got {m.type!r}")
+        if m["version"] != VERSION:
+            raise ProtocolError("version", f"this market speaks protocol version {VERSION}, "
+                                           f"not {m['version']}")
+        role = m["role"]
+        if role not in ("seller", "buyer"):
+            raise ProtocolError("frame", f"hello: role must be seller or buyer, not {role!r}")
+        cert = self.store.cert(fingerprint)
+        if cert is None:
+            raise ProtocolError("auth", f"certificate {fingerprint[:16]} (CN={cn}) was not "
+                                        f"issued by this market")
+        if cert.revoked:
+            raise ProtocolError("auth", f"certificate {fingerprint[:16]} (CN={cn}) is revoked")
+        if cert.not_after < time.time():
+            raise ProtocolError("auth", f"certificate {fingerprint[:16]} (CN={cn}) has expired")
+        if cert.role != role:
+            raise ProtocolError("auth", f"certificate {fingerprint[:16]} is a {cert.role}'s, "
+                                        f"not a {role}'s")
+        conn: Conn = SellerConn(reader, writer, peer) if role == "seller" else \
+            BuyerConn(reader, writer, peer)
+        conn.account_id, conn.account, conn.order_id = cert.account_id, cert.account, cert.order_id
+        if role == "seller":
+            conn.order = self.store.sell_order(cert.order_id)
+            old = self.sellers.get(cert.order_id)
+            if old is not None:
+                log.info("%s replaces its older connection from %s", conn, old.peer)
+                self._gone(old)
+                old.close()
+            self.sellers[cert.order_id] = conn
+        else:
+            conn.order = self.store.buy_order(cert.order_id)
+            self.buyers.setdefault(cert.order_id, []).append(conn)
+        conn.write(encode("welcome", version=VERSION, account=cert.account,
+                          order=cert.order_id, max_payload=self.max_payload,
+                          heartbeat=self.heartbeat))
+        log.info("%s connected (%s)", conn, m.get("software") or "unknown software")
+        if role == "buyer":
+            for r in self.store.undelivered(cert.order_id):
+                self._send_result(conn, r)
+        return conn
+
+    async def _serve_conn(self, conn: Conn) -> None:
+        on = self._on_seller if conn.role == "seller" else self._on_buyer
+        while not conn.closed:
+            m = await read_message(conn.reader, self.max_payload)
+            if m is None:
+                log.info("%s disconnected", conn)
+                return
+            conn.last_seen = time.monotonic()
+            if m.type == "ping":
+                conn.write(encode("pong", t=m.get("t", 0)))
+            elif m.type in ("pong", "error"):
+                if m.type == "error":
+                    log.warning("%s reports: %s: %s", conn, m["code"], m["message"])
+            else:
+                on(conn, m)
+            if conn.writer.transport.get_write_buffer_size() > (1 << 20):
+                await conn.writer.drain()
+
+    def _gone(self, conn: Conn) -> None:
+        """Forget a connection (idempotent); its running attempt is lost."""
+        if conn.gone or self._stopping:
+            return
+        conn.gone = True
+        self._conns.discard(conn)
+        if isinstance(conn, SellerConn):
+            self.ready.pop(conn, None)
+            if self.sellers.get(conn.order_id) is conn:
+                del self.sellers[conn.order_id]
+            self._lose(conn, "the seller disconnected")
+        else:
+            lst = self.buyers.get(conn.order_id, [])
+            if conn in lst:
+                lst.remove(conn)
+            if not lst:
+                self.buyers.pop(conn.order_id, None)
+        self._schedule()
+
+    async def _sweep(self) -> None:
+        """Deadlines every second; pings and silent peers every heartbeat."""
+        last_ping = time.monotonic()
+        while True:
+            await asyncio.sleep(min(1.0, self.heartbeat))
+            now = time.monotonic()
+            for s in list(self.sellers.values()):
+                if s.attempt is not None and now > s.deadline:
+                    self._lose(s, "deadline passed")
+            if now - last_ping >= self.heartbeat:
+                last_ping = now
+                for c in list(self._conns):
+                    if now - c.last_seen > 3 * self.heartbeat:
+                        log.warning("closing %s: silent for %.0f s", c, now - c.last_seen)
+                        self._gone(c)
+                        c.writer.transport.abort()
+                    else:
+                        c.write(encode("ping", t=int(time.time())))
+
+    # --- running ------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self, host: str, port: int, ssl_ctx: ssl.SSLContext,
+                    started: asyncio.Future | None = None) -> None:
+        if not self._recovered:
+            self.recover()
+        server = await asyncio.start_server(
+            lambda r, w: self.handle(r, w, ssl_ctx), host, port, limit=1 << 20)
+        addrs = ", ".join(f"{a[0]}:{a[1]}" for a in (s.getsockname() for s in server.sockets))
+        log.info("cpushare-server %s (pid %d) listening on %s", __version__, os.getpid(), addrs)
+        if started is not None:
+            started.set_result(server.sockets[0].getsockname()[1])
+        sweeper = asyncio.create_task(self._sweep())
+        self._schedule()
+        try:
+            await self._stop.wait()
+        finally:
+            # What is written stays; attempts still running are lost at the
+            # next start (recover), as after a crash.
+            if self.store.in_transaction and self.fatal is None:
+                self.store.commit()
+            self._stopping = True
+            sweeper.cancel()
+            server.close()
+            for c in list(self._conns):
+                c.close()
+            for t in list(self._handlers):
+                t.cancel()
+            await asyncio.gather(*self._handlers, sweeper, return_exceptions=True)
+            log.info("market stopped")
+        if self.fatal is not None:
+            raise self.fatal

@@ -1,0 +1,720 @@
+"""The market's state: accounts, certificates, orders, tasks and the ledger.
+
+`Store` lists what the market needs from its state; `SQLiteStore` keeps it
+in one SQLite file (WAL).  The market logic (server.py) speaks only to
+`Store`, so a PostgreSQL store can follow without touching it.
+
+Transactions.  All writes happen between `begin()` and `commit()`; the
+market groups the writes of many messages into one SQLite transaction
+(group commit) and sends the answers that depend on them only after the
+commit.  Each logical operation runs inside `op()` (a savepoint), so one
+that fails leaves no trace while its neighbours in the group commit stay.
+
+The ledger is double-entry, in integer milli-CPUCoins: a transaction is a
+row of `transactions` and two or more rows of `entries` whose amounts sum
+to zero, written inside one SQLite transaction with the balances they
+change.  Money enters only from the system account `@mint` (so its balance
+is minus what was minted) and what buyers hold for running tasks sits in
+`@escrow`.  `check()` verifies every invariant.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+MINT = "@mint"
+ESCROW = "@escrow"
+SCHEMA_VERSION = 1
+
+
+class StoreError(Exception):
+    """A store request that cannot be met (unknown account, ...)."""
+
+
+@dataclass
+class Account:
+    id: int
+    name: str
+    balance_milli: int
+
+
+@dataclass
+class Cert:
+    fingerprint: str
+    account_id: int
+    account: str
+    role: str  # 'seller' | 'buyer'
+    order_id: int
+    not_after: float  # Unix time
+    revoked: bool
+    common_name: str
+
+
+@dataclass
+class SellOrderRow:
+    id: int
+    account_id: int
+    price_milli: int
+    model: str
+    cpu_seconds: int
+    wall_seconds: int
+    memory: int
+    output: int
+
+
+@dataclass
+class BuyOrderRow:
+    id: int
+    account_id: int
+    price_milli: int
+    redundancy: int
+    max_cpu_seconds: int
+
+
+@dataclass
+class TaskRow:
+    id: int
+    buy_order_id: int
+    buyer_account_id: int
+    ref: str
+    image: str
+    redundancy: int
+    cpu_ms: int  # the most CPU time one attempt may use (and be paid for)
+    bid_milli: int
+    escrow_milli: int  # still held for this task
+    state: str  # 'queued' | 'done' | 'failed'
+    session: bool = False  # an interactive session (never requeued, never redundant)
+
+
+@dataclass
+class AttemptRow:
+    id: int
+    task_id: int
+    sell_order_id: int
+    seller_account_id: int
+    state: str  # 'running' | 'returned' | 'lost' | 'accepted' | 'rejected' | 'void'
+    ask_milli: int
+    cpu_ms: int | None
+    output_sha256: str | None
+    exit_status: int | None
+    signal: int | None
+    reason: str | None
+
+
+@dataclass
+class Result:
+    """A finished task, kept until its buyer has received it."""
+    task_id: int
+    ref: str
+    state: str  # 'done' | 'failed'
+    exit_status: int | None
+    signal: int | None
+    reason: str
+    cpu_ms: int
+    cost_milli: int
+    attempts: int
+    output: bytes
+    fail_code: str | None
+    fail_message: str | None
+
+
+class Store(abc.ABC):
+    """What the market needs from its state."""
+
+    # transactions
+    @abc.abstractmethod
+    def begin(self) -> None: ...
+    @abc.abstractmethod
+    def commit(self) -> None: ...
+    @abc.abstractmethod
+    def rollback(self) -> None: ...
+    @abc.abstractmethod
+    def op(self) -> contextlib.AbstractContextManager: ...
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    # settings (CA, server certificate, listen address)
+    @abc.abstractmethod
+    def get_meta(self, key: str) -> str | None: ...
+    @abc.abstractmethod
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    # accounts and certificates
+    @abc.abstractmethod
+    def add_account(self, name: str) -> int: ...
+    @abc.abstractmethod
+    def account(self, name: str) -> Account | None: ...
+    @abc.abstractmethod
+    def account_by_id(self, account_id: int) -> Account: ...
+    @abc.abstractmethod
+    def accounts(self) -> list[Account]: ...
+    @abc.abstractmethod
+    def add_cert(self, fingerprint: str, account_id: int, role: str, order_id: int,
+                 not_after: float, common_name: str) -> None: ...
+    @abc.abstractmethod
+    def cert(self, fingerprint: str) -> Cert | None: ...
+    @abc.abstractmethod
+    def certs(self) -> list[Cert]: ...
+    @abc.abstractmethod
+    def revoke(self, fingerprint: str) -> bool: ...
+
+    # orders
+    @abc.abstractmethod
+    def add_sell_order(self, account_id: int, price_milli: int, model: str, cpu_seconds: int,
+                       wall_seconds: int, memory: int, output: int) -> int: ...
+    @abc.abstractmethod
+    def sell_order(self, order_id: int) -> SellOrderRow: ...
+    @abc.abstractmethod
+    def add_buy_order(self, account_id: int, price_milli: int, redundancy: int,
+                      max_cpu_seconds: int) -> int: ...
+    @abc.abstractmethod
+    def buy_order(self, order_id: int) -> BuyOrderRow: ...
+
+    # images
+    @abc.abstractmethod
+    def put_image(self, digest: str, data: bytes) -> None: ...
+    @abc.abstractmethod
+    def has_image(self, digest: str) -> bool: ...
+    @abc.abstractmethod
+    def image(self, digest: str) -> bytes | None: ...
+
+    # tasks and attempts
+    @abc.abstractmethod
+    def add_task(self, buy_order_id: int, buyer_account_id: int, ref: str, image: str,
+                 input_: bytes, redundancy: int, cpu_ms: int, bid_milli: int,
+                 session: bool = False) -> int: ...
+    @abc.abstractmethod
+    def pending_task(self, buy_order_id: int, ref: str) -> TaskRow | None: ...
+    @abc.abstractmethod
+    def task(self, task_id: int) -> TaskRow: ...
+    @abc.abstractmethod
+    def task_input(self, task_id: int) -> bytes: ...
+    @abc.abstractmethod
+    def queued_tasks(self) -> list[TaskRow]: ...
+    @abc.abstractmethod
+    def add_attempt(self, task_id: int, sell_order_id: int, seller_account_id: int,
+                    ask_milli: int) -> int: ...
+    @abc.abstractmethod
+    def attempts(self, task_id: int) -> list[AttemptRow]: ...
+    @abc.abstractmethod
+    def attempt_returned(self, attempt_id: int, cpu_ms: int, output_sha256: str,
+                         exit_status: int | None, signal: int | None, reason: str,
+                         output: bytes) -> None: ...
+    @abc.abstractmethod
+    def set_attempt_state(self, attempt_id: int, state: str, paid_milli: int = 0) -> None: ...
+    @abc.abstractmethod
+    def attempt_output(self, attempt_id: int) -> bytes: ...
+    @abc.abstractmethod
+    def lose_running_attempts(self) -> int: ...
+    @abc.abstractmethod
+    def finish_task(self, task_id: int, state: str, *, exit_status: int | None = None,
+                    signal: int | None = None, reason: str = "", cpu_ms: int = 0,
+                    cost_milli: int = 0, attempts: int = 0, output: bytes = b"",
+                    fail_code: str | None = None, fail_message: str | None = None) -> None: ...
+    @abc.abstractmethod
+    def undelivered(self, buy_order_id: int) -> list[Result]: ...
+    @abc.abstractmethod
+    def result(self, task_id: int) -> Result: ...
+    @abc.abstractmethod
+    def mark_delivered(self, task_ids: Iterable[int]) -> None: ...
+    @abc.abstractmethod
+    def add_dispute(self, task_id: int, attempt_id: int, seller_account_id: int,
+                    output_sha256: str | None, majority_sha256: str | None) -> None: ...
+    @abc.abstractmethod
+    def disputes(self, task_id: int | None = None) -> list[tuple]: ...
+
+    # the ledger
+    @abc.abstractmethod
+    def transfer(self, kind: str, entries: list[tuple[int, int]], *,
+                 task_id: int | None = None, memo: str = "") -> int: ...
+    @abc.abstractmethod
+    def set_task_escrow(self, task_id: int, escrow_milli: int) -> None: ...
+    @abc.abstractmethod
+    def check(self) -> list[str]: ...
+    @abc.abstractmethod
+    def ledger_summary(self) -> dict: ...
+
+    # the system accounts' ids
+    mint_id: int
+    escrow_id: int
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS accounts (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+    system INTEGER NOT NULL DEFAULT 0,
+    balance INTEGER NOT NULL DEFAULT 0,          -- milli-CPUCoins; == SUM(entries)
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sell_orders (
+    id INTEGER PRIMARY KEY, account_id INTEGER NOT NULL REFERENCES accounts(id),
+    price_milli INTEGER NOT NULL, model TEXT NOT NULL, cpu_seconds INTEGER NOT NULL,
+    wall_seconds INTEGER NOT NULL, memory INTEGER NOT NULL, output INTEGER NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS buy_orders (
+    id INTEGER PRIMARY KEY, account_id INTEGER NOT NULL REFERENCES accounts(id),
+    price_milli INTEGER NOT NULL, redundancy INTEGER NOT NULL,
+    max_cpu_seconds INTEGER NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS certs (
+    fingerprint TEXT PRIMARY KEY, account_id INTEGER NOT NULL REFERENCES accounts(id),
+    role TEXT NOT NULL CHECK (role IN ('seller', 'buyer')), order_id INTEGER NOT NULL,
+    not_after REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, common_name TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (digest TEXT PRIMARY KEY, data BLOB NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY, buy_order_id INTEGER NOT NULL, buyer_account_id INTEGER NOT NULL,
+    ref TEXT NOT NULL, image TEXT NOT NULL, input BLOB,
+    redundancy INTEGER NOT NULL, cpu_ms INTEGER NOT NULL, bid_milli INTEGER NOT NULL,
+    escrow_milli INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'done', 'failed')),
+    exit_status INTEGER, signal INTEGER, reason TEXT, used_cpu_ms INTEGER,
+    cost_milli INTEGER, attempts INTEGER, output BLOB, fail_code TEXT, fail_message TEXT,
+    session INTEGER NOT NULL DEFAULT 0,
+    delivered INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS tasks_pending ON tasks (buy_order_id, delivered, ref);
+CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL REFERENCES tasks(id),
+    sell_order_id INTEGER NOT NULL, seller_account_id INTEGER NOT NULL,
+    ask_milli INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'running',
+    cpu_ms INTEGER, output_sha256 TEXT, exit_status INTEGER, signal INTEGER, reason TEXT,
+    output BLOB, paid_milli INTEGER NOT NULL DEFAULT 0, started REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS attempts_task ON attempts (task_id);
+CREATE INDEX IF NOT EXISTS attempts_state ON attempts (state);
+CREATE TABLE IF NOT EXISTS disputes (
+    id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL, attempt_id INTEGER NOT NULL,
+    seller_account_id INTEGER NOT NULL, output_sha256 TEXT, majority_sha256 TEXT,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS transactions (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, task_id INTEGER, memo TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY, txn_id INTEGER NOT NULL REFERENCES transactions(id),
+    account_id INTEGER NOT NULL REFERENCES accounts(id), amount INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS entries_txn ON entries (txn_id);
+CREATE INDEX IF NOT EXISTS entries_account ON entries (account_id);
+"""
+
+
+class SQLiteStore(Store):
+    """The state in one SQLite file in WAL mode.
+
+    synchronous: 'full' makes every commit durable (an fsync of the WAL
+    per group commit); 'normal' keeps every commit atomic and survives a
+    kill of the server (the WAL is in the page cache), but a power loss
+    may undo the last commits, all of a commit or nothing of it.
+    """
+
+    def __init__(self, path: str, *, synchronous: str = "full", create: bool = False):
+        self.path = path
+        if not create:
+            try:
+                open(path, "rb").close()
+            except OSError as e:
+                raise StoreError(f"{path}: cannot open the market database: {e.strerror} "
+                                 f"(run 'cpushare-server --db {path} init' first?)") from None
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA busy_timeout = 10000")
+            mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.Error as e:
+            raise StoreError(f"{path}: cannot open the market database: {e}") from None
+        if mode.lower() != "wal":
+            raise StoreError(f"{path}: SQLite refused WAL mode (got {mode})")
+        if synchronous not in ("full", "normal"):
+            raise ValueError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
+        self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        self.db.execute("PRAGMA foreign_keys = ON")
+        self._depth = 0
+        self._sp = 0
+        if create:
+            # executescript commits what is open first: it runs alone, and its
+            # statements are all IF NOT EXISTS.
+            self.db.executescript(_SCHEMA)
+            with self.transaction():
+                if self.get_meta("schema_version") is None:
+                    self.set_meta("schema_version", str(SCHEMA_VERSION))
+                for name in (MINT, ESCROW):
+                    self.db.execute("INSERT OR IGNORE INTO accounts (name, system, created) "
+                                    "VALUES (?, 1, ?)", (name, time.time()))
+        version = self.get_meta("schema_version")
+        if version != str(SCHEMA_VERSION):
+            raise StoreError(f"{path}: not a CPUShare market database of schema "
+                             f"{SCHEMA_VERSION} (found {version!r})")
+        self.mint_id = self._id(MINT)
+        self.escrow_id = self._id(ESCROW)
+
+    def _id(self, name: str) -> int:
+        row = self.db.execute("SELECT id FROM accounts WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise StoreError(f"{self.path}: system account {name} missing")
+        return row[0]
+
+    # --- transactions ---------------------------------------------------
+
+    def begin(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.db.in_transaction
+
+    @contextlib.contextmanager
+    def op(self) -> Iterator[None]:
+        """One logical operation inside the open transaction (a savepoint)."""
+        self._sp += 1
+        name = f"op{self._sp}"
+        self.db.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self.db.execute(f"ROLLBACK TO {name}")
+            self.db.execute(f"RELEASE {name}")
+            raise
+        else:
+            self.db.execute(f"RELEASE {name}")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A transaction of its own (for the admin commands)."""
+        self.begin()
+        try:
+            yield
+        except BaseException:
+            self.rollback()
+            raise
+        else:
+            self.commit()
+
+    def close(self) -> None:
+        self.rollback()
+        self.db.close()
+
+    # --- meta -------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # --- accounts, certificates, orders -------------------------------------
+
+    def add_account(self, name: str) -> int:
+        try:
+            return self.db.execute("INSERT INTO accounts (name, created) VALUES (?, ?)",
+                                   (name, time.time())).lastrowid
+        except sqlite3.IntegrityError:
+            raise StoreError(f"account {name!r} exists already") from None
+
+    def account(self, name: str) -> Account | None:
+        row = self.db.execute("SELECT id, name, balance FROM accounts WHERE name = ?",
+                              (name,)).fetchone()
+        return Account(*row) if row else None
+
+    def account_by_id(self, account_id: int) -> Account:
+        row = self.db.execute("SELECT id, name, balance FROM accounts WHERE id = ?",
+                              (account_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no account with id {account_id}")
+        return Account(*row)
+
+    def accounts(self) -> list[Account]:
+        return [Account(*r) for r in self.db.execute(
+            "SELECT id, name, balance FROM accounts ORDER BY name")]
+
+    def add_cert(self, fingerprint, account_id, role, order_id, not_after, common_name):
+        self.db.execute("INSERT INTO certs (fingerprint, account_id, role, order_id, not_after, "
+                        "common_name) VALUES (?, ?, ?, ?, ?, ?)",
+                        (fingerprint, account_id, role, order_id, not_after, common_name))
+
+    _CERT = ("SELECT c.fingerprint, c.account_id, a.name, c.role, c.order_id, c.not_after, "
+             "c.revoked, c.common_name FROM certs c JOIN accounts a ON a.id = c.account_id ")
+
+    def cert(self, fingerprint: str) -> Cert | None:
+        row = self.db.execute(self._CERT + "WHERE c.fingerprint = ?", (fingerprint,)).fetchone()
+        return Cert(*row[:6], bool(row[6]), row[7]) if row else None
+
+    def certs(self) -> list[Cert]:
+        return [Cert(*r[:6], bool(r[6]), r[7])
+                for r in self.db.execute(self._CERT + "ORDER BY a.name, c.role, c.order_id")]
+
+    def revoke(self, fingerprint: str) -> bool:
+        return self.db.execute("UPDATE certs SET revoked = 1 WHERE fingerprint = ?",
+                               (fingerprint,)).rowcount == 1
+
+    def add_sell_order(self, account_id, price_milli, model, cpu_seconds, wall_seconds,
+                       memory, output) -> int:
+        return self.db.execute(
+            "INSERT INTO sell_orders (account_id, price_milli, model, cpu_seconds, wall_seconds,"
+            " memory, output, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (account_id, price_milli, model, cpu_seconds, wall_seconds, memory, output,
+             time.time())).lastrowid
+
+    def sell_order(self, order_id: int) -> SellOrderRow:
+        row = self.db.execute(
+            "SELECT id, account_id, price_milli, model, cpu_seconds, wall_seconds, memory, output"
+            " FROM sell_orders WHERE id = ?", (order_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no sell order {order_id}")
+        return SellOrderRow(*row)
+
+    def add_buy_order(self, account_id, price_milli, redundancy, max_cpu_seconds) -> int:
+        return self.db.execute(
+            "INSERT INTO buy_orders (account_id, price_milli, redundancy, max_cpu_seconds, "
+            "created) VALUES (?, ?, ?, ?, ?)",
+            (account_id, price_milli, redundancy, max_cpu_seconds, time.time())).lastrowid
+
+    def buy_order(self, order_id: int) -> BuyOrderRow:
+        row = self.db.execute("SELECT id, account_id, price_milli, redundancy, max_cpu_seconds "
+                              "FROM buy_orders WHERE id = ?", (order_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no buy order {order_id}")
+        return BuyOrderRow(*row)
+
+    # --- images -----------------------------------------------------------
+
+    def put_image(self, digest: str, data: bytes) -> None:
+        self.db.execute("INSERT OR IGNORE INTO images (digest, data, created) VALUES (?, ?, ?)",
+                        (digest, data, time.time()))
+
+    def has_image(self, digest: str) -> bool:
+        return self.db.execute("SELECT 1 FROM images WHERE digest = ?",
+                               (digest,)).fetchone() is not None
+
+    def image(self, digest: str) -> bytes | None:
+        row = self.db.execute("SELECT data FROM images WHERE digest = ?", (digest,)).fetchone()
+        return row[0] if row else None
+
+    # --- tasks and attempts -----------------------------------------------
+
+    _TASK = ("SELECT id, buy_order_id, buyer_account_id, ref, image, redundancy, cpu_ms, "
+             "bid_milli, escrow_milli, state, session FROM tasks ")
+
+    def add_task(self, buy_order_id, buyer_account_id, ref, image, input_, redundancy,
+                 cpu_ms, bid_milli, session=False) -> int:
+        return self.db.execute(
+            "INSERT INTO tasks (buy_order_id, buyer_account_id, ref, image, input, redundancy,"
+            " cpu_ms, bid_milli, session, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (buy_order_id, buyer_account_id, ref, image, input_, redundancy, cpu_ms, bid_milli,
+             int(session), time.time())).lastrowid
+
+    def pending_task(self, buy_order_id: int, ref: str) -> TaskRow | None:
+        row = self.db.execute(self._TASK + "WHERE buy_order_id = ? AND delivered = 0 AND ref = ? "
+                              "AND session = 0",
+                              (buy_order_id, ref)).fetchone()
+        return TaskRow(*row) if row else None
+
+    def task(self, task_id: int) -> TaskRow:
+        row = self.db.execute(self._TASK + "WHERE id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no task {task_id}")
+        return TaskRow(*row)
+
+    def task_input(self, task_id: int) -> bytes:
+        row = self.db.execute("SELECT input FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return row[0] or b""
+
+    def queued_tasks(self) -> list[TaskRow]:
+        return [TaskRow(*r) for r in self.db.execute(
+            self._TASK + "WHERE state = 'queued' ORDER BY id")]
+
+    def add_attempt(self, task_id, sell_order_id, seller_account_id, ask_milli) -> int:
+        return self.db.execute(
+            "INSERT INTO attempts (task_id, sell_order_id, seller_account_id, ask_milli, started)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (task_id, sell_order_id, seller_account_id, ask_milli, time.time())).lastrowid
+
+    def attempts(self, task_id: int) -> list[AttemptRow]:
+        return [AttemptRow(*r) for r in self.db.execute(
+            "SELECT id, task_id, sell_order_id, seller_account_id, state, ask_milli, cpu_ms, "
+            "output_sha256, exit_status, signal, reason FROM attempts WHERE task_id = ? "
+            "ORDER BY id", (task_id,))]
+
+    def attempt_returned(self, attempt_id, cpu_ms, output_sha256, exit_status, signal, reason,
+                         output) -> None:
+        self.db.execute(
+            "UPDATE attempts SET state = 'returned', cpu_ms = ?, output_sha256 = ?, "
+            "exit_status = ?, signal = ?, reason = ?, output = ? WHERE id = ?",
+            (cpu_ms, output_sha256, exit_status, signal, reason, output, attempt_id))
+
+    def set_attempt_state(self, attempt_id: int, state: str, paid_milli: int = 0) -> None:
+        # Outputs of settled attempts are not kept: the task holds the accepted one.
+        keep = state in ("running", "returned")
+        self.db.execute("UPDATE attempts SET state = ?, paid_milli = ?"
+                        + ("" if keep else ", output = NULL") + " WHERE id = ?",
+                        (state, paid_milli, attempt_id))
+
+    def attempt_output(self, attempt_id: int) -> bytes:
+        row = self.db.execute("SELECT output FROM attempts WHERE id = ?", (attempt_id,)).fetchone()
+        return (row[0] if row else None) or b""
+
+    def lose_running_attempts(self) -> int:
+        return self.db.execute("UPDATE attempts SET state = 'lost' WHERE state = 'running'"
+                               ).rowcount
+
+    def finish_task(self, task_id, state, *, exit_status=None, signal=None, reason="",
+                    cpu_ms=0, cost_milli=0, attempts=0, output=b"", fail_code=None,
+                    fail_message=None) -> None:
+        self.db.execute(
+            "UPDATE tasks SET state = ?, exit_status = ?, signal = ?, reason = ?, "
+            "used_cpu_ms = ?, cost_milli = ?, attempts = ?, output = ?, fail_code = ?, "
+            "fail_message = ?, input = NULL WHERE id = ?",
+            (state, exit_status, signal, reason, cpu_ms, cost_milli, attempts, output,
+             fail_code, fail_message, task_id))
+
+    _RESULT = ("SELECT id, ref, state, exit_status, signal, reason, used_cpu_ms, cost_milli, "
+               "attempts, output, fail_code, fail_message FROM tasks ")
+
+    @staticmethod
+    def _result(r) -> Result:
+        return Result(r[0], r[1], r[2], r[3], r[4], r[5] or "", r[6] or 0, r[7] or 0,
+                      r[8] or 0, r[9] or b"", r[10], r[11])
+
+    def undelivered(self, buy_order_id: int) -> list[Result]:
+        return [self._result(r) for r in self.db.execute(
+            self._RESULT + "WHERE buy_order_id = ? AND delivered = 0 AND state != 'queued' "
+            "AND session = 0 ORDER BY id", (buy_order_id,))]
+
+    def result(self, task_id: int) -> Result:
+        row = self.db.execute(self._RESULT + "WHERE id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no task {task_id}")
+        return self._result(row)
+
+    def mark_delivered(self, task_ids: Iterable[int]) -> None:
+        self.db.executemany("UPDATE tasks SET delivered = 1, output = NULL WHERE id = ?",
+                            [(t,) for t in task_ids])
+
+    def add_dispute(self, task_id, attempt_id, seller_account_id, output_sha256,
+                    majority_sha256) -> None:
+        self.db.execute(
+            "INSERT INTO disputes (task_id, attempt_id, seller_account_id, output_sha256, "
+            "majority_sha256, created) VALUES (?, ?, ?, ?, ?, ?)",
+            (task_id, attempt_id, seller_account_id, output_sha256, majority_sha256,
+             time.time()))
+
+    def disputes(self, task_id: int | None = None) -> list[tuple]:
+        sql = ("SELECT d.task_id, d.attempt_id, a.name, d.output_sha256, d.majority_sha256 "
+               "FROM disputes d JOIN accounts a ON a.id = d.seller_account_id")
+        if task_id is None:
+            return list(self.db.execute(sql + " ORDER BY d.id"))
+        return list(self.db.execute(sql + " WHERE d.task_id = ? ORDER BY d.id", (task_id,)))
+
+    # --- the ledger -------------------------------------------------------
+
+    def transfer(self, kind: str, entries: list[tuple[int, int]], *,
+                 task_id: int | None = None, memo: str = "") -> int:
+        """One double-entry transaction: (account_id, amount) pairs summing to zero.
+
+        Zero amounts are left out; a transaction with nothing left is not
+        written (returns 0).  Must run inside a transaction.
+        """
+        if not self.db.in_transaction:
+            raise StoreError("transfer outside a transaction")
+        entries = [(a, m) for a, m in entries if m != 0]
+        if sum(m for _, m in entries) != 0:
+            raise StoreError(f"{kind} transaction does not balance: {entries}")
+        if not entries:
+            return 0
+        if any(type(m) is not int for _, m in entries):
+            raise StoreError(f"{kind} transaction has a non-integer amount: {entries}")
+        txn = self.db.execute("INSERT INTO transactions (kind, task_id, memo, created) "
+                              "VALUES (?, ?, ?, ?)", (kind, task_id, memo, time.time())).lastrowid
+        self.db.executemany("INSERT INTO entries (txn_id, account_id, amount) VALUES (?, ?, ?)",
+                            [(txn, a, m) for a, m in entries])
+        self.db.executemany("UPDATE accounts SET balance = balance + ? WHERE id = ?",
+                            [(m, a) for a, m in entries])
+        return txn
+
+    def set_task_escrow(self, task_id: int, escrow_milli: int) -> None:
+        self.db.execute("UPDATE tasks SET escrow_milli = ? WHERE id = ?", (escrow_milli, task_id))
+
+    def ledger_summary(self) -> dict:
+        q = self.db.execute
+        return {
+            "transactions": q("SELECT COUNT(*) FROM transactions").fetchone()[0],
+            "minted": -q("SELECT balance FROM accounts WHERE id = ?",
+                         (self.mint_id,)).fetchone()[0],
+            "escrow": q("SELECT balance FROM accounts WHERE id = ?",
+                        (self.escrow_id,)).fetchone()[0],
+            "accounts": q("SELECT COUNT(*) FROM accounts WHERE system = 0").fetchone()[0],
+        }
+
+    def check(self) -> list[str]:
+        """Every ledger invariant; returns what broke (empty: all hold).
+
+        Reads one consistent snapshot, so it may run beside a serving market.
+        """
+        q = self.db.execute
+        problems: list[str] = []
+        own = not self.db.in_transaction
+        if own:
+            q("BEGIN")  # a read transaction: one snapshot for every query below
+        try:
+            for txn, kind, total in q(
+                    "SELECT t.id, t.kind, COALESCE(SUM(e.amount), 0) FROM transactions t "
+                    "LEFT JOIN entries e ON e.txn_id = t.id GROUP BY t.id "
+                    "HAVING COALESCE(SUM(e.amount), 0) != 0 OR COUNT(e.id) < 2"):
+                problems.append(f"transaction {txn} ({kind}) entries sum to {total}, not 0, "
+                                f"or it has fewer than two entries")
+            for n, in q("SELECT COUNT(*) FROM entries WHERE txn_id NOT IN "
+                        "(SELECT id FROM transactions)"):
+                if n:
+                    problems.append(f"{n} entries belong to no transaction")
+            total = q("SELECT COALESCE(SUM(balance), 0) FROM accounts").fetchone()[0]
+            if total != 0:
+                problems.append(f"the balances of all accounts sum to {total}, not 0")
+            for name, bal, summed in q(
+                    "SELECT a.name, a.balance, COALESCE((SELECT SUM(amount) FROM entries e "
+                    "WHERE e.account_id = a.id), 0) FROM accounts a"):
+                if bal != summed:
+                    problems.append(f"account {name}: balance {bal} but its entries sum "
+                                    f"to {summed}")
+            minted = q("SELECT COALESCE(SUM(e.amount), 0) FROM entries e JOIN transactions t "
+                       "ON t.id = e.txn_id WHERE t.kind = 'mint' AND e.account_id != ?",
+                       (self.mint_id,)).fetchone()[0]
+            mint_bal = q("SELECT balance FROM accounts WHERE id = ?",
+                         (self.mint_id,)).fetchone()[0]
+            if mint_bal != -minted:
+                problems.append(f"account {MINT}: balance {mint_bal} but {minted} was minted")
+            n = q("SELECT COUNT(*) FROM entries e JOIN transactions t ON t.id = e.txn_id "
+                  "WHERE e.account_id = ? AND t.kind != 'mint'", (self.mint_id,)).fetchone()[0]
+            if n:
+                problems.append(f"account {MINT} takes part in {n} entries that are not minting")
+            esc_bal = q("SELECT balance FROM accounts WHERE id = ?",
+                        (self.escrow_id,)).fetchone()[0]
+            held = q("SELECT COALESCE(SUM(escrow_milli), 0) FROM tasks WHERE state = 'queued'"
+                     ).fetchone()[0]
+            if esc_bal != held:
+                problems.append(f"account {ESCROW}: balance {esc_bal} but open tasks hold {held}")
+            for tid, state, esc in q("SELECT id, state, escrow_milli FROM tasks WHERE "
+                                     "(state != 'queued' AND escrow_milli != 0) OR escrow_milli < 0"):
+                problems.append(f"task {tid} ({state}) still holds {esc} in escrow")
+            for name, bal in q("SELECT name, balance FROM accounts WHERE system = 0 "
+                               "AND balance < 0"):
+                problems.append(f"account {name} is negative: {bal}")
+            esc_neg = q("SELECT balance FROM accounts WHERE id = ? AND balance < 0",
+                        (self.escrow_id,)).fetchone()
+            if esc_neg:
+                problems.append(f"account {ESCROW} is negative: {esc_neg[0]}")
+        finally:
+            if own:
+                q("COMMIT")
+        return problems

@@ -1,0 +1,601 @@
+"""The market server over real TLS on loopback, with scripted sellers and buyers.
+
+Prices are chosen so that costs are round: a bid of 360 CPUCoins per
+CPU-hour is 100 milli-CPUCoins per CPU-second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import ssl
+
+import pytest
+
+from cpushare import protocol
+from cpushare.market import admin, ca
+from cpushare.protocol import cost_milli
+
+from test_market_peers import (LoopbackMarket, Peer, ScriptedSeller, TIMEOUT, image_digest,
+                               tiny_image)
+
+BID = 360_000  # milli per CPU-hour: 100 milli per CPU-second
+COINS = 1_000_000  # the buyer's 1000 CPUCoins
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+@pytest.fixture
+def lm(tmp_path):
+    m = LoopbackMarket(tmp_path)
+    m.account("buyer", COINS)
+    for name in ("alice", "bob", "carol", "dave"):
+        m.account(name)
+    yield m
+    m.close()
+
+
+async def buyer(lm, *, redundancy=1, max_cpu_seconds=10, price=BID, account="buyer"):
+    o = lm.buy(account, price, redundancy=redundancy, max_cpu_seconds=max_cpu_seconds)
+    b = await Peer.open(o, "buyer")
+    assert b.welcome.type == "welcome", b.welcome
+    img = tiny_image()
+    d = image_digest(img)
+    await b.send("image", img, image=d)
+    await b.expect("image_ok")
+    return b, d
+
+
+def assert_ledger_ok(lm):
+    assert lm.check() == []
+
+
+# --- one task ---------------------------------------------------------------
+
+def test_task_escrow_settle_refund(lm):
+    async def main():
+        await lm.start()
+        s = await ScriptedSeller.connect(lm.sell("alice", 36_000), cpu_ms=1500)
+        b, d = await buyer(lm)
+        await b.send("submit", b"hello", ref="r1", image=d)
+        acc = await b.expect("accepted")
+        # escrow: 1 x 10 s at the bid, 100 milli per second
+        assert acc["escrow_milli"] == cost_milli(10_000, BID) == 1000
+        done = await b.expect("done")
+        assert done.payload == b"olleh"
+        assert (done["ref"], done["task"], done["exit_status"]) == ("r1", acc["task"], 0)
+        assert done["cpu_ms"] == 1500
+        assert done["cost_milli"] == cost_milli(1500, 36_000) == 15
+        await asyncio.wait_for(s.got_settled.wait(), TIMEOUT)
+        assert s.settled[0]["paid_milli"] == 15 and s.settled[0]["accepted"] is True
+        assert s.tasks[0]["cpu_ms"] == 10_000 and s.tasks[0]["buyer_order"] is not None
+        await s.stop()
+        await b.close()
+        await lm.stop()
+    run(main())
+    assert lm.balances("buyer", "alice") == {"buyer": COINS - 15, "alice": 15}
+    assert lm.admin.ledger_summary()["escrow"] == 0
+    assert_ledger_ok(lm)
+
+
+def test_measured_cpu_is_capped_at_the_buy_orders_maximum(lm):
+    async def main():
+        await lm.start()
+        s = await ScriptedSeller.connect(lm.sell("alice", BID), cpu_ms=99_999)
+        b, d = await buyer(lm, max_cpu_seconds=2)
+        await b.send("submit", b"x", ref="r", image=d)
+        assert (await b.expect("accepted"))["escrow_milli"] == 200
+        done = await b.expect("done")
+        assert done["cost_milli"] == 200 and done["cpu_ms"] == 2000
+        await s.stop()
+        await lm.stop()
+    run(main())
+    assert lm.balances("buyer", "alice") == {"buyer": COINS - 200, "alice": 200}
+    assert_ledger_ok(lm)
+
+
+# --- matching ---------------------------------------------------------------
+
+def test_cheapest_ask_first_and_the_ask_is_paid(lm):
+    async def main():
+        await lm.start()
+        dear = await ScriptedSeller.connect(lm.sell("alice", 72_000))
+        cheap = await ScriptedSeller.connect(lm.sell("bob", 36_000))
+        b, d = await buyer(lm)
+        await b.send("submit", b"a", ref="1", image=d)
+        await b.expect("accepted")
+        await b.expect("done")
+        assert len(cheap.tasks) == 1 and dear.tasks == []
+        # the cheap one is busy no more; a second task again goes to it
+        await b.send("submit", b"b", ref="2", image=d)
+        await b.expect("accepted")
+        assert (await b.expect("done"))["cost_milli"] == cost_milli(1000, 36_000)
+        assert len(cheap.tasks) == 2 and dear.tasks == []
+        for x in (dear, cheap):
+            await x.stop()
+        await lm.stop()
+    run(main())
+    assert lm.balance("bob") == 2 * cost_milli(1000, 36_000)
+    assert lm.balance("alice") == 0
+    assert_ledger_ok(lm)
+
+
+def test_an_ask_above_the_bid_is_never_matched(lm):
+    async def main():
+        await lm.start()
+        dear = await ScriptedSeller.connect(lm.sell("alice", BID + 1))
+        b, d = await buyer(lm)
+        await b.send("submit", b"a", ref="1", image=d)
+        await b.expect("accepted")
+        await dear.peer.send("ping", t=-1)  # round trip through the market
+        dear.is_ready.clear()
+        await asyncio.wait_for(dear.is_ready.wait(), TIMEOUT)
+        assert dear.tasks == []
+        fair = await ScriptedSeller.connect(lm.sell("bob", BID))
+        await b.expect("done")
+        assert len(fair.tasks) == 1 and dear.tasks == []
+        for x in (dear, fair):
+            await x.stop()
+        await lm.stop()
+    run(main())
+    assert lm.balance("alice") == 0 and lm.balance("bob") == 100
+    assert_ledger_ok(lm)
+
+
+def test_a_seller_never_gets_its_own_accounts_task(lm):
+    async def main():
+        await lm.start()
+        own = await ScriptedSeller.connect(lm.sell("buyer", 1))
+        b, d = await buyer(lm)
+        await b.send("submit", b"a", ref="1", image=d)
+        await b.expect("accepted")
+        other = await ScriptedSeller.connect(lm.sell("bob", BID))
+        await b.expect("done")
+        assert own.tasks == [] and len(other.tasks) == 1
+        for x in (own, other):
+            await x.stop()
+        await lm.stop()
+    run(main())
+    assert_ledger_ok(lm)
+
+
+# --- redundancy -------------------------------------------------------------
+
+def test_redundancy_disagreeing_seller_is_not_paid_and_recorded(lm):
+    async def main():
+        await lm.start()
+        a = await ScriptedSeller.connect(lm.sell("alice", 36_000))
+        liar = await ScriptedSeller.connect(lm.sell("bob", 36_001), answer=lambda x: b"lie")
+        c = await ScriptedSeller.connect(lm.sell("carol", 36_002))
+        b, d = await buyer(lm, redundancy=2)
+        await b.send("submit", b"truth", ref="r", image=d)
+        acc = await b.expect("accepted")
+        assert acc["escrow_milli"] == 2 * 1000
+        done = await b.expect("done")
+        assert done.payload == b"hturt"
+        assert done["attempts"] == 3
+        assert done["cost_milli"] == cost_milli(1000, 36_000) + cost_milli(1000, 36_002)
+        for x in (a, liar, c):
+            await asyncio.wait_for(x.got_settled.wait(), TIMEOUT)
+        assert liar.settled[0]["paid_milli"] == 0 and liar.settled[0]["accepted"] is False
+        assert a.settled[0]["accepted"] and c.settled[0]["accepted"]
+        for x in (a, liar, c):
+            await x.stop()
+        await lm.stop()
+        return acc["task"]
+    task = run(main())
+    assert lm.balance("bob") == 0
+    assert lm.balance("alice") == 10 and lm.balance("carol") == 11
+    assert lm.balance("buyer") == COINS - 21
+    disputes = lm.admin.disputes(task)
+    assert [(x[2], x[3]) for x in disputes] == [("bob", protocol.digest(b"lie"))]
+    assert disputes[0][4] == protocol.digest(b"hturt")
+    assert_ledger_ok(lm)
+
+
+def test_redundancy_without_agreement_fails_and_refunds(lm):
+    async def main():
+        await lm.start()
+        sellers = [await ScriptedSeller.connect(lm.sell(n, 36_000),
+                                                answer=lambda x, n=n: n.encode())
+                   for n in ("alice", "bob", "carol", "dave")]
+        b, d = await buyer(lm, redundancy=2)
+        await b.send("submit", b"x", ref="r", image=d)
+        await b.expect("accepted")
+        f = await b.expect("failed")
+        assert f["code"] == "dispute" and "agreed" in f["message"]
+        for x in sellers:
+            await asyncio.wait_for(x.got_settled.wait(), TIMEOUT)
+            assert x.settled[0]["paid_milli"] == 0
+            await x.stop()
+        await lm.stop()
+        return f["task"]
+    task = run(main())
+    assert lm.balance("buyer") == COINS
+    assert len(lm.admin.disputes(task)) == 4
+    assert_ledger_ok(lm)
+
+
+# --- funds --------------------------------------------------------------------
+
+def test_insufficient_funds_moves_nothing(lm):
+    lm.account("poor", 999)
+
+    async def main():
+        await lm.start()
+        s = await ScriptedSeller.connect(lm.sell("alice", 1))
+        b, d = await buyer(lm, account="poor")
+        await b.send("submit", b"x", ref="r", image=d)  # needs 1000 in escrow
+        f = await b.expect("failed")
+        assert f["code"] == "funds" and "999" in f["message"] and "1000" in f["message"]
+        assert f["ref"] == "r" and f["task"] is None
+        # a cheaper task fits
+        await b.send("submit", b"x", ref="r2", image=d, cpu_ms=9000)
+        assert (await b.expect("accepted"))["escrow_milli"] == 900
+        await b.expect("done")
+        await s.stop()
+        await lm.stop()
+    run(main())
+    assert lm.balance("poor") + lm.balance("alice") == 999
+    assert_ledger_ok(lm)
+
+
+def test_bad_requests_fail_that_task_only(lm):
+    async def main():
+        await lm.start()
+        b, d = await buyer(lm, max_cpu_seconds=5)
+        await b.send("submit", b"x", ref="a", image="0" * 64)
+        assert (await b.expect("failed"))["code"] == "image"
+        await b.send("submit", b"x", ref="b", image=d, cpu_ms=5001)
+        f = await b.expect("failed")
+        assert f["code"] == "order" and "5000" in f["message"]
+        await b.send("submit", b"x", ref="c", image=d, redundancy=17)
+        assert (await b.expect("failed"))["code"] == "order"
+        bad = bytearray(tiny_image())
+        bad[200:201] = b"\x00"
+        bad = bytes(bad) + b"junk"
+        await b.send("image", bad, image="ab" * 32)
+        e = await b.expect("error")
+        assert e["code"] == "image"
+        other = tiny_image(5)
+        await b.send("image", other, image="cd" * 32)  # a valid image under another name
+        e = await b.expect("error")
+        assert e["code"] == "image" and "digest" in e["message"]
+        assert await b.sync() == []  # the connection is still open
+        await lm.stop()
+    run(main())
+    assert lm.balance("buyer") == COINS
+    assert_ledger_ok(lm)
+
+
+# --- losses ---------------------------------------------------------------------
+
+def test_seller_disconnect_mid_task_requeues_and_buyer_pays_once(lm):
+    async def main():
+        await lm.start()
+        quitter = await ScriptedSeller.connect(lm.sell("alice", 1), hold=True)
+        b, d = await buyer(lm)
+        await b.send("submit", b"x", ref="r", image=d)
+        await b.expect("accepted")
+        await asyncio.wait_for(quitter.got_task.wait(), TIMEOUT)
+        await quitter.stop()  # gone with the task
+        s = await ScriptedSeller.connect(lm.sell("bob", 36_000))
+        done = await b.expect("done")
+        assert done["attempts"] == 2 and done["cost_milli"] == 10
+        await s.stop()
+        await lm.stop()
+    run(main())
+    assert lm.balances("buyer", "alice", "bob") == {"buyer": COINS - 10, "alice": 0, "bob": 10}
+    assert_ledger_ok(lm)
+
+
+def test_deadline_overrun_requeues_and_a_late_result_is_paid_nothing(lm):
+    async def main():
+        await lm.start(grace_ms=0)
+        slow = await ScriptedSeller.connect(lm.sell("alice", 1, wall_seconds=1), hold=True)
+        b, d = await buyer(lm)
+        await b.send("submit", b"x", ref="r", image=d)
+        await b.expect("accepted")
+        await asyncio.wait_for(slow.got_task.wait(), TIMEOUT)
+        s = await ScriptedSeller.connect(lm.sell("bob", 36_000))
+        done = await b.expect("done")  # after alice's 1 s deadline
+        assert done["attempts"] == 2
+        late = slow.tasks[0]
+        await slow.peer.send("result", b"x", attempt=late["attempt"], exit_status=0, signal=None,
+                             reason="", cpu_ms=5, output_sha256=protocol.digest(b"x"))
+        await asyncio.wait_for(slow.got_settled.wait(), TIMEOUT)
+        st = slow.settled[0]
+        assert st["attempt"] == late["attempt"]
+        assert st["paid_milli"] == 0 and st["accepted"] is False
+        await s.stop()
+        await slow.stop()
+        await lm.stop()
+    run(main())
+    assert lm.balances("alice", "bob") == {"alice": 0, "bob": 10}
+    assert_ledger_ok(lm)
+
+
+def test_handback_requeues(lm):
+    async def main():
+        await lm.start()
+        h = await ScriptedSeller.connect(lm.sell("alice", 1), hold=True)
+        b, d = await buyer(lm)
+        await b.send("submit", b"x", ref="r", image=d)
+        await b.expect("accepted")
+        await asyncio.wait_for(h.got_task.wait(), TIMEOUT)
+        await h.peer.send("handback", attempt=h.tasks[0]["attempt"], reason="pausing")
+        s = await ScriptedSeller.connect(lm.sell("bob", 36_000))
+        assert (await b.expect("done"))["cost_milli"] == 10
+        for x in (h, s):
+            await x.stop()
+        await lm.stop()
+    run(main())
+    assert lm.balance("alice") == 0
+    assert_ledger_ok(lm)
+
+
+# --- buyer away, server restart -----------------------------------------------
+
+def test_results_wait_for_the_buyer_to_come_back(lm):
+    async def main():
+        await lm.start()
+        o = lm.buy("buyer", BID)
+        b = await Peer.open(o, "buyer")
+        img = tiny_image()
+        d = image_digest(img)
+        await b.send("image", img, image=d)
+        await b.expect("image_ok")
+        for i in range(3):
+            await b.send("submit", b"in%d" % i, ref=f"r{i}", image=d)
+            await b.expect("accepted")
+        await b.close()
+        s = await ScriptedSeller.connect(lm.sell("alice", BID))
+        while len(s.settled) < 3:
+            s.got_settled.clear()
+            await asyncio.wait_for(s.got_settled.wait(), TIMEOUT)
+        b = await Peer.open(o, "buyer")
+        got = {}
+        for _ in range(3):
+            m = await b.expect("done")
+            got[m["ref"]] = m.payload
+        assert got == {"r0": b"0ni", "r1": b"1ni", "r2": b"2ni"}
+        assert await b.sync() == []
+        await b.close()
+        b = await Peer.open(o, "buyer")  # delivered: not again
+        assert await b.sync() == []
+        await s.stop()
+        await lm.stop()
+    run(main())
+    assert_ledger_ok(lm)
+
+
+def test_resubmitting_a_ref_is_the_same_task(lm):
+    async def main():
+        await lm.start()
+        b, d = await buyer(lm)
+        await b.send("submit", b"x", ref="same", image=d)
+        first = await b.expect("accepted")
+        await b.send("submit", b"x", ref="same", image=d)
+        again = await b.expect("accepted")
+        assert again["task"] == first["task"]
+        await lm.stop()
+    run(main())
+    assert lm.balance("buyer") == COINS - 1000
+    assert_ledger_ok(lm)
+
+
+def test_restart_requeues_tasks_in_flight_with_their_escrow(lm):
+    async def main():
+        await lm.start()
+        o = lm.buy("buyer", BID)
+        b = await Peer.open(o, "buyer")
+        img = tiny_image()
+        d = image_digest(img)
+        await b.send("image", img, image=d)
+        await b.expect("image_ok")
+        await b.send("submit", b"abc", ref="r", image=d)
+        await b.expect("accepted")
+        holder = await ScriptedSeller.connect(lm.sell("alice", 1), hold=True)
+        await asyncio.wait_for(holder.got_task.wait(), TIMEOUT)
+        await lm.stop()  # the attempt was running
+        assert lm.admin.ledger_summary()["escrow"] == cost_milli(60_000, BID)  # still held
+        assert lm.check() == []
+        await holder.stop()
+        await b.close()
+        await lm.start()
+        s = await ScriptedSeller.connect(lm.sell("bob", 36_000))
+        b = await Peer.open(o, "buyer")
+        done = await b.expect("done")
+        assert done.payload == b"cba" and done["cost_milli"] == 10 and done["attempts"] == 2
+        await s.stop()
+        await lm.stop()
+    run(main())
+    assert lm.balances("buyer", "alice", "bob") == {"buyer": COINS - 10, "alice": 0, "bob": 10}
+    assert_ledger_ok(lm)
+
+
+# --- sessions -------------------------------------------------------------------
+
+def test_interactive_session_relays_streams_and_settles(lm):
+    async def main():
+        await lm.start()
+        sp = await Peer.open(lm.sell("alice", 36_000), "seller")
+        await sp.send("ready")
+        b, d = await buyer(lm)
+        await b.send("open", ref="s", image=d, cpu_ms=5000)
+        opened = await b.expect("opened")
+        sid = opened["session"]
+        await b.send("stream", b"ping?", session=sid, eof=False)
+        task = await sp.expect("task")
+        assert task["session"] == sid and task.payload == b""
+        got = await sp.expect("stream")  # typed before the seller had the job: kept for it
+        assert got.payload == b"ping?"
+        await sp.send("need_image", image=d)
+        await sp.expect("image")
+        await sp.send("stream", b"pong!", session=sid, eof=False)
+        assert (await b.expect("stream")).payload == b"pong!"
+        await b.send("stream", session=sid, eof=True)
+        assert (await sp.expect("stream"))["eof"] is True
+        await sp.send("result", attempt=task["attempt"], exit_status=0, signal=None, reason="",
+                      cpu_ms=2000, output_sha256=protocol.digest(b"pong!"))
+        closed = await b.expect("closed")
+        assert closed["session"] == sid and closed["exit_status"] == 0
+        assert closed["cost_milli"] == 20 and closed["cpu_ms"] == 2000
+        assert (await sp.expect("settled"))["paid_milli"] == 20
+        await sp.close()
+        await b.close()
+        await lm.stop()
+    run(main())
+    assert lm.balances("buyer", "alice") == {"buyer": COINS - 20, "alice": 20}
+    assert_ledger_ok(lm)
+
+
+# --- authentication and framing ----------------------------------------------------
+
+def test_handshake_version_mismatch(lm):
+    async def main():
+        await lm.start()
+        p = await Peer.open(lm.buy("buyer", BID), "buyer", version=2)
+        assert p.welcome.type == "error" and p.welcome["code"] == "version"
+        assert await p.recv() is None
+        await lm.stop()
+    run(main())
+
+
+def test_role_must_match_the_certificate(lm):
+    async def main():
+        await lm.start()
+        p = await Peer.open(lm.buy("buyer", BID), "seller")
+        assert p.welcome.type == "error" and p.welcome["code"] == "auth"
+        await lm.stop()
+    run(main())
+
+
+def _foreign(o, **kw):
+    """A client context with a certificate the market never issued."""
+    other = ca.make_ca()
+    leaf = ca.issue(other.cert_pem, other.key_pem, "mallory", **kw)
+    return protocol.client_context(o.ca_pem, leaf.cert_pem, leaf.key_pem)
+
+
+async def _refused(o, ctx) -> str:
+    """The error a peer meets: a TLS failure or an `error` frame."""
+    try:
+        p = await Peer.open(o, "buyer", ctx=ctx)
+    except (ssl.SSLError, ConnectionError) as e:
+        return f"tls: {e}"
+    m = p.welcome
+    if m is None:
+        return "closed"
+    assert m.type == "error", m
+    return f"{m['code']}: {m['message']}"
+
+
+def test_bad_credentials_are_refused_and_the_market_carries_on(lm, caplog):
+    caplog.set_level(logging.INFO, logger="cpushare.market")
+
+    async def main():
+        await lm.start()
+        o = lm.buy("buyer", BID)
+        ca_cert, ca_key = lm.admin.get_meta("ca_cert"), lm.admin.get_meta("ca_key")
+        # another CA's certificate: refused during the TLS handshake
+        assert (await _refused(o, _foreign(o))).startswith(("tls", "closed"))
+        # the market's CA but expired
+        old = ca.issue(ca_cert, ca_key, "old", days=1,
+                       not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3))
+        ctx = protocol.client_context(o.ca_pem, old.cert_pem, old.key_pem)
+        assert (await _refused(o, ctx)).startswith(("tls", "closed"))
+        # the market's CA, valid, but never registered: an order of no one
+        stray = ca.issue(ca_cert, ca_key, "stray")
+        ctx = protocol.client_context(o.ca_pem, stray.cert_pem, stray.key_pem)
+        why = await _refused(o, ctx)
+        assert why.startswith("auth:") and "not issued" in why
+        # revoked
+        with lm.admin.transaction():
+            assert lm.admin.revoke(protocol.fingerprint_pem(o.cert_pem))
+        why = await _refused(o, None)
+        assert why.startswith("auth:") and "revoked" in why
+        # a server the client does not trust: the seller refuses the market
+        bad_ca = ca.make_ca()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            ctx = protocol.client_context(bad_ca.cert_pem, o.cert_pem, o.key_pem)
+            await Peer.open(o, "buyer", ctx=ctx)
+        # and the market still serves the honest
+        s = await ScriptedSeller.connect(lm.sell("alice", BID))
+        b, d = await buyer(lm)
+        await b.send("submit", b"x", ref="r", image=d)
+        await b.expect("accepted")
+        await b.expect("done")
+        await s.stop()
+        await lm.stop()
+    run(main())
+    text = caplog.text
+    assert "refused TLS connection" in text
+    assert "expired" in text
+    assert "revoked" in text
+    assert_ledger_ok(lm)
+
+
+def frame(header: bytes, payload: bytes = b"") -> bytes:
+    return len(header).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + header + payload
+
+
+MALFORMED = {
+    "zero header length": b"\0\0\0\0\0\0\0\0",
+    "oversized header": (protocol.MAX_HEADER + 1).to_bytes(4, "big") + b"\0\0\0\0",
+    "oversized payload": b"\0\0\0\x02" + (protocol.DEFAULT_MAX_PAYLOAD + 1).to_bytes(4, "big"),
+    "not JSON": frame(b"{x}"),
+    "not UTF-8": frame(b'{"type":"\xff"}'),
+    "not an object": frame(b"[]"),
+    "no type": frame(b'{"image":"x"}'),
+    "unknown type": frame(b'{"type":"bogus"}'),
+    "wrong field type": frame(b'{"type":"need_image","image":123}'),
+    "missing field": frame(b'{"type":"result","attempt":1}'),
+    "bool for int": frame(b'{"type":"handback","attempt":true}'),
+    "not a digest": frame(b'{"type":"need_image","image":"../../etc/passwd"}'),
+    "a buyer's message": frame(b'{"type":"submit","ref":"r","image":"' + b"a" * 64 + b'"}'),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_frame_closes_only_that_connection(lm, caplog, name):
+    caplog.set_level(logging.INFO, logger="cpushare.market")
+
+    async def main():
+        await lm.start()
+        good = await ScriptedSeller.connect(lm.sell("alice", BID))
+        bad = await Peer.open(lm.sell("bob", BID), "seller")
+        bad.writer.write(MALFORMED[name])
+        err = await bad.recv()
+        assert err is not None and err.type == "error" and err["code"] == "frame", err
+        assert await bad.recv() is None  # closed
+        good.is_ready.clear()
+        await good.peer.send("ping", t=-1)
+        await asyncio.wait_for(good.is_ready.wait(), TIMEOUT)  # still served
+        b, d = await buyer(lm)
+        await b.send("submit", b"x", ref="r", image=d)
+        await b.expect("accepted")
+        await b.expect("done")
+        await good.stop()
+        await lm.stop()
+    run(main())
+    assert "closing seller bob" in caplog.text and "frame:" in caplog.text
+
+
+def test_silent_peer_is_dropped(lm, caplog):
+    caplog.set_level(logging.INFO, logger="cpushare.market")
+
+    async def main():
+        await lm.start(heartbeat=1)
+        p = await Peer.open(lm.buy("buyer", BID), "buyer")
+        while True:  # read without answering pings
+            m = await asyncio.wait_for(protocol.read_message(p.reader), TIMEOUT)
+            if m is None:
+                break
+            assert m.type == "ping"
+        await lm.stop()
+    run(main())
+    assert "silent for" in caplog.text
