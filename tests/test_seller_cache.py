@@ -7,12 +7,7 @@ import os
 import pytest
 
 from cpushare import bytecode
-from cpushare.protocol import digest
 from cpushare.seller import CacheError, ImageCache
-
-
-def name(img: bytecode.Image) -> str:
-    return digest(img.pack())
 
 
 def image(n: int) -> bytecode.Image:
@@ -24,31 +19,31 @@ def image(n: int) -> bytecode.Image:
 def test_put_get_roundtrip_survives_a_new_instance(tmp_path):
     img = image(1)
     c = ImageCache(tmp_path)
-    got = c.put(name(img), img.pack())
-    assert name(got) == name(img)
-    assert (tmp_path / f"{name(img)}.bin").read_bytes() == img.pack()
-    assert name(img) in c
+    got = c.put(img.digest, img.pack())
+    assert got.digest == img.digest
+    assert (tmp_path / f"{img.digest}.bin").read_bytes() == img.pack()
+    assert img.digest in c
     fresh = ImageCache(tmp_path)
-    assert fresh.get(name(img)) == img
-    assert fresh.get(name(image(2))) is None
+    assert fresh.get(img.digest) == img
+    assert fresh.get(image(2).digest) is None
 
 
 def test_digest_mismatch_is_refused_and_not_cached(tmp_path):
     c = ImageCache(tmp_path)
     a, b = image(1), image(2)
-    with pytest.raises(CacheError, match=f"digest {name(b)}.*not the {name(a)}"):
-        c.put(name(a), b.pack())
+    with pytest.raises(CacheError, match=f"digest {b.digest}.*not the {a.digest}"):
+        c.put(a.digest, b.pack())
     assert list(tmp_path.iterdir()) == []
 
 
 def test_unparsable_image_is_refused_and_not_cached(tmp_path):
     c = ImageCache(tmp_path)
     with pytest.raises(CacheError, match="bad magic"):
-        c.put(digest(b"not an image at all" * 10), b"not an image at all" * 10)
+        c.put("ab" * 32, b"not an image at all" * 10)
     blob = bytearray(image(1).pack())
     blob[-1] ^= 1  # corrupt the text: the embedded SHA-256 no longer matches
     with pytest.raises(CacheError, match="SHA-256 mismatch"):
-        c.put(digest(bytes(blob)), bytes(blob))
+        c.put(image(1).digest, bytes(blob))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -60,10 +55,10 @@ def test_not_a_digest_is_refused(tmp_path):
 
 def test_file_altered_on_disk_is_dropped_not_run(tmp_path):
     img = image(1)
-    ImageCache(tmp_path).put(name(img), img.pack())
-    path = tmp_path / f"{name(img)}.bin"
+    ImageCache(tmp_path).put(img.digest, img.pack())
+    path = tmp_path / f"{img.digest}.bin"
     path.write_bytes(image(2).pack())  # a valid image, filed under the wrong name
-    assert ImageCache(tmp_path).get(name(img)) is None
+    assert ImageCache(tmp_path).get(img.digest) is None
     assert not path.exists()
 
 
@@ -72,22 +67,22 @@ def test_size_bound_evicts_least_recently_used(tmp_path):
     size = len(imgs[0].pack())
     c = ImageCache(tmp_path, max_bytes=3 * size)
     for i, img in enumerate(imgs[:3]):
-        c.put(name(img), img.pack())
-        os.utime(tmp_path / f"{name(img)}.bin", (1000 + i, 1000 + i))
+        c.put(img.digest, img.pack())
+        os.utime(tmp_path / f"{img.digest}.bin", (1000 + i, 1000 + i))
     # use image 0: it becomes the most recent; image 1 is now the oldest
     c2 = ImageCache(tmp_path, max_bytes=3 * size)
-    assert c2.get(name(imgs[0])) is not None
-    c2.put(name(imgs[3]), imgs[3].pack())
+    assert c2.get(imgs[0].digest) is not None
+    c2.put(imgs[3].digest, imgs[3].pack())
     names = {p.stem for p in tmp_path.glob("*.bin")}
-    assert names == {name(imgs[0]), name(imgs[2]), name(imgs[3])}
+    assert names == {imgs[0].digest, imgs[2].digest, imgs[3].digest}
     assert c2.size() <= 3 * size
-    assert c2.get(name(imgs[1])) is None
+    assert c2.get(imgs[1].digest) is None
 
 
 def test_no_temporary_file_is_left_behind(tmp_path):
     c = ImageCache(tmp_path)
     for i in range(3):
         img = image(i)
-        c.put(name(img), img.pack())
+        c.put(img.digest, img.pack())
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        f"{name(image(i))}.bin" for i in range(3))
+        f"{image(i).digest}.bin" for i in range(3))

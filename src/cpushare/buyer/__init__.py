@@ -74,17 +74,11 @@ class TaskResult:
 
 
 def _pack(image: bytecode.Image | bytes | bytearray | memoryview) -> tuple[str, bytes]:
-    """(digest, packed image) for an Image or an already packed one.
-
-    On the wire an image is named by the SHA-256 of its packed bytes
-    (`protocol.digest`), which the market and the sellers check.
-    """
+    """(digest, packed image) for an Image or an already packed one."""
     if isinstance(image, bytecode.Image):
-        blob = image.pack()
-    else:
-        blob = bytes(image)
-        bytecode.parse(blob, where="image to upload")
-    return protocol.digest(blob), blob
+        return image.digest, image.pack()
+    blob = bytes(image)
+    return bytecode.parse(blob, where="image to upload").digest, blob
 
 
 _LOST = object()  # put in result queues when the connection drops

@@ -1,7 +1,7 @@
 """The seller's image cache: bytecode images by digest, bounded in size.
 
-A directory of ``DIGEST.bin`` files, DIGEST being the SHA-256 of the
-packed image (`protocol.digest`, the image's name on the wire).  A file is written to a temporary
+A directory of ``DIGEST.bin`` files, DIGEST being `bytecode.Image.digest`
+(the image's name on the market).  A file is written to a temporary
 name and renamed into place, so a crash never leaves a half image under a
 digest's name; every load parses the image again and checks that its
 digest is the one it is filed under, so a file changed on disk is dropped
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from .. import bytecode
-from .. import protocol
 from ..protocol import is_digest
 
 log = logging.getLogger("cpushare.seller")
@@ -60,11 +59,10 @@ class ImageCache:
         except FileNotFoundError:
             return None
         try:
-            actual = protocol.digest(blob)
-            if actual != digest:
-                raise bytecode.BytecodeError(
-                    f"{path}: content has digest {actual}, not the {digest} it is filed under")
             image = bytecode.parse(blob, where=str(path))
+            if image.digest != digest:
+                raise bytecode.BytecodeError(
+                    f"{path}: content has digest {image.digest}, not the {digest} it is filed under")
         except bytecode.BytecodeError as e:
             log.warning("image cache: dropping a bad file: %s", e)
             path.unlink(missing_ok=True)
@@ -80,15 +78,14 @@ class ImageCache:
         its digest differs.
         """
         path = self._path(digest)
-        actual = protocol.digest(blob)
-        if actual != digest:
-            raise CacheError(
-                f"image {digest[:16]}: the received image has digest {actual}, "
-                f"not the {digest} it was sent as")
         try:
             image = bytecode.parse(blob, where=f"image {digest[:16]}")
         except bytecode.BytecodeError as e:
             raise CacheError(str(e)) from None
+        if image.digest != digest:
+            raise CacheError(
+                f"image {digest[:16]}: the received image has digest {image.digest}, "
+                f"not the {digest} it was sent as")
         if len(blob) > self.max_bytes:
             raise CacheError(
                 f"image {digest[:16]}: {len(blob)} bytes exceeds the cache size {self.max_bytes}")
