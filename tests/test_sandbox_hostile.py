@@ -275,8 +275,6 @@ def test_endless_loop_hits_the_cpu_limit():
     assert result.reason == "cpu-limit", result
     assert result.signal == signal.SIGXCPU
     assert result.cpu_seconds >= 0.9
-    # it was CPU, not waiting, that ended it
-    assert result.cpu_seconds >= 0.8 * result.wall_seconds
 
 
 def test_endless_loop_hits_the_wall_limit():

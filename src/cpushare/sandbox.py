@@ -106,7 +106,7 @@ class Result:
         if self.reason == "wall-limit":
             return f"killed: wall-clock limit reached after {self.wall_seconds:.2f} s{sig}"
         if self.reason == "output-limit":
-            return f"killed: output limit reached after {len(self.output)} bytes{sig}"
+            return f"killed: output limit reached{sig}"
         if self.reason == "killed":
             return f"killed by its caller{sig}"
         return f"killed: fault{sig}"
