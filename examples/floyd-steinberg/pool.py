@@ -218,16 +218,16 @@ def gen_noise(r: Rand, w: int, h: int) -> np.ndarray:
 
 
 def _value_noise(r: Rand, w: int, h: int, cell: int) -> np.ndarray:
+    """Smoothstep-interpolated random values on a grid of `cell` pixels
+    (separable: along x for every grid row, then along y)."""
     gh, gw = h // cell + 2, w // cell + 2
     g = r.uniform((gh, gw))
-    x, y = _grid(w, h)
-    fx, fy = x / cell, y / cell
+    fx, fy = np.arange(w) / cell, np.arange(h) / cell
     ix, iy = fx.astype(int), fy.astype(int)
     tx, ty = fx - ix, fy - iy
     tx, ty = tx * tx * (3 - 2 * tx), ty * ty * (3 - 2 * ty)
-    top = g[iy, ix] * (1 - tx) + g[iy, ix + 1] * tx
-    bottom = g[iy + 1, ix] * (1 - tx) + g[iy + 1, ix + 1] * tx
-    return top * (1 - ty) + bottom * ty
+    gx = g[:, ix] * (1 - tx) + g[:, ix + 1] * tx
+    return gx[iy] * (1 - ty)[:, None] + gx[iy + 1] * ty[:, None]
 
 
 def gen_texture(r: Rand, w: int, h: int) -> np.ndarray:
@@ -311,14 +311,19 @@ def _downscale(a: np.ndarray, k: int) -> np.ndarray:
     return ((a.sum(axis=(1, 3)) + k * k // 2) // (k * k)).astype(np.uint8)
 
 
+@lru_cache(maxsize=None)
+def _photo(which: int, k: int) -> np.ndarray:
+    photos = [a for name, a in real_images() if name in PHOTOS]
+    return photos[which] if k == 1 else _downscale(photos[which], k)
+
+
 def gen_crop(r: Rand, w: int, h: int) -> np.ndarray | None:
     photos = [a for name, a in real_images() if name in PHOTOS]
     if not photos:
         return None
-    src = r.choice(photos)
+    which = r.int(0, len(photos) - 1)
     k = r.choice((1, 1, 2))
-    if k > 1:
-        src = _downscale(src, k)
+    src = _photo(which, k)
     w, h = min(w, src.shape[1]), min(h, src.shape[0])
     x0, y0 = r.int(0, src.shape[1] - w), r.int(0, src.shape[0] - h)
     out = src[y0:y0 + h, x0:x0 + w]

@@ -466,9 +466,10 @@ def summarize(run: Run, out_dir: Path, check: dict | None, n: int) -> dict:
         "tasks": len(run.outcomes) * run.redundancy,
         "wall_seconds": run.wall_seconds,
         "images_per_second": len(run.outcomes) / run.wall_seconds if run.wall_seconds else 0.0,
-        "cpu_seconds": sum(o.cpu_ms for o in run.outcomes) / 1000,
+        # cpu_ms is one copy's CPU time (the market reports the agreed result's)
+        "cpu_seconds_per_copy": sum(o.cpu_ms for o in run.outcomes) / 1000,
         "cost_milli": sum(o.cost_milli for o in run.outcomes),
-        "retries": sum(max(o.attempts - 1, 0) for o in run.outcomes),
+        "retries": sum(max(o.attempts - run.redundancy, 0) for o in run.outcomes),
         "table": table,
         "native_check": check,
         "csv": str(out_dir / "results.csv"),
@@ -531,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"images {summary['ok']}/{args.images} ok, {summary['tasks']} tasks, "
           f"wall {run.wall_seconds:.1f} s, {summary['images_per_second']:.1f} images/s, "
-          f"CPU {summary['cpu_seconds']:.1f} s"
+          f"CPU {summary['cpu_seconds_per_copy']:.1f} s per copy"
           + ("" if args.local else f", spent {summary['cost_milli'] / 1000:.3f} CPUCoins"
              f", retries {summary['retries']}"))
     if check is not None:
