@@ -1,0 +1,234 @@
+"""cpushare.protocol: frames, schema checks, pricing, TLS contexts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import struct
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from cpushare import protocol
+from cpushare.market import ca
+from cpushare.protocol import Message, ProtocolError, cost_milli, encode, read_message
+
+
+def read_all(data: bytes, max_payload: int = protocol.DEFAULT_MAX_PAYLOAD, eof: bool = True):
+    async def main():
+        r = asyncio.StreamReader()
+        r.feed_data(data)
+        if eof:
+            r.feed_eof()
+        out = []
+        while True:
+            m = await read_message(r, max_payload)
+            if m is None:
+                return out
+            out.append(m)
+    return asyncio.run(main())
+
+
+def raw(header: bytes, payload: bytes = b"", hlen: int | None = None,
+        plen: int | None = None) -> bytes:
+    return struct.pack(">II", len(header) if hlen is None else hlen,
+                       len(payload) if plen is None else plen) + header + payload
+
+
+def test_round_trip_of_several_frames():
+    frames = (encode("ready") + encode("submit", b"\0input\xff", ref="r1", image="a" * 64)
+              + encode("result", b"out", attempt=7, exit_status=None, signal=9, reason="cpu",
+                       cpu_ms=12, output_sha256=protocol.digest(b"out")))
+    got = read_all(frames)
+    assert [m.type for m in got] == ["ready", "submit", "result"]
+    assert got[1].payload == b"\0input\xff" and got[1]["ref"] == "r1"
+    assert got[2]["exit_status"] is None and got[2].get("signal") == 9
+    assert got[2].get("absent", "dflt") == "dflt"
+    assert "type" not in got[1].fields
+
+
+def test_encode_layout():
+    f = encode("ping", b"xy", t=5)
+    hlen, plen = struct.unpack(">II", f[:8])
+    assert plen == 2 and f[-2:] == b"xy"
+    assert json.loads(f[8:8 + hlen]) == {"t": 5, "type": "ping"}
+
+
+def test_encode_refuses_unknown_types():
+    with pytest.raises(ValueError, match="unknown message type 'nope'"):
+        encode("nope")
+
+
+def test_unknown_fields_are_ignored():
+    m = read_all(raw(b'{"type":"ready","future":[1,2]}'))[0]
+    assert m.type == "ready" and m["future"] == [1, 2]
+
+
+def test_clean_eof_is_none_and_a_cut_frame_is_an_error():
+    assert read_all(b"") == []
+    whole = encode("ready")
+    for cut in (3, 8, len(whole) - 1):
+        with pytest.raises(ProtocolError, match="truncated frame") as e:
+            read_all(whole[:cut])
+        assert e.value.code == "frame"
+
+
+@pytest.mark.parametrize("data, match", [
+    (raw(b"", hlen=0), "header length 0 outside"),
+    (raw(b"", hlen=protocol.MAX_HEADER + 1), f"header length {protocol.MAX_HEADER + 1}"),
+    (raw(b'{"type":"ready"}', plen=101), "payload length 101 exceeds the limit 100"),
+    (raw(b"{not json"), "not UTF-8 JSON"),
+    (raw(b'{"type":"\xff"}'), "not UTF-8 JSON"),
+    (raw(b'"ready"'), "not a JSON object"),
+    (raw(b'{"t":1}'), "no string 'type'"),
+    (raw(b'{"type":7}'), "no string 'type'"),
+    (raw(b'{"type":"bogus"}'), "unknown message type 'bogus'"),
+    (raw(b'{"type":"settled","attempt":1,"paid_milli":"1","accepted":true}'),
+     "field 'paid_milli' must be int"),
+    (raw(b'{"type":"settled","attempt":1,"paid_milli":1.5,"accepted":true}'),
+     "field 'paid_milli' must be int"),
+    (raw(b'{"type":"settled","attempt":true,"paid_milli":1,"accepted":true}'),
+     "field 'attempt' must be int"),
+    (raw(b'{"type":"settled","attempt":1,"paid_milli":1,"accepted":1}'),
+     "field 'accepted' must be bool"),
+    (raw(b'{"type":"hello","role":"seller"}'), "missing field 'version'"),
+    (raw(b'{"type":"need_image","image":"ABC"}'), "not a SHA-256 hex digest"),
+    (raw(b'{"type":"submit","image":"' + b"0" * 64 + b'","ref":"' + b"r" * 129 + b'"}'),
+     "ref longer than 128"),
+])
+def test_malformed_frames(data, match):
+    with pytest.raises(ProtocolError, match=match) as e:
+        read_all(data, max_payload=100)
+    assert e.value.code == "frame"
+    assert str(e.value).startswith("frame: ")
+
+
+def test_the_payload_limit_is_checked_before_reading_it():
+    # only the 8 length bytes arrive: the error must come without waiting
+    data = struct.pack(">II", 16, 1 << 30)
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        read_all(data, eof=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["ready", "ping", "stream", "image"]), st.binary(max_size=2000),
+       st.integers(min_value=-(2**62), max_value=2**62), st.text(max_size=50))
+def test_round_trip_property(type_, payload, n, text):
+    fields = {"ping": {"t": n}, "ready": {"extra": text}, "stream": {"session": n, "eof": True},
+              "image": {"image": protocol.digest(text.encode())}}[type_]
+    m = read_all(encode(type_, payload, **fields))[0]
+    assert m == Message(type_, fields, payload)
+
+
+@given(st.binary(max_size=64))
+def test_garbage_never_escapes_as_another_exception(data):
+    try:
+        read_all(data, max_payload=32)
+    except ProtocolError:
+        pass
+
+
+def test_schema_lists_every_documented_message():
+    with open("docs/protocol.md", encoding="utf-8") as f:
+        doc = f.read()
+    for type_ in protocol.SCHEMA:
+        assert f"    {type_} " in doc or f"    {type_}\t" in doc, f"{type_} not documented"
+
+
+# --- pricing ------------------------------------------------------------------
+
+@pytest.mark.parametrize("cpu_ms, price, cost", [
+    (0, 1000, 0), (1, 1, 1), (3_600_000, 10, 10), (3_600_001, 10, 11),
+    (1000, 36_000, 10), (1500, 36_000, 15), (10_000, 360_000, 1000), (1, 0, 0),
+])
+def test_cost_milli(cpu_ms, price, cost):
+    assert cost_milli(cpu_ms, price) == cost
+
+
+@given(st.integers(0, 10**9), st.integers(0, 10**9))
+def test_cost_rounds_up_and_is_monotonic(cpu_ms, price):
+    c = cost_milli(cpu_ms, price)
+    assert isinstance(c, int)
+    assert c * 3_600_000 >= cpu_ms * price > (c - 1) * 3_600_000 or c == 0
+    assert cost_milli(cpu_ms + 1, price) >= c
+
+
+def test_cost_refuses_negatives():
+    with pytest.raises(ValueError):
+        cost_milli(-1, 10)
+
+
+# --- TLS ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pki():
+    auth = ca.make_ca()
+    server = ca.issue(auth.cert_pem, auth.key_pem, "localhost", server_names=["localhost"])
+    client = ca.issue(auth.cert_pem, auth.key_pem, "alice sell order 1")
+    return auth, server, client
+
+
+def test_tls_round_trip_and_peer_identity(pki):
+    auth, server, client = pki
+
+    async def main():
+        seen = {}
+
+        async def handle(r, w):
+            seen["id"] = protocol.peer_identity(w.get_extra_info("ssl_object"))
+            m = await read_message(r)
+            await protocol.send(w, "pong", t=m["t"])
+            w.close()
+
+        srv = await asyncio.start_server(
+            handle, "127.0.0.1", 0,
+            ssl=protocol.server_context(auth.cert_pem, server.cert_pem, server.key_pem))
+        port = srv.sockets[0].getsockname()[1]
+        ctx = protocol.client_context(auth.cert_pem, client.cert_pem, client.key_pem)
+        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                             server_hostname="localhost")
+        await protocol.send(w, "ping", t=42)
+        assert (await read_message(r))["t"] == 42
+        w.close()
+        srv.close()
+        return seen["id"]
+
+    fp, cn = asyncio.run(main())
+    assert fp == client.fingerprint == protocol.fingerprint_pem(client.cert_pem)
+    assert cn == "alice sell order 1"
+
+
+def test_the_client_checks_the_host_name(pki):
+    auth, server, client = pki
+
+    async def main():
+        srv = await asyncio.start_server(
+            lambda r, w: w.close(), "127.0.0.1", 0,
+            ssl=protocol.server_context(auth.cert_pem, server.cert_pem, server.key_pem))
+        port = srv.sockets[0].getsockname()[1]
+        ctx = protocol.client_context(auth.cert_pem, client.cert_pem, client.key_pem)
+        try:
+            with pytest.raises(ssl.SSLCertVerificationError, match="mismatch"):
+                await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                              server_hostname="market.example.org")
+        finally:
+            srv.close()
+    asyncio.run(main())
+
+
+def test_contexts_refuse_unusable_credentials(pki):
+    auth, server, client = pki
+    with pytest.raises(ValueError, match="CA certificate is unusable"):
+        protocol.client_context("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----",
+                                client.cert_pem, client.key_pem)
+    with pytest.raises(ValueError, match="certificate or key is unusable"):
+        protocol.client_context(auth.cert_pem, client.cert_pem, server.key_pem)
+
+
+def test_contexts_do_not_trust_the_system_store(pki):
+    auth, _, client = pki
+    ctx = protocol.client_context(auth.cert_pem, client.cert_pem, client.key_pem)
+    assert len(ctx.get_ca_certs()) == 1
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
