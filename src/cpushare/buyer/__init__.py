@@ -160,8 +160,11 @@ class Market:
             writer.close()
             if msg is not None and msg.type == "error":
                 raise MarketError(msg["code"], f"{o.server}: the market refused us: {msg['message']}")
-            raise MarketError("connect", f"{o.server}: no welcome from the market "
-                                         f"({'closed' if msg is None else msg.type})")
+            if msg is None:  # TLS 1.3: a refused client certificate ends the stream here
+                raise MarketError("auth", f"{o.server}: the market refused us: it closed the "
+                                          f"connection during the handshake; is the certificate "
+                                          f"in {o.path} issued by this market and still valid?")
+            raise MarketError("connect", f"{o.server}: expected welcome, got {msg.type}")
         self.account = msg["account"]
         self._max_payload = msg["max_payload"]
         self._reader, self._writer = reader, writer

@@ -324,8 +324,10 @@ class Seller:
                 raise AuthError(f"{order.server}: the market refused us during the TLS "
                                 f"handshake ({e}); is the certificate in {order.path} "
                                 f"issued by this market and still valid?") from None
-            if msg is None:
-                raise _Lost("the market closed the connection during the handshake")
+            if msg is None:  # TLS 1.3: a refused client certificate ends the stream here
+                raise AuthError(f"{order.server}: the market refused us: it closed the "
+                                f"connection during the handshake; is the certificate in "
+                                f"{order.path} issued by this market and still valid?")
             if msg.type == "error":
                 if msg.get("code") in ("auth", "version", "order"):
                     raise AuthError(f"{order.server}: the market refused us: "
