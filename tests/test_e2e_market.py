@@ -10,16 +10,16 @@ import asyncio
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from cpushare.buyer import Market, MarketError, run_tasks
+from cpushare.buyer import Market, run_tasks
 from cpushare.order import format_coins, load_buy
 
-from test_e2e_support import LocalMarket, env, job, spin_input, wait_for, PYTHON
+from test_e2e_support import (PYTHON, BuyerThread, LocalMarket, env, job, spin_count_for,
+                              spin_input, wait_for)
 
 BUYER_COINS = 1000
 
@@ -68,48 +68,6 @@ def proc_state(pid: int) -> tuple[str, int]:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return fields[0], int(fields[11]) + int(fields[12])
-
-
-def spin_count_for(seconds: float) -> int:
-    """A spin count that takes roughly `seconds` of CPU on this machine
-    (calibrated with the spin job itself in the local sandbox)."""
-    from cpushare import sandbox
-    n = 20_000_000
-    limits = sandbox.Limits(cpu_seconds=30, wall_seconds=60, memory=64 << 20, output=1 << 20)
-    r = sandbox.run(job("spin"), spin_input(n), limits)
-    assert r.exit_status == 0, r
-    return int(seconds * n / max(r.cpu_seconds, 1e-4))
-
-
-class BuyerThread:
-    """Run Market.map in a background thread; results collected as they come."""
-
-    def __init__(self, order_path: Path, image, inputs, **kw):
-        self.order = load_buy(order_path)
-        self.results = []
-        self.error: BaseException | None = None
-        self.market: Market | None = None
-        self._t = threading.Thread(target=self._run, args=(image, list(inputs), kw), daemon=True)
-        self._t.start()
-
-    def _run(self, image, inputs, kw):
-        async def go():
-            async with Market(self.order) as m:
-                self.market = m
-                async for r in m.map(image, inputs, **kw):
-                    self.results.append(r)
-        try:
-            asyncio.run(go())
-        except BaseException as e:  # reported by join()
-            self.error = e
-
-    def join(self, timeout: float):
-        self._t.join(timeout)
-        assert not self._t.is_alive(), f"the buyer did not finish within {timeout} s " \
-                                       f"({len(self.results)} results)"
-        if self.error:
-            raise self.error
-        return self.results
 
 
 # --- the market works ---------------------------------------------------------

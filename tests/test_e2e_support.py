@@ -15,6 +15,7 @@ the tests do not depend on a compiler:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -227,3 +229,50 @@ class LocalMarket:
     def close(self) -> None:
         for p in reversed(self.procs):
             p.stop()
+
+
+def spin_count_for(seconds: float) -> int:
+    """A spin count that takes roughly `seconds` of CPU on this machine
+    (calibrated with the spin job itself in the local sandbox)."""
+    from cpushare import sandbox
+    n = 20_000_000
+    limits = sandbox.Limits(cpu_seconds=30, wall_seconds=60, memory=64 << 20, output=1 << 20)
+    r = sandbox.run(job("spin"), spin_input(n), limits)
+    assert r.exit_status == 0, r
+    return int(seconds * n / max(r.cpu_seconds, 1e-4))
+
+
+class BuyerThread:
+    """Run Market.map in a background thread; results collected as they come."""
+
+    def __init__(self, order_path: Path, image, inputs, **kw):
+        from cpushare.order import load_buy
+        self.order = load_buy(order_path)
+        self.results = []
+        self.error: BaseException | None = None
+        self.market: Market | None = None
+        self._t = threading.Thread(target=self._run, args=(image, list(inputs), kw), daemon=True)
+        self._t.start()
+
+    def _run(self, image, inputs, kw):
+        from cpushare.buyer import Market
+
+        async def go():
+            async with Market(self.order) as m:
+                self.market = m
+                async for r in m.map(image, inputs, **kw):
+                    self.results.append(r)
+        try:
+            asyncio.run(go())
+        except BaseException as e:  # reported by join()
+            self.error = e
+
+    def join(self, timeout: float):
+        self._t.join(timeout)
+        assert not self._t.is_alive(), f"the buyer did not finish within {timeout} s " \
+                                       f"({len(self.results)} results)"
+        if self.error:
+            raise self.error
+        return self.results
+
+
