@@ -1,0 +1,106 @@
+"""Tiny tasks through the market: tasks per second dispatched, run and settled.
+
+One market server, two local sellers (two accounts), one buyer; every task
+is the echo job on a few bytes, so what is measured is the market's own
+cost per task: submit, escrow, match, relay, run in the sandbox, result,
+settlement, `done`.  Printed beside it, measured in the same run: the rate
+of the bare sandbox (the same job, run serially in this process), times
+two sellers; that is the ceiling the market could reach on this machine.
+
+Goal: >= 1,000 tasks/s.  For scale: BOINC reports about 100 tasks/s for one
+server machine (8.8 M/day), one HTCondor schedd sustains about 55 jobs/s.
+
+    /usr/bin/python3 bench/market_tasks.py [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT / "src", ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+GOAL = 1000.0
+BOINC = 100.0
+CONDOR = 55.0
+
+
+def _sandbox_rate(n: int) -> float:
+    from cpushare import sandbox
+    from test_e2e_support import job
+    image = job("echo")
+    limits = sandbox.Limits(cpu_seconds=5, wall_seconds=10, memory=64 << 20, output=1 << 20)
+    t0 = time.perf_counter()
+    for i in range(n):
+        r = sandbox.run(image, b"task %d" % i, limits)
+        if r.exit_status != 0:
+            raise RuntimeError(f"bench.market_tasks: the echo job failed locally: {r}")
+    return n / (time.perf_counter() - t0)
+
+
+async def _buy(order, n: int) -> tuple[float, int]:
+    from cpushare.buyer import Market
+    from test_e2e_support import job
+    inputs = [b"task %d" % i for i in range(n)]
+    async with Market(order) as m:
+        await m.upload(job("echo"))
+        bad = 0
+        t0 = time.perf_counter()
+        async for r in m.map(job("echo"), inputs):
+            if not r.ok or r.output != inputs[r.index]:
+                bad += 1
+        return time.perf_counter() - t0, bad
+
+
+def run(quick: bool = False) -> dict:
+    from cpushare.order import load_buy
+    from test_e2e_support import LocalMarket
+    n = 600 if quick else 4000
+    with tempfile.TemporaryDirectory(prefix="cpushare-bench-") as tmp:
+        m = LocalMarket(Path(tmp))
+        try:
+            m.account("buyer", 1_000_000)
+            m.account("alice")
+            m.account("bob")
+            m.serve()
+            for name in ("alice", "bob"):
+                m.seller(m.sell_order(name, f"{name}-cpu0"))
+            order = load_buy(m.buy_order("buyer"))
+            asyncio.run(_buy(order, 50))  # warm up: images cached, connections made
+            seconds, bad = asyncio.run(_buy(order, n))
+            ledger = m.ledger_check()
+        finally:
+            m.close()
+    if bad:
+        raise RuntimeError(f"bench.market_tasks: {bad} of {n} tasks failed")
+    if ledger.returncode != 0:
+        raise RuntimeError(f"bench.market_tasks: ledger check failed after the run:\n"
+                           f"{ledger.stdout}{ledger.stderr}")
+    rate = n / seconds
+    ceiling = 2 * _sandbox_rate(n // 4)
+    return {"tasks": n, "seconds": seconds, "tasks_per_second": rate,
+            "sandbox_ceiling_per_second": ceiling, "ratio_to_ceiling": rate / ceiling,
+            "ratio_to_goal": rate / GOAL, "ratio_to_boinc": rate / BOINC,
+            "ratio_to_condor": rate / CONDOR}
+
+
+def main(argv: list[str]) -> int:
+    r = run(quick="--quick" in argv)
+    print(f"market tasks: {r['tasks']} tiny tasks, 2 sellers, redundancy 1: "
+          f"{r['tasks_per_second']:.0f} tasks/s dispatched, run and settled")
+    print(f"  bare sandbox x 2 sellers, same run: {r['sandbox_ceiling_per_second']:.0f} runs/s "
+          f"-> market/sandbox ratio {r['ratio_to_ceiling']:.2f}")
+    print(f"  ratio to the goal of {GOAL:.0f}/s: {r['ratio_to_goal']:.2f}; to BOINC's ~{BOINC:.0f}/s: "
+          f"{r['ratio_to_boinc']:.1f}x; to an HTCondor schedd's ~{CONDOR:.0f}/s: "
+          f"{r['ratio_to_condor']:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
