@@ -52,14 +52,34 @@ def assert_conserved(m: LocalMarket, before: dict[str, int], after: dict[str, in
     return spent
 
 
-def children(pid: int) -> list[int]:
+def _children(pid: int) -> list[int]:
     out = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return out
+    for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/children") as f:
                 out += [int(x) for x in f.read().split()]
         except FileNotFoundError:
             pass
+    return out
+
+
+def jobs_of(pid: int) -> list[int]:
+    """The sandboxed jobs among the descendants of `pid` (processes in seccomp)."""
+    out, todo = [], _children(pid)
+    while todo:
+        p = todo.pop()
+        todo += _children(p)
+        try:
+            with open(f"/proc/{p}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+        except FileNotFoundError:
+            continue
+        if status.get("Seccomp", "0").strip() != "0":
+            out.append(p)
     return out
 
 
@@ -169,7 +189,7 @@ def test_kill9_seller_mid_task_finishes_elsewhere_paid_once(market):
 
     def busy():
         for name, p in sellers.items():
-            kids = children(p.pid)
+            kids = jobs_of(p.pid)
             if kids:
                 return name, kids
         return None
@@ -242,7 +262,7 @@ def test_pause_and_resume_mid_task_keeps_the_work(market):
     seller = m.seller(m.sell_order("alice", "alice-cpu0"))
     payload = spin_input(count, b"paused")
     b = BuyerThread(m.buy_order("buyer", max_cpu_seconds=30), job("spin"), [payload])
-    [kid] = wait_for(lambda: children(seller.pid), 30, "the job to start")
+    [kid] = wait_for(lambda: jobs_of(seller.pid), 30, "the job to start")
     wait_for(lambda: proc_state(kid)[1] > 10, 30, "the job to use some CPU")
     seller.signal(signal.SIGUSR1)  # pause
     wait_for(lambda: proc_state(kid)[0] == "T", 10, "the job to stop")
