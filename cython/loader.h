@@ -31,8 +31,17 @@ enum cps_step {
     CPS_MUNMAP_LOW, CPS_MUNMAP_HIGH, CPS_MMAP_TEXT, CPS_MMAP_DATA, CPS_MMAP_STACK,
     CPS_ARCH_PRCTL_FS, CPS_ARCH_PRCTL_GS, CPS_WRITE_READY, CPS_CLOSE_RANGE_FINAL,
     CPS_SECCOMP_STRICT, CPS_SECCOMP_FILTER,
-    CPS_FORK, CPS_RSEQ,
+    CPS_FORK, CPS_RSEQ, CPS_PDEATHSIG, CPS_ZYGOTE_SEND, CPS_ZYGOTE_RECV,
     CPS_NSTEPS
+};
+
+/* Written by the zygote on a job's status pipe once it reaped the job:
+ * step CPS_EXITED, err = the wait status, then user and system CPU time. */
+#define CPS_EXITED 1000
+struct cps_exit_record {
+    int32_t step;
+    int32_t wstatus;
+    uint64_t utime_us, stime_us;
 };
 
 #define CPS_MODE_STRICT 1
@@ -48,6 +57,8 @@ struct cps_spec {
     uint64_t stack_start, stack_size;
     uint64_t entry, stack_top;
     uint64_t cpu_soft, cpu_hard;       /* RLIMIT_CPU, seconds */
+    int in_zygote;     /* forked by the zygote: no libc state left to undo */
+    int zygote_pid;    /* the zygote (the job dies with it) */
 };
 
 /* The trampoline's code, copied into a sealed memfd by the parent. */
@@ -56,6 +67,16 @@ extern const unsigned char cps_tramp_begin[], cps_tramp_end[];
 /* Fork a job; returns its pid, or -errno when fork itself failed.  All
  * signals are blocked in the calling thread around the fork. */
 long cps_spawn(const struct cps_spec *spec);
+
+/* The zygote: a small process forked once, which unmaps everything of its
+ * parent but this extension's own image and a fresh stack, then forks jobs
+ * on request over a SOCK_SEQPACKET socket.  Returns its pid or -errno. */
+long cps_zygote_start(int sock, int tramp_fd);
+
+/* Ask the zygote for a job (the spec's fds travel with SCM_RIGHTS).
+ * Returns the job's pid and stores a pidfd for it in *pidfd and the mode
+ * used in *mode; or -errno, with the failing step in *step. */
+long cps_zygote_spawn(int sock, const struct cps_spec *spec, int *pidfd, int *mode, int *step);
 
 /* prctl(PR_GET_SECCOMP) for the calling thread: 0, 1, 2 or -errno. */
 long cps_seccomp_mode(void);

@@ -24,7 +24,11 @@ cdef extern from "loader.h" nogil:
         uint64_t stack_start, stack_size
         uint64_t entry, stack_top
         uint64_t cpu_soft, cpu_hard
+        int in_zygote, zygote_pid
     long cps_spawn(const cps_spec *spec)
+    long cps_zygote_start(int sock, int tramp_fd)
+    long cps_zygote_spawn(int sock, const cps_spec *spec, int *pidfd, int *mode, int *step)
+    int CPS_EXITED
     long cps_seccomp_mode()
     int cps_have_xsave()
     const unsigned char cps_tramp_begin[]
@@ -56,6 +60,8 @@ DEF EINVAL = 22
 MODE_STRICT = CPS_MODE_STRICT
 MODE_FILTER = CPS_MODE_FILTER
 RECORD_SIZE = 8
+EXITED = CPS_EXITED
+EXIT_RECORD_SIZE = 24
 
 # What each set-up step of the child is, for messages (see loader.h).
 STEPS = (
@@ -91,6 +97,9 @@ STEPS = (
     "prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER)",
     "fork()",
     "rseq(RSEQ_FLAG_UNREGISTER)",
+    "prctl(PR_SET_PDEATHSIG, SIGKILL)",
+    "sendmsg(zygote socket)",
+    "recvmsg(zygote socket)",
 )
 
 
@@ -172,15 +181,9 @@ def trampoline_memfd():
 _xsave = cps_have_xsave()
 
 
-def spawn(*, int stdin_fd, int stdout_fd, int status_fd, int text_fd, int data_fd,
-          text, data, stack, uint64_t entry, uint64_t stack_top,
-          uint64_t cpu_soft, uint64_t cpu_hard, bint allow_tsc, int mode):
-    """Fork a job.  text, data and stack are (start, size) pairs (data None
-    when the image has none); the child reports on status_fd (8-byte
-    records: see STEPS) and closes it right before seccomp.  Returns the
-    pid."""
-    cdef cps_spec s
-    cdef long pid
+cdef int _fill(cps_spec *s, int stdin_fd, int stdout_fd, int status_fd, int text_fd, int data_fd,
+               text, data, stack, uint64_t entry, uint64_t stack_top,
+               uint64_t cpu_soft, uint64_t cpu_hard, bint allow_tsc, int mode) except -1:
     if mode not in (CPS_MODE_STRICT, CPS_MODE_FILTER):
         raise ValueError(f"unknown seccomp mode {mode}")
     s.stdin_fd = stdin_fd
@@ -188,7 +191,7 @@ def spawn(*, int stdin_fd, int stdout_fd, int status_fd, int text_fd, int data_f
     s.status_fd = status_fd
     s.text_fd = text_fd
     s.data_fd = data_fd
-    s.tramp_fd = trampoline_memfd()
+    s.tramp_fd = -1
     s.mode = mode
     s.allow_tsc = allow_tsc
     s.xsave = _xsave
@@ -203,8 +206,56 @@ def spawn(*, int stdin_fd, int stdout_fd, int status_fd, int text_fd, int data_f
     s.stack_top = stack_top
     s.cpu_soft = cpu_soft
     s.cpu_hard = cpu_hard
+    s.in_zygote = 0
+    s.zygote_pid = 0
+    return 0
+
+
+def spawn(*, int stdin_fd, int stdout_fd, int status_fd, int text_fd, int data_fd,
+          text, data, stack, uint64_t entry, uint64_t stack_top,
+          uint64_t cpu_soft, uint64_t cpu_hard, bint allow_tsc, int mode):
+    """Fork a job from this process.  text, data and stack are (start,
+    size) pairs (data None when the image has none); the child reports on
+    status_fd (8-byte records: see STEPS) and closes it right before
+    seccomp.  Returns the pid."""
+    cdef cps_spec s
+    cdef long pid
+    _fill(&s, stdin_fd, stdout_fd, status_fd, text_fd, data_fd, text, data, stack,
+          entry, stack_top, cpu_soft, cpu_hard, allow_tsc, mode)
+    s.tramp_fd = trampoline_memfd()
     with nogil:
         pid = cps_spawn(&s)
     if pid < 0:
         raise _oserror(<int>-pid, "fork()")
     return pid
+
+
+def zygote_start(int sock):
+    """Fork the zygote, which serves requests on sock (a SOCK_SEQPACKET
+    socket) until its other end closes.  Returns its pid."""
+    cdef int tramp = trampoline_memfd()
+    cdef long pid
+    with nogil:
+        pid = cps_zygote_start(sock, tramp)
+    if pid < 0:
+        raise _oserror(<int>-pid, "fork(zygote)")
+    return pid
+
+
+def zygote_spawn(int sock, *, int stdin_fd, int stdout_fd, int status_fd, int text_fd,
+                 int data_fd, text, data, stack, uint64_t entry, uint64_t stack_top,
+                 uint64_t cpu_soft, uint64_t cpu_hard, bint allow_tsc, int mode):
+    """Have the zygote fork a job (one request at a time per socket: the
+    caller serialises).  The zygote writes an exit record (EXITED, wait
+    status, user and system microseconds) on status_fd when the job ends.
+    Returns (pid, pidfd, mode)."""
+    cdef cps_spec s
+    cdef long pid
+    cdef int pidfd = -1, used_mode = 0, step = 0
+    _fill(&s, stdin_fd, stdout_fd, status_fd, text_fd, data_fd, text, data, stack,
+          entry, stack_top, cpu_soft, cpu_hard, allow_tsc, mode)
+    with nogil:
+        pid = cps_zygote_spawn(sock, &s, &pidfd, &used_mode, &step)
+    if pid < 0:
+        raise _oserror(<int>-pid, step_name(step))
+    return pid, pidfd, used_mode

@@ -6,6 +6,10 @@
  */
 #define _GNU_SOURCE
 #include <cpuid.h>
+#include <link.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <errno.h>
 #include <pthread.h>
 #include <linux/audit.h>
@@ -52,6 +56,8 @@ static inline long sys6(long nr, long a1, long a2, long a3, long a4, long a5, lo
 #define K_MAP_ANONYMOUS 0x20
 #define K_MAP_NORESERVE 0x4000
 #define K_F_DUPFD 0
+#define K_PR_SET_PDEATHSIG 1
+#define K_PR_SET_NAME 15
 #define K_PR_GET_SECCOMP 21
 #define K_PR_SET_SECCOMP 22
 #define K_PR_SET_TSC 26
@@ -67,6 +73,20 @@ static inline long sys6(long nr, long a1, long a2, long a3, long a4, long a5, lo
 #define K_SIGKILL 9
 #define K_SIGUSR1 10
 #define K_SIGSTOP 19
+#define K_SIGPIPE 13
+#define K_SIGCHLD 17
+#define K_SIG_IGN 1
+#define K_CLONE_PIDFD 0x1000
+#define K_O_NONBLOCK 0x800
+#define K_O_CLOEXEC 0x80000
+#define K_WNOHANG 1
+#define K_POLLIN 1
+#define K_POLLERR 8
+#define K_POLLHUP 0x10
+#define K_EINTR 4
+#define K_EAGAIN 11
+#define K_EINVAL 22
+#define K_MSG_NOSIGNAL 0x4000
 
 #define PAGE 4096UL
 /* The highest user address with 4-level paging (TASK_SIZE_MAX). */
@@ -330,7 +350,7 @@ static NOSP __attribute__((noreturn)) void cps_child(const struct cps_spec *s)
     /* Restartable sequences: glibc registered an area in this thread's TLS,
      * which is about to be unmapped; the kernel would then kill the job
      * with SIGSEGV on its next preemption.  Unregister it. */
-    if (__rseq_size) {
+    if (!s->in_zygote && __rseq_size) {
         void *area = (char *)__builtin_thread_pointer() + __rseq_offset;
         r = sys4(__NR_rseq, area, 32, 1 /* RSEQ_FLAG_UNREGISTER */, RSEQ_SIG);
         if (IS_ERR(r) && __rseq_size != 32)
@@ -341,6 +361,14 @@ static NOSP __attribute__((noreturn)) void cps_child(const struct cps_spec *s)
     long pid = sys1(__NR_getpid, 0);
     if (IS_ERR(pid))
         fail(status, CPS_GETPID, pid);
+    if (s->in_zygote) {
+        /* The job dies with the zygote, which dies with its parent's socket. */
+        r = sys2(__NR_prctl, K_PR_SET_PDEATHSIG, K_SIGKILL);
+        if (IS_ERR(r))
+            fail(status, CPS_PDEATHSIG, r);
+        if (sys1(__NR_getppid, 0) != s->zygote_pid)
+            fail(status, CPS_PDEATHSIG, -3 /* ESRCH */);
+    }
 
     /* The keep area. */
     unsigned long keep = (unsigned long)sys6(__NR_mmap, KEEP_HINT, KEEP_SIZE, K_PROT_NONE,
@@ -407,6 +435,276 @@ static NOSP __attribute__((noreturn)) void cps_child(const struct cps_spec *s)
     __builtin_unreachable();
 }
 
+
+/* -- the zygote ---------------------------------------------------------------
+ * Forked once from the Python process.  It keeps nothing of it but this
+ * extension's own image (code and constants; no libc is called) and a
+ * fresh area for its stack and job table, so forking a job from it copies
+ * almost nothing and the job's trampoline has almost nothing to unmap.
+ * fds: 3 the socket to the parent, 4 the trampoline memfd, and a signalfd
+ * for SIGCHLD.  Requests are one SOCK_SEQPACKET message each: a zreq with
+ * the job's fds (stdin, stdout, status, text[, data]) as SCM_RIGHTS; the
+ * reply is a zreply with a pidfd of the job.  When a job ends the zygote
+ * writes a cps_exit_record (wait status, rusage) to its status pipe. */
+
+#define ZMAGIC 0x6370757368617265UL /* "cpushare" */
+#define MAX_JOBS 4096
+#define ZAREA_SIZE (512UL * 1024)
+#define ZSTACK_OFFSET (128UL * 1024) /* the state below, the stack above */
+
+struct zreq {
+    uint64_t magic;
+    struct cps_spec spec;
+};
+struct zreply {
+    int64_t pid;   /* or -errno */
+    int32_t step;  /* the failing step when pid < 0 */
+    int32_t mode;  /* the seccomp mode the job will use */
+};
+struct zjob {
+    int pid, status_fd;
+};
+struct zstate {
+    int sock, tramp, sfd, filtered, self_pid, njobs;
+    unsigned long so_lo, so_hi, area_lo, area_hi;
+    struct zjob jobs[MAX_JOBS];
+};
+struct k_pollfd {
+    int fd;
+    short events, revents;
+};
+struct k_rusage {
+    long utime_sec, utime_usec, stime_sec, stime_usec;
+    long rest[14];
+};
+
+static NOSP __attribute__((noreturn)) void zexit(int code)
+{
+    sys1(__NR_exit, code);
+    __builtin_unreachable();
+}
+
+static NOSP void zreply_send(struct zstate *z, long pid, int step, int mode, int pidfd)
+{
+    struct zreply rep;
+    struct iovec iov;
+    struct msghdr msg;
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } cb;
+    rep.pid = pid;
+    rep.step = step;
+    rep.mode = mode;
+    iov.iov_base = &rep;
+    iov.iov_len = sizeof rep;
+    msg.msg_name = 0;
+    msg.msg_namelen = 0;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = 0;
+    msg.msg_controllen = 0;
+    msg.msg_flags = 0;
+    if (pidfd >= 0) {
+        cb.h.cmsg_len = CMSG_LEN(sizeof(int));
+        cb.h.cmsg_level = SOL_SOCKET;
+        cb.h.cmsg_type = SCM_RIGHTS;
+        *(volatile int *)CMSG_DATA(&cb.h) = pidfd;
+        msg.msg_control = cb.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int));
+    }
+    if (IS_ERR(sys3(__NR_sendmsg, z->sock, &msg, K_MSG_NOSIGNAL)))
+        zexit(1); /* the parent is gone */
+}
+
+static NOSP void zreap(struct zstate *z)
+{
+    char buf[512];
+    while (!IS_ERR(sys3(__NR_read, z->sfd, buf, sizeof buf)))
+        ;
+    for (;;) {
+        struct k_rusage ru;
+        int st = 0, i;
+        long pid = sys4(__NR_wait4, -1, &st, K_WNOHANG, &ru);
+        if (pid <= 0)
+            break;
+        for (i = 0; i < z->njobs; i++)
+            if (z->jobs[i].pid == pid)
+                break;
+        if (i == z->njobs)
+            continue;
+        struct cps_exit_record rec;
+        rec.step = CPS_EXITED;
+        rec.wstatus = st;
+        rec.utime_us = (uint64_t)ru.utime_sec * 1000000 + (uint64_t)ru.utime_usec;
+        rec.stime_us = (uint64_t)ru.stime_sec * 1000000 + (uint64_t)ru.stime_usec;
+        sys3(__NR_write, z->jobs[i].status_fd, &rec, sizeof rec);
+        sys1(__NR_close, z->jobs[i].status_fd);
+        z->njobs--;
+        z->jobs[i].pid = z->jobs[z->njobs].pid;
+        z->jobs[i].status_fd = z->jobs[z->njobs].status_fd;
+    }
+}
+
+static NOSP void zrequest(struct zstate *z)
+{
+    struct zreq req;
+    struct iovec iov;
+    struct msghdr msg;
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(8 * sizeof(int))];
+    } cb;
+    int fds[8], nfds = 0, i;
+    iov.iov_base = &req;
+    iov.iov_len = sizeof req;
+    msg.msg_name = 0;
+    msg.msg_namelen = 0;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cb.buf;
+    msg.msg_controllen = sizeof cb.buf;
+    msg.msg_flags = 0;
+    long n = sys3(__NR_recvmsg, z->sock, &msg, 0);
+    if (n == -K_EINTR || n == -K_EAGAIN)
+        return;
+    if (n <= 0)
+        zexit(0); /* the parent closed its end: its jobs die with us */
+    if (msg.msg_controllen >= CMSG_LEN(sizeof(int)) && cb.h.cmsg_level == SOL_SOCKET &&
+        cb.h.cmsg_type == SCM_RIGHTS) {
+        nfds = (int)((cb.h.cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        if (nfds > 8)
+            nfds = 8;
+        for (i = 0; i < nfds; i++)
+            fds[i] = ((volatile int *)CMSG_DATA(&cb.h))[i];
+    }
+    struct cps_spec *s = &req.spec;
+    if (n != (long)sizeof req || req.magic != ZMAGIC || (msg.msg_flags & MSG_CTRUNC) ||
+        nfds != (s->data_size ? 5 : 4) || z->njobs >= MAX_JOBS) {
+        for (i = 0; i < nfds; i++)
+            sys1(__NR_close, fds[i]);
+        zreply_send(z, z->njobs >= MAX_JOBS ? -K_EAGAIN : -K_EINVAL, CPS_FORK, 0, -1);
+        return;
+    }
+    s->stdin_fd = fds[0];
+    s->stdout_fd = fds[1];
+    s->status_fd = fds[2];
+    s->text_fd = fds[3];
+    s->data_fd = nfds == 5 ? fds[4] : -1;
+    s->tramp_fd = z->tramp;
+    s->in_zygote = 1;
+    s->zygote_pid = z->self_pid;
+    if (z->filtered)
+        s->mode = CPS_MODE_FILTER; /* the kernel would refuse strict mode */
+    int pidfd = -1;
+    long pid = sys6(__NR_clone, K_SIGCHLD | K_CLONE_PIDFD, 0, (long)&pidfd, 0, 0, 0);
+    if (pid == 0)
+        cps_child(s);
+    for (i = 0; i < nfds; i++)
+        if (i != 2 || IS_ERR(pid))
+            sys1(__NR_close, fds[i]);
+    if (IS_ERR(pid)) {
+        zreply_send(z, pid, CPS_FORK, 0, -1);
+        return;
+    }
+    z->jobs[z->njobs].pid = (int)pid;
+    z->jobs[z->njobs].status_fd = fds[2];
+    z->njobs++;
+    zreply_send(z, pid, 0, s->mode, pidfd);
+    sys1(__NR_close, pidfd);
+}
+
+static NOSP __attribute__((noreturn, used)) void zmain(struct zstate *z)
+{
+    /* Unmap everything but this extension's image and the zygote's area. */
+    unsigned long lo1 = z->so_lo, hi1 = z->so_hi, lo2 = z->area_lo, hi2 = z->area_hi, t;
+    if (lo2 < lo1) {
+        t = lo1, lo1 = lo2, lo2 = t;
+        t = hi1, hi1 = hi2, hi2 = t;
+    }
+    if (IS_ERR(sys2(__NR_munmap, 0, lo1)) || (lo2 > hi1 && IS_ERR(sys2(__NR_munmap, hi1, lo2 - hi1))) ||
+        IS_ERR(sys2(__NR_munmap, hi2, TASK_TOP - hi2)))
+        zexit(1);
+    for (;;) {
+        struct k_pollfd pf[2];
+        pf[0].fd = z->sock;
+        pf[0].events = K_POLLIN;
+        pf[0].revents = 0;
+        pf[1].fd = z->sfd;
+        pf[1].events = K_POLLIN;
+        pf[1].revents = 0;
+        long r = sys3(__NR_poll, pf, 2, -1);
+        if (r == -K_EINTR)
+            continue;
+        if (IS_ERR(r))
+            zexit(1);
+        if (pf[1].revents)
+            zreap(z);
+        if (pf[0].revents & (K_POLLIN | K_POLLHUP | K_POLLERR))
+            zrequest(z);
+    }
+}
+
+static NOSP __attribute__((noreturn)) void zboot(int sock, int tramp, unsigned long so_lo, unsigned long so_hi)
+{
+    int i, tmp_sock, tmp_tramp;
+    long r;
+    for (i = 1; i <= 64; i++) {
+        struct k_sigaction sa = {0, 0, 0, 0};
+        if (i == K_SIGKILL || i == K_SIGSTOP)
+            continue;
+        if (i == K_SIGPIPE)
+            sa.handler = K_SIG_IGN;
+        sys4(__NR_rt_sigaction, i, &sa, 0, 8);
+    }
+    unsigned long chld = 1UL << (K_SIGCHLD - 1);
+    sys4(__NR_rt_sigprocmask, SIG_SETMASK, &chld, 0, 8);
+    tmp_sock = (int)sys3(__NR_fcntl, sock, K_F_DUPFD, 16);
+    tmp_tramp = (int)sys3(__NR_fcntl, tramp, K_F_DUPFD, 16);
+    if (tmp_sock < 0 || tmp_tramp < 0 || IS_ERR(sys2(__NR_dup2, tmp_sock, 3)) ||
+        IS_ERR(sys2(__NR_dup2, tmp_tramp, 4)) || IS_ERR(sys3(__NR_close_range, 5, ~0U, 0)) ||
+        IS_ERR(sys3(__NR_close_range, 0, 2, 0)))
+        zexit(1);
+    /* fds 3 and 4 must survive in the jobs' set-up: no close-on-exec
+     * matters (there is no exec), but keep them plain. */
+    if (__rseq_size) {
+        void *area = (char *)__builtin_thread_pointer() + __rseq_offset;
+        r = sys4(__NR_rseq, area, 32, 1, RSEQ_SIG);
+        if (IS_ERR(r) && __rseq_size != 32)
+            r = sys4(__NR_rseq, area, __rseq_size, 1, RSEQ_SIG);
+        if (IS_ERR(r))
+            zexit(1);
+    }
+    {
+        char name[16] = "cpushare-zygote";
+        sys2(__NR_prctl, K_PR_SET_NAME, name);
+    }
+    long sfd = sys4(__NR_signalfd4, -1, &chld, 8, K_O_NONBLOCK | K_O_CLOEXEC);
+    if (IS_ERR(sfd))
+        zexit(1);
+    unsigned long area = (unsigned long)sys6(__NR_mmap, 0, ZAREA_SIZE, K_PROT_READ | K_PROT_WRITE,
+                                             K_MAP_PRIVATE | K_MAP_ANONYMOUS, -1, 0);
+    if (IS_ERR(area))
+        zexit(1);
+    struct zstate *z = (struct zstate *)area;
+    z->sock = 3;
+    z->tramp = 4;
+    z->sfd = (int)sfd;
+    z->filtered = sys2(__NR_prctl, K_PR_GET_SECCOMP, 0) == 2;
+    z->self_pid = (int)sys1(__NR_getpid, 0);
+    z->so_lo = so_lo;
+    z->so_hi = so_hi;
+    z->area_lo = area;
+    z->area_hi = area + ZAREA_SIZE;
+    __asm__ volatile("mov %0, %%rsp\n\t"
+                     "call zmain\n\t"
+                     "ud2"
+                     :
+                     : "r"(area + ZAREA_SIZE), "D"(z)
+                     : "memory");
+    __builtin_unreachable();
+}
+
 /* -- the parent ------------------------------------------------------------ */
 
 long cps_spawn(const struct cps_spec *spec)
@@ -436,4 +734,111 @@ int cps_have_xsave(void)
     if (!__get_cpuid(1, &a, &b, &c, &d))
         return 0;
     return (c & bit_OSXSAVE) != 0;
+}
+
+struct so_range {
+    unsigned long self, lo, hi;
+};
+
+static int find_self(struct dl_phdr_info *info, size_t size, void *data)
+{
+    struct so_range *r = data;
+    unsigned long lo = ~0UL, hi = 0;
+    (void)size;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+        if (ph->p_type != PT_LOAD)
+            continue;
+        unsigned long a = info->dlpi_addr + ph->p_vaddr, b = a + ph->p_memsz;
+        if (a < lo)
+            lo = a;
+        if (b > hi)
+            hi = b;
+    }
+    if (lo <= r->self && r->self < hi) {
+        r->lo = lo & ~(PAGE - 1);
+        r->hi = (hi + PAGE - 1) & ~(PAGE - 1);
+        return 1;
+    }
+    return 0;
+}
+
+long cps_zygote_start(int sock, int tramp_fd)
+{
+    struct so_range r = {(unsigned long)&cps_zygote_start, 0, 0};
+    sigset_t all, old;
+    long pid;
+
+    dl_iterate_phdr(find_self, &r);
+    if (!r.hi)
+        return -ENOENT;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid = _Fork();
+    if (pid == 0)
+        zboot(sock, tramp_fd, r.lo, r.hi);
+    if (pid < 0)
+        pid = -(long)errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return pid;
+}
+
+long cps_zygote_spawn(int sock, const struct cps_spec *spec, int *pidfd, int *mode, int *step)
+{
+    struct zreq req;
+    struct zreply rep;
+    struct iovec iov;
+    struct msghdr msg;
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(5 * sizeof(int))];
+    } cb;
+    int fds[5] = {spec->stdin_fd, spec->stdout_fd, spec->status_fd, spec->text_fd, spec->data_fd};
+    int n = spec->data_size ? 5 : 4;
+    ssize_t got;
+
+    memset(&req, 0, sizeof req);
+    memset(&cb, 0, sizeof cb);
+    memset(&msg, 0, sizeof msg);
+    req.magic = ZMAGIC;
+    req.spec = *spec;
+    iov.iov_base = &req;
+    iov.iov_len = sizeof req;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cb.buf;
+    msg.msg_controllen = CMSG_SPACE(n * sizeof(int));
+    cb.h.cmsg_len = CMSG_LEN(n * sizeof(int));
+    cb.h.cmsg_level = SOL_SOCKET;
+    cb.h.cmsg_type = SCM_RIGHTS;
+    memcpy(CMSG_DATA(&cb.h), fds, n * sizeof(int));
+    *step = CPS_ZYGOTE_SEND;
+    while (sendmsg(sock, &msg, MSG_NOSIGNAL) < 0)
+        if (errno != EINTR)
+            return -(long)errno;
+
+    memset(&cb, 0, sizeof cb);
+    memset(&msg, 0, sizeof msg);
+    iov.iov_base = &rep;
+    iov.iov_len = sizeof rep;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cb.buf;
+    msg.msg_controllen = sizeof cb.buf;
+    *step = CPS_ZYGOTE_RECV;
+    while ((got = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC)) < 0)
+        if (errno != EINTR)
+            return -(long)errno;
+    if (got != (ssize_t)sizeof rep)
+        return -EPIPE; /* the zygote is gone */
+    if (rep.pid < 0) {
+        *step = rep.step;
+        return rep.pid;
+    }
+    if (msg.msg_controllen < CMSG_LEN(sizeof(int)) || cb.h.cmsg_type != SCM_RIGHTS)
+        return -EPROTO;
+    memcpy(pidfd, CMSG_DATA(&cb.h), sizeof(int));
+    *mode = rep.mode;
+    *step = 0;
+    return rep.pid;
 }

@@ -16,10 +16,12 @@ run() and Job.communicate() may be called from several threads at once.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import select
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -144,6 +146,78 @@ def _close(*fds):
                 pass
 
 
+class _Zygote:
+    """A small process forked once that forks the jobs: it keeps nothing of
+    this process but the extension's code (see trampoline.c), so a job
+    start copies and tears down almost nothing.  It reaps the jobs and
+    writes their wait status and CPU time to their status pipes."""
+
+    def __init__(self):
+        ext = _ext()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.pid = ext.zygote_start(theirs.fileno())
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.owner = os.getpid()
+        self.lock = threading.Lock()
+
+    def spawn(self, **kw):
+        with self.lock:
+            return _ext().zygote_spawn(self.sock.fileno(), **kw)
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.owner == os.getpid():
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+
+
+_zygote_lock = threading.Lock()
+_zygote: _Zygote | None = None
+_zygote_error: str | None = None
+
+
+def _forget_zygote_after_fork() -> None:
+    # A forked copy of this process must not share the parent's zygote.
+    global _zygote, _zygote_lock
+    _zygote_lock = threading.Lock()
+    if _zygote is not None:
+        try:
+            _zygote.sock.close()
+        except OSError:
+            pass
+    _zygote = None
+
+
+os.register_at_fork(after_in_child=_forget_zygote_after_fork)
+
+
+def spawn_method() -> str:
+    """How jobs start: 'zygote' (the default) or 'fork' (from this process
+    directly; CPUSHARE_SANDBOX_SPAWN=fork, or when no zygote can start)."""
+    if os.environ.get("CPUSHARE_SANDBOX_SPAWN", "zygote") == "fork" or _zygote_error:
+        return "fork"
+    return "zygote"
+
+
+def _get_zygote(restart: _Zygote | None = None) -> _Zygote | None:
+    global _zygote, _zygote_error
+    with _zygote_lock:
+        if restart is not None and _zygote is restart:
+            restart.close()
+            _zygote = None
+        if _zygote is None and spawn_method() == "zygote":
+            try:
+                _zygote = _Zygote()
+            except OSError as e:
+                _zygote_error = str(e)
+        return _zygote
+
+
 class Job:
     """A running job.  Use communicate() (or run()), or do the I/O yourself
     on fileno_in()/fileno_out() and then wait()."""
@@ -164,19 +238,20 @@ class Job:
             # Entering strict mode also disables the TSC (kernel/seccomp.c);
             # the filter allows exactly the same calls and leaves it alone.
             modenum = ext.MODE_FILTER
-        self.mode = "strict" if modenum == ext.MODE_STRICT else "filter"
         self._lock = threading.Lock()
         self._result: Result | None = None
         self._kill_reason: str | None = None
         self._output = bytearray()
-        self._streamed = False
+        self._sent = 0
         self._in: int | None = None
         self._out: int | None = None
+        self._status: int | None = None
+        self._status_buf = bytearray()
+        self._exit_record: tuple[int, float] | None = None
         self.pidfd = -1
         regions = {r.name: r for r in image.regions()}
         text_fd = data_fd = -1
         child_ends: list[int] = []
-        status_r = -1
         try:
             text_fd = ext.sealed_memfd("cpushare-text", image.text, regions["text"].size, True)
             data = regions.get("data")
@@ -186,68 +261,108 @@ class Job:
             child_ends.append(in_r)
             self._out, out_w = os.pipe2(os.O_CLOEXEC)
             child_ends.append(out_w)
-            status_r, status_w = os.pipe2(os.O_CLOEXEC)
+            self._status, status_w = os.pipe2(os.O_CLOEXEC)
             child_ends.append(status_w)
             soft, hard = limits.cpu_rlimit
             stack = regions["stack"]
-            try:
-                self.pid = ext.spawn(
-                    stdin_fd=in_r, stdout_fd=out_w, status_fd=status_w,
-                    text_fd=text_fd, data_fd=data_fd,
-                    text=(regions["text"].start, regions["text"].size),
-                    data=None if data is None else (data.start, data.size),
-                    stack=(stack.start, stack.size), entry=image.entry, stack_top=STACK_TOP,
-                    cpu_soft=soft, cpu_hard=hard, allow_tsc=limits.allow_tsc, mode=modenum)
-            except OSError as e:
-                raise SandboxError(f"starting a job: {e}") from None
+            spec = dict(
+                stdin_fd=in_r, stdout_fd=out_w, status_fd=status_w,
+                text_fd=text_fd, data_fd=data_fd,
+                text=(regions["text"].start, regions["text"].size),
+                data=None if data is None else (data.start, data.size),
+                stack=(stack.start, stack.size), entry=image.entry, stack_top=STACK_TOP,
+                cpu_soft=soft, cpu_hard=hard, allow_tsc=limits.allow_tsc, mode=modenum)
+            self._spawn(spec, modenum)
             self._start = time.monotonic()
             self._paused_at: float | None = None
             self._paused_total = 0.0
             _close(text_fd, data_fd, *child_ends)
             text_fd = data_fd = -1
             child_ends = []
-            self.pidfd = os.pidfd_open(self.pid)
-            self._await_ready(status_r)
+            self._await_ready()
         except BaseException:
-            _close(text_fd, data_fd, *child_ends, self._in, self._out, self.pidfd)
-            self._in = self._out = None
+            _close(text_fd, data_fd, *child_ends, self._in, self._out, self._status, self.pidfd)
+            self._in = self._out = self._status = None
             self.pidfd = -1
             raise
-        finally:
-            _close(status_r)
 
-    def _await_ready(self, status_r: int) -> None:
+    def _spawn(self, spec: dict, modenum: int) -> None:
         ext = _ext()
-        records = bytearray()
-        while True:
-            chunk = os.read(status_r, 64)
-            if not chunk:
-                break
-            records += chunk
-        size = ext.RECORD_SIZE
-        failures = []
-        ready = False
-        for i in range(0, len(records) - size + 1, size):
-            step = int.from_bytes(records[i:i + 4], "little", signed=True)
-            err = int.from_bytes(records[i + 4:i + 8], "little", signed=True)
-            if step == 0:
-                ready = True
-            else:
-                failures.append(f"{ext.step_name(step)}: {os.strerror(err)} (errno {err})")
-        if failures or not ready:
-            self._reap_failed()
-            if failures:
-                raise SandboxError("job set-up failed in the child at " + "; ".join(failures))
-            raise SandboxError("job set-up failed: the child died before it was ready "
-                               f"(wait status {self._failed_status:#x})")
+        zygote = _get_zygote()
+        if zygote is not None:
+            for attempt in (1, 2):
+                try:
+                    self.pid, self.pidfd, modenum = zygote.spawn(**spec)
+                    break
+                except OSError as e:
+                    if attempt == 2 or e.errno not in (errno.EPIPE, errno.ECONNRESET,
+                                                       errno.ENOTCONN):
+                        raise SandboxError(f"starting a job through the zygote: {e}") from None
+                    zygote = _get_zygote(restart=zygote)  # it died: start another
+                    if zygote is None:
+                        break
+            self.spawned_by = "zygote"
+        if zygote is None:
+            try:
+                self.pid = ext.spawn(**spec)
+            except OSError as e:
+                raise SandboxError(f"starting a job: {e}") from None
+            self.pidfd = os.pidfd_open(self.pid)
+            self.spawned_by = "fork"
+        self.mode = "strict" if modenum == ext.MODE_STRICT else "filter"
 
-    def _reap_failed(self) -> None:
-        try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        except OSError:
-            pass
-        _, self._failed_status, _ = os.wait4(self.pid, 0)
-        self._result = None
+    # -- the status pipe -----------------------------------------------------
+    def _read_status(self) -> list[tuple[int, int]]:
+        """Read what the status pipe has (blocking until something comes);
+        return the complete records [(step, value)]; [(-1, 0)] at EOF."""
+        ext = _ext()
+        chunk = os.read(self._status, 256)
+        if not chunk:
+            return [(-1, 0)]
+        self._status_buf += chunk
+        out = []
+        buf = self._status_buf
+        while len(buf) >= ext.RECORD_SIZE:
+            step = int.from_bytes(buf[0:4], "little", signed=True)
+            value = int.from_bytes(buf[4:8], "little", signed=True)
+            if step == ext.EXITED:
+                if len(buf) < ext.EXIT_RECORD_SIZE:
+                    break
+                utime = int.from_bytes(buf[8:16], "little")
+                stime = int.from_bytes(buf[16:24], "little")
+                self._exit_record = (value, (utime + stime) / 1e6)
+                del buf[:ext.EXIT_RECORD_SIZE]
+            else:
+                del buf[:ext.RECORD_SIZE]
+            out.append((step, value))
+        return out
+
+    def _await_ready(self) -> None:
+        ext = _ext()
+        failures = []
+        ended = False
+        while not (failures or ended):
+            for step, value in self._read_status():
+                if step == 0:
+                    return
+                if step == -1 or step == ext.EXITED:
+                    ended = True
+                    break
+                failures.append(f"{ext.step_name(step)}: {os.strerror(value)} (errno {value})")
+        status = self._reap_failed()
+        if failures:
+            raise SandboxError("job set-up failed in the child at " + "; ".join(failures))
+        raise SandboxError("job set-up failed: the child died before it was ready "
+                           f"(wait status {status:#x})")
+
+    def _reap_failed(self) -> int:
+        self._signal(signal.SIGKILL)
+        if self.spawned_by == "fork":
+            return os.wait4(self.pid, 0)[1]
+        while self._exit_record is None:  # the zygote reaps it and says so
+            if self._read_status() == [(-1, 0)]:
+                return -1
+        return self._exit_record[0]
 
     # -- I/O for callers that do their own ---------------------------------
     def fileno_in(self) -> int:
@@ -322,7 +437,6 @@ class Job:
     def stream(self, source, sink) -> Result:
         """Like communicate(), from a readable file and to a writable one
         (binary, with fileno()); Result.output is then empty."""
-        self._streamed = True
         return self._pump(None, source.fileno(), sink)
 
     def wait(self) -> Result:
@@ -341,8 +455,8 @@ class Job:
             os.set_blocking(self._in, False)
         if self._out is not None:
             os.set_blocking(self._out, False)
-        exited = False
-        poller = select.poll()
+        zygote = self.spawned_by == "zygote"
+        exited = zygote and self._exit_record is not None
         while True:
             remaining = self.limits.wall_seconds - self._elapsed()
             if remaining <= 0 and not exited:
@@ -360,12 +474,17 @@ class Job:
             if self._out is not None:
                 poller.register(self._out, select.POLLIN)
             if not exited:
-                poller.register(self.pidfd, select.POLLIN)
+                # the zygote reports the end on the status pipe; a child of
+                # ours ends when its pidfd becomes readable
+                poller.register(self._status if zygote else self.pidfd, select.POLLIN)
             timeout = min(remaining, 1.0) if self._paused_at is None else 1.0
             events = poller.poll(max(0, int(timeout * 1000) + 1))
             for fd, ev in events:
-                if fd == self.pidfd:
+                if fd == self.pidfd and not zygote:
                     exited = True
+                elif fd == self._status and zygote:
+                    if self._read_status() == [(-1, 0)] or self._exit_record is not None:
+                        exited = True
                 elif fd == self._out:
                     self._read_output(limit, sink)
                 elif fd == self._in:
@@ -404,23 +523,30 @@ class Job:
         if sink is None:
             self._output += chunk
         else:
-            self._sent = getattr(self, "_sent", 0) + len(chunk)
+            self._sent += len(chunk)
             sink.write(chunk)
             sink.flush()
 
     def _produced(self) -> int:
-        return len(self._output) + getattr(self, "_sent", 0)
+        return len(self._output) + self._sent
 
     def _reap(self) -> Result:
         with self._lock:
             if self._result is not None:
                 return self._result
-            _, status, rusage = os.wait4(self.pid, 0)
+            if self.spawned_by == "fork":
+                _, status, rusage = os.wait4(self.pid, 0)
+                cpu = rusage.ru_utime + rusage.ru_stime
+            else:
+                while self._exit_record is None:
+                    if self._read_status() == [(-1, 0)]:
+                        self._close_all()
+                        raise SandboxError(
+                            f"the zygote (pid {_zygote.pid if _zygote else '?'}) died before "
+                            f"it reported the end of job {self.pid}, which died with it")
+                status, cpu = self._exit_record
             wall = self._elapsed()
-            _close(self.pidfd, self._in, self._out)
-            self.pidfd = -1
-            self._in = self._out = None
-            cpu = rusage.ru_utime + rusage.ru_stime
+            self._close_all()
             exit_status = sig = None
             if os.WIFEXITED(status):
                 exit_status = os.WEXITSTATUS(status)
@@ -436,6 +562,11 @@ class Job:
                                   cpu_seconds=cpu, wall_seconds=wall,
                                   output=bytes(self._output), mode=self.mode)
             return self._result
+
+    def _close_all(self) -> None:
+        _close(self.pidfd, self._in, self._out, self._status)
+        self.pidfd = -1
+        self._in = self._out = self._status = None
 
     def _reason_for(self, sig: int, cpu: float) -> str:
         if self._kill_reason is not None:
