@@ -153,6 +153,17 @@ def dead_port():
     s.close()
 
 
+@pytest.fixture
+def silent_port():
+    """A local TCP port that listens but never answers: the seller's TLS
+    handshake hangs, so it stays 'connecting' (for 20 s) with no error."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    yield s.getsockname()[1]
+    s.close()
+
+
 def write_order(path: Path, credentials, port: int, *, price_milli: int = 10) -> Path:
     from cpushare.order import write_sell
 

@@ -17,8 +17,8 @@ import time
 
 import pytest
 from dbus_fixtures import (PYTHON, SRC, NotifySocket, credentials, daemon_env,  # noqa: F401
-                           dead_port, start_daemon, stop_daemon, system_bus, wait_for,
-                           write_order)
+                           dead_port, silent_port, start_daemon, stop_daemon, system_bus,
+                           wait_for, write_order)
 
 from cpushare import daemon, dbus
 from cpushare.order import load_sell
@@ -87,10 +87,9 @@ def test_ready_status_dbus_reload_and_clean_stop(system_bus, order_file, notify_
         js = json.loads(ctl("status", "--json").stdout)
         assert [x["instance"] for x in js] == ["cpu0"] and js[0]["coins_earned_milli"] == 0
 
-        # Pause and resume over the bus, through cpusharectl.
-        seen = len(notify_socket.messages)
+        # Pause and resume over the bus, through cpusharectl (their effect on
+        # the state: test_pause_and_resume_show_in_status_and_on_the_bus).
         assert ctl("pause", "cpu0").returncode == 0
-        notify_socket.wait("STATUS", contains=": paused, 0 tasks done", after=seen)
         assert ctl("resume", "--all").returncode == 0
 
         # SIGHUP with a broken file keeps the old order and says why.
@@ -117,6 +116,8 @@ def test_ready_status_dbus_reload_and_clean_stop(system_bus, order_file, notify_
     assert f"{order_file}:" in err and "keeping the old order" in err and "model" in err
     assert "order re-read" in err
     assert "SIGTERM: stopping, handing back the running task" in err
+    assert err.index("Pause() over D-Bus") < err.index("INFO: paused") \
+        < err.index("Resume() over D-Bus") < err.index("INFO: resumed")
     # The name is gone with the daemon.
     r = ctl("status")
     assert r.returncode == daemon_ctl_exit("NOT_RUNNING"), r.stderr
@@ -126,6 +127,29 @@ def test_ready_status_dbus_reload_and_clean_stop(system_bus, order_file, notify_
 def daemon_ctl_exit(name: str) -> int:
     from cpushare import ctl as ctl_module
     return getattr(ctl_module, f"EXIT_{name}")
+
+
+def test_pause_and_resume_show_in_status_and_on_the_bus(system_bus, tmp_path, credentials,  # noqa: F811
+                                                       silent_port, notify_socket):
+    order_file = write_order(tmp_path / "cpu0.cpu", credentials, silent_port)
+    env = daemon_env(NOTIFY_SOCKET=notify_socket.path,
+                     DBUS_SYSTEM_BUS_ADDRESS=system_bus.address)
+    proc = start_daemon(["--cache-dir", str(tmp_path / "c"), str(order_file)], env=env)
+    try:
+        notify_socket.wait("STATUS", contains=": connecting, 0 tasks done")
+        seen = len(notify_socket.messages)
+        assert ctl("pause", "cpu0").returncode == 0
+        notify_socket.wait("STATUS", contains=": paused, 0 tasks done", after=seen)
+        r = ctl("status", "--json")
+        assert json.loads(r.stdout)[0]["state"] == "paused"
+        assert ctl("pause", "cpu0").returncode == 0  # idempotent
+        seen = len(notify_socket.messages)
+        assert ctl("resume", "cpu0").returncode == 0
+        notify_socket.wait("STATUS", contains=": connecting, 0 tasks done", after=seen)
+        assert json.loads(ctl("status", "--json").stdout)[0]["state"] == "connecting"
+    finally:
+        code, _, err = stop_daemon(proc)
+    assert code == 0, err
 
 
 # --- refusals, each with its documented exit status -------------------------------
@@ -339,11 +363,16 @@ def test_status_line_reads_like_a_sentence(order_file):
 
 def test_daemon_mode_detaches_with_a_locked_pidfile(tmp_path, order_file):
     pidfile = tmp_path / "cpu0.pid"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pidfile.write_text(f"{dead.pid}\n")  # stale: its process is gone
     args = ["--daemon", "--pidfile", str(pidfile), "--no-dbus", "--cache-dir",
             str(tmp_path / "c"), str(order_file)]
     r = run_daemon(args, env=daemon_env())
     assert r.returncode == 0, r.stderr
-    pid = wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the pidfile")
+    assert f"{pidfile}: removed a stale pidfile" in r.stderr
+    pid = wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != str(dead.pid)
+                   and pidfile.read_text().strip(), what="the pidfile")
     pid = int(pid)
     try:
         assert os.getsid(pid) != os.getsid(0)  # a session of its own: detached

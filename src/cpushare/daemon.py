@@ -62,6 +62,9 @@ EXIT_SANDBOX = 80  # the sandbox self-test failed: the sandbox does not contain 
 ORDER_DIR = Path("/etc/cpushare")
 CACHE_ROOT = Path("/var/cache/cpushare")
 PAUSE_TIMEOUT = 10.0  # seconds a D-Bus Pause()/Resume() waits for the loop
+# Status changes reach D-Bus and STATUS= at most this often: a seller doing a
+# thousand tiny tasks a second must not emit a thousand signals a second.
+STATUS_COALESCE = 0.1
 
 
 class StartupError(Exception):
@@ -145,7 +148,9 @@ def journal_sender(send: Callable[..., Any] | None = None) -> Callable[..., Any]
 
 def setup_logging(*, journal: bool | None = None, debug: bool = False) -> None:
     if journal is None:
-        journal = stderr_is_journal()
+        # stderr is the journal, or systemd runs us with stderr elsewhere
+        journal = stderr_is_journal() or bool(
+            os.environ.get("INVOCATION_ID") and os.path.exists("/run/systemd/journal/socket"))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -258,6 +263,8 @@ class Daemon:
         self.publication = None
         self.glib: GLibThread | None = None
         self._last_status_line = ""
+        self._latest = None
+        self._flush_handle: asyncio.TimerHandle | None = None
         self.seller = seller_factory(order, cache_dir=cache_dir, on_change=self._on_change)
         if bus is not None:
             self._publish(bus)
@@ -289,6 +296,28 @@ class Daemon:
     # -- status -----------------------------------------------------------
 
     def _on_change(self, status) -> None:
+        """The core's observer.  In the loop's thread the update is coalesced
+        (at most one per STATUS_COALESCE); from anywhere else it goes out at once."""
+        self._latest = status
+        loop = self.loop
+        in_loop = False
+        if loop is not None and loop.is_running():
+            try:
+                in_loop = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                in_loop = False
+        if not in_loop:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = loop.call_later(STATUS_COALESCE, self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        status = self._latest
+        if status is None:
+            return
         if self.service is not None:
             self.service.update(status)
         line = describe(status)
@@ -381,6 +410,7 @@ class Daemon:
         try:
             await self.seller.run()
         finally:
+            self._flush()  # the last state ('stopped') before the name goes
             if watchdog is not None:
                 watchdog.cancel()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -472,6 +502,13 @@ def main(argv: list[str] | None = None) -> int:
         if pid is not None:
             return _refuse(StartupError(
                 EXIT_TEMPFAIL, f"{args.pidfile}: cpushared is already running as pid {pid}"))
+        try:  # left by a daemon that died without cleaning up
+            os.unlink(args.pidfile)
+            log.warning("%s: removed a stale pidfile", args.pidfile)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            return _refuse(StartupError(EXIT_CANTCREAT, f"{args.pidfile}: {e.strerror}"))
         context = _daemon_context(args.pidfile)
         try:
             with context:
