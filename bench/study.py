@@ -1,0 +1,137 @@
+"""The study's images per second through the market vs natively.
+
+The same images of the pool (generated before timing starts) go
+  - through a local market (one server, two sellers of two accounts, one
+    buyer with redundancy 1) with the bytecode job dither.c, and
+  - through the same kernel compiled natively (native.c), split over two
+    local processes that each take every other image;
+in the same run, alternately.  The ratio is market images/s over native
+images/s, each the best of its rounds.  Goal: >= 0.9.  With redundancy 2
+every image runs twice, so the buyer gets at most half that; the full run
+measures it too (detail only).
+
+    /usr/bin/python3 -m bench.study [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FS_DIR = ROOT / "examples" / "floyd-steinberg"
+for p in (str(ROOT / "src"), str(FS_DIR), str(ROOT / "tests")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+GOAL = 0.9
+
+
+def _native(native: Path, messages: list[bytes], procs: int = 2) -> float:
+    """Seconds for `procs` native processes to do all messages between them."""
+    parts = [b"".join(messages[i::procs]) for i in range(procs)]
+    outs: list = [None] * procs
+
+    def one(i: int, p: subprocess.Popen) -> None:
+        outs[i] = p.communicate(parts[i])
+
+    t0 = time.perf_counter()
+    ps = [subprocess.Popen([str(native), "--batch"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE) for _ in range(procs)]
+    threads = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(ps)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - t0
+    for p, (out, err) in zip(ps, outs):
+        if p.returncode != 0:
+            raise RuntimeError(f"bench.study: {native} --batch exited {p.returncode}: {err!r}")
+    return took
+
+
+def _market(order_path: Path, image, messages: list[bytes], redundancy: int) -> float:
+    from cpushare.buyer import Market
+    from cpushare.order import load_buy
+
+    async def go() -> float:
+        async with Market(load_buy(order_path)) as m:
+            await m.upload(image)
+            bad, first = 0, ""
+            t0 = time.perf_counter()
+            async for r in m.map(image, messages, redundancy=redundancy):
+                if not r.ok:
+                    bad += 1
+                    first = first or (f"task {r.index}: code {r.code}, exit {r.exit_status}, "
+                                      f"signal {r.signal}, {r.reason}: {r.output[:120]!r}")
+            took = time.perf_counter() - t0
+        if bad:
+            raise RuntimeError(f"bench.study: {bad} of {len(messages)} tasks failed on the market; "
+                               f"the first: {first}")
+        return took
+
+    return asyncio.run(go())
+
+
+def run(quick: bool = False) -> dict:
+    import fsjob
+    import pool
+    from cpushare import bytecode
+    from test_e2e_support import LocalMarket
+
+    n, rounds = (150, 1) if quick else (600, 2)
+    messages = [fsjob.encode(im.width, im.height, im.pixels) for im in pool.pool(n)]
+    pixels = sum(len(m) - 28 for m in messages)
+    with tempfile.TemporaryDirectory(prefix="cpushare-bench-study-") as tmp:
+        image = bytecode.load(fsjob.build_job(tmp))
+        native = fsjob.build_native(tmp)
+        market = LocalMarket(Path(tmp, "market"))
+        try:
+            market.serve()
+            for i in (1, 2):
+                market.account(f"seller{i}")
+                market.seller(market.sell_order(f"seller{i}", f"seller{i}", price="0.010"))
+            market.account("lab", 100_000)
+            order = market.buy_order("lab", price="1.000", redundancy=1, max_cpu_seconds=60)
+            _market(order, image, messages[:8], 1)           # warm: image cached on sellers
+            t_native, t_market, t_market2 = [], [], []
+            for _ in range(rounds):
+                t_native.append(_native(native, messages))
+                t_market.append(_market(order, image, messages, 1))
+            t_native.append(_native(native, messages))
+            if not quick:
+                t_market2.append(_market(order, image, messages, 2))
+            ledger = market.ledger_check()
+        finally:
+            market.close()
+    native_ips = n / min(t_native)
+    market_ips = n / min(t_market)
+    ratio = market_ips / native_ips
+    detail = {
+        "images": n, "megapixels": round(pixels / 1e6, 1), "rounds": rounds,
+        "native_images_per_s": round(native_ips, 1), "market_images_per_s": round(market_ips, 1),
+        "native_seconds": t_native, "market_seconds": t_market,
+        "median_ratio": statistics.median(t_native) / statistics.median(t_market),
+        "ledger_check": ledger.stdout.strip() or ledger.stderr.strip(),
+    }
+    if t_market2:
+        detail["market_redundancy2_images_per_s"] = round(n / t_market2[0], 1)
+    return {
+        "name": "study images/s: market (2 sellers, redundancy 1) / native (2 processes)",
+        "measured": ratio,
+        "unit": "x",
+        "goal": f">= {GOAL}",
+        "pass": ratio >= GOAL and ledger.returncode == 0,
+        "detail": detail,
+    }
+
+
+if __name__ == "__main__":
+    import json
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
