@@ -91,6 +91,8 @@ class Bus:
         self.address = line
 
     def close(self) -> None:
+        if self.proc.returncode is not None:
+            return
         self.proc.terminate()
         try:
             self.proc.wait(timeout=5)
@@ -192,8 +194,8 @@ def start_daemon(args: list[str], *, env: dict[str, str] | None = None,
 
 
 def stop_daemon(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20):
-    """Send `sig`, wait; returns (returncode, stdout, stderr)."""
-    if proc.poll() is None:
+    """Send `sig` (none if 0), wait; returns (returncode, stdout, stderr)."""
+    if proc.poll() is None and sig:
         proc.send_signal(sig)
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -258,6 +258,23 @@ def test_session_bus_and_instance_names(tmp_path, order_file, system_bus, monkey
         assert stop_daemon(proc)[0] == 0
 
 
+def test_losing_the_bus_stops_the_daemon_for_a_restart(system_bus, tmp_path, order_file):  # noqa: F811
+    env = daemon_env(DBUS_SYSTEM_BUS_ADDRESS=system_bus.address)
+    proc = start_daemon(["--cache-dir", str(tmp_path / "c"), str(order_file)], env=env)
+    try:
+        con = dbus.connect("system")
+        wait_for(lambda: dbus.list_instances(con), what="the daemon's name")
+        system_bus.close()  # the bus goes away under the daemon
+        code, _, err = stop_daemon(proc, sig=0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == daemon.EXIT_FAILURE, err
+    assert "lost the system bus" in err
+    assert "SIGTERM" not in err
+
+
 # --- watchdog ----------------------------------------------------------------------
 
 def test_watchdog_pings_at_half_the_interval(tmp_path, order_file, notify_socket):

@@ -262,6 +262,7 @@ class Daemon:
         self.service = None
         self.publication = None
         self.glib: GLibThread | None = None
+        self.bus_lost = False
         self._last_status_line = ""
         self._latest = None
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -292,6 +293,27 @@ class Daemon:
                                f"cannot own {dbus.bus_name(self.order.name)} on the {bus} bus: "
                                f"{text}") from e
         self.glib = GLibThread()
+        self.bus = bus
+        self.bus_lost = False
+        # GDBus emits 'closed' in the thread of the default main context
+        # (ours: the GLib thread); the reaction runs on the asyncio loop.
+        connection.con.connect("closed", self._on_bus_closed)
+
+    def _on_bus_closed(self, _connection, remote_peer_vanished: bool, error) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            why = error.message if error is not None else "closed"
+            loop.call_soon_threadsafe(self._bus_closed, why)
+
+    def _bus_closed(self, why: str) -> None:
+        if self.bus_lost:
+            return
+        self.bus_lost = True
+        log.error("lost the %s bus (%s): stopping, so that the service manager restarts "
+                  "the daemon and it claims its name again", self.bus, why,
+                  extra={"ORDER": self.order.name})
+        notify(STATUS=f"Lost the {self.bus} bus: stopping")
+        self.seller.stop(hand_back=True)
 
     # -- status -----------------------------------------------------------
 
@@ -417,9 +439,12 @@ class Daemon:
                 self.loop.remove_signal_handler(signum)
 
     def close(self) -> None:
-        if self.publication is not None:
+        if self.publication is not None and not self.publication.bus.con.is_closed():
             self.publication.close()
-            self.publication.bus.con.flush_sync(None)
+            try:
+                self.publication.bus.con.flush_sync(None)
+            except Exception:  # closed meanwhile: nothing left to flush
+                pass
         if self.glib is not None and self.glib.thread.is_alive():
             self.glib.stop()
 
@@ -551,6 +576,8 @@ def _serve(order: SellOrder, cache_dir: Path, args) -> int:
         return EXIT_FAILURE
     finally:
         d.close()
+    if d.bus_lost:
+        return EXIT_FAILURE
     log.info("stopped", extra={"ORDER": order.name})
     return EXIT_OK
 
