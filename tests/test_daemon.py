@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import textwrap
-import time
 
 import pytest
 from dbus_fixtures import (PYTHON, SRC, NotifySocket, credentials, daemon_env,  # noqa: F401

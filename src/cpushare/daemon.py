@@ -39,7 +39,6 @@ import signal
 import stat
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 

@@ -178,9 +178,10 @@ def remote_error(err: GLib.Error) -> str | None:
 def error_message(err: GLib.Error) -> str:
     """The text of a GLib.Error without GIO's 'GDBus.Error:NAME: ' prefix."""
     text = err.message
-    if Gio.DBusError.is_remote_error(err):
-        text = Gio.DBusError.strip_remote_error(err) or text
-        text = err.message.split(": ", 1)[-1] if text is True else text
+    name = remote_error(err)
+    prefix = f"GDBus.Error:{name}: "
+    if name and text.startswith(prefix):
+        return text[len(prefix):]
     return text
 
 
