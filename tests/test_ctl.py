@@ -104,7 +104,7 @@ def test_a_daemon_error_is_reported_with_status_1(publish, capsys):
     publish("cpu0", Snapshot(), pause=broken)
     assert ctl.main(["pause", "cpu0"]) == ctl.EXIT_FAILURE == 1
     err = capsys.readouterr().err
-    assert err.startswith("cpusharectl: Pause on instance cpu0 failed: ")
+    assert err.startswith("cpusharectl: Pause on instance cpu0 failed: Pause() failed in process ")
     assert "the event loop did not answer" in err
 
 
