@@ -218,6 +218,97 @@ def test_hostile_suite_in_filter_mode(root_dir):
     assert " passed" in proc.stdout and "failed" not in proc.stdout
 
 
+@pytest.mark.skipif(os.environ.get("CPUSHARE_SANDBOX_SPAWN") == "fork",
+                    reason="already the fork-spawn run")
+def test_hostile_suite_with_fork_spawn(root_dir):
+    """The hostile suite again with jobs forked straight from the Python
+    process (the fallback when no zygote can start)."""
+    proc = subprocess.run(
+        [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         os.path.join(root_dir, "tests", "test_sandbox_hostile.py"),
+         os.path.join(root_dir, "tests", "test_sandbox.py") + "::test_spawn_method"],
+        cwd=root_dir, env=env_with_src(root_dir, CPUSHARE_SANDBOX_SPAWN="fork"),
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+def test_spawn_method():
+    want = os.environ.get("CPUSHARE_SANDBOX_SPAWN", "zygote")
+    assert sandbox.spawn_method() == want
+    job = sandbox.start(hostile.exit_with(0), QUICK)
+    assert job.spawned_by == want
+    assert job.wait().ok
+
+
+def _zygote_pid():
+    sandbox.run(hostile.exit_with(0))
+    return sandbox._zygote.pid
+
+
+@pytest.mark.skipif(os.environ.get("CPUSHARE_SANDBOX_SPAWN") == "fork", reason="no zygote")
+def test_zygote_keeps_nothing_of_this_process():
+    pid = _zygote_pid()
+    with open(f"/proc/{pid}/maps") as f:
+        maps = f.read().splitlines()
+    ext = sandbox._ext().__file__
+    own = [line for line in maps if line.endswith(ext)]
+    rest = [line for line in maps if not line.endswith(ext) and not line.endswith("[vsyscall]")]
+    assert own, maps
+
+    def span(line):
+        lo, hi = line.split()[0].split("-")
+        return int(lo, 16), int(hi, 16)
+
+    own_end = max(span(line)[1] for line in own)
+    # nothing else: no python, no libc, no heap; only anonymous memory: the
+    # extension's own bss right after its image, and the zygote's stack and
+    # job table
+    assert all(len(line.split()) == 5 for line in rest), maps
+    bss = [line for line in rest if span(line)[0] == own_end]
+    area = [line for line in rest if line not in bss]
+    assert len(bss) <= 1 and len(area) == 1, maps
+    lo, hi = span(area[0])
+    assert hi - lo == 512 << 10, maps
+    with open(f"/proc/{pid}/comm") as f:
+        assert f.read().strip() == "cpushare-zygote"
+    fds = sorted(int(x) for x in os.listdir(f"/proc/{pid}/fd"))
+    assert len(fds) == 3, fds  # the socket, the trampoline memfd, its signalfd
+
+
+@pytest.mark.skipif(os.environ.get("CPUSHARE_SANDBOX_SPAWN") == "fork", reason="no zygote")
+def test_zygote_death_kills_its_jobs_and_a_new_one_starts():
+    pid = _zygote_pid()
+    job = sandbox.start(hostile.block_on_read(), QUICK)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(sandbox.SandboxError, match=r"zygote .* died"):
+        job.wait()
+    # the job died with it
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{job.pid}") and time.monotonic() < deadline:
+        with open(f"/proc/{job.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.01)
+    result = run(hostile.echo(), b"after the zygote died")
+    assert result.output == b"after the zygote died"
+    assert sandbox._zygote.pid != pid
+
+
+def test_a_forked_copy_of_this_process_gets_its_own_jobs():
+    run(hostile.exit_with(0))
+    pid = os.fork()
+    if pid == 0:
+        try:
+            r = run(hostile.echo(), b"child")
+            os._exit(0 if r.output == b"child" else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert run(hostile.echo(), b"parent").output == b"parent"
+
+
 def _in_filtered_child(root_dir, rules: str, body: str):
     """Run body in a python under a seccomp filter that allows everything
     but `rules` (python3-seccomp statements on `f`)."""

@@ -274,7 +274,9 @@ def test_endless_loop_hits_the_cpu_limit():
     result = run(hostile.spin(), limits=sandbox.Limits(cpu_seconds=1, wall_seconds=20))
     assert result.reason == "cpu-limit", result
     assert result.signal == signal.SIGXCPU
-    assert result.cpu_seconds >= 0.9
+    # the kernel checks RLIMIT_CPU at tick granularity against its own
+    # accounting; rusage reports a little less or more
+    assert 0.5 <= result.cpu_seconds <= 2.5
 
 
 def test_endless_loop_hits_the_wall_limit():
