@@ -74,7 +74,14 @@ def main(args: argparse.Namespace) -> int:
     except sandbox.SandboxError as e:
         print(f"{prog}: sandbox set-up failed: {e}", file=sys.stderr)
         return 3
-    result = job.stream(sys.stdin.buffer, sys.stdout.buffer)
+    try:
+        result = job.stream(sys.stdin.buffer, sys.stdout.buffer)
+    except (BrokenPipeError, KeyboardInterrupt) as e:
+        job.kill()
+        job.wait()
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "output closed"
+        print(f"{prog}: {args.image}: {what}: job killed", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 141
     if not result.ok:
         print(f"{prog}: {args.image}: {result.describe()}", file=sys.stderr)
     return result.shell_status

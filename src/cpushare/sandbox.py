@@ -9,9 +9,18 @@ allowed, and enters SECCOMP_MODE_STRICT, or, where this process already
 runs under a seccomp filter and the kernel refuses strict mode, a filter
 that allows exactly what strict mode allows.
 
-This side enforces the wall-clock and output limits, reaps the job with
-wait4 for its CPU time (what the buyer pays for) and says why it ended.
-run() and Job.communicate() may be called from several threads at once.
+Jobs are forked by a zygote: a small process forked once from this one,
+which keeps nothing of it but the extension's own code, so a start costs
+little more than a bare fork (bench/sandbox_start.py).  The zygote reaps
+each job with wait4 and passes on its wait status and CPU time (what the
+buyer pays for); where no zygote can start, or CPUSHARE_SANDBOX_SPAWN=fork,
+jobs are forked from this process directly.  Either way the job's set-up
+reports on a status pipe, so a failure of the sandbox (SandboxError, naming
+the failing call) is never mistaken for the job's own end.
+
+This side enforces the wall-clock and output limits and says why the job
+ended.  run() and Job.communicate() may be called from several threads at
+once; nothing a job does can reach the calling process.
 """
 
 from __future__ import annotations
