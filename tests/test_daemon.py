@@ -274,6 +274,41 @@ def test_losing_the_bus_stops_the_daemon_for_a_restart(system_bus, tmp_path, ord
     assert "SIGTERM" not in err
 
 
+# What systemd's MemoryDenyWriteExecute=yes installs (src/shared/seccomp-util.c):
+# no mapping both writable and executable, no making memory executable later.
+MEMORY_DENY_WRITE_EXECUTE = """
+W, X = 0x2, 0x4  # PROT_WRITE, PROT_EXEC
+f.add_rule(seccomp.ERRNO(errno.EPERM), "mmap", seccomp.Arg(2, seccomp.MASKED_EQ, W | X, W | X))
+f.add_rule(seccomp.ERRNO(errno.EPERM), "mprotect", seccomp.Arg(2, seccomp.MASKED_EQ, X, X))
+f.add_rule(seccomp.ERRNO(errno.EPERM), "pkey_mprotect", seccomp.Arg(2, seccomp.MASKED_EQ, X, X))
+f.add_rule(seccomp.ERRNO(errno.EPERM), "shmat", seccomp.Arg(2, seccomp.MASKED_EQ, 0o100000, 0o100000))
+"""
+
+
+def test_dbus_side_works_under_memory_deny_write_execute(system_bus, tmp_path,  # noqa: F811
+                                                         order_file, notify_socket):
+    # GLib calls back into Python (method calls, the 'closed' signal) through
+    # libffi closures, which must not need W+X memory.
+    code = ("import errno, os, sys, seccomp\n"
+            "f = seccomp.SyscallFilter(defaction=seccomp.ALLOW)\n"
+            + MEMORY_DENY_WRITE_EXECUTE + "f.load()\n"
+            + "os.execv(sys.argv[1], sys.argv[1:])\n")
+    env = daemon_env(NOTIFY_SOCKET=notify_socket.path,
+                     DBUS_SYSTEM_BUS_ADDRESS=system_bus.address)
+    proc = subprocess.Popen([PYTHON, "-c", code, PYTHON, "-m", "cpushare.daemon", "--cache-dir",
+                             str(tmp_path / "c"), str(order_file)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        notify_socket.wait("READY", "1")
+        assert ctl("pause", "cpu0").returncode == 0
+        assert ctl("status", "cpu0").returncode == 0
+        assert ctl("resume", "cpu0").returncode == 0
+    finally:
+        code, _, err = stop_daemon(proc)
+    assert code == 0, err
+    assert "Pause() over D-Bus" in err and "Resume() over D-Bus" in err
+
+
 # --- watchdog ----------------------------------------------------------------------
 
 def test_watchdog_pings_at_half_the_interval(tmp_path, order_file, notify_socket):
