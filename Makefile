@@ -13,7 +13,7 @@ DEB_DEPS = \
 	build-essential python3-dev cython3 python3-setuptools \
 	python3-pydbus python3-gi python3-systemd python3-openssl python3-cryptography \
 	python3-configobj python3-daemon python3-seccomp \
-	python3-pytest python3-hypothesis python3-numpy python3-matplotlib \
+	python3-pytest python3-hypothesis python3-numpy python3-matplotlib python3-pil python3-scipy \
 	dbus systemd-container mmdebstrap iproute2 \
 	debhelper dh-python devscripts lintian fakeroot man-db groff-base
 
@@ -38,8 +38,15 @@ test: build
 check: deps build
 	$(PYTHON) -m pytest $(PYTEST_ARGS) tests
 
+# make bench [BENCH_ARGS=--quick]: one table; JSON in bench/results/
+BENCH_ARGS ?=
 bench: build
-	$(PYTHON) -m bench
+	$(PYTHON) -m bench $(BENCH_ARGS)
+
+# make demo [IMAGES=10000]: the Floyd-Steinberg study on a local market
+IMAGES ?= 1000
+demo: deps build
+	IMAGES=$(IMAGES) PYTHON=$(PYTHON) bash demo/run.sh
 
 # The Debian packages cpushare and cpushare-server in dist/, built with
 # dpkg-buildpackage from a copy of the tree (the checkout stays clean) and
