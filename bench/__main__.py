@@ -1,0 +1,206 @@
+"""`make bench`: every benchmark of bench/, one table, and a JSON record.
+
+    /usr/bin/python3 -m bench [--quick] [--only NAME,...] [--out DIR]
+
+Each row is a ratio or a rate measured side by side in one run by one
+module's ``run(quick) -> dict``, with its goal.  A module that is missing
+is skipped with a printed reason; one that fails is reported as an error
+row and the others still run.  The table goes to stdout, the JSON (every
+module's full result, with the machine and the time) to
+bench/results/<UTC time>.json.  Exit status 0 when every row that ran met
+its goal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "src"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+
+def _get(result: dict, *keys: str):
+    """The first of keys found in result or in result['detail']."""
+    for where in (result, result.get("detail") or {}):
+        for k in keys:
+            if isinstance(where, dict) and where.get(k) is not None:
+                return where[k]
+    return None
+
+
+def _num(v, fmt: str = "{:.3g}") -> str:
+    if v is None:
+        return "?"
+    if isinstance(v, float):
+        return fmt.format(v)
+    return str(v)
+
+
+@dataclass(frozen=True)
+class Row:
+    module: str
+    label: str
+    keys: tuple[str, ...]       # where the measured value is, first found wins
+    op: str                     # "<=" or ">="
+    goal: float
+    unit: str
+    note: Callable[[dict], str] = lambda r: ""
+
+
+def _note_compute(r):
+    return (f"sandbox {_num(_get(r, 'sandbox_wall_median_s'))} s vs native "
+            f"{_num(_get(r, 'native_wall_median_s'))} s per run, mode {_get(r, 'mode')}")
+
+
+def _note_start(r):
+    return (f"p99 {_num(_get(r, 'python_p99_us'), '{:.0f}')} us; C baseline p50 "
+            f"{_num(_get(r, 'c_baseline_p50_us'), '{:.0f}')} us, ratio "
+            f"{_num(_get(r, 'ratio_p50'), '{:.2f}')}x")
+
+
+def _note_tasks(r):
+    return (f"bare sandbox x2: {_num(_get(r, 'sandbox_ceiling_per_second'), '{:.0f}')}/s, "
+            f"ratio {_num(_get(r, 'ratio_to_ceiling'), '{:.2f}')}")
+
+
+def _note_relay(r):
+    parts = []
+    for k in ("relay_mb_per_s", "relay_mib_per_s", "tls_mb_per_s", "tls_mib_per_s"):
+        v = _get(r, k)
+        if v is not None:
+            parts.append(f"{k} {_num(v, '{:.0f}')}")
+    return ", ".join(parts)
+
+
+def _note_study(r):
+    s = (f"market {_num(_get(r, 'market_images_per_s'), '{:.1f}')} vs native "
+         f"{_num(_get(r, 'native_images_per_s'), '{:.1f}')} images/s")
+    r2 = _get(r, "market_redundancy2_images_per_s")
+    return s + (f"; redundancy 2: {r2:.1f}/s" if r2 is not None else "")
+
+
+def _note_conn(r):
+    return f"{_num(_get(r, 'memory_per_connection_kib'), '{:.0f}')} KiB per connection (server RSS)"
+
+
+ROWS = (
+    Row("compute", "sandbox compute overhead vs native (FS kernel)", ("measured",), "<=", 1.02,
+        "x", _note_compute),
+    Row("sandbox_start", "job start latency p50 (Python API)",
+        ("python_p50_us", "measured"), "<=", 1000.0, "us", _note_start),
+    Row("market_tasks", "market tasks/s, two local sellers",
+        ("tasks_per_second", "measured"), ">=", 1000.0, "/s", _note_tasks),
+    Row("relay", "relay throughput vs plain TLS copy",
+        ("measured", "ratio", "ratio_to_tls", "throughput_ratio"), ">=", 0.5, "x", _note_relay),
+    Row("study", "study images/s: market vs native, 2 procs", ("measured",), ">=", 0.9, "x",
+        _note_study),
+    Row("connections", "seller connections held, heartbeats", ("measured",), ">=", 1000.0, "",
+        _note_conn),
+)
+
+
+def run_row(row: Row, quick: bool) -> dict:
+    out = {"module": row.module, "row": row.label, "goal": f"{row.op} {row.goal:g}{row.unit}"}
+    try:
+        mod = importlib.import_module(f"bench.{row.module}")
+    except ModuleNotFoundError as e:
+        if e.name in (f"bench.{row.module}", "bench"):
+            out.update(status="skipped", reason=f"bench/{row.module}.py is not there yet")
+            return out
+        out.update(status="error", reason=f"importing bench/{row.module}.py: {e}")
+        return out
+    if not hasattr(mod, "run"):
+        out.update(status="skipped", reason=f"bench/{row.module}.py has no run()")
+        return out
+    t0 = time.monotonic()
+    try:
+        result = mod.run(quick=quick)
+    except Exception as e:
+        out.update(status="error", reason=f"{type(e).__name__}: {e}".strip()[:300],
+                   traceback=traceback.format_exc())
+        return out
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    out["result"] = result
+    value = _get(result, *row.keys)
+    if not isinstance(value, (int, float)):
+        out.update(status="error", reason=f"bench/{row.module}.py returned no measured value "
+                                          f"(looked for {', '.join(row.keys)})")
+        return out
+    ok = value <= row.goal if row.op == "<=" else value >= row.goal
+    out.update(status="pass" if ok else "FAIL", measured=value, note=row.note(result))
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'benchmark':46}  {'measured':>11}  {'goal':>10}  {'result':7}  notes"
+    lines = [head, "-" * 110]
+    for r in rows:
+        unit = next(x.unit for x in ROWS if x.module == r["module"])
+        if "measured" in r:
+            v = r["measured"]
+            m = f"{v:.3f}{unit}" if unit == "x" else f"{v:,.0f}{unit}" if v >= 100 else f"{v:.1f}{unit}"
+        else:
+            m = "-"
+        note = r.get("note") or r.get("reason", "")
+        lines.append(f"{r['row']:46}  {m:>11}  {r['goal']:>10}  {r['status']:7}  {note}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m bench", description="Run CPUShare's benchmarks.")
+    p.add_argument("--quick", action="store_true", help="fewer rounds and smaller inputs")
+    p.add_argument("--only", help="comma-separated modules (" + ",".join(r.module for r in ROWS) + ")")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where the JSON goes")
+    args = p.parse_args(argv)
+    wanted = ROWS
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in {r.module for r in ROWS}]
+        if unknown:
+            p.error(f"--only: unknown benchmark {', '.join(unknown)}")
+        wanted = tuple(r for r in ROWS if r.module in names)
+
+    started = dt.datetime.now(dt.timezone.utc)
+    rows = []
+    for row in wanted:
+        print(f"bench: {row.module} ...", file=sys.stderr, flush=True)
+        r = run_row(row, args.quick)
+        if r["status"] == "error" and "traceback" in r:
+            print(r["traceback"], file=sys.stderr)
+        print(f"bench: {row.module}: {r['status']}"
+              + (f" ({r['reason']})" if r.get("reason") else ""), file=sys.stderr, flush=True)
+        rows.append(r)
+
+    table = format_table(rows)
+    print(table)
+    record = {
+        "started": started.isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                    "python": platform.python_version(),
+                    "load_average": os.getloadavg()},
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{started.strftime('%Y%m%dT%H%M%SZ')}{'-quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"\nresults: {path}")
+    return 0 if all(r["status"] in ("pass", "skipped") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
