@@ -189,9 +189,9 @@ class LocalMarket:
         return self.cli("ledger", "check", check=False)
 
     # --- processes ------------------------------------------------------------
-    def serve(self) -> Proc:
+    def serve(self, *extra: str) -> Proc:
         n = sum(1 for p in self.procs if p.name == "server")
-        self.server = Proc([PYTHON, "-m", "cpushare.market", "--db", str(self.db), "serve"],
+        self.server = Proc([PYTHON, "-m", "cpushare.market", "--db", str(self.db), "serve", *extra],
                            self.root / f"server{n}.log", "server")
         self.procs.append(self.server)
 

@@ -113,6 +113,7 @@ class Market:
         self._closed = False
         self._prefix = secrets.token_hex(6)
         self._seq = 0
+        self._outq: list[bytes] = []
 
     # --- connection ----------------------------------------------------------
 
@@ -167,6 +168,7 @@ class Market:
             raise MarketError("connect", f"{o.server}: expected welcome, got {msg.type}")
         self.account = msg["account"]
         self._max_payload = msg["max_payload"]
+        self._outq.clear()
         self._reader, self._writer = reader, writer
         self._generation += 1
         self._uploaded.clear()
@@ -213,12 +215,30 @@ class Market:
                 n += 1
 
     def _send(self, type_: str, payload: bytes = b"", **fields) -> None:
+        """Queue a frame; the frames of one loop iteration go out in one write."""
         w = self._writer
         if w is None or w.is_closing():
             raise ConnectionResetError("not connected to the market")
-        w.write(protocol.encode(type_, payload, **fields))
+        frame = protocol.encode(type_, payload, **fields)
+        if len(frame) > 65536:
+            self._flush_out()
+            w.write(frame)
+            return
+        if not self._outq:
+            asyncio.get_running_loop().call_soon(self._flush_out)
+        self._outq.append(frame)
+
+    def _flush_out(self) -> None:
+        if not self._outq:
+            return
+        data = b"".join(self._outq)
+        self._outq.clear()
+        w = self._writer
+        if w is not None and not w.is_closing():
+            w.write(data)
 
     async def _drain(self) -> None:
+        self._flush_out()
         w = self._writer
         if w is not None:
             await w.drain()

@@ -38,6 +38,7 @@ class ImageCache:
         # Parsed images of this process, so a hot image is not re-read and
         # re-hashed for every tiny task.  Keyed by digest, checked at put().
         self._parsed: dict[str, bytecode.Image] = {}
+        self._touched: dict[str, float] = {}
 
     def _path(self, digest: str) -> Path:
         if not is_digest(digest):
@@ -108,8 +109,12 @@ class ImageCache:
         while len(self._parsed) > 64:
             self._parsed.pop(next(iter(self._parsed)))
 
-    @staticmethod
-    def _touch(path: Path) -> None:
+    def _touch(self, path: Path) -> None:
+        """Record a use (the mtime orders eviction); at most once a minute per image."""
+        now = time.monotonic()
+        if now - self._touched.get(path.name, -120.0) < 60:
+            return
+        self._touched[path.name] = now
         try:
             os.utime(path)
         except FileNotFoundError:

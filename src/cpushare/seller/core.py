@@ -111,6 +111,7 @@ class Seller:
         self._image_waiters: dict[str, asyncio.Future] = {}
         self._last_rx = 0.0
         self._welcomed = False
+        self._outq: list[bytes] = []
 
     # --- public API --------------------------------------------------------
 
@@ -338,6 +339,7 @@ class Seller:
             welcomed = self._welcomed = True
             max_payload = msg["max_payload"]
             heartbeat = max(1, msg["heartbeat"])
+            self._outq.clear()
             self._writer = writer
             self._ready_sent = False
             self._last_rx = time.monotonic()
@@ -393,12 +395,30 @@ class Seller:
                 return
 
     def _send(self, type_: str, payload: bytes = b"", **fields) -> None:
+        """Queue a frame; the frames of one loop iteration go out in one write."""
         w = self._writer
         if w is None or w.is_closing():
             return
-        w.write(protocol.encode(type_, payload, **fields))
+        frame = protocol.encode(type_, payload, **fields)
+        if len(frame) > 65536:  # big payloads go straight out, after what is queued
+            self._flush_out()
+            w.write(frame)
+            return
+        if not self._outq:
+            self._loop.call_soon(self._flush_out)
+        self._outq.append(frame)
+
+    def _flush_out(self) -> None:
+        if not self._outq:
+            return
+        data = b"".join(self._outq)
+        self._outq.clear()
+        w = self._writer
+        if w is not None and not w.is_closing():
+            w.write(data)
 
     async def _drain(self) -> None:
+        self._flush_out()
         w = self._writer
         if w is not None:
             try:
@@ -530,7 +550,8 @@ class Seller:
                          extra={**fields, "OUTCOME": outcome})
                 self._send("handback", attempt=r.attempt, reason=r.aborted)
                 return
-            cpu_ms = max(0, round(result.cpu_seconds * 1000))
+            # whole milliseconds, rounded up: a job that ran was never free
+            cpu_ms = -(-round(result.cpu_seconds * 1_000_000) // 1000)
             if r.session is None:
                 payload = self._output_for_result(result.output)
                 out_sha, out_len = protocol.digest(payload), len(payload)
@@ -539,7 +560,8 @@ class Seller:
             self._send("result", payload, attempt=r.attempt, exit_status=result.exit_status,
                        signal=result.signal, reason=result.reason or "", cpu_ms=cpu_ms,
                        output_sha256=out_sha)
-            await self._drain()
+            if len(payload) > 65536:
+                await self._drain()  # flow control for big outputs
             outcome = "ok" if result.exit_status == 0 else "failed"
             st = self._status
             self._set(tasks_done=st.tasks_done + 1,
