@@ -60,6 +60,16 @@ DEF EINVAL = 22
 MODE_STRICT = CPS_MODE_STRICT
 MODE_FILTER = CPS_MODE_FILTER
 RECORD_SIZE = 8
+REPLY_SIZE = 16
+
+
+def parse_reply(bytes msg):
+    """A zygote reply: (pid or -errno, step, mode)."""
+    if len(msg) != REPLY_SIZE:
+        raise ValueError(f"zygote reply of {len(msg)} bytes, expected {REPLY_SIZE}")
+    return (int.from_bytes(msg[0:8], "little", signed=True),
+            int.from_bytes(msg[8:12], "little", signed=True),
+            int.from_bytes(msg[12:16], "little", signed=True))
 EXITED = CPS_EXITED
 EXIT_RECORD_SIZE = 24
 
@@ -100,6 +110,8 @@ STEPS = (
     "prctl(PR_SET_PDEATHSIG, SIGKILL)",
     "sendmsg(zygote socket)",
     "recvmsg(zygote socket)",
+    "signalfd4(SIGCHLD)",
+    "prctl(PR_GET_SECCOMP)",
 )
 
 
@@ -232,7 +244,9 @@ def spawn(*, int stdin_fd, int stdout_fd, int status_fd, int text_fd, int data_f
 
 def zygote_start(int sock):
     """Fork the zygote, which serves requests on sock (a SOCK_SEQPACKET
-    socket) until its other end closes.  Returns its pid."""
+    socket) until its other end closes.  Its first message on the socket is
+    a reply (see parse_reply): pid 0 when it is ready, or -errno and the
+    step that failed.  Returns its pid."""
     cdef int tramp = trampoline_memfd()
     cdef long pid
     with nogil:

@@ -517,6 +517,16 @@ static NOSP void zreply_send(struct zstate *z, long pid, int step, int mode, int
         zexit(1); /* the parent is gone */
 }
 
+static NOSP __attribute__((noreturn)) void zfail(int sock, int step, long err)
+{
+    struct zreply rep;
+    rep.pid = err;
+    rep.step = step;
+    rep.mode = 0;
+    sys3(__NR_write, sock, &rep, sizeof rep);
+    zexit(1);
+}
+
 static NOSP void zreap(struct zstate *z)
 {
     char buf[512];
@@ -622,9 +632,19 @@ static NOSP __attribute__((noreturn, used)) void zmain(struct zstate *z)
         t = lo1, lo1 = lo2, lo2 = t;
         t = hi1, hi1 = hi2, hi2 = t;
     }
-    if (IS_ERR(sys2(__NR_munmap, 0, lo1)) || (lo2 > hi1 && IS_ERR(sys2(__NR_munmap, hi1, lo2 - hi1))) ||
-        IS_ERR(sys2(__NR_munmap, hi2, TASK_TOP - hi2)))
-        zexit(1);
+    long r = sys2(__NR_munmap, 0, lo1);
+    if (IS_ERR(r))
+        zfail(z->sock, CPS_MUNMAP_LOW, r);
+    if (lo2 > hi1) {
+        r = sys2(__NR_munmap, hi1, lo2 - hi1);
+        if (IS_ERR(r))
+            zfail(z->sock, CPS_MUNMAP_LOW, r);
+    }
+    r = sys2(__NR_munmap, hi2, TASK_TOP - hi2);
+    if (IS_ERR(r))
+        zfail(z->sock, CPS_MUNMAP_HIGH, r);
+    /* ready: {pid 0, step 0, the mode its jobs will get} */
+    zreply_send(z, 0, 0, z->filtered ? CPS_MODE_FILTER : CPS_MODE_STRICT, -1);
     for (;;) {
         struct k_pollfd pf[2];
         pf[0].fd = z->sock;
@@ -633,7 +653,7 @@ static NOSP __attribute__((noreturn, used)) void zmain(struct zstate *z)
         pf[1].fd = z->sfd;
         pf[1].events = K_POLLIN;
         pf[1].revents = 0;
-        long r = sys3(__NR_poll, pf, 2, -1);
+        r = sys3(__NR_poll, pf, 2, -1);
         if (r == -K_EINTR)
             continue;
         if (IS_ERR(r))
@@ -647,8 +667,8 @@ static NOSP __attribute__((noreturn, used)) void zmain(struct zstate *z)
 
 static NOSP __attribute__((noreturn)) void zboot(int sock, int tramp, unsigned long so_lo, unsigned long so_hi)
 {
-    int i, tmp_sock, tmp_tramp;
-    long r;
+    int i;
+    long r, tmp_sock, tmp_tramp;
     for (i = 1; i <= 64; i++) {
         struct k_sigaction sa = {0, 0, 0, 0};
         if (i == K_SIGKILL || i == K_SIGSTOP)
@@ -658,22 +678,35 @@ static NOSP __attribute__((noreturn)) void zboot(int sock, int tramp, unsigned l
         sys4(__NR_rt_sigaction, i, &sa, 0, 8);
     }
     unsigned long chld = 1UL << (K_SIGCHLD - 1);
-    sys4(__NR_rt_sigprocmask, SIG_SETMASK, &chld, 0, 8);
-    tmp_sock = (int)sys3(__NR_fcntl, sock, K_F_DUPFD, 16);
-    tmp_tramp = (int)sys3(__NR_fcntl, tramp, K_F_DUPFD, 16);
-    if (tmp_sock < 0 || tmp_tramp < 0 || IS_ERR(sys2(__NR_dup2, tmp_sock, 3)) ||
-        IS_ERR(sys2(__NR_dup2, tmp_tramp, 4)) || IS_ERR(sys3(__NR_close_range, 5, ~0U, 0)) ||
-        IS_ERR(sys3(__NR_close_range, 0, 2, 0)))
-        zexit(1);
-    /* fds 3 and 4 must survive in the jobs' set-up: no close-on-exec
-     * matters (there is no exec), but keep them plain. */
+    r = sys4(__NR_rt_sigprocmask, SIG_SETMASK, &chld, 0, 8);
+    if (IS_ERR(r))
+        zfail(sock, CPS_SIGPROCMASK, r);
+    tmp_sock = sys3(__NR_fcntl, sock, K_F_DUPFD, 16);
+    if (IS_ERR(tmp_sock))
+        zfail(sock, CPS_DUPFD, tmp_sock);
+    tmp_tramp = sys3(__NR_fcntl, tramp, K_F_DUPFD, 16);
+    if (IS_ERR(tmp_tramp))
+        zfail(sock, CPS_DUPFD, tmp_tramp);
+    r = sys2(__NR_dup2, tmp_sock, 3);
+    if (IS_ERR(r))
+        zfail(sock, CPS_DUP2, r);
+    sock = 3;
+    r = sys2(__NR_dup2, tmp_tramp, 4);
+    if (IS_ERR(r))
+        zfail(sock, CPS_DUP2, r);
+    r = sys3(__NR_close_range, 5, ~0U, 0);
+    if (IS_ERR(r))
+        zfail(sock, CPS_CLOSE_RANGE_SETUP, r);
+    r = sys3(__NR_close_range, 0, 2, 0);
+    if (IS_ERR(r))
+        zfail(sock, CPS_CLOSE_RANGE_SETUP, r);
     if (__rseq_size) {
         void *area = (char *)__builtin_thread_pointer() + __rseq_offset;
         r = sys4(__NR_rseq, area, 32, 1, RSEQ_SIG);
         if (IS_ERR(r) && __rseq_size != 32)
             r = sys4(__NR_rseq, area, __rseq_size, 1, RSEQ_SIG);
         if (IS_ERR(r))
-            zexit(1);
+            zfail(sock, CPS_RSEQ, r);
     }
     {
         char name[16] = "cpushare-zygote";
@@ -681,16 +714,19 @@ static NOSP __attribute__((noreturn)) void zboot(int sock, int tramp, unsigned l
     }
     long sfd = sys4(__NR_signalfd4, -1, &chld, 8, K_O_NONBLOCK | K_O_CLOEXEC);
     if (IS_ERR(sfd))
-        zexit(1);
+        zfail(sock, CPS_SIGNALFD, sfd);
     unsigned long area = (unsigned long)sys6(__NR_mmap, 0, ZAREA_SIZE, K_PROT_READ | K_PROT_WRITE,
                                              K_MAP_PRIVATE | K_MAP_ANONYMOUS, -1, 0);
     if (IS_ERR(area))
-        zexit(1);
+        zfail(sock, CPS_MMAP_KEEP, (long)area);
+    r = sys2(__NR_prctl, K_PR_GET_SECCOMP, 0);
+    if (IS_ERR(r))
+        zfail(sock, CPS_GET_SECCOMP, r);
     struct zstate *z = (struct zstate *)area;
     z->sock = 3;
     z->tramp = 4;
     z->sfd = (int)sfd;
-    z->filtered = sys2(__NR_prctl, K_PR_GET_SECCOMP, 0) == 2;
+    z->filtered = r == 2;
     z->self_pid = (int)sys1(__NR_getpid, 0);
     z->so_lo = so_lo;
     z->so_hi = so_hi;

@@ -309,7 +309,7 @@ def test_a_forked_copy_of_this_process_gets_its_own_jobs():
     assert run(hostile.echo(), b"parent").output == b"parent"
 
 
-def _in_filtered_child(root_dir, rules: str, body: str):
+def _in_filtered_child(root_dir, rules: str, body: str, spawn: str = "zygote"):
     """Run body in a python under a seccomp filter that allows everything
     but `rules` (python3-seccomp statements on `f`)."""
     code = textwrap.dedent("""
@@ -322,8 +322,8 @@ def _in_filtered_child(root_dir, rules: str, body: str):
         import hostile
         {body}
     """).format(rules=rules, body=body, tests=os.path.join(root_dir, "tests"))
-    return subprocess.run([PY, "-c", code], env=env_with_src(root_dir), capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run([PY, "-c", code], env=env_with_src(root_dir, CPUSHARE_SANDBOX_SPAWN=spawn),
+                          capture_output=True, text=True, timeout=60)
 
 
 FAILURE_PROBE = """
@@ -345,11 +345,24 @@ except sandbox.SandboxError as e:
     ("f.add_rule(seccomp.ERRNO(errno.EACCES), 'prctl', seccomp.Arg(0, seccomp.EQ, 22))",
      "entering seccomp"),
 ])
-def test_setup_failure_is_reported_not_mistaken_for_the_job(root_dir, rules, call):
-    proc = _in_filtered_child(root_dir, rules, FAILURE_PROBE)
+@pytest.mark.parametrize("spawn", ["zygote", "fork"])
+def test_setup_failure_is_reported_not_mistaken_for_the_job(root_dir, rules, call, spawn):
+    proc = _in_filtered_child(root_dir, rules, FAILURE_PROBE, spawn)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("SANDBOXERROR"), proc.stdout
     assert call in proc.stdout
+
+
+def test_zygote_setup_failure_falls_back_to_fork(root_dir):
+    proc = _in_filtered_child(root_dir, "f.add_rule(seccomp.ERRNO(errno.EPERM), 'signalfd4')", """
+r = sandbox.run(hostile.exit_with(3))
+print(sandbox.spawn_method(), r.exit_status, r.mode)
+print(sandbox._zygote_error)
+""")
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.splitlines()
+    assert first == "fork 3 filter"
+    assert "zygote set-up at signalfd4(SIGCHLD): Operation not permitted" in second
 
 
 def test_self_test_refuses_a_sandbox_that_does_not_hold(root_dir):

@@ -3,12 +3,15 @@
 
 MODE_STRICT: int
 MODE_FILTER: int
+REPLY_SIZE: int         # bytes of a zygote reply (pid or -errno, step, mode)
 RECORD_SIZE: int        # bytes of a set-up record on the status pipe (step, errno)
 EXITED: int             # the step of the zygote's exit record
-EXIT_RECORD_SIZE: int   # (EXITED, wait status, user us, system us)
+EXIT_REPLY_SIZE: int         # bytes of a zygote reply (pid or -errno, step, mode)
+RECORD_SIZE: int   # (EXITED, wait status, user us, system us)
 STEPS: tuple[str, ...]  # what each set-up step of the child calls
 
 def step_name(step: int) -> str: ...
+def parse_reply(msg: bytes) -> tuple[int, int, int]: ...
 def seccomp_mode() -> int: ...
 def sealed_memfd(name: str, content: bytes, size: int, executable: bool) -> int: ...
 def trampoline_memfd() -> int: ...

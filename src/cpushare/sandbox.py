@@ -166,9 +166,18 @@ class _Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.pid = ext.zygote_start(theirs.fileno())
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self.sock = ours
+        ready = ours.recv(64)
+        pid, step, _ = ext.parse_reply(ready) if ready else (-errno.EPIPE, 0, 0)
+        if pid != 0:
+            ours.close()
+            os.waitpid(self.pid, 0)
+            raise OSError(-pid, f"zygote set-up at {ext.step_name(step)}: {os.strerror(-pid)}")
         self.owner = os.getpid()
         self.lock = threading.Lock()
 
