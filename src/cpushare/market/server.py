@@ -622,8 +622,11 @@ class Market:
         try:
             await writer.start_tls(ssl_ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
-            log.warning("refused TLS connection from %s: %s", peer,
-                        getattr(e, "verify_message", None) or e or type(e).__name__)
+            why = getattr(e, "verify_message", None) or str(e) or type(e).__name__
+            if isinstance(e, ssl.SSLError) and not isinstance(e, ssl.SSLEOFError):
+                log.warning("refused TLS connection from %s: %s", peer, why)
+            else:  # a port probe, or a peer that gave up
+                log.info("connection from %s ended during the TLS handshake: %s", peer, why)
             writer.transport.abort()
             return
         conn: Conn | None = None

@@ -1,0 +1,148 @@
+"""kill -9 of the market server at any moment: nothing minted or lost.
+
+A real `cpushare-server serve` process is killed repeatedly while a
+scripted buyer streams tasks to two scripted sellers that reconnect; after
+every kill the ledger's invariants are checked on the database it left
+behind, and at the end every task has its result and the buyer's spending
+is exactly the sellers' earnings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+from cpushare import protocol
+from cpushare.market.store import SQLiteStore
+
+from test_market_peers import LoopbackMarket, Peer, ScriptedSeller, image_digest, tiny_image
+
+PYTHON = "/usr/bin/python3"
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+TASKS = 300
+KILLS = 6
+BID = 360_000
+
+
+def start_server(lm: LoopbackMarket, log) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=SRC)
+    p = subprocess.Popen([PYTHON, "-m", "cpushare.market", "--db", lm.db, "serve",
+                          "--synchronous", "normal"], env=env, stdout=log, stderr=log)
+    deadline = time.monotonic() + 20
+    while True:
+        assert p.poll() is None, f"the server exited with {p.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", lm.port), 0.2).close()
+            return p
+        except OSError:
+            assert time.monotonic() < deadline, "the server did not listen"
+            time.sleep(0.02)
+
+
+LOST = (OSError, ssl.SSLError, asyncio.IncompleteReadError, protocol.ProtocolError,
+        asyncio.TimeoutError, AssertionError)
+
+
+async def seller_forever(o, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            s = await ScriptedSeller.connect(o, cpu_ms=random.randint(1, 3000))
+        except LOST:
+            await asyncio.sleep(0.02)
+            continue
+        done = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([s._run, done], return_when=asyncio.FIRST_COMPLETED)
+        done.cancel()
+        await s.stop()
+
+
+async def buyer_forever(o, results: dict[str, bytes], all_done: asyncio.Event) -> None:
+    img = tiny_image()
+    d = image_digest(img)
+    while True:
+        try:
+            p = await Peer.open(o, "buyer")
+            await p.send("image", img, image=d)
+            await p.expect("image_ok")
+            for i in range(TASKS):
+                if f"r{i}" not in results:
+                    await p.send("submit", b"input %d" % i, ref=f"r{i}", image=d)
+            while True:
+                m = await p.recv(timeout=None)
+                if m is None:
+                    break
+                if m.type == "done":
+                    results[m["ref"]] = m.payload
+                elif m.type == "failed":
+                    raise RuntimeError(f"task {m['ref']} failed: {m['message']}")
+                if len(results) == TASKS:
+                    all_done.set()
+                    await p.close()
+                    return
+        except LOST:  # the server was killed: reconnect, resubmit what has no result
+            await asyncio.sleep(0.02)
+
+
+def test_kill9_during_a_stream_of_work_keeps_the_ledger_whole(tmp_path):
+    lm = LoopbackMarket(tmp_path)
+    lm.account("buyer", 10_000_000)
+    lm.account("alice")
+    lm.account("bob")
+    sells = [lm.sell("alice", 36_000), lm.sell("bob", 72_000)]
+    buy = lm.buy("buyer", BID, max_cpu_seconds=2)
+    lm.close()
+    log = open(tmp_path / "server.log", "ab")
+    results: dict[str, bytes] = {}
+    rng = random.Random(os.getpid())
+    checks = []
+
+    async def main():
+        stop, all_done = asyncio.Event(), asyncio.Event()
+        server = start_server(lm, log)
+        tasks = [asyncio.create_task(seller_forever(o, stop)) for o in sells]
+        tasks.append(asyncio.create_task(buyer_forever(buy, results, all_done)))
+        try:
+            for _ in range(KILLS):
+                assert not tasks[-1].done() or tasks[-1].result() is None
+                await asyncio.sleep(rng.uniform(0.1, 0.6))
+                server.send_signal(signal.SIGKILL)
+                server.wait()
+                store = SQLiteStore(lm.db)  # what the killed server left behind
+                checks.append((len(results), store.check(), store.ledger_summary()))
+                store.close()
+                server = start_server(lm, log)
+            await asyncio.wait_for(asyncio.shield(tasks[-1]), 60)  # the buyer has everything
+            assert all_done.is_set()
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            server.send_signal(signal.SIGTERM)
+            server.wait(10)
+
+    asyncio.run(main())
+    for n, problems, summary in checks:
+        assert problems == [], f"after a kill with {n} results in: {problems}"
+    assert len(checks) == KILLS
+    # the kills fell in the middle of the work, not before or after it
+    assert any(0 < n < TASKS for n, _, _ in checks), [n for n, _, _ in checks]
+    assert results == {f"r{i}": (b"input %d" % i)[::-1] for i in range(TASKS)}
+    store = SQLiteStore(lm.db)
+    try:
+        assert store.check() == []
+        assert store.ledger_summary()["escrow"] == 0
+        spent = 10_000_000 - store.account("buyer").balance_milli
+        earned = store.account("alice").balance_milli + store.account("bob").balance_milli
+        assert spent == earned > 0
+        undelivered = store.db.execute(
+            "SELECT COUNT(*) FROM tasks WHERE state = 'queued'").fetchone()[0]
+        assert undelivered == 0
+    finally:
+        store.close()
+    print(open(tmp_path / "server.log").read()[-2000:], file=sys.stderr)
