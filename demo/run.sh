@@ -97,11 +97,15 @@ for i in $(seq "$SELLERS"); do
 done
 say "$SELLERS seller daemons connected; buyer 'lab' has $COINS CPUCoins"
 
-set +e
+# In the background, so that a signal to this script interrupts `wait` at
+# once and the trap stops the study with everything else.
 "$PYTHON" "$ROOT/examples/floyd-steinberg/study.py" --order "$RUN/lab.buy" \
-    --images "$IMAGES" --redundancy 2 --out "$OUT/study"
-STUDY=$?
-set -e
+    --images "$IMAGES" --redundancy 2 --out "$OUT/study" &
+STUDY_PID=$!
+PIDS+=("$STUDY_PID")
+STUDY=0
+wait "$STUDY_PID" || STUDY=$?
+unset 'PIDS[${#PIDS[@]}-1]'
 
 echo
 say "summary"
