@@ -1,0 +1,142 @@
+"""`cpushare-server` admin commands: output shapes, exit statuses, errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import stat
+import subprocess
+
+import pytest
+
+from cpushare import order, protocol
+
+PYTHON = "/usr/bin/python3"
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def cli(db, *args, check=True):
+    p = subprocess.run([PYTHON, "-m", "cpushare.market", "--db", str(db), *args],
+                       capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=SRC))
+    if check:
+        assert p.returncode == 0, f"{args}: {p.returncode}\n{p.stdout}{p.stderr}"
+    return p
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "sub" / "market.db"
+    p = cli(d, "init", "--listen", "127.0.0.1:7399")
+    assert p.stdout == f"initialised {d}\n"
+    return d
+
+
+def test_init_makes_a_private_store_and_refuses_to_overwrite(db):
+    assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(db.parent).st_mode) == 0o700
+    p = cli(db, "init", check=False)
+    assert p.returncode == 1 and "exists already" in p.stderr and str(db) in p.stderr
+
+
+def test_init_refuses_a_bad_listen_address(tmp_path):
+    p = cli(tmp_path / "m.db", "init", "--listen", "localhost:http", check=False)
+    assert p.returncode == 1 and "--listen" in p.stderr and "'http'" in p.stderr
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_accounts_minting_and_balance(db):
+    assert cli(db, "account", "add", "alice", "--coins", "1000").stdout == "alice 1000.000\n"
+    assert cli(db, "account", "add", "bob").stdout == "bob 0.000\n"
+    assert cli(db, "account", "mint", "bob", "--coins", "0.05").stdout == "bob 0.050\n"
+    assert cli(db, "balance", "alice").stdout == "alice 1000.000\n"
+    listing = cli(db, "account", "list").stdout.splitlines()
+    assert "alice 1000.000" in listing and "bob 0.050" in listing
+    assert "@mint -1000.050" in listing and "@escrow 0.000" in listing
+    out = cli(db, "ledger", "check").stdout
+    assert re.fullmatch(r"ledger ok: \d+ transactions, \d+ accounts, minted \d+\.\d{3}, "
+                        r"in escrow 0\.000\n", out), out
+
+
+@pytest.mark.parametrize("args, err", [
+    (("account", "add", "alice"), "account 'alice' exists already"),
+    (("account", "add", "@mint"), "account name '@mint'"),
+    (("account", "add", "x y"), "account name 'x y'"),
+    (("account", "mint", "nobody", "--coins", "1"), "no account 'nobody'"),
+    (("balance", "nobody"), "no account 'nobody'"),
+    (("balance", "@mint"), "no account '@mint'"),
+])
+def test_admin_errors(db, args, err):
+    cli(db, "account", "add", "alice", "--coins", "1000", check=False)
+    p = cli(db, *args, check=False)
+    assert p.returncode == 1 and err in p.stderr and p.stderr.startswith("cpushare-server: ")
+
+
+@pytest.mark.parametrize("args, err", [
+    (("account", "add", "z", "--coins", "-1"), "negative"),
+    (("account", "add", "z", "--coins", "1.0001"), "more than 3 decimals"),
+    (("sell-order", "add", "alice", "--price", "x", "--output", "/tmp/x"), "not a number"),
+    (("sell-order", "add", "alice", "--price", "1", "--memory", "lots", "--output", "/x"),
+     "not a size"),
+])
+def test_bad_arguments_are_usage_errors(db, args, err):
+    p = cli(db, *args, check=False)
+    assert p.returncode == 2 and err in p.stderr
+
+
+def test_orders_are_written_whole_and_load(db, tmp_path):
+    cli(db, "account", "add", "carol", "--coins", "5")
+    p = cli(db, "sell-order", "add", "carol", "--price", "0.010", "--cpu-seconds", "30",
+            "--memory", "64M", "--output", str(tmp_path / "c.cpu"))
+    assert re.fullmatch(r"sell-order \d+ for carol written to .*/c\.cpu\n", p.stdout)
+    assert stat.S_IMODE(os.stat(tmp_path / "c.cpu").st_mode) == 0o600
+    o = order.load_sell(tmp_path / "c.cpu")
+    assert (o.host, o.port, o.price_milli, o.model) == ("127.0.0.1", 7399, 10, "seccomp")
+    assert o.limits.cpu_seconds == 30 and o.limits.memory == 64 << 20
+    cli(db, "buy-order", "add", "carol", "--price", "0.5", "--redundancy", "2",
+        "--max-cpu-seconds", "9", "--output", str(tmp_path / "c.buy"))
+    b = order.load_buy(tmp_path / "c.buy")
+    assert (b.price_milli, b.redundancy, b.max_cpu_seconds) == (500, 2, 9)
+    certs = cli(db, "cert", "list").stdout.splitlines()
+    fp = protocol.fingerprint_pem(b.cert_pem)
+    assert any(line.startswith(f"{fp} carol buyer ") and line.endswith(" valid")
+               for line in certs), certs
+    p = cli(db, "cert", "revoke", fp[:20])
+    assert p.stdout.startswith(f"revoked {fp}")
+    assert f"{fp} carol buyer" in cli(db, "cert", "list").stdout
+    assert any(line.startswith(fp) and line.endswith("revoked")
+               for line in cli(db, "cert", "list").stdout.splitlines())
+    p = cli(db, "buy-order", "add", "carol", "--price", "1", "--redundancy", "17",
+            "--output", str(tmp_path / "x.buy"), check=False)
+    assert p.returncode == 1 and "--redundancy must be 1..16" in p.stderr
+    assert not (tmp_path / "x.buy").exists()
+
+
+def test_ledger_check_reports_what_broke(tmp_path):
+    d = tmp_path / "m.db"
+    cli(d, "init", "--listen", "127.0.0.1:7398")
+    cli(d, "account", "add", "alice", "--coins", "10")
+    with sqlite3.connect(d) as db:  # coins out of nowhere, outside the ledger
+        db.execute("UPDATE accounts SET balance = balance + 5 WHERE name = 'alice'")
+    p = cli(d, "ledger", "check", check=False)
+    assert p.returncode == 1
+    assert "account alice: balance 10005 but its entries sum to 10000" in p.stdout
+    assert "sum to 5, not 0" in p.stdout
+    assert p.stdout.rstrip().endswith("ledger check FAILED: 2 problem(s)")
+    with sqlite3.connect(d) as db:  # an unbalanced transaction
+        db.execute("UPDATE accounts SET balance = balance - 5 WHERE name = 'alice'")
+        db.execute("INSERT INTO transactions (kind, created) VALUES ('settle', 0)")
+        tid = db.execute("SELECT MAX(id) FROM transactions").fetchone()[0]
+        db.execute("INSERT INTO entries (txn_id, account_id, amount) VALUES "
+                   "(?, (SELECT id FROM accounts WHERE name = 'alice'), -20000)", (tid,))
+        db.execute("UPDATE accounts SET balance = balance - 20000 WHERE name = 'alice'")
+    p = cli(d, "ledger", "check", check=False)
+    assert p.returncode == 1
+    assert f"transaction {tid} (settle) entries sum to -20000" in p.stdout
+    assert "account alice is negative: -10000" in p.stdout
+
+
+def test_missing_database_is_named(tmp_path):
+    p = cli(tmp_path / "none.db", "balance", "x", check=False)
+    assert p.returncode == 1 and "none.db" in p.stderr and "init" in p.stderr
