@@ -278,12 +278,15 @@ static NOSP __attribute__((noreturn)) void cps_child(const struct cps_spec *s)
     long r;
     int i;
 
-    /* Signals: default actions (Python ignores SIGPIPE), nothing blocked. */
-    for (i = 1; i <= 64; i++) {
+    /* Signals: default actions (Python ignores SIGPIPE, and so does the
+     * zygote, whose other signals are default already), nothing blocked. */
+    for (i = s->in_zygote ? K_SIGPIPE : 1; i <= (s->in_zygote ? K_SIGPIPE : 64); i++) {
         struct k_sigaction sa = {0, 0, 0, 0};
         if (i == K_SIGKILL || i == K_SIGSTOP)
             continue;
-        sys4(__NR_rt_sigaction, i, &sa, 0, 8);
+        r = sys4(__NR_rt_sigaction, i, &sa, 0, 8);
+        if (IS_ERR(r) && s->in_zygote)
+            fail(status, CPS_SIGACTION, r);
     }
 
     /* Descriptors: 0 stdin, 1 stdout, 2 status, 3 text, 4 data, 5 trampoline,
@@ -610,10 +613,9 @@ static NOSP void zrequest(struct zstate *z)
     long pid = sys6(__NR_clone, K_SIGCHLD | K_CLONE_PIDFD, 0, (long)&pidfd, 0, 0, 0);
     if (pid == 0)
         cps_child(s);
-    for (i = 0; i < nfds; i++)
-        if (i != 2 || IS_ERR(pid))
-            sys1(__NR_close, fds[i]);
     if (IS_ERR(pid)) {
+        for (i = 0; i < nfds; i++)
+            sys1(__NR_close, fds[i]);
         zreply_send(z, pid, CPS_FORK, 0, -1);
         return;
     }
@@ -622,6 +624,9 @@ static NOSP void zrequest(struct zstate *z)
     z->njobs++;
     zreply_send(z, pid, 0, s->mode, pidfd);
     sys1(__NR_close, pidfd);
+    for (i = 0; i < nfds; i++)
+        if (i != 2)
+            sys1(__NR_close, fds[i]);
 }
 
 static NOSP __attribute__((noreturn, used)) void zmain(struct zstate *z)

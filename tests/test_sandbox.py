@@ -195,6 +195,33 @@ def test_run_from_many_threads_at_once():
     assert not errors
 
 
+def test_many_images_from_many_threads_each_run_their_own():
+    # more distinct images than the memfd cache holds, run concurrently: each
+    # job must see its own text and data, never another image's
+    def image(n):
+        data = f"data of image {n:03d}".encode()
+        a = hostile.Asm().sys(hostile.SYS_WRITE, 1, hostile.DATA, len(data))
+        a.mov_edx(n)  # makes the text differ too
+        return a.exit(0).image(data=data, data_address=hostile.DATA), data
+
+    errors = []
+
+    def worker(k):
+        for i in range(30):
+            n = (k * 7 + i) % 40
+            img, want = image(n)
+            r = run(img)
+            if r.output != want:
+                errors.append((n, r))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
 def test_self_test(expected_mode):
     assert sandbox.self_test() == expected_mode
     assert sandbox.mode() == expected_mode

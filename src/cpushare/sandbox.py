@@ -26,6 +26,7 @@ once; nothing a job does can reach the calling process.
 from __future__ import annotations
 
 import errno
+import fcntl
 import math
 import os
 import select
@@ -123,13 +124,73 @@ class Result:
         return f"killed: fault{sig}"
 
 
+_extension = None
+
+
 def _ext():
-    try:
-        from . import _seccomp
-    except ImportError as e:
-        raise SandboxError(
-            f"the extension cpushare._seccomp is not built ({e}); run `make build`") from None
-    return _seccomp
+    global _extension
+    if _extension is None:
+        try:
+            from . import _seccomp
+        except ImportError as e:
+            raise SandboxError(
+                f"the extension cpushare._seccomp is not built ({e}); run `make build`") from None
+        _extension = _seccomp
+    return _extension
+
+
+class _MemfdCache:
+    """Sealed memfds of recently run images (text, data), so that running
+    the same image again costs a dup instead of a copy.  They are never
+    written after sealing and the job maps them privately, so concurrent
+    jobs may share them."""
+
+    SIZE = 16
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.fds: dict[Image, tuple[int, int]] = {}
+
+    def get(self, image: Image, regions: dict) -> tuple[int, int]:
+        """(text_fd, data_fd or -1): fresh duplicates the caller closes."""
+        with self.lock:
+            fds = self.fds.pop(image, None)
+            if fds is not None:
+                self.fds[image] = fds  # most recent last
+                return self._dup(fds)
+        ext = _ext()
+        text = ext.sealed_memfd("cpushare-text", image.text, regions["text"].size, True)
+        data = -1
+        try:
+            if "data" in regions:
+                data = ext.sealed_memfd("cpushare-data", image.data, regions["data"].size, False)
+        except BaseException:
+            _close(text)
+            raise
+        with self.lock:
+            # duplicates are made under the lock: no other thread can close
+            # a cached descriptor (and see its number reused) meanwhile
+            evicted = [self.fds.pop(image)] if image in self.fds else []
+            self.fds[image] = (text, data)
+            while len(self.fds) > self.SIZE:
+                evicted.append(self.fds.pop(next(iter(self.fds))))
+            out = self._dup((text, data))
+        for pair in evicted:
+            _close(*pair)
+        return out
+
+    @staticmethod
+    def _dup(fds: tuple[int, int]) -> tuple[int, int]:
+        text = fcntl.fcntl(fds[0], fcntl.F_DUPFD_CLOEXEC, 3)
+        try:
+            data = fcntl.fcntl(fds[1], fcntl.F_DUPFD_CLOEXEC, 3) if fds[1] >= 0 else -1
+        except BaseException:
+            _close(text)
+            raise
+        return text, data
+
+
+_memfds = _MemfdCache()
 
 
 def _mode_number() -> int:
@@ -271,10 +332,8 @@ class Job:
         text_fd = data_fd = -1
         child_ends: list[int] = []
         try:
-            text_fd = ext.sealed_memfd("cpushare-text", image.text, regions["text"].size, True)
+            text_fd, data_fd = _memfds.get(image, regions)
             data = regions.get("data")
-            if data is not None:
-                data_fd = ext.sealed_memfd("cpushare-data", image.data, data.size, False)
             in_r, self._in = os.pipe2(os.O_CLOEXEC)
             child_ends.append(in_r)
             self._out, out_w = os.pipe2(os.O_CLOEXEC)
