@@ -406,6 +406,40 @@ except sandbox.SandboxError as e:
         proc.stdout + proc.stderr
 
 
+MDWE_RULES = """
+import ctypes
+# MemoryDenyWriteExecute=yes as systemd implements it: PR_SET_MDWE where the
+# kernel has it, and its seccomp rules (no W+X mmap, no PROT_EXEC by mprotect)
+MDWE = ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0)  # PR_SET_MDWE, REFUSE_EXEC_GAIN
+W, X = 2, 4
+f.add_rule(seccomp.ERRNO(errno.EPERM), 'mmap', seccomp.Arg(2, seccomp.MASKED_EQ, W | X, W | X))
+f.add_rule(seccomp.ERRNO(errno.EPERM), 'mprotect', seccomp.Arg(2, seccomp.MASKED_EQ, X, X))
+f.add_rule(seccomp.ERRNO(errno.EPERM), 'pkey_mprotect', seccomp.Arg(2, seccomp.MASKED_EQ, X, X))
+"""
+
+
+@pytest.mark.parametrize("spawn", ["zygote", "fork"])
+def test_under_memory_deny_write_execute(root_dir, spawn):
+    proc = _in_filtered_child(root_dir, MDWE_RULES, """
+import mmap
+try:  # the rules hold here
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    print("W+X mapping allowed")
+except OSError as e:
+    print("W+X refused", e.errno)
+print("mdwe", MDWE)
+print(sandbox.self_test())
+r = sandbox.run(hostile.write_region(hostile.DATA, 8, data=b"data+bss", data_address=hostile.DATA,
+                                     bss_size=4096))
+print(r.exit_status, r.output)
+""", spawn)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "W+X refused 1", proc.stdout
+    assert lines[1] == "mdwe 0", proc.stdout  # PR_SET_MDWE took (Linux >= 6.3)
+    assert lines[2:] == ["filter", "0 b'data+bss'"], proc.stdout
+
+
 def _systemd_is_pid1() -> bool:
     try:
         with open("/proc/1/comm") as f:
