@@ -161,7 +161,7 @@ def market(machine):
     c.run(f"{srv} buy-order add buyer --price 0.050 --output /root/buyer.buy")
     c.run("systemctl daemon-reload && systemctl start cpushare.target", timeout=180)
     yield c
-    c.run("systemctl stop cpushare.target", check=False)
+    c.run("systemctl stop cpushare.target 'cpushare@*.service'", check=False)
 
 
 def test_target_starts_every_order_at_idle_priority(market):
@@ -278,7 +278,9 @@ def test_sysvinit_script_runs_one_daemon_per_order(market):
     /run/systemd/system); the daemons it starts stay in that namespace.
     """
     c = market
-    c.run("systemctl stop cpushare.target")
+    # The target's stop job ends before its instances' (they are ordered
+    # Before= it): wait for them, since the same orders will start again.
+    c.run("systemctl stop cpushare.target 'cpushare@*.service'")
     script = r"""
 set -e
 mount -t tmpfs tmpfs /run/systemd
