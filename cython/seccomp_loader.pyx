@@ -33,7 +33,7 @@ cdef extern from "loader.h" nogil:
     int cps_have_xsave()
     const unsigned char cps_tramp_begin[]
     const unsigned char cps_tramp_end[]
-    int CPS_MODE_STRICT, CPS_MODE_FILTER
+    int CPS_MODE_STRICT, CPS_MODE_FILTER, CPS_NSTEPS
 
 
 cdef extern from "<sys/mman.h>" nogil:
@@ -113,6 +113,9 @@ STEPS = (
     "signalfd4(SIGCHLD)",
     "prctl(PR_GET_SECCOMP)",
 )
+
+
+NSTEPS = CPS_NSTEPS  # len(STEPS) must match loader.h's enum
 
 
 def step_name(int step):

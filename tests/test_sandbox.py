@@ -108,6 +108,13 @@ def test_memory_limit_refuses_big_images():
     assert run(image, limits=sandbox.Limits(memory=image.memory_size)).ok
 
 
+def test_every_setup_step_has_a_name():
+    ext = sandbox._ext()
+    assert len(ext.STEPS) == ext.NSTEPS
+    assert len(set(ext.STEPS)) == len(ext.STEPS)
+    assert ext.step_name(ext.NSTEPS + 5) == f"unknown set-up step {ext.NSTEPS + 5}"
+
+
 def test_limits_are_checked():
     with pytest.raises(ValueError, match="cpu_seconds"):
         sandbox.Limits(cpu_seconds=0)

@@ -8,6 +8,7 @@ RECORD_SIZE: int        # bytes of a set-up record on the status pipe (step, err
 EXITED: int             # the step of the zygote's exit record
 EXIT_REPLY_SIZE: int         # bytes of a zygote reply (pid or -errno, step, mode)
 RECORD_SIZE: int   # (EXITED, wait status, user us, system us)
+NSTEPS: int
 STEPS: tuple[str, ...]  # what each set-up step of the child calls
 
 def step_name(step: int) -> str: ...
