@@ -117,3 +117,27 @@ def test_sigterm_hands_the_running_task_back(market, system_bus, tmp_path):  # n
     assert r.ok and r.output == payload and r.attempts == 2, r
     assert m.balance_milli("alice") == 0
     assert m.ledger_check().returncode == 0
+
+
+def test_daemon_mode_sells_after_detaching(market, tmp_path):
+    """The sysvinit path: checks run before detaching (the sandbox's zygote
+    among them), and the detached daemon still runs jobs."""
+    import os
+
+    m = market
+    order = m.sell_order("alice", "cpu0")
+    pidfile = tmp_path / "cpu0.pid"
+    r = subprocess.run([PYTHON, "-m", "cpushare.daemon", "--daemon", "--pidfile", str(pidfile),
+                        "--no-dbus", "--cache-dir", str(tmp_path / "cache"), str(order)],
+                       env=daemon_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 30, "the pidfile"))
+    try:
+        buyer = BuyerThread(m.buy_order("buyer"), job("echo"), [b"one", b"two"])
+        results = buyer.join(60)
+        assert sorted(x.output for x in results) == [b"one", b"two"]
+        assert all(x.ok for x in results)
+        assert m.ledger_check().returncode == 0
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not pidfile.exists(), 30, "the daemon to exit and remove its pidfile")
