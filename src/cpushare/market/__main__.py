@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the market until SIGTERM or SIGINT")
     s.add_argument("--listen", help="override the address given at init")
     s.add_argument("--heartbeat", type=int, default=15, help="seconds between pings (15)")
-    s.add_argument("--synchronous", choices=("full", "normal"), default="full",
-                   help="SQLite durability of each group commit (default full)")
+    s.add_argument("--synchronous", choices=("full", "normal"), default="normal",
+                   help="SQLite durability of each group commit (default normal)")
     s.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"))
 

@@ -25,17 +25,19 @@ the payments.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from .. import __version__, bytecode
 from ..protocol import (DEFAULT_HEARTBEAT, DEFAULT_MAX_PAYLOAD, VERSION, Message,
                         ProtocolError, cost_milli, digest, encode, peer_identity, read_message)
-from .store import Store
+from .store import Result, Store
 
 log = logging.getLogger("cpushare.market")
 
@@ -45,6 +47,7 @@ HANDSHAKE_TIMEOUT = 10.0
 MAX_REDUNDANCY = 16
 MAX_LOST = 5  # attempts lost (disconnect, deadline) before a task fails
 PUMP_SCAN = 10_000  # queued tasks examined per matching round
+SMALL_INPUT = 64 << 10  # inputs up to this size are kept in memory too
 
 
 def wall_ms_for(cpu_ms: int, seller_wall_ms: int) -> int:
@@ -70,6 +73,7 @@ class TaskState:
     lost: int = 0
     started: int = 0
     session: bool = False
+    input: bytes | None = None  # small inputs stay in memory; None: read from the store
     buyer: "BuyerConn | None" = None  # sessions: the buyer that opened it
     streams: list = field(default_factory=list)  # sessions: stdin frames before a seller
 
@@ -85,12 +89,15 @@ class TaskState:
 
 
 class Conn:
+    """One peer.  Frames go to an outbox written once per flush, after the commit."""
     role = ""
 
-    def __init__(self, reader, writer, peer: str):
+    def __init__(self, market: "Market", reader, writer, peer: str):
+        self.market = market
         self.reader = reader
         self.writer = writer
         self.peer = peer
+        self.out: list[bytes] = []
         self.account_id = 0
         self.account = ""
         self.order_id = 0
@@ -100,10 +107,20 @@ class Conn:
 
     def write(self, frame: bytes) -> None:
         if not self.closed:
-            self.writer.write(frame)
+            if not self.out:
+                self.market._dirty.append(self)
+                self.market._schedule()
+            self.out.append(frame)
+
+    def send_out(self) -> None:
+        if self.out:
+            if not self.closed:
+                self.writer.write(b"".join(self.out))
+            self.out = []
 
     def close(self) -> None:
         if not self.closed:
+            self.send_out()
             self.closed = True
             self.writer.close()
 
@@ -146,7 +163,10 @@ class Market:
         self.buyers: dict[int, list[BuyerConn]] = {}  # buy order id -> connections
         self.images: set[str] = set()
         self._after: list = []
-        self._delivered: list[int] = []
+        self._dirty: list[Conn] = []  # connections with frames in their outbox
+        self._delivered: list[int] = []  # results sent, to mark delivered
+        self._sending: set[int] = set()  # ... and not yet marked
+        self.pending_refs: dict[tuple[int, str], int] = {}  # undelivered (order, ref) -> task
         self._scheduled = False
         self._seq = 0
         self._stop = asyncio.Event()
@@ -174,6 +194,8 @@ class Market:
         except BaseException:
             s.rollback()
             raise
+        for order_id, ref, tid in s.undelivered_refs():
+            self.pending_refs[order_id, ref] = tid
         for row in s.queued_tasks():
             t = TaskState(row.id, row.buy_order_id, row.buyer_account_id, row.ref, row.image,
                           row.redundancy, row.cpu_ms, row.bid_milli, row.escrow_milli,
@@ -198,10 +220,35 @@ class Market:
 
     def _tx(self) -> Store:
         """The store, inside the open group transaction."""
+        if self.fatal is not None:
+            raise RuntimeError(f"the market is stopping after an error: {self.fatal!r}")
         if not self.store.in_transaction:
             self.store.begin()
         self._schedule()
         return self.store
+
+    @contextlib.contextmanager
+    def _op(self) -> Iterator[Store]:
+        """Writes that belong together, in the group transaction.
+
+        They are written without a savepoint (the hot path would pay for it
+        on every task); instead, if one fails half-way, the whole group is
+        rolled back and the market stops: memory may already hold part of
+        it.  A restart recovers from the last commit, as after kill -9.
+        """
+        store = self._tx()
+        try:
+            yield store
+        except BaseException as e:
+            log.critical("internal error inside a store operation; rolling back the "
+                         "uncommitted group and stopping the market: %r", e)
+            self.fatal = e
+            self._stopping = True
+            self._after = []
+            self._dirty = []
+            self.store.rollback()
+            self.stop()
+            raise
 
     def _after_commit(self, fn) -> None:
         self._after.append(fn)
@@ -214,10 +261,13 @@ class Market:
 
     def _flush(self) -> None:
         self._scheduled = False
+        if self.fatal is not None:
+            return
         try:
             self._pump()
-            if self._delivered:
-                self._tx().mark_delivered(self._delivered)
+            delivered = self._delivered
+            if delivered:
+                self._tx().mark_delivered(delivered)
                 self._delivered = []
             if self.store.in_transaction:
                 self.store.commit()
@@ -227,9 +277,14 @@ class Market:
             self._after = []
             self.stop()
             return
+        for tid in delivered:
+            self._sending.discard(tid)
         after, self._after = self._after, []
         for fn in after:
             fn()
+        dirty, self._dirty = self._dirty, []
+        for c in dirty:
+            c.send_out()
 
     # --- matching ---------------------------------------------------------
 
@@ -249,26 +304,27 @@ class Market:
         if not self.ready or not self.queue:
             return
         scanned = 0
-        for tid in list(self.queue):
+        served = []
+        for tid in self.queue:
             t = self.tasks.get(tid)
-            if t is None:
-                self.queue.pop(tid, None)
-                continue
-            while t.need() > 0 and self.ready:
-                s = self._choose(t)
-                if s is None:
-                    break
-                self._dispatch(t, s)
-            if t.need() <= 0:
-                self.queue.pop(tid, None)
+            if t is not None:
+                while t.need() > 0 and self.ready:
+                    s = self._choose(t)
+                    if s is None:
+                        break
+                    self._dispatch(t, s)
+            if t is None or t.need() <= 0:
+                served.append(tid)
             scanned += 1
             if not self.ready or scanned >= PUMP_SCAN:
                 break
+        for tid in served:
+            del self.queue[tid]
 
     def _dispatch(self, t: TaskState, s: SellerConn) -> None:
         store = self._tx()
         aid = store.add_attempt(t.id, s.order_id, s.account_id, s.order.price_milli)
-        payload = store.task_input(t.id)
+        payload = t.input if t.input is not None else store.task_input(t.id)
         t.running[aid] = s
         t.used_accounts.add(s.account_id)
         t.started += 1
@@ -311,8 +367,8 @@ class Market:
 
     # --- settlement -------------------------------------------------------
 
-    def _settle(self, t: TaskState, key: tuple, output: bytes | None) -> None:
-        store = self._tx()
+    def _settle(self, t: TaskState, key: tuple, output: bytes, last: int) -> None:
+        """Pay the k agreeing results (`last` is the attempt that completed them)."""
         winners = [aid for aid, r in t.results.items() if r[0] == key][:t.redundancy]
         pays = []
         for aid in winners:
@@ -322,40 +378,37 @@ class Market:
         refund = t.escrow_milli - total
         if refund < 0:  # cannot happen while ask <= bid; refuse rather than overdraw
             raise AssertionError(f"task {t.id}: payments {total} exceed escrow {t.escrow_milli}")
-        with store.op():
+        first = t.results[winners[0]]
+        with self._op() as store:
             store.transfer("settle", [(store.escrow_id, -t.escrow_milli),
                                       *[(acct, p) for _, acct, p in pays],
                                       (t.buyer_account_id, refund)], task_id=t.id)
-            store.set_task_escrow(t.id, 0)
             paid = {aid: p for aid, _, p in pays}
             for aid, r in t.results.items():
+                got = (r[2], r[0][0], r[4], r[5], r[6]) if aid == last else None
                 if aid in paid:
-                    store.set_attempt_state(aid, "accepted", paid[aid])
+                    store.set_attempt_state(aid, "accepted", paid[aid], got)
                 elif r[0] != key:
-                    store.set_attempt_state(aid, "rejected")
+                    store.set_attempt_state(aid, "rejected", 0, got)
                     store.add_dispute(t.id, aid, r[1], r[0][0], key[0])
                 else:
-                    store.set_attempt_state(aid, "void")
+                    store.set_attempt_state(aid, "void", 0, got)
             for aid in t.running:
                 store.set_attempt_state(aid, "void")
-            if output is None:
-                output = store.attempt_output(winners[0])
-            first = t.results[winners[0]]
-            store.finish_task(t.id, "done", exit_status=first[4], signal=first[5],
-                              reason=first[6] or "", cpu_ms=min(first[2], t.cpu_ms),
-                              cost_milli=total, attempts=t.started, output=output)
+            fields = dict(exit_status=first[4], signal=first[5], reason=first[6] or "",
+                          cpu_ms=min(first[2], t.cpu_ms), cost_milli=total,
+                          attempts=t.started)
+            store.finish_task(t.id, "done", output=output, **fields)
             if t.session:  # a session's end is told once, to the connection that opened it
                 store.mark_delivered([t.id])
         t.escrow_milli = 0
-        self._close_task(t, paid)
+        self._close_task(t, paid, ("done", fields, output))
         log.debug("task %d done: paid %d, refunded %d", t.id, total, refund)
 
     def _fail(self, t: TaskState, code: str, message: str) -> None:
-        store = self._tx()
-        with store.op():
+        with self._op() as store:
             store.transfer("refund", [(store.escrow_id, -t.escrow_milli),
                                       (t.buyer_account_id, t.escrow_milli)], task_id=t.id)
-            store.set_task_escrow(t.id, 0)
             for aid, r in t.results.items():
                 store.set_attempt_state(aid, "rejected")
                 if code == "dispute":
@@ -368,12 +421,13 @@ class Market:
                 store.mark_delivered([t.id])
         t.escrow_milli = 0
         log.info("task %d failed: %s: %s", t.id, code, message)
-        self._close_task(t, {})
+        self._close_task(t, {}, ("failed", dict(code=code, message=message), b""))
 
-    def _close_task(self, t: TaskState, paid: dict[int, int]) -> None:
+    def _close_task(self, t: TaskState, paid: dict[int, int], final: tuple) -> None:
         """After settle/fail: forget the task, tell sellers and the buyer after commit."""
         self.tasks.pop(t.id, None)
         self.queue.pop(t.id, None)
+        t.input = None
         notes = []
         for aid in t.results:
             s = self._seller_of(aid, t)
@@ -383,7 +437,7 @@ class Market:
         for aid, s in t.running.items():
             if s is not None and s.attempt and s.attempt[0] == aid:
                 s.stale.add(aid)  # its result, when it comes, is paid nothing
-        self._after_commit(lambda: self._announce(t, notes))
+        self._after_commit(lambda: self._announce(t, notes, final))
 
     def _seller_of(self, aid: int, t: TaskState) -> SellerConn | None:
         acct = t.results[aid][1]
@@ -393,25 +447,36 @@ class Market:
                 return s
         return None
 
-    def _announce(self, t: TaskState, notes) -> None:
+    def _announce(self, t: TaskState, notes, final: tuple) -> None:
         for s, frame in notes:
             s.write(frame)
-        if not t.session:
-            self._deliver_task(t.buy_order_id, t.id)
-        elif t.buyer is not None and not t.buyer.gone:
-            r = self.store.result(t.id)
-            reason = r.reason if r.state == "done" else f"{r.fail_code}: {r.fail_message}"
-            t.buyer.write(encode("closed", session=t.id, exit_status=r.exit_status,
-                                 signal=r.signal, reason=reason, cpu_ms=r.cpu_ms,
-                                 cost_milli=r.cost_milli))
-
-    def _deliver_task(self, buy_order_id: int, task_id: int) -> None:
-        conns = self.buyers.get(buy_order_id)
-        if not conns:
+        state, fields, output = final
+        if t.session:
+            if t.buyer is not None and not t.buyer.gone:
+                if state == "done":
+                    f = {k: fields[k] for k in ("exit_status", "signal", "reason", "cpu_ms",
+                                                "cost_milli")}
+                else:
+                    f = dict(exit_status=None, signal=None, cpu_ms=0, cost_milli=0,
+                             reason=f"{fields['code']}: {fields['message']}")
+                t.buyer.write(encode("closed", session=t.id, **f))
+            return
+        conns = self.buyers.get(t.buy_order_id)
+        if not conns or t.id in self._sending:
             return  # kept in the store until the buyer comes back
-        self._send_result(conns[-1], self.store.result(task_id))
+        conns[-1].write(encode(state, output, ref=t.ref, task=t.id, **fields))
+        self._sent(t.id, t.buy_order_id, t.ref)
 
-    def _send_result(self, b: BuyerConn, r) -> None:
+    def _sent(self, task_id: int, buy_order_id: int, ref: str) -> None:
+        self._delivered.append(task_id)
+        self._sending.add(task_id)
+        self.pending_refs.pop((buy_order_id, ref), None)
+        self._schedule()
+
+    def _send_result(self, b: BuyerConn, r: Result) -> None:
+        """A result kept in the store, to a buyer that (re)connected."""
+        if r.task_id in self._sending:
+            return
         if r.state == "done":
             b.write(encode("done", r.output, ref=r.ref, task=r.task_id,
                            exit_status=r.exit_status, signal=r.signal, reason=r.reason,
@@ -419,8 +484,7 @@ class Market:
         else:
             b.write(encode("failed", ref=r.ref, task=r.task_id, code=r.fail_code or "task",
                            message=r.fail_message or ""))
-        self._delivered.append(r.task_id)
-        self._schedule()
+        self._sent(r.task_id, b.order_id, r.ref)
 
     # --- seller messages ----------------------------------------------------
 
@@ -479,10 +543,7 @@ class Market:
         store = self._tx()
         if n >= t.redundancy:
             # The group reached k with this result, so it holds this output.
-            with store.op():
-                store.attempt_returned(aid, m["cpu_ms"], m["output_sha256"], m["exit_status"],
-                                       m["signal"], m["reason"], None)
-                self._settle(t, best, m.payload)
+            self._settle(t, best, m.payload, aid)
             return
         store.attempt_returned(aid, m["cpu_ms"], m["output_sha256"], m["exit_status"],
                                m["signal"], m["reason"], m.payload)
@@ -563,15 +624,16 @@ class Market:
     def _new_task(self, b: BuyerConn, ref: str, image: str, payload: bytes, k: int,
                   cpu_ms: int, escrow: int, session: bool) -> TaskState:
         o = b.order
-        store = self._tx()
-        with store.op():
+        with self._op() as store:
             tid = store.add_task(o.id, b.account_id, ref, image, payload, k, cpu_ms,
-                                 o.price_milli, session)
+                                 o.price_milli, escrow, session)
             store.transfer("escrow", [(b.account_id, -escrow), (store.escrow_id, escrow)],
                            task_id=tid)
-            store.set_task_escrow(tid, escrow)
         t = TaskState(tid, o.id, b.account_id, ref, image, k, cpu_ms, o.price_milli, escrow,
-                      session=session, buyer=b if session else None)
+                      session=session, buyer=b if session else None,
+                      input=payload if len(payload) <= SMALL_INPUT else None)
+        if not session:
+            self.pending_refs[o.id, ref] = tid
         self.tasks[tid] = t
         self.queue[tid] = None
         return t
@@ -595,7 +657,9 @@ class Market:
         k = m.get("redundancy") or b.order.redundancy
         cpu_ms, why = self._check_request(b, m, k)
         if why is None:
-            old = self._tx().pending_task(b.order.id, ref)
+            old = None
+            if (b.order.id, ref) in self.pending_refs:
+                old = self._tx().pending_task(b.order.id, ref)
             if old is not None:  # a resubmission after a reconnect: the same task
                 self._after_commit(lambda: b.write(encode(
                     "accepted", ref=ref, task=old.id, escrow_milli=old.escrow_milli)))
@@ -639,6 +703,8 @@ class Market:
         except ProtocolError as e:
             log.warning("closing %s: %s", conn or peer, e)
             try:
+                if conn is not None:
+                    conn.send_out()
                 writer.write(encode("error", code=e.code, message=e.message, ref=None))
             except Exception:  # noqa: BLE001 -- the connection may be gone already
                 pass
@@ -687,8 +753,8 @@ class Market:
         if cert.role != role:
             raise ProtocolError("auth", f"certificate {fingerprint[:16]} is a {cert.role}'s, "
                                         f"not a {role}'s")
-        conn: Conn = SellerConn(reader, writer, peer) if role == "seller" else \
-            BuyerConn(reader, writer, peer)
+        conn: Conn = SellerConn(self, reader, writer, peer) if role == "seller" else \
+            BuyerConn(self, reader, writer, peer)
         conn.account_id, conn.account, conn.order_id = cert.account_id, cert.account, cert.order_id
         if role == "seller":
             conn.order = self.store.sell_order(cert.order_id)

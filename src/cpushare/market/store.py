@@ -187,7 +187,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def add_task(self, buy_order_id: int, buyer_account_id: int, ref: str, image: str,
                  input_: bytes, redundancy: int, cpu_ms: int, bid_milli: int,
-                 session: bool = False) -> int: ...
+                 escrow_milli: int = 0, session: bool = False) -> int: ...
+    @abc.abstractmethod
+    def undelivered_refs(self) -> list[tuple[int, str, int]]: ...
     @abc.abstractmethod
     def pending_task(self, buy_order_id: int, ref: str) -> TaskRow | None: ...
     @abc.abstractmethod
@@ -206,13 +208,14 @@ class Store(abc.ABC):
                          exit_status: int | None, signal: int | None, reason: str,
                          output: bytes) -> None: ...
     @abc.abstractmethod
-    def set_attempt_state(self, attempt_id: int, state: str, paid_milli: int = 0) -> None: ...
+    def set_attempt_state(self, attempt_id: int, state: str, paid_milli: int = 0,
+                          result: tuple | None = None) -> None: ...
     @abc.abstractmethod
     def attempt_output(self, attempt_id: int) -> bytes: ...
     @abc.abstractmethod
     def lose_running_attempts(self) -> int: ...
     @abc.abstractmethod
-    def finish_task(self, task_id: int, state: str, *, exit_status: int | None = None,
+    def finish_task(self, task_id: int, state: str, *,  # also releases its escrow field exit_status: int | None = None,
                     signal: int | None = None, reason: str = "", cpu_ms: int = 0,
                     cost_milli: int = 0, attempts: int = 0, output: bytes = b"",
                     fail_code: str | None = None, fail_message: str | None = None) -> None: ...
@@ -508,12 +511,19 @@ class SQLiteStore(Store):
              "bid_milli, escrow_milli, state, session FROM tasks ")
 
     def add_task(self, buy_order_id, buyer_account_id, ref, image, input_, redundancy,
-                 cpu_ms, bid_milli, session=False) -> int:
+                 cpu_ms, bid_milli, escrow_milli=0, session=False) -> int:
+        """A queued task; `escrow_milli` must be moved to escrow in the same transaction."""
         return self.db.execute(
             "INSERT INTO tasks (buy_order_id, buyer_account_id, ref, image, input, redundancy,"
-            " cpu_ms, bid_milli, session, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " cpu_ms, bid_milli, escrow_milli, session, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (buy_order_id, buyer_account_id, ref, image, input_, redundancy, cpu_ms, bid_milli,
-             int(session), time.time())).lastrowid
+             escrow_milli, int(session), time.time())).lastrowid
+
+    def undelivered_refs(self) -> list[tuple[int, str, int]]:
+        """(buy order, ref, task) of every task whose result the buyer has not had."""
+        return list(self.db.execute("SELECT buy_order_id, ref, id FROM tasks "
+                                    "WHERE delivered = 0 AND session = 0"))
 
     def pending_task(self, buy_order_id: int, ref: str) -> TaskRow | None:
         row = self.db.execute(self._TASK + "WHERE buy_order_id = ? AND delivered = 0 AND ref = ? "
@@ -554,12 +564,19 @@ class SQLiteStore(Store):
             "exit_status = ?, signal = ?, reason = ?, output = ? WHERE id = ?",
             (cpu_ms, output_sha256, exit_status, signal, reason, output, attempt_id))
 
-    def set_attempt_state(self, attempt_id: int, state: str, paid_milli: int = 0) -> None:
+    def set_attempt_state(self, attempt_id: int, state: str, paid_milli: int = 0,
+                          result: tuple | None = None) -> None:
+        """End an attempt; `result` = (cpu_ms, output_sha256, exit_status, signal, reason)
+        records what it returned in the same statement."""
         # Outputs of settled attempts are not kept: the task holds the accepted one.
-        keep = state in ("running", "returned")
-        self.db.execute("UPDATE attempts SET state = ?, paid_milli = ?"
-                        + ("" if keep else ", output = NULL") + " WHERE id = ?",
-                        (state, paid_milli, attempt_id))
+        if result is None:
+            self.db.execute("UPDATE attempts SET state = ?, paid_milli = ?, output = NULL "
+                            "WHERE id = ?", (state, paid_milli, attempt_id))
+        else:
+            self.db.execute("UPDATE attempts SET state = ?, paid_milli = ?, output = NULL, "
+                            "cpu_ms = ?, output_sha256 = ?, exit_status = ?, signal = ?, "
+                            "reason = ? WHERE id = ?",
+                            (state, paid_milli, *result, attempt_id))
 
     def attempt_output(self, attempt_id: int) -> bytes:
         row = self.db.execute("SELECT output FROM attempts WHERE id = ?", (attempt_id,)).fetchone()
@@ -575,7 +592,7 @@ class SQLiteStore(Store):
         self.db.execute(
             "UPDATE tasks SET state = ?, exit_status = ?, signal = ?, reason = ?, "
             "used_cpu_ms = ?, cost_milli = ?, attempts = ?, output = ?, fail_code = ?, "
-            "fail_message = ?, input = NULL WHERE id = ?",
+            "fail_message = ?, input = NULL, escrow_milli = 0 WHERE id = ?",
             (state, exit_status, signal, reason, cpu_ms, cost_milli, attempts, output,
              fail_code, fail_message, task_id))
 
