@@ -4,10 +4,13 @@ The root is made once by mmdebstrap and kept under $CPUSHARE_CACHE_DIR
 (the Makefile's CACHE_DIR, /var/cache/cpushare-dev by default) as
 ``nspawn/bookworm-<key>``, where the key is a digest of the package list:
 systemd, systemd-sysv and dbus, plus every package the Depends: of
-debian/control name (so that installing our .deb files needs no download).
+debian/control name (so that installing our .deb files needs no download:
+the container is offline).
 A change to that list makes a new root and removes the old one.
 
-Every boot runs on ``--volatile=overlay``: the cached root is the read-only
+The container has a network namespace of its own (``--private-network``,
+loopback only): the market it runs cannot collide with a port of the host,
+and nothing in it reaches the network.  Every boot runs on ``--volatile=overlay``: the cached root is the read-only
 lower layer and all writes go to a tmpfs that disappears with the container,
 so the cache stays clean and no copy is made.
 
@@ -129,7 +132,7 @@ class Container:
         self.proc = subprocess.Popen(
             ["systemd-nspawn", "--boot", "--register=no", "--keep-unit",
              "--directory", str(self.root), "--volatile=overlay",
-             f"--machine={self.name}", "--console=read-only"],
+             f"--machine={self.name}", "--console=read-only", "--private-network"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         out.close()
         deadline = time.monotonic() + timeout
