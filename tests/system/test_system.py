@@ -303,6 +303,24 @@ ls /run/cpushare
         c.run("systemctl start cpushare.target")
 
 
+# --- the autopkgtest, on the installed packages ----------------------------
+
+AUTOPKGTESTS = re.findall(r"^Tests:\s*(.+)$", (ROOT / "debian/tests/control").read_text(), re.M)
+
+
+@pytest.mark.parametrize("name", AUTOPKGTESTS)
+def test_autopkgtest(machine, name):
+    """debian/tests/NAME as autopkgtest runs it: a fresh AUTOPKGTEST_TMP, and
+    (none needs root) as an unprivileged user."""
+    c = machine
+    script = c.put(ROOT / "debian" / "tests" / name, "/root/autopkgtest")
+    r = c.run(f"tmp=$(mktemp -d) && chown nobody: $tmp && chmod 0755 /root /root/autopkgtest && "
+              f"runuser -u nobody -- env AUTOPKGTEST_TMP=$tmp sh {q(script)}",
+              check=False, timeout=300)
+    assert r.returncode == 0, f"--- stdout\n{r.stdout}--- stderr\n{r.stderr}"
+    assert r.stdout.rstrip().endswith("ok"), r.stdout
+
+
 # --- last: purge ----------------------------------------------------------
 
 def test_purge_leaves_only_the_admins_order_files(machine):
