@@ -181,6 +181,17 @@ def test_target_starts_every_order_at_idle_priority(market):
         assert "SCHED_IDLE" in c.out(f"chrt -p {pid}")
         for d in (f"/var/lib/cpushare/{name}", f"/var/cache/cpushare/{name}"):
             assert c.out(f"stat -c %U {d}").strip() == "cpushare"
+        assert unit_show(c, unit, "WatchdogUSec")["WatchdogUSec"] not in ("0", "infinity")
+
+
+def test_reload_rereads_the_order_in_place(market):
+    c = market
+    unit = "cpushare@cpu0.service"
+    pid = main_pid(c, unit)
+    c.run(f"systemctl reload {unit}")
+    c.wait_for(f"journalctl --no-pager -o cat -u {unit} | grep -q 'order re-read'", timeout=30)
+    st = unit_show(c, unit, "ActiveState", "MainPID")
+    assert st == {"ActiveState": "active", "MainPID": str(pid)}, st
 
 
 def test_a_buyer_gets_work_done(market):
@@ -198,6 +209,12 @@ def test_a_buyer_gets_work_done(market):
     for name, text in inputs.items():
         assert c.path(f"/root/job/out/{name}.out").read_text() == text.upper()
     c.run("cpushare-server --db /root/market/market.db ledger check")
+    # Every sold task is a journal entry with structured fields.
+    entries = [json.loads(line) for line in
+               c.out("journalctl -o json --no-pager -u 'cpushare@*'").splitlines()]
+    sold = [e for e in entries if "TASK" in e and "OUTCOME" in e]
+    assert len(sold) >= len(inputs), entries[-10:]
+    assert {e["ORDER"] for e in sold} <= set(ORDERS), sold
 
 
 def _status(c: nspawn.Container) -> dict[str, dict]:
