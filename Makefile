@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 # Everything the build, the tests, the package and the demo need, from Debian.
 DEB_DEPS = \
-	build-essential python3-dev cython3 python3-setuptools \
+	build-essential python3-dev python3-all-dev cython3 python3-setuptools \
 	python3-pydbus python3-gi python3-systemd python3-openssl python3-cryptography \
 	python3-configobj python3-daemon python3-seccomp \
 	python3-pytest python3-hypothesis python3-numpy python3-matplotlib python3-pil python3-scipy \
