@@ -29,8 +29,8 @@ if str(ROOT / "src") not in sys.path:
 
 PYTHON = "/usr/bin/python3"
 GOAL = 1000
-HEARTBEAT = 1           # seconds between the server's pings
-HOLD = 4                # heartbeats to hold every step for
+HEARTBEAT = 2           # seconds between the server's pings
+HOLD = 3                # heartbeats to hold every step for
 
 
 def _free_port() -> int:
@@ -182,10 +182,12 @@ async def _steps(db: str, steps, tmp: Path, pid: int) -> list[dict]:
             except Exception as e:
                 s.error = f"{type(e).__name__}: {e}"
 
+    # every order first: issuing them blocks, and connections that are
+    # already up must keep answering pings meanwhile
+    ctxs = _orders(db, steps[-1], 0, tmp)
     try:
         for target in steps:
-            ctxs = _orders(db, target - len(sellers), len(sellers), tmp)
-            new = [Seller(*c) for c in ctxs]
+            new = [Seller(*c) for c in ctxs[len(sellers):target]]
             t0 = time.monotonic()
             await asyncio.gather(*(open_one(s) for s in new))
             connect_s = time.monotonic() - t0
