@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import ssl
 
 import pytest
@@ -599,3 +600,41 @@ def test_silent_peer_is_dropped(lm, caplog):
         await lm.stop()
     run(main())
     assert "silent for" in caplog.text
+
+
+def test_large_inputs_and_outputs_live_beside_the_store_until_delivered(lm):
+    big = bytes(range(256)) * 1024  # 256 KiB: kept in a file, not in SQLite
+    blobs = lm.db + ".d"
+
+    async def main():
+        await lm.start()
+        o = lm.buy("buyer", BID, max_cpu_seconds=10)
+        b = await Peer.open(o, "buyer")
+        img = tiny_image()
+        d = image_digest(img)
+        await b.send("image", img, image=d)
+        await b.expect("image_ok")
+        await b.send("submit", big, ref="big", image=d)
+        await b.expect("accepted")
+        await b.close()
+        assert os.listdir(blobs) == [f"t{1}.in"]
+        await lm.stop()  # a restart: the input is still there
+        with open(os.path.join(blobs, "t999.out"), "wb") as f:  # left by a crash
+            f.write(b"stale")
+        await lm.start()
+        assert os.listdir(blobs) == ["t1.in"]
+        s = await ScriptedSeller.connect(lm.sell("alice", BID))
+        while not s.settled:
+            s.got_settled.clear()
+            await asyncio.wait_for(s.got_settled.wait(), TIMEOUT)
+        assert s.tasks[0].payload == big
+        assert os.listdir(blobs) == ["t1.out"]  # the buyer is away: kept for it
+        b = await Peer.open(o, "buyer")
+        done = await b.expect("done")
+        assert done.payload == big[::-1]
+        await b.sync()
+        await s.stop()
+        await lm.stop()
+    run(main())
+    assert os.listdir(blobs) == []
+    assert_ledger_ok(lm)

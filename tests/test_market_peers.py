@@ -181,7 +181,13 @@ class ScriptedSeller:
         """Connect, start answering, and wait until the market counts it ready."""
         s = cls(await Peer.open(o, "seller"), **kw)
         s._run = asyncio.create_task(s._loop())
-        await asyncio.wait_for(s.is_ready.wait(), TIMEOUT)
+        ready = asyncio.ensure_future(s.is_ready.wait())
+        await asyncio.wait([ready, s._run], timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            if s._run.done():
+                s._run.result()  # the reason it ended
+            raise ConnectionError("the market closed the connection before our ready")
         return s
 
     async def _loop(self) -> None:

@@ -194,6 +194,9 @@ class Market:
         except BaseException:
             s.rollback()
             raise
+        stale = s.collect_garbage()
+        if stale:
+            log.info("removed %d files of inputs and outputs no task needs", stale)
         for order_id, ref, tid in s.undelivered_refs():
             self.pending_refs[order_id, ref] = tid
         for row in s.queued_tasks():

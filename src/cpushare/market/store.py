@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from typing import Iterable, Iterator
 MINT = "@mint"
 ESCROW = "@escrow"
 SCHEMA_VERSION = 1
+BIG = 64 << 10  # inputs and outputs larger than this live in files beside the database
+IN_FILE = "file"  # what their column holds then
 
 
 class StoreError(Exception):
@@ -137,6 +140,10 @@ class Store(abc.ABC):
     def op(self) -> contextlib.AbstractContextManager: ...
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    def collect_garbage(self) -> int:
+        """At start: drop whatever a crash left behind outside the store's transactions."""
+        return 0
 
     # settings (CA, server certificate, listen address)
     @abc.abstractmethod
@@ -333,8 +340,13 @@ class SQLiteStore(Store):
             raise ValueError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
         self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         self.db.execute("PRAGMA foreign_keys = ON")
-        self._depth = 0
         self._sp = 0
+        self.synchronous = synchronous
+        # Large inputs and outputs: one file each in PATH.d/, written before the
+        # commit that refers to them and removed after the commit that drops them.
+        self.blob_dir = path + ".d"
+        self._unlink: list[str] = []
+        self._files = os.path.isdir(self.blob_dir)  # none yet: nothing to remove
         if create:
             # executescript commits what is open first: it runs alone, and its
             # statements are all IF NOT EXISTS.
@@ -365,10 +377,75 @@ class SQLiteStore(Store):
 
     def commit(self) -> None:
         self.db.execute("COMMIT")
+        unlink, self._unlink = self._unlink, []
+        if not self._files:
+            return
+        for name in unlink:
+            try:
+                os.unlink(os.path.join(self.blob_dir, name))
+            except FileNotFoundError:
+                pass
 
     def rollback(self) -> None:
+        self._unlink = []
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
+
+    # --- large values in files --------------------------------------------
+
+    def _put(self, name: str, data: bytes | None):
+        """The column value for `data`: the bytes, or IN_FILE once they are in a file."""
+        if data is None or len(data) <= BIG:
+            return data
+        path = os.path.join(self.blob_dir, name)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            os.makedirs(self.blob_dir, mode=0o700, exist_ok=True)
+            fd = os.open(path, flags, 0o600)
+        self._files = True
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.synchronous == "full":
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if name in self._unlink:
+            self._unlink.remove(name)
+        return IN_FILE
+
+    def _get(self, name: str, value) -> bytes:
+        if value == IN_FILE:
+            path = os.path.join(self.blob_dir, name)
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as e:
+                raise StoreError(f"{path}: {e.strerror}") from None
+        return value or b""
+
+    def collect_garbage(self) -> int:
+        try:
+            names = set(os.listdir(self.blob_dir))
+        except FileNotFoundError:
+            return 0
+        q = self.db.execute
+        needed = {f"t{i}.in" for i, in q("SELECT id FROM tasks WHERE state = 'queued' "
+                                         "AND input = ?", (IN_FILE,))}
+        needed |= {f"t{i}.out" for i, in q("SELECT id FROM tasks WHERE delivered = 0 "
+                                           "AND output = ?", (IN_FILE,))}
+        needed |= {f"a{i}.out" for i, in q("SELECT id FROM attempts WHERE output = ?",
+                                           (IN_FILE,))}
+        stale = names - needed
+        for name in stale:
+            try:
+                os.unlink(os.path.join(self.blob_dir, name))
+            except FileNotFoundError:
+                pass
+        return len(stale)
 
     @property
     def in_transaction(self) -> bool:
@@ -513,12 +590,16 @@ class SQLiteStore(Store):
     def add_task(self, buy_order_id, buyer_account_id, ref, image, input_, redundancy,
                  cpu_ms, bid_milli, escrow_milli=0, session=False) -> int:
         """A queued task; `escrow_milli` must be moved to escrow in the same transaction."""
-        return self.db.execute(
+        big = len(input_) > BIG
+        tid = self.db.execute(
             "INSERT INTO tasks (buy_order_id, buyer_account_id, ref, image, input, redundancy,"
             " cpu_ms, bid_milli, escrow_milli, session, created) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (buy_order_id, buyer_account_id, ref, image, input_, redundancy, cpu_ms, bid_milli,
-             escrow_milli, int(session), time.time())).lastrowid
+            (buy_order_id, buyer_account_id, ref, image, IN_FILE if big else input_,
+             redundancy, cpu_ms, bid_milli, escrow_milli, int(session), time.time())).lastrowid
+        if big:
+            self._put(f"t{tid}.in", input_)
+        return tid
 
     def undelivered_refs(self) -> list[tuple[int, str, int]]:
         """(buy order, ref, task) of every task whose result the buyer has not had."""
@@ -539,7 +620,7 @@ class SQLiteStore(Store):
 
     def task_input(self, task_id: int) -> bytes:
         row = self.db.execute("SELECT input FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        return row[0] or b""
+        return self._get(f"t{task_id}.in", row[0])
 
     def queued_tasks(self) -> list[TaskRow]:
         return [TaskRow(*r) for r in self.db.execute(
@@ -562,13 +643,15 @@ class SQLiteStore(Store):
         self.db.execute(
             "UPDATE attempts SET state = 'returned', cpu_ms = ?, output_sha256 = ?, "
             "exit_status = ?, signal = ?, reason = ?, output = ? WHERE id = ?",
-            (cpu_ms, output_sha256, exit_status, signal, reason, output, attempt_id))
+            (cpu_ms, output_sha256, exit_status, signal, reason,
+             self._put(f"a{attempt_id}.out", output), attempt_id))
 
     def set_attempt_state(self, attempt_id: int, state: str, paid_milli: int = 0,
                           result: tuple | None = None) -> None:
         """End an attempt; `result` = (cpu_ms, output_sha256, exit_status, signal, reason)
         records what it returned in the same statement."""
         # Outputs of settled attempts are not kept: the task holds the accepted one.
+        self._unlink.append(f"a{attempt_id}.out")
         if result is None:
             self.db.execute("UPDATE attempts SET state = ?, paid_milli = ?, output = NULL "
                             "WHERE id = ?", (state, paid_milli, attempt_id))
@@ -580,7 +663,7 @@ class SQLiteStore(Store):
 
     def attempt_output(self, attempt_id: int) -> bytes:
         row = self.db.execute("SELECT output FROM attempts WHERE id = ?", (attempt_id,)).fetchone()
-        return (row[0] if row else None) or b""
+        return self._get(f"a{attempt_id}.out", row[0] if row else None)
 
     def lose_running_attempts(self) -> int:
         return self.db.execute("UPDATE attempts SET state = 'lost' WHERE state = 'running'"
@@ -593,16 +676,16 @@ class SQLiteStore(Store):
             "UPDATE tasks SET state = ?, exit_status = ?, signal = ?, reason = ?, "
             "used_cpu_ms = ?, cost_milli = ?, attempts = ?, output = ?, fail_code = ?, "
             "fail_message = ?, input = NULL, escrow_milli = 0 WHERE id = ?",
-            (state, exit_status, signal, reason, cpu_ms, cost_milli, attempts, output,
-             fail_code, fail_message, task_id))
+            (state, exit_status, signal, reason, cpu_ms, cost_milli, attempts,
+             self._put(f"t{task_id}.out", output), fail_code, fail_message, task_id))
+        self._unlink.append(f"t{task_id}.in")
 
     _RESULT = ("SELECT id, ref, state, exit_status, signal, reason, used_cpu_ms, cost_milli, "
                "attempts, output, fail_code, fail_message FROM tasks ")
 
-    @staticmethod
-    def _result(r) -> Result:
+    def _result(self, r) -> Result:
         return Result(r[0], r[1], r[2], r[3], r[4], r[5] or "", r[6] or 0, r[7] or 0,
-                      r[8] or 0, r[9] or b"", r[10], r[11])
+                      r[8] or 0, self._get(f"t{r[0]}.out", r[9]), r[10], r[11])
 
     def undelivered(self, buy_order_id: int) -> list[Result]:
         return [self._result(r) for r in self.db.execute(
@@ -616,8 +699,10 @@ class SQLiteStore(Store):
         return self._result(row)
 
     def mark_delivered(self, task_ids: Iterable[int]) -> None:
+        task_ids = list(task_ids)
         self.db.executemany("UPDATE tasks SET delivered = 1, output = NULL WHERE id = ?",
                             [(t,) for t in task_ids])
+        self._unlink.extend(f"t{t}.out" for t in task_ids)
 
     def add_dispute(self, task_id, attempt_id, seller_account_id, output_sha256,
                     majority_sha256) -> None:
