@@ -51,7 +51,8 @@ demo: deps build
 # The Debian packages cpushare and cpushare-server in dist/, built with
 # dpkg-buildpackage from a copy of the tree (the checkout stays clean) and
 # held to lintian: no error, no warning.  Nothing is rebuilt when dist/ holds
-# the packages of exactly this tree (dist/.tree is its digest).
+# the packages of exactly this tree (dist/.tree is its digest); two builds at
+# once take turns (build/.deb.lock).
 DEB_BUILD_DIR = build/deb
 # Debian's tools only: a python3 earlier on PATH (pyenv) must not build it.
 DEB_PATH = /usr/sbin:/usr/bin:/sbin:/bin
@@ -60,7 +61,7 @@ DEB_PATH = /usr/sbin:/usr/bin:/sbin:/bin
 DEB_BUILD_OPTIONS ?= nocheck
 export DEB_BUILD_OPTIONS
 deb:
-	@set -e; \
+	@set -e; mkdir -p build; exec 9>build/.deb.lock; flock 9; \
 	files=$$(git ls-files -co --exclude-standard --deduplicate | while IFS= read -r f; do [ -f "$$f" ] && echo "$$f"; done; true); \
 	tree=$$(echo "$$files" | LC_ALL=C sort | xargs -d '\n' sha256sum | sha256sum | cut -c1-32); \
 	if [ "$$(cat dist/.tree 2>/dev/null)" = "$$tree" ] && ls dist/cpushare_*.deb dist/cpushare-server_*.deb >/dev/null 2>&1; then \
