@@ -1,0 +1,161 @@
+"""Relay throughput: large inputs and outputs through the market.
+
+A buyer sends one task with a large input (32 MiB) to the echo job; the
+market relays it to a seller, the job copies it to its output, and the
+market relays that back: 2 x SIZE bytes seen by the buyer, in 2 hops each
+way plus the sandbox's pipes.  Beside it, in the same run and on the same
+machine: a plain TLS copy over loopback (the same asyncio + OpenSSL stack
+and the market's certificates), a client sending SIZE bytes to a TLS echo
+server in another process and reading them back.  The ratio is the
+market's throughput over the plain copy's.  Goal: >= 0.5.
+
+    /usr/bin/python3 bench/relay.py [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT / "src", ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+GOAL = 0.5
+MIB = 1 << 20
+
+
+# --- the plain TLS copy ---------------------------------------------------------
+
+def _echo_server(port: int, ca: str, cert: str, key: str) -> None:
+    """Run in a child process: a TLS echo server on 127.0.0.1:port."""
+    from cpushare import protocol
+
+    async def handle(reader, writer):
+        while chunk := await reader.read(1 << 20):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    async def main():
+        ctx = protocol.server_context(ca, cert, key)
+        server = await asyncio.start_server(handle, "127.0.0.1", port, ssl=ctx)
+        print("listening", flush=True)
+        async with server:
+            await server.serve_forever()
+    asyncio.run(main())
+
+
+async def _tls_copy(port: int, order, data: bytes) -> float:
+    from cpushare import protocol
+    ctx = protocol.client_context(order.ca_pem, order.cert_pem, order.key_pem)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                                   server_hostname="127.0.0.1")
+    t0 = time.perf_counter()
+
+    async def send():
+        view = memoryview(data)
+        for i in range(0, len(data), 1 << 20):
+            writer.write(view[i:i + (1 << 20)])
+            await writer.drain()
+    sender = asyncio.create_task(send())
+    got = 0
+    while got < len(data):
+        chunk = await reader.read(1 << 20)
+        if not chunk:
+            raise RuntimeError(f"bench.relay: the TLS echo server closed after {got} bytes")
+        got += len(chunk)
+    await sender
+    seconds = time.perf_counter() - t0
+    writer.close()
+    return seconds
+
+
+# --- through the market --------------------------------------------------------
+
+async def _market_copy(order, data: bytes) -> float:
+    from cpushare.buyer import Market
+    from test_e2e_support import job
+    async with Market(order) as m:
+        await m.upload(job("echo"))
+        t0 = time.perf_counter()
+        async for r in m.map(job("echo"), [data]):
+            seconds = time.perf_counter() - t0
+            if not r.ok or r.output != data:
+                raise RuntimeError(f"bench.relay: the echo task failed or changed the data: "
+                                   f"{r.reason} ({len(r.output)} bytes back)")
+        return seconds
+
+
+def run(quick: bool = False) -> dict:
+    from cpushare.order import load_buy
+    from test_e2e_support import LocalMarket, env, free_port
+    size = (8 if quick else 32) * MIB
+    rounds = 2 if quick else 3
+    data = os.urandom(size)
+    with tempfile.TemporaryDirectory(prefix="cpushare-bench-") as tmp:
+        m = LocalMarket(Path(tmp))
+        echo = None
+        try:
+            m.account("buyer", 1_000_000)
+            m.account("alice")
+            m.serve()
+            m.seller(m.sell_order("alice", "alice-cpu0"))
+            order = load_buy(m.buy_order("buyer"))
+            ca_cert, _ = m.ca_credentials()
+            import sqlite3
+            db = sqlite3.connect(f"file:{m.db}?mode=ro", uri=True)
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            db.close()
+            port = free_port()
+            echo = subprocess.Popen(
+                [sys.executable, __file__, "--tls-echo-server", str(port)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env(), text=True)
+            echo.stdin.write("\0".join((ca_cert, meta["server_cert"], meta["server_key"])))
+            echo.stdin.close()
+            if echo.stdout.readline().strip() != "listening":
+                raise RuntimeError("bench.relay: the TLS echo server did not start")
+            asyncio.run(_market_copy(order, data[:MIB]))  # warm up: image cached
+            plain, market = [], []
+            for _ in range(rounds):  # interleaved, so both see the same machine
+                plain.append(asyncio.run(_tls_copy(port, order, data)))
+                market.append(asyncio.run(_market_copy(order, data)))
+            ledger = m.ledger_check()
+        finally:
+            if echo is not None:
+                echo.kill()
+                echo.wait()
+            m.close()
+    if ledger.returncode != 0:
+        raise RuntimeError(f"bench.relay: ledger check failed:\n{ledger.stdout}{ledger.stderr}")
+    t_plain, t_market = min(plain), min(market)
+    return {"bytes": size, "plain_seconds": t_plain, "market_seconds": t_market,
+            "plain_mib_per_second": 2 * size / MIB / t_plain,
+            "market_mib_per_second": 2 * size / MIB / t_market,
+            "ratio": t_plain / t_market, "goal": GOAL}
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--tls-echo-server"]:
+        ca, cert, key = sys.stdin.read().split("\0")
+        _echo_server(int(argv[1]), ca, cert, key)
+        return 0
+    r = run(quick="--quick" in argv)
+    size = r["bytes"] // MIB
+    print(f"relay: {size} MiB in and {size} MiB out of one task, best of the rounds")
+    print(f"  plain TLS copy over loopback: {r['plain_mib_per_second']:.0f} MiB/s")
+    print(f"  through the market (buyer -> server -> seller -> sandbox and back): "
+          f"{r['market_mib_per_second']:.0f} MiB/s")
+    print(f"  ratio market/plain: {r['ratio']:.2f} (goal >= {GOAL})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
