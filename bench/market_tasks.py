@@ -84,7 +84,7 @@ def run(quick: bool = False) -> dict:
                            f"{ledger.stdout}{ledger.stderr}")
     rate = n / seconds
     ceiling = 2 * _sandbox_rate(n // 4)
-    return {"tasks": n, "seconds": seconds, "tasks_per_second": rate,
+    return {"measured": rate, "tasks": n, "seconds": seconds, "tasks_per_second": rate,
             "sandbox_ceiling_per_second": ceiling, "ratio_to_ceiling": rate / ceiling,
             "ratio_to_goal": rate / GOAL, "ratio_to_boinc": rate / BOINC,
             "ratio_to_condor": rate / CONDOR}
