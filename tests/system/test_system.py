@@ -320,6 +320,18 @@ ls /run/cpushare
         c.run("systemctl start cpushare.target")
 
 
+def test_upgrade_restarts_every_seller(market):
+    """dpkg's configure of an upgrade restarts cpushare.target, and PartOf=
+    carries the restart to the instances: they run the new code."""
+    c = market
+    before = {n: main_pid(c, f"cpushare@{n}.service") for n in ORDERS}
+    c.run("dpkg -i /root/debs/cpushare_*.deb /root/debs/cpushare-server_*.deb", timeout=300)
+    for name in ORDERS:
+        unit = f"cpushare@{name}.service"
+        c.wait_for(f"systemctl is-active --quiet {unit}", timeout=90)
+        assert main_pid(c, unit) not in (0, before[name]), c.journal(unit)
+
+
 # --- the autopkgtest, on the installed packages ----------------------------
 
 AUTOPKGTESTS = re.findall(r"^Tests:\s*(.+)$", (ROOT / "debian/tests/control").read_text(), re.M)
