@@ -845,7 +845,7 @@ class Market:
         if not self._recovered:
             self.recover()
         server = await asyncio.start_server(
-            lambda r, w: self.handle(r, w, ssl_ctx), host, port, limit=1 << 20)
+            lambda r, w: self.handle(r, w, ssl_ctx), host, port, limit=8 << 20)
         addrs = ", ".join(f"{a[0]}:{a[1]}" for a in (s.getsockname() for s in server.sockets))
         log.info("cpushare-server %s (pid %d) listening on %s", __version__, os.getpid(), addrs)
         if started is not None:

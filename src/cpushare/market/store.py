@@ -346,6 +346,8 @@ class SQLiteStore(Store):
         # commit that refers to them and removed after the commit that drops them.
         self.blob_dir = path + ".d"
         self._unlink: list[str] = []
+        self._entries: list[tuple[int, int, int]] = []  # ledger entries not yet written
+        self._deltas: dict[int, int] = {}  # ... and the balance changes they make
         self._files = os.path.isdir(self.blob_dir)  # none yet: nothing to remove
         if create:
             # executescript commits what is open first: it runs alone, and its
@@ -376,6 +378,7 @@ class SQLiteStore(Store):
         self.db.execute("BEGIN IMMEDIATE")
 
     def commit(self) -> None:
+        self._write_ledger()
         self.db.execute("COMMIT")
         unlink, self._unlink = self._unlink, []
         if not self._files:
@@ -388,6 +391,8 @@ class SQLiteStore(Store):
 
     def rollback(self) -> None:
         self._unlink = []
+        self._entries = []
+        self._deltas = {}
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
 
@@ -506,16 +511,17 @@ class SQLiteStore(Store):
     def account(self, name: str) -> Account | None:
         row = self.db.execute("SELECT id, name, balance FROM accounts WHERE name = ?",
                               (name,)).fetchone()
-        return Account(*row) if row else None
+        return Account(row[0], row[1], row[2] + self._deltas.get(row[0], 0)) if row else None
 
     def account_by_id(self, account_id: int) -> Account:
         row = self.db.execute("SELECT id, name, balance FROM accounts WHERE id = ?",
                               (account_id,)).fetchone()
         if row is None:
             raise StoreError(f"no account with id {account_id}")
-        return Account(*row)
+        return Account(row[0], row[1], row[2] + self._deltas.get(account_id, 0))
 
     def accounts(self) -> list[Account]:
+        self._write_ledger()
         return [Account(*r) for r in self.db.execute(
             "SELECT id, name, balance FROM accounts ORDER BY name")]
 
@@ -739,16 +745,29 @@ class SQLiteStore(Store):
             raise StoreError(f"{kind} transaction has a non-integer amount: {entries}")
         txn = self.db.execute("INSERT INTO transactions (kind, task_id, memo, created) "
                               "VALUES (?, ?, ?, ?)", (kind, task_id, memo, time.time())).lastrowid
-        self.db.executemany("INSERT INTO entries (txn_id, account_id, amount) VALUES (?, ?, ?)",
-                            [(txn, a, m) for a, m in entries])
-        self.db.executemany("UPDATE accounts SET balance = balance + ? WHERE id = ?",
-                            [(m, a) for a, m in entries])
+        # The entries and the balances they change are written once per group
+        # commit (_write_ledger), in the same SQLite transaction: one statement
+        # each for many transfers.  Reads of balances add what is pending.
+        pending, deltas = self._entries, self._deltas
+        for a, m in entries:
+            pending.append((txn, a, m))
+            deltas[a] = deltas.get(a, 0) + m
         return txn
+
+    def _write_ledger(self) -> None:
+        if self._entries:
+            self.db.executemany("INSERT INTO entries (txn_id, account_id, amount) "
+                                "VALUES (?, ?, ?)", self._entries)
+            self.db.executemany("UPDATE accounts SET balance = balance + ? WHERE id = ?",
+                                [(m, a) for a, m in self._deltas.items() if m])
+            self._entries = []
+            self._deltas = {}
 
     def set_task_escrow(self, task_id: int, escrow_milli: int) -> None:
         self.db.execute("UPDATE tasks SET escrow_milli = ? WHERE id = ?", (escrow_milli, task_id))
 
     def ledger_summary(self) -> dict:
+        self._write_ledger()
         q = self.db.execute
         return {
             "transactions": q("SELECT COUNT(*) FROM transactions").fetchone()[0],
@@ -764,6 +783,7 @@ class SQLiteStore(Store):
 
         Reads one consistent snapshot, so it may run beside a serving market.
         """
+        self._write_ledger()
         q = self.db.execute
         problems: list[str] = []
         own = not self.db.in_transaction
