@@ -638,3 +638,35 @@ def test_large_inputs_and_outputs_live_beside_the_store_until_delivered(lm):
     run(main())
     assert os.listdir(blobs) == []
     assert_ledger_ok(lm)
+
+
+def test_a_result_for_an_attempt_the_seller_is_not_running_is_paid_nothing(lm):
+    async def main():
+        await lm.start()
+        p = await Peer.open(lm.sell("alice", BID), "seller")
+        await p.send("result", b"x", attempt=12345, exit_status=0, signal=None, reason="",
+                     cpu_ms=10, output_sha256=protocol.digest(b"x"))
+        st = await p.expect("settled")
+        assert (st["attempt"], st["paid_milli"], st["accepted"]) == (12345, 0, False)
+        await p.close()
+        await lm.stop()
+    run(main())
+    assert lm.balance("alice") == 0
+    assert_ledger_ok(lm)
+
+
+def test_revoking_a_certificate_closes_its_live_connection(lm, caplog):
+    caplog.set_level(logging.INFO, logger="cpushare.market")
+
+    async def main():
+        await lm.start(heartbeat=1)
+        o = lm.sell("alice", BID)
+        p = await Peer.open(o, "seller")
+        with lm.admin.transaction():
+            lm.admin.revoke(protocol.fingerprint_pem(o.cert_pem))
+        e = await p.recv()
+        assert e.type == "error" and e["code"] == "auth" and "revoked" in e["message"]
+        assert await p.recv() is None
+        await lm.stop()
+    run(main())
+    assert "was revoked" in caplog.text

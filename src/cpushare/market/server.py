@@ -104,6 +104,7 @@ class Conn:
         self.last_seen = time.monotonic()
         self.closed = False
         self.gone = False
+        self.fingerprint = ""
 
     def write(self, frame: bytes) -> None:
         if not self.closed:
@@ -525,11 +526,16 @@ class Market:
     def _on_result(self, s: SellerConn, m: Message) -> None:
         aid = m["attempt"]
         if s.attempt is None or s.attempt[0] != aid:
-            if aid in s.stale:  # too late: the attempt went elsewhere or the task is closed
+            # Too late (the attempt went elsewhere, or its task is closed), or an
+            # attempt of an earlier connection or of the market before a restart:
+            # it is paid nothing, and the seller hears so.
+            if aid in s.stale:
                 s.stale.discard(aid)
-                s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
-                return
-            raise ProtocolError("task", f"result for attempt {aid}, which is not this seller's")
+            else:
+                log.info("%s returned attempt %d, which it is not running: paid nothing",
+                         s, aid)
+            s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
+            return
         _, t = s.attempt
         # (a session's output went to the buyer as a stream; the result carries none)
         if not t.session and digest(m.payload) != m["output_sha256"]:
@@ -759,6 +765,7 @@ class Market:
         conn: Conn = SellerConn(self, reader, writer, peer) if role == "seller" else \
             BuyerConn(self, reader, writer, peer)
         conn.account_id, conn.account, conn.order_id = cert.account_id, cert.account, cert.order_id
+        conn.fingerprint = fingerprint
         if role == "seller":
             conn.order = self.store.sell_order(cert.order_id)
             old = self.sellers.get(cert.order_id)
@@ -816,6 +823,17 @@ class Market:
                 self.buyers.pop(conn.order_id, None)
         self._schedule()
 
+    def _recheck_certificates(self) -> None:
+        """Close connections whose certificate was revoked since they connected."""
+        for c in list(self._conns):
+            cert = self.store.cert(c.fingerprint)
+            if cert is None or cert.revoked:
+                log.warning("closing %s: its certificate %s was revoked", c, c.fingerprint[:16])
+                c.write(encode("error", code="auth", ref=None,
+                               message=f"certificate {c.fingerprint[:16]} was revoked"))
+                self._gone(c)
+                c.close()
+
     async def _sweep(self) -> None:
         """Deadlines every second; pings and silent peers every heartbeat."""
         last_ping = time.monotonic()
@@ -827,6 +845,7 @@ class Market:
                     self._lose(s, "deadline passed")
             if now - last_ping >= self.heartbeat:
                 last_ping = now
+                self._recheck_certificates()
                 for c in list(self._conns):
                     if now - c.last_seen > 3 * self.heartbeat:
                         log.warning("closing %s: silent for %.0f s", c, now - c.last_seen)
