@@ -320,6 +320,18 @@ ls /run/cpushare
         c.run("systemctl start cpushare.target")
 
 
+def test_init_script_under_systemd_hands_over_to_the_target(market):
+    c = market
+    c.run("/etc/init.d/cpushare stop")
+    for name in ORDERS:
+        assert unit_show(c, f"cpushare@{name}.service", "ActiveState")["ActiveState"] == "inactive"
+    c.run("/etc/init.d/cpushare start")
+    for name in ORDERS:
+        assert unit_show(c, f"cpushare@{name}.service", "ActiveState")["ActiveState"] == "active"
+    out = c.out("/etc/init.d/cpushare status", check=False)
+    assert "cpushare@cpu0.service" in out and "cpushare.target" in out, out
+
+
 def test_upgrade_restarts_every_seller(market):
     """dpkg's configure of an upgrade restarts cpushare.target, and PartOf=
     carries the restart to the instances: they run the new code."""
