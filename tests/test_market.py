@@ -670,3 +670,24 @@ def test_revoking_a_certificate_closes_its_live_connection(lm, caplog):
         await lm.stop()
     run(main())
     assert "was revoked" in caplog.text
+
+
+def test_the_market_uses_only_the_store_interface():
+    """What server.py asks of its store is declared by `Store`, so another store can serve."""
+    import re
+    from cpushare.market import server
+    from cpushare.market.store import Store
+    with open(server.__file__, encoding="utf-8") as f:
+        text = f.read()
+    used = set(re.findall(r"(?<![\w.])(?:self\.store|store|self\._tx\(\))\.([a-z_]+)\b",
+                          text))
+    declared = set(dir(Store)) | set(Store.__annotations__)
+    conn = set(dir(server.SellerConn)) | {"attempt", "order", "order_id", "account_id",
+                                         "account", "deadline", "ready_seq", "stale",
+                                         "returned", "peer", "out", "market", "reader",
+                                         "writer", "closed", "gone", "fingerprint",
+                                         "last_seen"}
+    missing = sorted(n for n in used - declared - conn)
+    assert len(used & declared) > 20
+    assert missing == [], f"the market calls store methods Store does not declare: {missing}"
+    assert "sqlite" not in text.lower()

@@ -187,24 +187,24 @@ class Market:
         refunded.
         """
         self._recovered = True
-        s = self.store
-        s.begin()
+        store = self.store
+        store.begin()
         try:
-            n = s.lose_running_attempts()
-            s.commit()
+            n = store.lose_running_attempts()
+            store.commit()
         except BaseException:
-            s.rollback()
+            store.rollback()
             raise
-        stale = s.collect_garbage()
+        stale = store.collect_garbage()
         if stale:
             log.info("removed %d files of inputs and outputs no task needs", stale)
-        for order_id, ref, tid in s.undelivered_refs():
+        for order_id, ref, tid in store.undelivered_refs():
             self.pending_refs[order_id, ref] = tid
-        for row in s.queued_tasks():
+        for row in store.queued_tasks():
             t = TaskState(row.id, row.buy_order_id, row.buyer_account_id, row.ref, row.image,
                           row.redundancy, row.cpu_ms, row.bid_milli, row.escrow_milli,
                           session=row.session)
-            for a in s.attempts(row.id):
+            for a in store.attempts(row.id):
                 t.started += 1
                 if a.state == "returned":
                     t.results[a.id] = ((a.output_sha256, a.exit_status, a.signal),
