@@ -207,7 +207,12 @@ class ScriptedSeller:
                 return
             if m["image"] not in self.images:
                 await self.peer.send("need_image", image=m["image"])
-                img = await self.peer.expect("image")
+                while True:  # other frames may come first
+                    img = await self.peer.recv()
+                    assert img is not None, "closed while waiting for the image"
+                    if img.type == "image":
+                        break
+                    await self._on(img)
                 assert image_digest(img.payload) == m["image"]
                 self.images[m["image"]] = img.payload
             out = self.answer(m.payload)

@@ -347,7 +347,11 @@ class Market:
                 t.streams = []
             self._after_commit(start)
         else:
-            self._after_commit(lambda: s.write(frame))
+            # Sent before the commit, unlike every frame that announces a state:
+            # the seller is idle until it has it, and a crash before the commit
+            # costs no money (the task is still queued, the result of an attempt
+            # the market does not know is paid nothing).
+            s.writer.write(frame)
 
     def _lose(self, s: SellerConn, why: str) -> None:
         """Take the running attempt from seller `s` and requeue its task."""
