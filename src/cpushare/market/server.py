@@ -115,7 +115,9 @@ class Conn:
 
     def send_out(self) -> None:
         if self.out:
-            if not self.closed:
+            # is_closing(): the peer may have gone since the frames were queued (an
+            # SSL transport raises AttributeError on a write after its close)
+            if not self.closed and not self.writer.is_closing():
                 self.writer.write(b"".join(self.out))
             self.out = []
 
