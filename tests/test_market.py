@@ -15,7 +15,7 @@ import ssl
 import pytest
 
 from cpushare import protocol
-from cpushare.market import admin, ca
+from cpushare.market import ca
 from cpushare.protocol import cost_milli
 
 from test_market_peers import (LoopbackMarket, Peer, ScriptedSeller, TIMEOUT, image_digest,
