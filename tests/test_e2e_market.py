@@ -249,6 +249,7 @@ def test_dishonest_seller_under_redundancy_is_outvoted_and_unpaid(market):
         assert r.output == want or not r.ok, r
         assert r.ok or r.code == "dispute", r
     assert sum(r.ok for r in results) >= 20
+    assert "task " in m.sellers["bob-cpu0"].text(), "the dishonest seller got no task at all"
     after = balances(m)
     assert after["bob"] == before["bob"], "the dishonest seller was paid"
     assert_conserved(m, before, after)
