@@ -397,18 +397,25 @@ def plot(outcomes: list[Outcome], path: Path, title: str) -> None:
     fig, axes = plt.subplots(2, cols, figsize=(4.2 * cols, 8.4), squeeze=False,
                              gridspec_kw={"height_ratios": [1.25, 1]})
     groups = np.array([group_of(o.name) for o in good])
+    size, alpha = (10, 0.6) if len(good) <= 1500 else (4, 0.35)
     for i, b in enumerate(blurs):
         pairs = np.array([o.measures.mse(i) for o in good])
         r, s = pairs[:, 0], pairs[:, 1]
+        # Axes over the bulk of the images; the few beyond (flat images that
+        # dither exactly have MSE 0) are drawn on the frame.
         positive = pairs[pairs > 0]
-        floor = positive.min() / 2 if positive.size else 1e-6
-        rc, sc = np.maximum(r, floor), np.maximum(s, floor)
+        if positive.size:
+            lo, hi = np.percentile(positive, 0.2) / 1.5, np.percentile(positive, 99.8) * 1.5
+        else:
+            lo, hi = 1e-3, 1.0
+        rc, sc = np.clip(r, lo, hi), np.clip(s, lo, hi)
         ax = axes[0][i]
-        for g, colour in GROUP_COLOURS.items():
+        # the biggest group first, so the smaller ones stay visible on top
+        for g in sorted(GROUP_COLOURS, key=lambda g: -int((groups == g).sum())):
             sel = groups == g
             if sel.any():
-                ax.scatter(rc[sel], sc[sel], s=9, alpha=0.55, color=colour, label=g, linewidths=0)
-        lo, hi = min(rc.min(), sc.min()) / 1.3, max(rc.max(), sc.max()) * 1.3
+                ax.scatter(rc[sel], sc[sel], s=size, alpha=alpha, color=GROUP_COLOURS[g],
+                           label=f"{g} ({int(sel.sum())})", linewidths=0)
         ax.plot([lo, hi], [lo, hi], color="black", lw=1, ls="--")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -438,13 +445,16 @@ def plot(outcomes: list[Outcome], path: Path, title: str) -> None:
         if change.size:
             med = float(np.median(change))
             ax.axvline(med, color="#d62728", lw=2)
-            ax.text(med, ax.get_ylim()[1] * 0.95, f" median {med:+.1f}%", color="#d62728",
-                    va="top", fontsize=9)
+            ax.text(med, ax.get_ylim()[1] * 0.95, f" median {med:+.1f}% ", color="#d62728",
+                    va="top", ha="right" if med < 0 else "left", fontsize=9)
         ax.set_xlabel("serpentine MSE vs raster, % (left: serpentine better)")
         if i == 0:
             ax.set_ylabel("images")
-    axes[0][0].legend(loc="lower right", bbox_to_anchor=(1.0, 0.12), fontsize=8, framealpha=0.9,
-                      markerscale=2)
+    leg = axes[0][0].legend(loc="lower right", bbox_to_anchor=(1.0, 0.12), fontsize=8,
+                            framealpha=0.9)
+    for h in getattr(leg, "legend_handles", None) or getattr(leg, "legendHandles", []):
+        h.set_alpha(1.0)
+        h.set_sizes([25])
     fig.suptitle(title, fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 0.96), h_pad=2.5)
     fig.savefig(path, dpi=100)
