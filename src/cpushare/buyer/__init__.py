@@ -88,6 +88,7 @@ class Market:
     """One buyer connection to the market of a buy order."""
 
     WINDOW = 512  # tasks submitted and not yet answered, per map()
+    WINDOW_BYTES = 256 << 20  # and their inputs' bytes (at least one task is always out)
     CONNECT_TIMEOUT = 20.0
     RECONNECT_FOR = 300.0  # give up reconnecting after this long
     BACKOFF_BASE = 0.25
@@ -372,6 +373,7 @@ class Market:
         q: asyncio.Queue = asyncio.Queue()
         self._queues.add(q)
         pending: dict[str, tuple[int, bytes]] = {}
+        pending_bytes = 0
         source = iter(enumerate(inputs))
         exhausted = False
         fields = {"image": digest}
@@ -398,7 +400,8 @@ class Market:
             while True:
                 # top up the window
                 try:
-                    while not exhausted and len(pending) < self.WINDOW:
+                    while not exhausted and len(pending) < self.WINDOW and (
+                            not pending or pending_bytes < self.WINDOW_BYTES):
                         try:
                             index, data = next(source)
                         except StopIteration:
@@ -406,6 +409,7 @@ class Market:
                             break
                         ref = self._new_ref()
                         pending[ref] = (index, bytes(data))
+                        pending_bytes += len(pending[ref][1])
                         submit(ref, pending[ref][1])
                     await self._drain()
                 except (ConnectionError, OSError):
@@ -426,6 +430,7 @@ class Market:
                 entry = pending.pop(ref, None)
                 if entry is None:
                     continue
+                pending_bytes -= len(entry[1])
                 yield _result(item, entry[0])
         finally:
             self._queues.discard(q)

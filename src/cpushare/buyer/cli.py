@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 from .. import bytecode
 from ..order import OrderError, format_coins, load_buy
@@ -104,13 +106,17 @@ def main(args: argparse.Namespace) -> int:
             _err(f"{p} and {names[p.name]} would both write {args.output_dir / (p.name + '.out')}")
             return 2
         names[p.name] = p
-    datas: list[bytes] = []
-    for p in args.inputs:
+    for p in args.inputs:  # checked now, read as the tasks are submitted
         try:
-            datas.append(p.read_bytes())
+            with open(p, "rb"):
+                pass
         except OSError as e:
             _err(f"{p}: cannot read the input: {e.strerror}")
             return 2
+        if not p.is_file():
+            _err(f"{p}: not a regular file")
+            return 2
+    datas = (p.read_bytes() for p in args.inputs)
     try:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -127,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _buy(order, image, paths: list[Path], datas: list[bytes], out_dir: Path,
+async def _buy(order, image, paths: list[Path], datas: Iterable[bytes], out_dir: Path,
                redundancy: int | None) -> int:
     progress = _Progress(len(paths))
     failed: list[tuple[Path, TaskResult]] = []
@@ -139,8 +145,13 @@ async def _buy(order, image, paths: list[Path], datas: list[bytes], out_dir: Pat
             if r.code is None:
                 target = out_dir / (path.name + ".out")
                 tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-                tmp.write_bytes(r.output)
-                os.replace(tmp, target)
+                try:
+                    tmp.write_bytes(r.output)
+                    os.replace(tmp, target)
+                except OSError as e:
+                    tmp.unlink(missing_ok=True)
+                    r = dataclasses.replace(r, code="output",
+                                            reason=f"cannot write {target}: {e.strerror}")
             cpu_ms += r.cpu_ms
             cost += r.cost_milli
             retries += max(0, r.attempts - k)
