@@ -279,6 +279,29 @@ def test_aggregate_counts_and_averages():
     assert "serpentine better" in study.format_table([t])
 
 
+def test_task_outcomes_split_a_task_of_several_images(built):
+    image, _native = built
+    ims = list(imagepool.pool(3))
+    meta = {i: (im.name, im.width, im.height) for i, im in enumerate(ims)}
+    msgs = [fsjob.encode(im.width, im.height, im.pixels) for im in ims]
+    status, out = sandboxed(image, b"".join(msgs))
+    outs = study._task_outcomes(0, 3, meta, out, status, cpu_ms=31, cost_milli=2)
+    assert [o.ok for o in outs] == [True, True, True]
+    assert [o.output for o in outs] == [sandboxed(image, m)[1] for m in msgs]
+    assert [o.cpu_ms for o in outs] == [11, 10, 10]          # nothing lost in the split
+    assert [o.cost_milli for o in outs] == [1, 1, 0]
+    # the second image refused: the first keeps its result, the third never ran
+    bad = fsjob.encode(2000, 10, b"", check=False)
+    status, out = sandboxed(image, msgs[0] + bad + msgs[2])
+    outs = study._task_outcomes(0, 3, meta, out, status)
+    assert [o.ok for o in outs] == [True, False, False]
+    assert "exceeds the maximum" in outs[1].error and "earlier image" in outs[2].error
+    # a task the market failed fails all its images, with the reason
+    outs = study._task_outcomes(3, 2, {3: ("a", 1, 1), 4: ("b", 1, 1)}, b"", None, "the market "
+                                "failed the task: dispute: no agreement")
+    assert [o.error for o in outs] == ["the market failed the task: dispute: no agreement"] * 2
+
+
 def test_sample_indices_spread_over_the_run():
     assert study.sample_indices(100, 5) == {0, 25, 50, 74, 99}
     assert study.sample_indices(3, 20) == {0, 1, 2}
@@ -312,7 +335,8 @@ def _check_outputs(out: Path, n: int) -> dict:
 
 def test_study_through_the_local_sandbox(tmp_path, capsys):
     out = tmp_path / "out"
-    assert study.main(["--local", "--images", "12", "--jobs", "2", "--out", str(out), "--quiet"]) == 0
+    assert study.main(["--local", "--images", "12", "--jobs", "2", "--per-task", "5",
+                       "--out", str(out), "--quiet"]) == 0
     summary = _check_outputs(out, 12)
     assert summary["mode"] == "local"
     text = capsys.readouterr().out
@@ -338,7 +362,8 @@ def test_study_through_the_market(tmp_path):
                            capture_output=True, text=True, env=env(), timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
         summary = _check_outputs(out, 20)
-        assert summary["mode"] == "market" and summary["tasks"] == 40
+        # 20 images, 4 to a task (the default), on 2 sellers each
+        assert summary["mode"] == "market" and summary["tasks"] == 10
         assert summary["cost_milli"] > 0
         assert market.ledger_check().returncode == 0
         spent = 100_000 - market.balance_milli("lab")

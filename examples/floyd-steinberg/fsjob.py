@@ -128,6 +128,20 @@ def decode(output: bytes, *, where: str = "job output") -> Measures:
     return Measures(w, h, npix, total, wr, ws, differ, blurs, raster, serpentine)
 
 
+def split_outputs(output: bytes) -> tuple[list[bytes], bytes]:
+    """A run over several input messages -> (one output message per image
+    done, each with its length prefix; whatever follows, e.g. the job's
+    "dither: ..." line about the image it refused)."""
+    parts, off = [], 0
+    while off + 4 + _OUT.size <= len(output) and output[off + 4:off + 8] == b"FSR1":
+        (length,) = struct.unpack_from("<I", output, off)
+        if off + 4 + length > len(output):
+            break
+        parts.append(output[off:off + 4 + length])
+        off += 4 + length
+    return parts, output[off:]
+
+
 # -- building --------------------------------------------------------------------
 
 def _toolchain_dir() -> Path:

@@ -2,12 +2,14 @@
 """The Floyd-Steinberg study: raster vs serpentine error diffusion over a pool
 of images, bought on the CPUShare market.
 
-    study.py --order ME.buy [--images 1000] [--redundancy 2] [--out DIR]
-    study.py --local        [--images 100]  [--jobs 2]        [--out DIR]
+    study.py --order ME.buy [--images 1000] [--redundancy 2] [--per-task 4] [--out DIR]
+    study.py --local        [--images 100]  [--jobs 2]        [--per-task 4] [--out DIR]
 
-Each image of the pool (pool.py) is one task of the job dither.c, run on the
-market with redundancy 2 by default (a result counts only when two sellers
-of different accounts agree on it) or, with --local, in this machine's own
+The images of the pool (pool.py) go to the job dither.c, a few to a task
+(--per-task; the job processes one image after the other, and one task per
+image would spend more on the market's cost per task), run on the market
+with redundancy 2 by default (a result counts only when two sellers of
+different accounts agree on it) or, with --local, in this machine's own
 sandbox.  The study writes to DIR (default study-out/):
 
     results.csv    one row per image: size, mean gray, and for each blur
@@ -98,6 +100,7 @@ class Run:
     wall_seconds: float = 0.0
     mode: str = ""
     redundancy: int = 1
+    per_task: int = 1
     samples: dict[int, bytes] = field(default_factory=dict)   # index -> input, for the check
 
 
@@ -216,9 +219,55 @@ def _outcome(index: int, meta, output: bytes, exit_status, error: str = "", **kw
     return Outcome(index, name, w, h, True, measures=m, output=output, **kw)
 
 
-def run_market(order_path: str, n: int, *, redundancy: int = 2, sigmas16=fsjob.DEFAULT_SIGMAS16,
-               check: int = 20, build_dir: Path, quiet: bool = False) -> Run:
-    """Send the first n images of the pool through the market."""
+def _task_outcomes(first: int, count: int, meta, output: bytes, exit_status, error: str = "",
+                   cpu_ms: int = 0, cost_milli: int = 0, attempts: int = 1) -> list[Outcome]:
+    """The images first..first+count-1 that one task ran, from its output."""
+    def share(total: int, j: int) -> int:     # the task's total split without loss
+        return total // count + (1 if j < total % count else 0)
+
+    def per_image(j: int) -> dict:
+        return {"cpu_ms": share(cpu_ms, j), "cost_milli": share(cost_milli, j),
+                "attempts": attempts}
+
+    if error:
+        return [_outcome(first + j, meta[first + j], b"", exit_status, error, **per_image(j))
+                for j in range(count)]
+    parts, rest = fsjob.split_outputs(output)
+    outs = []
+    for j in range(count):
+        i = first + j
+        per = per_image(j)
+        if j < len(parts):
+            outs.append(_outcome(i, meta[i], parts[j], 0, **per))
+        elif j == len(parts):
+            outs.append(_outcome(i, meta[i], rest, exit_status, **per))
+        else:
+            outs.append(_outcome(i, meta[i], b"", exit_status,
+                                 "not run: an earlier image of its task failed", **per))
+    if exit_status != 0 and len(parts) == count:
+        outs = [_outcome(o.index, meta[o.index], o.output, exit_status,
+                         f"exit status {exit_status} after a complete output", **per_image(j))
+                for j, o in enumerate(outs)]
+    return outs
+
+
+def _batches(messages, per_task: int):
+    """Concatenate every per_task consecutive messages: one task's input."""
+    batch = []
+    for m in messages:
+        batch.append(m)
+        if len(batch) == per_task:
+            yield b"".join(batch)
+            batch = []
+    if batch:
+        yield b"".join(batch)
+
+
+def run_market(order_path: str, n: int, *, redundancy: int = 2, per_task: int = 1,
+               sigmas16=fsjob.DEFAULT_SIGMAS16, check: int = 20, build_dir: Path,
+               quiet: bool = False) -> Run:
+    """Send the first n images of the pool through the market, per_task
+    images in each task (the job processes one message after the other)."""
     from cpushare import bytecode
     from cpushare.buyer import Market
     from cpushare.order import load_buy
@@ -226,22 +275,24 @@ def run_market(order_path: str, n: int, *, redundancy: int = 2, sigmas16=fsjob.D
     order = load_buy(order_path)
     image = bytecode.load(fsjob.build_job(build_dir))
     feeder = Feeder(n, sigmas16, sample_indices(n, check))
-    run = Run(mode="market", redundancy=redundancy)
+    run = Run(mode="market", redundancy=redundancy, per_task=per_task)
     progress = Progress(n, quiet=quiet)
 
     async def go() -> None:
         async with Market(order) as market:
-            async for r in market.map(image, iter(feeder), redundancy=redundancy):
-                meta = feeder.meta[r.index]
+            async for r in market.map(image, _batches(feeder, per_task), redundancy=redundancy):
+                first = r.index * per_task
+                count = min(per_task, n - first)
                 error = ""
                 if r.code is not None:
                     error = f"the market failed the task: {r.code}: {r.reason}"
                 elif r.signal is not None:
                     error = f"killed by signal {r.signal} ({r.reason})"
-                o = _outcome(r.index, meta, r.output, r.exit_status, error, cpu_ms=r.cpu_ms,
-                             cost_milli=r.cost_milli, attempts=r.attempts)
-                run.outcomes.append(o)
-                progress.update(o.ok)
+                for o in _task_outcomes(first, count, feeder.meta, r.output, r.exit_status, error,
+                                        cpu_ms=r.cpu_ms, cost_milli=r.cost_milli,
+                                        attempts=r.attempts):
+                    run.outcomes.append(o)
+                    progress.update(o.ok)
 
     start = time.monotonic()
     try:
@@ -253,30 +304,31 @@ def run_market(order_path: str, n: int, *, redundancy: int = 2, sigmas16=fsjob.D
     return run
 
 
-def run_local(n: int, *, jobs: int = 0, sigmas16=fsjob.DEFAULT_SIGMAS16, check: int = 20,
-              build_dir: Path, quiet: bool = False) -> Run:
-    """Run the first n images in this machine's sandbox, `jobs` at a time."""
+def run_local(n: int, *, jobs: int = 0, per_task: int = 1, sigmas16=fsjob.DEFAULT_SIGMAS16,
+              check: int = 20, build_dir: Path, quiet: bool = False) -> Run:
+    """Run the first n images in this machine's sandbox, `jobs` tasks at a time."""
     from cpushare import bytecode, sandbox
 
     image = bytecode.load(fsjob.build_job(build_dir))
-    limits = sandbox.Limits(cpu_seconds=10, wall_seconds=60)
+    limits = sandbox.Limits(cpu_seconds=10 * per_task, wall_seconds=60 * per_task)
     feeder = Feeder(n, sigmas16, sample_indices(n, check))
-    run = Run(mode="local", redundancy=1)
+    run = Run(mode="local", redundancy=1, per_task=per_task)
     progress = Progress(n, quiet=quiet)
     jobs = jobs or os.cpu_count() or 1
 
-    def one(index: int, msg: bytes) -> Outcome:
-        r = sandbox.run(image, msg, limits)
+    def one(task: int, data: bytes) -> list[Outcome]:
+        r = sandbox.run(image, data, limits)
         error = "" if r.signal is None else f"killed by signal {r.signal} ({r.reason})"
-        return _outcome(index, feeder.meta[index], r.output, r.exit_status, error,
-                        cpu_ms=round(r.cpu_seconds * 1000))
+        first = task * per_task
+        return _task_outcomes(first, min(per_task, n - first), feeder.meta, r.output,
+                              r.exit_status, error, cpu_ms=round(r.cpu_seconds * 1000))
 
     start = time.monotonic()
     try:
         with ThreadPoolExecutor(jobs) as ex:
             pending: set = set()
-            for i, msg in enumerate(feeder):
-                pending.add(ex.submit(one, i, msg))
+            for t, data in enumerate(_batches(feeder, per_task)):
+                pending.add(ex.submit(one, t, data))
                 if len(pending) >= 2 * jobs:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     _collect(done, run, progress)
@@ -290,9 +342,9 @@ def run_local(n: int, *, jobs: int = 0, sigmas16=fsjob.DEFAULT_SIGMAS16, check: 
 
 def _collect(futures, run: Run, progress: Progress) -> None:
     for f in futures:
-        o = f.result()
-        run.outcomes.append(o)
-        progress.update(o.ok)
+        for o in f.result():
+            run.outcomes.append(o)
+            progress.update(o.ok)
 
 
 # -- the check against a native run ------------------------------------------------
@@ -473,7 +525,8 @@ def summarize(run: Run, out_dir: Path, check: dict | None, n: int) -> dict:
         "ok": ok,
         "failed": [f"{o.name}: {o.error}" for o in run.outcomes if not o.ok][:20],
         "redundancy": run.redundancy,
-        "tasks": len(run.outcomes) * run.redundancy,
+        "images_per_task": run.per_task,
+        "tasks": -(-len(run.outcomes) // run.per_task) * run.redundancy,
         "wall_seconds": run.wall_seconds,
         "images_per_second": len(run.outcomes) / run.wall_seconds if run.wall_seconds else 0.0,
         # cpu_ms is one copy's CPU time (the market reports the agreed result's)
@@ -496,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--local", action="store_true", help="run in this machine's sandbox")
     p.add_argument("--images", type=int, default=1000, help="pool size (default 1000, max 10000)")
     p.add_argument("--redundancy", type=int, default=2, help="sellers per task (default 2)")
+    p.add_argument("--per-task", type=int, default=4, metavar="K",
+                   help="images per task (default 4): fewer, longer tasks spread the "
+                        "market's cost per task; redundancy applies to whole tasks")
     p.add_argument("--jobs", type=int, default=0, help="--local: tasks at a time (default: cores)")
     p.add_argument("--check", type=int, default=20, help="images to check natively (default 20)")
     p.add_argument("--out", default="study-out", help="output directory (default study-out)")
@@ -505,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--images {args.images}: the pool has 1..{imagepool.MAX_IMAGES} images")
     if args.redundancy < 1:
         p.error(f"--redundancy {args.redundancy}: must be at least 1")
+    if not 1 <= args.per_task <= 64:
+        p.error(f"--per-task {args.per_task}: must be 1..64")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     build = out / "build"
@@ -514,11 +572,12 @@ def main(argv: list[str] | None = None) -> int:
           + ("" if args.local else f", redundancy {args.redundancy}"), flush=True)
     try:
         if args.local:
-            run = run_local(args.images, jobs=args.jobs, check=args.check, build_dir=build,
-                            quiet=args.quiet)
+            run = run_local(args.images, jobs=args.jobs, per_task=args.per_task,
+                            check=args.check, build_dir=build, quiet=args.quiet)
         else:
             run = run_market(args.order, args.images, redundancy=args.redundancy,
-                             check=args.check, build_dir=build, quiet=args.quiet)
+                             per_task=args.per_task, check=args.check, build_dir=build,
+                             quiet=args.quiet)
     except KeyboardInterrupt:
         print("study: interrupted", file=sys.stderr)
         return 130
