@@ -113,7 +113,9 @@ say "summary"
 import json, sys
 s = json.load(open(sys.argv[1]))
 print(f"  images            {s['ok']} of {s['images']} ({len(s['failed'])} failed)")
-print(f"  tasks             {s['tasks']} (redundancy {s['redundancy']}), retries {s['retries']}")
+k = s.get("images_per_task", 1)
+print(f"  tasks             {s['tasks'] // s['redundancy']} of up to {k} images, each run by "
+      f"{s['redundancy']} sellers: {s['tasks']} runs, {s['retries']} retries")
 print(f"  wall time         {s['wall_seconds']:.1f} s")
 print(f"  images per second {s['images_per_second']:.1f}")
 c = s.get("native_check") or {}
