@@ -82,6 +82,8 @@ def _pack(image: bytecode.Image | bytes | bytearray | memoryview) -> tuple[str, 
 
 
 _LOST = object()  # put in result queues when the connection drops
+_BIG = 256 << 10  # frames above this are written in pieces of _PIECE bytes
+_PIECE = 256 << 10
 
 
 class Market:
@@ -115,6 +117,7 @@ class Market:
         self._prefix = secrets.token_hex(6)
         self._seq = 0
         self._outq: list[bytes] = []
+        self._big = False  # a big frame is being written in pieces
 
     # --- connection ----------------------------------------------------------
 
@@ -221,7 +224,7 @@ class Market:
         if w is None or w.is_closing():
             raise ConnectionResetError("not connected to the market")
         frame = protocol.encode(type_, payload, **fields)
-        if len(frame) > 65536:
+        if len(frame) > _BIG and not self._big:
             self._flush_out()
             w.write(frame)
             return
@@ -229,8 +232,35 @@ class Market:
             asyncio.get_running_loop().call_soon(self._flush_out)
         self._outq.append(frame)
 
+    async def _send_async(self, type_: str, payload: bytes = b"", **fields) -> None:
+        """Like _send, but a big frame goes out in pieces paced by drain().
+
+        asyncio's SSL transport is several times slower at one write of tens
+        of MiB than at the same bytes in pieces of a few hundred KiB.  Frames
+        sent meanwhile wait in the queue, so nothing is interleaved.
+        """
+        if len(payload) <= _BIG or self._big:
+            self._send(type_, payload, **fields)
+            return
+        w = self._writer
+        if w is None or w.is_closing():
+            raise ConnectionResetError("not connected to the market")
+        frame = protocol.encode(type_, payload, **fields)
+        self._flush_out()
+        self._big = True
+        try:
+            view = memoryview(frame)
+            for i in range(0, len(view), _PIECE):
+                if w.is_closing():
+                    raise ConnectionResetError("the connection to the market closed")
+                w.write(view[i:i + _PIECE])
+                await w.drain()
+        finally:
+            self._big = False
+            self._flush_out()
+
     def _flush_out(self) -> None:
-        if not self._outq:
+        if not self._outq or self._big:
             return
         data = b"".join(self._outq)
         self._outq.clear()
@@ -353,7 +383,7 @@ class Market:
             fut = asyncio.get_running_loop().create_future()
             self._uploads[digest] = fut
             try:
-                self._send("image", blob, image=digest)
+                await self._send_async("image", blob, image=digest)
                 await self._drain()
             except (ConnectionError, OSError) as e:
                 self._uploads.pop(digest, None)
@@ -382,9 +412,9 @@ class Market:
         if cpu_ms is not None:
             fields["cpu_ms"] = cpu_ms
 
-        def submit(ref: str, data: bytes) -> None:
+        async def submit(ref: str, data: bytes) -> None:
             self._sinks[ref] = q
-            self._send("submit", data, ref=ref, **fields)
+            await self._send_async("submit", data, ref=ref, **fields)
 
         try:
             generation = self._generation
@@ -410,7 +440,7 @@ class Market:
                         ref = self._new_ref()
                         pending[ref] = (index, bytes(data))
                         pending_bytes += len(pending[ref][1])
-                        submit(ref, pending[ref][1])
+                        await submit(ref, pending[ref][1])
                     await self._drain()
                 except (ConnectionError, OSError):
                     pass  # the read loop notices and puts _LOST in q
@@ -418,13 +448,22 @@ class Market:
                     return
                 item = await q.get()
                 if item is _LOST:
-                    await self._reconnect(generation)
-                    generation = self._generation
                     # (results that came before the loss are ahead of _LOST in q)
-                    await self.upload(blob)
-                    for ref, (index, data) in pending.items():
-                        submit(ref, data)
-                        self.resubmitted += 1
+                    while True:
+                        await self._reconnect(generation)
+                        generation = self._generation
+                        try:
+                            await self.upload(blob)
+                            break
+                        except MarketError as e:
+                            if e.code != "connect":
+                                raise
+                    try:
+                        for ref, (index, data) in list(pending.items()):
+                            await submit(ref, data)
+                            self.resubmitted += 1
+                    except (ConnectionError, OSError):
+                        pass  # the read loop notices and puts _LOST in q
                     continue
                 ref = item["ref"]
                 entry = pending.pop(ref, None)

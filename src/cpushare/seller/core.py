@@ -37,6 +37,9 @@ from .cache import CacheError, ImageCache
 
 log = logging.getLogger("cpushare.seller")
 
+_BIG = 256 << 10  # frames above this are written in pieces of _PIECE bytes
+_PIECE = 256 << 10
+
 STATES = ("starting", "connecting", "idle", "running", "paused", "stopping", "stopped", "error")
 
 
@@ -112,6 +115,7 @@ class Seller:
         self._last_rx = 0.0
         self._welcomed = False
         self._outq: list[bytes] = []
+        self._big = False  # a big frame is being written in pieces
 
     # --- public API --------------------------------------------------------
 
@@ -399,8 +403,13 @@ class Seller:
         w = self._writer
         if w is None or w.is_closing():
             return
-        frame = protocol.encode(type_, payload, **fields)
-        if len(frame) > 65536:  # big payloads go straight out, after what is queued
+        self._queue(protocol.encode(type_, payload, **fields))
+
+    def _queue(self, frame: bytes) -> None:
+        w = self._writer
+        if w is None or w.is_closing():
+            return
+        if len(frame) > _BIG and not self._big:  # cannot wait here: straight out
             self._flush_out()
             w.write(frame)
             return
@@ -408,8 +417,35 @@ class Seller:
             self._loop.call_soon(self._flush_out)
         self._outq.append(frame)
 
+    async def _send_async(self, type_: str, payload: bytes = b"", **fields) -> None:
+        """Like _send, but a big frame goes out in pieces paced by drain().
+
+        asyncio's SSL transport is several times slower at one write of tens
+        of MiB than at the same bytes in pieces of a few hundred KiB.  No
+        other frame is written in between (they wait in the queue).
+        """
+        frame = protocol.encode(type_, payload, **fields)
+        w = self._writer
+        if len(frame) <= _BIG or w is None or w.is_closing() or self._big:
+            self._queue(frame)
+            return
+        self._flush_out()
+        self._big = True
+        try:
+            view = memoryview(frame)
+            for i in range(0, len(view), _PIECE):
+                if w.is_closing():
+                    return
+                w.write(view[i:i + _PIECE])
+                await w.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._big = False
+            self._flush_out()
+
     def _flush_out(self) -> None:
-        if not self._outq:
+        if not self._outq or self._big:
             return
         data = b"".join(self._outq)
         self._outq.clear()
@@ -557,11 +593,10 @@ class Seller:
                 out_sha, out_len = protocol.digest(payload), len(payload)
             else:  # the output went to the buyer as `stream` frames
                 payload, out_sha, out_len = b"", streamed.hexdigest(), -1
-            self._send("result", payload, attempt=r.attempt, exit_status=result.exit_status,
-                       signal=result.signal, reason=result.reason or "", cpu_ms=cpu_ms,
-                       output_sha256=out_sha)
-            if len(payload) > 65536:
-                await self._drain()  # flow control for big outputs
+            await self._send_async(
+                "result", payload, attempt=r.attempt, exit_status=result.exit_status,
+                signal=result.signal, reason=result.reason or "", cpu_ms=cpu_ms,
+                output_sha256=out_sha)
             outcome = "ok" if result.exit_status == 0 else "failed"
             st = self._status
             self._set(tasks_done=st.tasks_done + 1,
