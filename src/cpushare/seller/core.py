@@ -525,6 +525,8 @@ class Seller:
         if r.session is not None:
             r.stream_in = asyncio.Queue()
         self._running = r
+        log.debug("task %s/%s: received, %d bytes of input", r.task, r.attempt,
+                  len(msg.payload), extra={"ORDER": self._order.name})
         self._set(state="running", current_task=f"{r.task}/{r.attempt}",
                   buyer_order=r.buyer_order)
         self._task_coro = asyncio.create_task(self._run_task(r, msg))
