@@ -515,6 +515,7 @@ def test_bad_credentials_are_refused_and_the_market_carries_on(lm, caplog):
         why = await _refused(o, ctx)
         assert why.startswith("auth:") and "not issued" in why
         # revoked
+        lm._quiesce()
         with lm.admin.transaction():
             assert lm.admin.revoke(protocol.fingerprint_pem(o.cert_pem))
         why = await _refused(o, None)
@@ -662,6 +663,7 @@ def test_revoking_a_certificate_closes_its_live_connection(lm, caplog):
         await lm.start(heartbeat=1)
         o = lm.sell("alice", BID)
         p = await Peer.open(o, "seller")
+        lm._quiesce()
         with lm.admin.transaction():
             lm.admin.revoke(protocol.fingerprint_pem(o.cert_pem))
         e = await p.recv()

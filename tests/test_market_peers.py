@@ -51,16 +51,26 @@ class LoopbackMarket:
         self._n = 0
 
     # --- administration -------------------------------------------------------
+    # The admin connection writes in the thread that runs an in-process market:
+    # the market's open group transaction is committed first, or SQLite's lock
+    # would wait for a commit that cannot come.
+    def _quiesce(self) -> None:
+        if self.market is not None:
+            self.market.commit_now()
+
     def account(self, name: str, coins_milli: int = 0) -> None:
+        self._quiesce()
         admin.add_account(self.admin, name, coins_milli)
 
     def sell(self, account: str, price_milli: int, **kw) -> orders.SellOrder:
+        self._quiesce()
         self._n += 1
         path = self.root / f"{account}-{self._n}.cpu"
         admin.add_sell_order(self.admin, account, price_milli, str(path), **kw)
         return orders.load_sell(path)
 
     def buy(self, account: str, price_milli: int, **kw) -> orders.BuyOrder:
+        self._quiesce()
         self._n += 1
         path = self.root / f"{account}-{self._n}.buy"
         admin.add_buy_order(self.admin, account, price_milli, str(path), **kw)

@@ -48,6 +48,7 @@ MAX_REDUNDANCY = 16
 MAX_LOST = 5  # attempts lost (disconnect, deadline) before a task fails
 PUMP_SCAN = 10_000  # queued tasks examined per matching round
 SMALL_INPUT = 64 << 10  # inputs up to this size are kept in memory too
+COMMIT_DELAY = 0.002  # seconds: a group commit gathers what happened in this time
 
 
 def wall_ms_for(cpu_ms: int, seller_wall_ms: int) -> int:
@@ -115,11 +116,19 @@ class Conn:
 
     def send_out(self) -> None:
         if self.out:
-            # is_closing(): the peer may have gone since the frames were queued (an
-            # SSL transport raises AttributeError on a write after its close)
-            if not self.closed and not self.writer.is_closing():
-                self.writer.write(b"".join(self.out))
-            self.out = []
+            out, self.out = self.out, []
+            self.write_now(b"".join(out))
+
+    def write_now(self, data: bytes) -> None:
+        """Write at once.  The peer may have gone since the frames were queued (an
+        SSL transport raises AttributeError on a write after its close): then
+        they are dropped, and the read side ends the connection."""
+        if self.closed or self.writer.is_closing():
+            return
+        try:
+            self.writer.write(data)
+        except (AttributeError, OSError, RuntimeError) as e:
+            log.info("%s: write failed, the connection is going: %r", self, e)
 
     def close(self) -> None:
         if not self.closed:
@@ -154,7 +163,8 @@ class BuyerConn(Conn):
 
 class Market:
     def __init__(self, store: Store, *, heartbeat: int = DEFAULT_HEARTBEAT,
-                 max_payload: int = DEFAULT_MAX_PAYLOAD, grace_ms: int = GRACE_MS):
+                 max_payload: int = DEFAULT_MAX_PAYLOAD, grace_ms: int = GRACE_MS,
+                 commit_delay: float = COMMIT_DELAY):
         self.store = store
         self.heartbeat = heartbeat
         self.max_payload = max_payload
@@ -178,6 +188,8 @@ class Market:
         self._recovered = False
         self._stopping = False
         self._handlers: set[asyncio.Task] = set()
+        self._commit_timer: asyncio.TimerHandle | None = None
+        self.commit_delay = commit_delay
 
     # --- state ------------------------------------------------------------
 
@@ -230,6 +242,7 @@ class Market:
             raise RuntimeError(f"the market is stopping after an error: {self.fatal!r}")
         if not self.store.in_transaction:
             self.store.begin()
+            self._schedule_commit()
         self._schedule()
         return self.store
 
@@ -246,51 +259,83 @@ class Market:
         try:
             yield store
         except BaseException as e:
-            log.critical("internal error inside a store operation; rolling back the "
-                         "uncommitted group and stopping the market: %r", e)
-            self.fatal = e
-            self._stopping = True
-            self._after = []
-            self._dirty = []
-            self.store.rollback()
-            self.stop()
+            self._die("internal error inside a store operation (the uncommitted group "
+                      "is rolled back)", e)
             raise
 
     def _after_commit(self, fn) -> None:
+        """Run `fn` (which announces something written) once it is committed."""
         self._after.append(fn)
-        self._schedule()
+        self._schedule_commit()
 
     def _schedule(self) -> None:
         if not self._scheduled and not self._stopping:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def _schedule_commit(self) -> None:
+        if self._commit_timer is None and not self._stopping:
+            self._commit_timer = asyncio.get_running_loop().call_later(
+                self.commit_delay, self._commit)
+
     def _flush(self) -> None:
+        """Soon after every event: match tasks to sellers, send what needs no commit."""
         self._scheduled = False
         if self.fatal is not None:
             return
         try:
             self._pump()
+        except BaseException as e:
+            self._die("matching failed", e)
+            return
+        self._send_outboxes()
+
+    def _commit(self) -> None:
+        """The group commit, at most every `commit_delay`: then what it made true is told."""
+        self._commit_timer = None
+        if self.fatal is not None:
+            return
+        try:
             delivered = self._delivered
             if delivered:
-                self._tx().mark_delivered(delivered)
+                if not self.store.in_transaction:
+                    self.store.begin()
+                self.store.mark_delivered(delivered)
                 self._delivered = []
             if self.store.in_transaction:
                 self.store.commit()
         except BaseException as e:  # the store is unusable: stop, restart recovers
-            log.critical("store commit failed, stopping the market: %s", e)
-            self.fatal = e
-            self._after = []
-            self.stop()
+            self._die("store commit failed", e)
             return
         for tid in delivered:
             self._sending.discard(tid)
         after, self._after = self._after, []
         for fn in after:
-            fn()
+            try:
+                fn()
+            except Exception:  # a bug: the other announcements still go out
+                log.exception("internal error announcing a committed change")
+        self._send_outboxes()
+
+    def commit_now(self) -> None:
+        """The group commit, now (before the store is shared within this thread)."""
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+        self._commit()
+
+    def _send_outboxes(self) -> None:
         dirty, self._dirty = self._dirty, []
         for c in dirty:
             c.send_out()
+
+    def _die(self, what: str, e: BaseException) -> None:
+        log.critical("%s, stopping the market: %r", what, e)
+        self.fatal = e
+        self._stopping = True
+        self._after = []
+        self._dirty = []
+        self.store.rollback()
+        self.stop()
 
     # --- matching ---------------------------------------------------------
 
@@ -353,7 +398,7 @@ class Market:
             # the seller is idle until it has it, and a crash before the commit
             # costs no money (the task is still queued, the result of an attempt
             # the market does not know is paid nothing).
-            s.writer.write(frame)
+            s.write_now(frame)
 
     def _lose(self, s: SellerConn, why: str) -> None:
         """Take the running attempt from seller `s` and requeue its task."""
@@ -787,9 +832,13 @@ class Market:
                           order=cert.order_id, max_payload=self.max_payload,
                           heartbeat=self.heartbeat))
         log.info("%s connected (%s)", conn, m.get("software") or "unknown software")
-        if role == "buyer":
-            for r in self.store.undelivered(cert.order_id):
-                self._send_result(conn, r)
+        if role == "buyer":  # what finished while it was away, as committed
+            def deliver() -> None:
+                if conn.gone:
+                    return
+                for r in self.store.undelivered(cert.order_id):
+                    self._send_result(conn, r)
+            self._after_commit(deliver)
         return conn
 
     async def _serve_conn(self, conn: Conn) -> None:
@@ -882,9 +931,11 @@ class Market:
         finally:
             # What is written stays; attempts still running are lost at the
             # next start (recover), as after a crash.
-            if self.store.in_transaction and self.fatal is None:
-                self.store.commit()
+            if self.fatal is None:
+                self.commit_now()  # and tell what it made true, before closing
             self._stopping = True
+            if self._commit_timer is not None:
+                self._commit_timer.cancel()
             sweeper.cancel()
             server.close()
             for c in list(self._conns):
