@@ -187,3 +187,15 @@ def test_sysv_generator_finds_a_native_cpushare_service():
     package masks that name so only the native units manage the daemons."""
     links = (ROOT / "debian" / "cpushare.links").read_text().split("\n")
     assert "dev/null lib/systemd/system/cpushare.service" in links
+
+
+def test_package_version_is_the_python_version():
+    """debian/changelog gives the package its version; the code says the same."""
+    import cpushare
+
+    if shutil.which("dpkg-parsechangelog") is None:
+        pytest.skip("dpkg-parsechangelog (dpkg-dev) is not installed")
+    version = subprocess.run(["dpkg-parsechangelog", "-l", str(ROOT / "debian" / "changelog"),
+                              "-S", "Version"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    assert version.split("-")[0].split("+")[0] == cpushare.__version__
