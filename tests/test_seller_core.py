@@ -197,3 +197,24 @@ def test_wrong_port_is_not_a_hang(tmp_path):
         st.stop(timeout=5)
     finally:
         m.close()
+
+
+def test_a_task_paused_too_long_is_handed_back_and_finishes_elsewhere(market, tmp_path):
+    m = market
+    count = spin_count_for(2.0)
+    cheap = load_sell(m.sell_order("alice", "alice-cpu0", price="0.001"))
+    st = SellerThread(cheap, tmp_path / "cache", PAUSE_HANDBACK_SECONDS=1.0)
+    st.wait_state("idle")
+    m.seller(m.sell_order("bob", "bob-cpu0", price="0.010"))
+    payload = spin_input(count, b"too long paused")
+    b = BuyerThread(m.buy_order("buyer", max_cpu_seconds=30), job("spin"), [payload])
+    st.wait_state("running")
+    st.seller.pause()
+    [r] = b.join(120)
+    assert r.ok and r.output == payload and r.attempts == 2, r
+    s = st.seller.status()
+    assert s.state == "paused" and s.tasks_done == 0 and s.current_task is None, s
+    assert m.balance_milli("alice") == 0 and m.balance_milli("bob") == r.cost_milli
+    st.seller.resume()
+    st.wait_state("idle")
+    st.stop()
