@@ -150,6 +150,10 @@ class Seller:
                     error = f"{self._order.server}: {e}"
                 except (OSError, EOFError, asyncio.TimeoutError, ssl.SSLError) as e:
                     error = f"{self._order.server}: {type(e).__name__}: {e}"
+                except Exception as e:  # a bug must not end selling: log it, reconnect
+                    log.exception("internal error on the connection to %s", self._order.server,
+                                  extra={"ORDER": self._order.name})
+                    error = f"{self._order.server}: internal error: {type(e).__name__}: {e}"
                 finally:
                     self._session_task = None
                     self._set(connected_since=None, current_task=None, buyer_order=None)
