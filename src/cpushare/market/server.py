@@ -89,6 +89,9 @@ class TaskState:
         return self.redundancy - self.best()[1] - len(self.running)
 
 
+_PIECE = 256 << 10  # big frames are written in pieces of this size
+
+
 class Conn:
     """One peer.  Frames go to an outbox written once per flush, after the commit."""
     role = ""
@@ -106,6 +109,8 @@ class Conn:
         self.closed = False
         self.gone = False
         self.fingerprint = ""
+        self._pieces: list[bytes] = []  # big writes in progress (see write_now)
+        self._piece_writer: asyncio.Task | None = None
 
     def write(self, frame: bytes) -> None:
         if not self.closed:
@@ -125,16 +130,44 @@ class Conn:
         they are dropped, and the read side ends the connection."""
         if self.closed or self.writer.is_closing():
             return
+        if len(data) > _PIECE or self._pieces:
+            # big payloads (inputs, outputs) go out in pieces paced by drain():
+            # asyncio's SSL transport is several times slower at one write of
+            # tens of MiB.  Later frames queue behind them, in order.
+            self._pieces.append(data)
+            if len(self._pieces) == 1:
+                self._piece_writer = asyncio.get_running_loop().create_task(
+                    self._write_pieces())
+            return
         try:
             self.writer.write(data)
         except (AttributeError, OSError, RuntimeError) as e:
             log.info("%s: write failed, the connection is going: %r", self, e)
 
+    async def _write_pieces(self) -> None:
+        try:
+            while self._pieces:
+                view = memoryview(self._pieces[0])
+                for i in range(0, len(view), _PIECE):
+                    if self.writer.is_closing():
+                        return
+                    self.writer.write(view[i:i + _PIECE])
+                    await self.writer.drain()
+                self._pieces.pop(0)
+        except (AttributeError, OSError, RuntimeError, ConnectionError) as e:
+            log.info("%s: write failed, the connection is going: %r", self, e)
+        finally:
+            self._pieces = []
+            self._piece_writer = None
+            if self.closed:
+                self.writer.close()
+
     def close(self) -> None:
         if not self.closed:
             self.send_out()
             self.closed = True
-            self.writer.close()
+            if self._piece_writer is None:  # else it closes when its pieces are out
+                self.writer.close()
 
     def __str__(self) -> str:
         return f"{self.role} {self.account}/{self.order_id} at {self.peer}"
