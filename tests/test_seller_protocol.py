@@ -1,0 +1,153 @@
+"""The seller core against a scripted market peer over real TLS.
+
+What a well-behaved market server never sends (an image that is not what
+its digest says, a malformed frame) can only be tested with a peer that
+sends it; this one is a few lines of asyncio speaking `cpushare.protocol`
+with certificates of a real market CA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+
+from cpushare import protocol
+from cpushare.market import ca
+from cpushare.order import load_sell, write_sell
+from cpushare.seller import Seller
+
+from test_e2e_support import job
+
+TIMEOUT = 20
+
+
+class Peer:
+    """A scripted market: accepts sellers, hands their streams to the test."""
+
+    def __init__(self):
+        self.authority = ca.make_ca()
+        self.server_cert = ca.issue(self.authority.cert_pem, self.authority.key_pem, "127.0.0.1",
+                                    server_names=["127.0.0.1"])
+        self.client_cert = ca.issue(self.authority.cert_pem, self.authority.key_pem, "seller")
+        self.conns: asyncio.Queue = asyncio.Queue()
+
+    async def start(self) -> int:
+        ctx = protocol.server_context(self.authority.cert_pem, self.server_cert.cert_pem,
+                                      self.server_cert.key_pem)
+
+        async def handle(reader, writer):
+            await self.conns.put((reader, writer))
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx, limit=8 << 20)
+        return self.server.sockets[0].getsockname()[1]
+
+    def order(self, tmp_path, port: int):
+        path = tmp_path / "cpu0.cpu"
+        write_sell(path, host="127.0.0.1", port=port, price_milli=10,
+                   ca_pem=self.authority.cert_pem, cert_pem=self.client_cert.cert_pem,
+                   key_pem=self.client_cert.key_pem, cpu_seconds=5, wall_seconds=10)
+        return load_sell(path)
+
+    async def accept(self):
+        reader, writer = await asyncio.wait_for(self.conns.get(), TIMEOUT)
+        hello = await read(reader)
+        assert hello.type == "hello" and hello["role"] == "seller", hello
+        await protocol.send(writer, "welcome", version=1, account="alice", order=1,
+                            max_payload=protocol.DEFAULT_MAX_PAYLOAD, heartbeat=15)
+        return reader, writer
+
+
+async def read(reader, skip=("ready", "pong")) -> protocol.Message:
+    while True:
+        m = await asyncio.wait_for(protocol.read_message(reader), TIMEOUT)
+        assert m is not None, "the seller closed the connection"
+        if m.type not in skip:
+            return m
+
+
+def task_fields(n: int, digest: str) -> dict:
+    return dict(task=n, attempt=n, image=digest, cpu_ms=5000, wall_ms=10000,
+                memory=64 << 20, output_limit=1 << 20)
+
+
+@pytest.fixture
+def run(tmp_path):
+    """Run the scenario coroutine `fn(peer, seller)` with a seller connected to a peer."""
+    def go(fn):
+        async def main():
+            peer = Peer()
+            port = await peer.start()
+            seller = Seller(peer.order(tmp_path, port), cache_dir=tmp_path / "cache")
+            seller.BACKOFF_CAP = 0.5
+            runner = asyncio.create_task(seller.run())
+            try:
+                await fn(peer, seller)
+            finally:
+                seller.stop()
+                await asyncio.wait_for(runner, TIMEOUT)
+                peer.server.close()
+        asyncio.run(main())
+    return go
+
+
+def test_image_not_matching_its_digest_fails_the_task_and_is_not_cached(run, tmp_path):
+    echo, other = job("echo"), job("spin")
+
+    async def scenario(peer, seller):
+        reader, writer = await peer.accept()
+        await protocol.send(writer, "task", b"in", **task_fields(1, echo.digest))
+        m = await read(reader)
+        assert m.type == "need_image" and m["image"] == echo.digest
+        await protocol.send(writer, "image", other.pack(), image=echo.digest)
+        m = await read(reader)
+        assert m.type == "result" and m["attempt"] == 1 and m["exit_status"] is None, m
+        assert m["reason"].startswith("bad image:") and other.digest in m["reason"], m
+        assert not list((tmp_path / "cache").glob("*.bin"))
+        # garbage under the right name
+        await protocol.send(writer, "task", b"in", **task_fields(2, echo.digest))
+        assert (await read(reader)).type == "need_image"
+        await protocol.send(writer, "image", b"\0" * 300, image=echo.digest)
+        m = await read(reader)
+        assert m.type == "result" and "bad magic" in m["reason"], m
+        assert not list((tmp_path / "cache").glob("*.bin"))
+        # and the seller still works: the right image runs and is cached
+        await protocol.send(writer, "task", b"still fine", **task_fields(3, echo.digest))
+        assert (await read(reader)).type == "need_image"
+        await protocol.send(writer, "image", echo.pack(), image=echo.digest)
+        m = await read(reader)
+        assert m.type == "result" and m["exit_status"] == 0 and m.payload == b"still fine", m
+        assert m["output_sha256"] == protocol.digest(b"still fine")
+        assert (tmp_path / "cache" / f"{echo.digest}.bin").read_bytes() == echo.pack()
+        assert seller.status().tasks_done == 1
+    run(scenario)
+
+
+def test_ping_is_answered_and_a_malformed_frame_means_reconnect(run):
+    async def scenario(peer, seller):
+        reader, writer = await peer.accept()
+        await protocol.send(writer, "ping", t=42)
+        m = await read(reader, skip=("ready",))
+        assert m.type == "pong" and m["t"] == 42
+        writer.write(struct.pack(">II", 5, 0) + b"[1,2]")  # a header that is not an object
+        await writer.drain()
+        m = await read(reader)
+        assert m.type == "error" and m["code"] == "frame", m
+        assert "not a JSON object" in m["message"]
+        # the seller comes back on a new connection and says why it left
+        await peer.accept()
+        assert "not a JSON object" in seller.status().last_error or seller.status().state == "idle"
+    run(scenario)
+
+
+def test_a_message_a_seller_does_not_expect_closes_only_that_connection(run):
+    async def scenario(peer, seller):
+        reader, writer = await peer.accept()
+        await protocol.send(writer, "done", ref="x", task=1, exit_status=0, signal=None,
+                            reason="", cpu_ms=1, cost_milli=1, attempts=1)
+        m = await read(reader)
+        assert m.type == "error" and m["code"] == "frame" and "'done'" in m["message"], m
+        reader2, writer2 = await peer.accept()
+        await protocol.send(writer2, "ping", t=7)
+        assert (await read(reader2, skip=("ready",)))["t"] == 7
+    run(scenario)
