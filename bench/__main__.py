@@ -61,8 +61,8 @@ class Row:
 
 
 def _note_compute(r):
-    return (f"sandbox {_num(_get(r, 'sandbox_wall_median_s'))} s vs native "
-            f"{_num(_get(r, 'native_wall_median_s'))} s per run, mode {_get(r, 'mode')}")
+    return (f"CPU time; wall {_num(_get(r, 'wall_ratio_median_round'), '{:.3f}')}x (median), "
+            f"{_num(_get(r, 'sandbox_wall_median_s'))} s a run; mode {_get(r, 'mode')}")
 
 
 def _note_start(r):

@@ -2,17 +2,20 @@
 under cpushare.sandbox vs the same kernel compiled natively, same input.
 
 Both run in one process each over the same input (several 1024x1024 images,
-four blur widths), alternately, in the same run; the ratio is that of the fastest
-sandboxed run to the fastest native run (the least disturbed by whatever
-else runs on the machine; the median of the per-round ratios is in the
-detail).  Goal: <= 1.02.
+four blur widths), alternately, in the same run.  The ratio is the median
+over the rounds of sandboxed / native CPU time (user + system from rusage:
+for the sandbox what the seller measures and the buyer pays for).  CPU time
+rather than wall time because these machines are shared: another process
+taking a core for a moment changes one wall time by tens of per cent, and
+CPU time much less.  The wall-time ratios (fastest vs fastest, and the
+median of the rounds) are in the detail.  Goal: <= 1.02.
 
     /usr/bin/python3 -m bench.compute [--quick]
 """
 
 from __future__ import annotations
 
-import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -73,19 +76,19 @@ def run(quick: bool = False) -> dict:
                     took[which] = time.perf_counter() - t0
                     cpu_sandbox.append(r.cpu_seconds)
                 else:
-                    c0 = os.times()
+                    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                     t0 = time.perf_counter()
                     subprocess.run([str(native)], input=data, capture_output=True, check=True)
                     took[which] = time.perf_counter() - t0
-                    c1 = os.times()
-                    cpu_native.append((c1.children_user - c0.children_user)
-                                      + (c1.children_system - c0.children_system))
+                    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    cpu_native.append((c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime))
             t_sandbox.append(took["sandbox"])
             t_native.append(took["native"])
             ratios.append(took["sandbox"] / took["native"])
-    ratio = min(t_sandbox) / min(t_native)
+    cpu_ratios = [a / b for a, b in zip(cpu_sandbox, cpu_native) if b > 0]
+    ratio = statistics.median(cpu_ratios)
     return {
-        "name": "sandbox compute overhead vs native (FS kernel)",
+        "name": "sandbox compute overhead vs native (FS kernel, CPU time)",
         "measured": ratio,
         "unit": "x",
         "goal": f"<= {GOAL}",
@@ -94,9 +97,10 @@ def run(quick: bool = False) -> dict:
             "rounds": rounds, "images_per_run": images, "image": "1024x1024, blur 0/1/2/4 px",
             "sandbox_wall_median_s": statistics.median(t_sandbox),
             "native_wall_median_s": statistics.median(t_native),
-            "cpu_ratio_median": statistics.median(cpu_sandbox) / max(statistics.median(cpu_native), 1e-9),
-            "median_round_ratio": statistics.median(ratios),
-            "ratios": ratios, "mode": sandbox.mode(),
+            "cpu_ratios": cpu_ratios,
+            "wall_ratio_fastest": min(t_sandbox) / min(t_native),
+            "wall_ratio_median_round": statistics.median(ratios),
+            "wall_ratios": ratios, "mode": sandbox.mode(),
         },
     }
 
