@@ -129,6 +129,7 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     store = admin.open_store(args.db, args.synchronous)
+    store.checkpoint_in_background()
     host, port = orders.split_hostport(args.listen or store.get_meta("listen"))
     ctx = admin.tls_context(store)
     market = Market(store, heartbeat=args.heartbeat)

@@ -24,6 +24,7 @@ import abc
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -290,7 +291,6 @@ CREATE TABLE IF NOT EXISTS tasks (
     session INTEGER NOT NULL DEFAULT 0,
     delivered INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS tasks_pending ON tasks (buy_order_id, delivered, ref);
-CREATE INDEX IF NOT EXISTS tasks_state ON tasks (state);
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL REFERENCES tasks(id),
     sell_order_id INTEGER NOT NULL, seller_account_id INTEGER NOT NULL,
@@ -298,7 +298,6 @@ CREATE TABLE IF NOT EXISTS attempts (
     cpu_ms INTEGER, output_sha256 TEXT, exit_status INTEGER, signal INTEGER, reason TEXT,
     output BLOB, paid_milli INTEGER NOT NULL DEFAULT 0, started REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS attempts_task ON attempts (task_id);
-CREATE INDEX IF NOT EXISTS attempts_state ON attempts (state);
 CREATE TABLE IF NOT EXISTS disputes (
     id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL, attempt_id INTEGER NOT NULL,
     seller_account_id INTEGER NOT NULL, output_sha256 TEXT, majority_sha256 TEXT,
@@ -309,8 +308,8 @@ CREATE TABLE IF NOT EXISTS transactions (
 CREATE TABLE IF NOT EXISTS entries (
     id INTEGER PRIMARY KEY, txn_id INTEGER NOT NULL REFERENCES transactions(id),
     account_id INTEGER NOT NULL REFERENCES accounts(id), amount INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS entries_txn ON entries (txn_id);
-CREATE INDEX IF NOT EXISTS entries_account ON entries (account_id);
+-- No more indexes than the market's queries need while it serves: every
+-- index is pages more in each commit.  The checks scan.
 """
 
 
@@ -349,6 +348,7 @@ class SQLiteStore(Store):
         # commit that refers to them and removed after the commit that drops them.
         self.blob_dir = path + ".d"
         self._unlink: list[str] = []
+        self._checkpointer: threading.Thread | None = None
         self._entries: list[tuple[int, int, int]] = []  # ledger entries not yet written
         self._deltas: dict[int, int] = {}  # ... and the balance changes they make
         self._files = os.path.isdir(self.blob_dir)  # none yet: nothing to remove
@@ -487,8 +487,39 @@ class SQLiteStore(Store):
             self.commit()
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._stop_checkpoints.set()
+            self._checkpointer.join()
+            self._checkpointer = None
         self.rollback()
         self.db.close()
+
+    def checkpoint_in_background(self, interval: float = 1.0) -> None:
+        """Move WAL checkpoints off the caller's thread.
+
+        A checkpoint copies the WAL into the database file and syncs it; done
+        by SQLite at a commit, it stalls the market's event loop.  A thread
+        with a connection of its own runs passive checkpoints (they never
+        block the writer) every `interval` seconds instead.
+        """
+        self.db.execute("PRAGMA wal_autocheckpoint = 0")
+        self._stop_checkpoints = threading.Event()
+
+        def run() -> None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                db.execute("PRAGMA busy_timeout = 10000")
+                db.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+                while not self._stop_checkpoints.wait(interval):
+                    try:
+                        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    except sqlite3.Error:
+                        pass  # busy: the next round
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            finally:
+                db.close()
+        self._checkpointer = threading.Thread(target=run, name="wal-checkpoint", daemon=True)
+        self._checkpointer.start()
 
     # --- meta -------------------------------------------------------------
 
@@ -794,9 +825,10 @@ class SQLiteStore(Store):
             q("BEGIN")  # a read transaction: one snapshot for every query below
         try:
             for txn, kind, total in q(
-                    "SELECT t.id, t.kind, COALESCE(SUM(e.amount), 0) FROM transactions t "
-                    "LEFT JOIN entries e ON e.txn_id = t.id GROUP BY t.id "
-                    "HAVING COALESCE(SUM(e.amount), 0) != 0 OR COUNT(e.id) < 2"):
+                    "SELECT t.id, t.kind, COALESCE(s.total, 0) FROM transactions t LEFT JOIN "
+                    "(SELECT txn_id, SUM(amount) AS total, COUNT(*) AS n FROM entries "
+                    "GROUP BY txn_id) s ON s.txn_id = t.id "
+                    "WHERE COALESCE(s.total, 0) != 0 OR COALESCE(s.n, 0) < 2"):
                 problems.append(f"transaction {txn} ({kind}) entries sum to {total}, not 0, "
                                 f"or it has fewer than two entries")
             for n, in q("SELECT COUNT(*) FROM entries WHERE txn_id NOT IN "
@@ -807,8 +839,9 @@ class SQLiteStore(Store):
             if total != 0:
                 problems.append(f"the balances of all accounts sum to {total}, not 0")
             for name, bal, summed in q(
-                    "SELECT a.name, a.balance, COALESCE((SELECT SUM(amount) FROM entries e "
-                    "WHERE e.account_id = a.id), 0) FROM accounts a"):
+                    "SELECT a.name, a.balance, COALESCE(s.total, 0) FROM accounts a LEFT JOIN "
+                    "(SELECT account_id, SUM(amount) AS total FROM entries "
+                    "GROUP BY account_id) s ON s.account_id = a.id"):
                 if bal != summed:
                     problems.append(f"account {name}: balance {bal} but its entries sum "
                                     f"to {summed}")
