@@ -494,16 +494,21 @@ class SQLiteStore(Store):
         self.rollback()
         self.db.close()
 
-    def checkpoint_in_background(self, interval: float = 1.0) -> None:
+    def checkpoint_in_background(self, interval: float = 0.25,
+                                 restart_at: int = 32 << 20) -> None:
         """Move WAL checkpoints off the caller's thread.
 
         A checkpoint copies the WAL into the database file and syncs it; done
         by SQLite at a commit, it stalls the market's event loop.  A thread
         with a connection of its own runs passive checkpoints (they never
-        block the writer) every `interval` seconds instead.
+        block the writer) every `interval` seconds instead.  Under steady
+        writes a passive checkpoint never catches up with the end of the WAL,
+        which then only grows; past `restart_at` bytes the thread restarts it
+        (that checkpoint holds new writers back for as long as it takes).
         """
         self.db.execute("PRAGMA wal_autocheckpoint = 0")
         self._stop_checkpoints = threading.Event()
+        wal = self.path + "-wal"
 
         def run() -> None:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -512,7 +517,12 @@ class SQLiteStore(Store):
                 db.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
                 while not self._stop_checkpoints.wait(interval):
                     try:
-                        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                        big = os.path.getsize(wal) > restart_at
+                    except OSError:
+                        big = False
+                    try:
+                        db.execute("PRAGMA wal_checkpoint(RESTART)" if big
+                                   else "PRAGMA wal_checkpoint(PASSIVE)")
                     except sqlite3.Error:
                         pass  # busy: the next round
                 db.execute("PRAGMA wal_checkpoint(PASSIVE)")
