@@ -8,11 +8,15 @@ state in the store; on start it rebuilds memory from the store, and the
 attempts that were running when it stopped are lost and requeued (their
 escrow stays held).
 
-Group commit.  Handlers write to the store inside one open transaction;
-a flush scheduled with call_soon runs the matcher, commits, and only then
-sends the frames that announce what was written (`accepted`, `task`,
-`settled`, `done`).  So a peer never hears of a state the store may lose,
-and the commits of many messages share one fsync.
+Group commit.  Handlers write to the store inside one open transaction.
+Soon after every event (call_soon) the matcher runs and each seller it
+picks gets its `task` at once; at most COMMIT_DELAY later the transaction
+is committed and only then go out the frames that announce what it wrote
+(`accepted`, `settled`, `done`, `image_ok`, ...).  So a peer never hears of
+a state the store may lose, the commits of many tasks share their cost,
+and a seller never waits for a commit.  (A `task` sent before its commit
+costs nothing if the market dies: the task is still queued, and a result
+for an attempt the market does not know is paid nothing.)
 
 Money.  At `submit` the buyer's maximum cost, redundancy x
 cost_milli(cpu_ms, bid), moves to escrow.  When k results agree, each of
@@ -93,7 +97,7 @@ _PIECE = 256 << 10  # big frames are written in pieces of this size
 
 
 class Conn:
-    """One peer.  Frames go to an outbox written once per flush, after the commit."""
+    """One peer.  Frames go to an outbox, written whole at the end of a flush or commit."""
     role = ""
 
     def __init__(self, market: "Market", reader, writer, peer: str):
