@@ -7,13 +7,19 @@ in one SQLite file (WAL).  The market logic (server.py) speaks only to
 Transactions.  All writes happen between `begin()` and `commit()`; the
 market groups the writes of many messages into one SQLite transaction
 (group commit) and sends the answers that depend on them only after the
-commit.  Each logical operation runs inside `op()` (a savepoint), so one
-that fails leaves no trace while its neighbours in the group commit stay.
+commit.  `op()` gives a savepoint to callers that want one; the market
+instead stops (and recovers at its restart) if an operation fails half-way.
 
 The ledger is double-entry, in integer milli-CPUCoins: a transaction is a
 row of `transactions` and two or more rows of `entries` whose amounts sum
 to zero, written inside one SQLite transaction with the balances they
-change.  Money enters only from the system account `@mint` (so its balance
+change (the entries and balances of a group are written together just
+before its COMMIT).
+
+Inputs and outputs over BIG bytes are files in PATH.d/ (their column then
+holds IN_FILE): written before the commit that refers to them, removed
+after the commit that drops them; `collect_garbage()` removes what a crash
+left between the two.  Money enters only from the system account `@mint` (so its balance
 is minus what was minted) and what buyers hold for running tasks sits in
 `@escrow`.  `check()` verifies every invariant.
 """
