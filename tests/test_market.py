@@ -693,3 +693,37 @@ def test_the_market_uses_only_the_store_interface():
     assert len(used & declared) > 20
     assert missing == [], f"the market calls store methods Store does not declare: {missing}"
     assert "sqlite" not in text.lower()
+
+
+def test_an_attempt_still_running_when_its_task_closes_is_void(lm):
+    """k = 2; one seller holds its attempt while the other slot is lost five
+    times: the task fails and is refunded, and the holder's late result and
+    its disconnection change nothing more."""
+    async def main():
+        await lm.start()
+        holder = await ScriptedSeller.connect(lm.sell("alice", 1), hold=True)
+        b, d = await buyer(lm, redundancy=2)
+        await b.send("submit", b"x", ref="r", image=d)
+        await b.expect("accepted")
+        await asyncio.wait_for(holder.got_task.wait(), TIMEOUT)
+        order = lm.sell("bob", 2)
+        for _ in range(5):
+            quitter = await ScriptedSeller.connect(order, hold=True)
+            await asyncio.wait_for(quitter.got_task.wait(), TIMEOUT)
+            await quitter.stop()
+        f = await b.expect("failed")
+        assert f["code"] == "task" and "5 attempts were lost" in f["message"]
+        late = holder.tasks[0]
+        await holder.peer.send("result", b"x", attempt=late["attempt"], exit_status=0,
+                               signal=None, reason="", cpu_ms=5,
+                               output_sha256=protocol.digest(b"x"))
+        await asyncio.wait_for(holder.got_settled.wait(), TIMEOUT)
+        assert holder.settled[0]["paid_milli"] == 0
+        await holder.stop()
+        assert await b.sync() == []  # no second failed, no done
+        await lm.stop()
+    run(main())
+    assert lm.balances("buyer", "alice", "bob") == {"buyer": COINS, "alice": 0, "bob": 0}
+    states = lm.admin.db.execute("SELECT state FROM tasks").fetchall()
+    assert states == [("failed",)]
+    assert_ledger_ok(lm)

@@ -444,6 +444,8 @@ class Market:
         aid, t = s.attempt
         s.attempt = None
         s.stale.add(aid)
+        if self.tasks.get(t.id) is not t:  # the task closed meanwhile: nothing to requeue
+            return
         log.info("attempt %d of task %d lost by %s: %s", aid, t.id, s, why)
         self._tx().set_attempt_state(aid, "lost")
         t.running.pop(aid, None)
@@ -625,6 +627,12 @@ class Market:
             s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
             return
         _, t = s.attempt
+        if self.tasks.get(t.id) is not t:
+            # Its task closed while this attempt ran (the others agreed, or it
+            # failed): the attempt is void and paid nothing.
+            s.attempt = None
+            s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
+            return
         # (a session's output went to the buyer as a stream; the result carries none)
         if not t.session and digest(m.payload) != m["output_sha256"]:
             raise ProtocolError("task", f"attempt {aid}: output_sha256 does not match the output")
