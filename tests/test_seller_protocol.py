@@ -151,3 +151,17 @@ def test_a_message_a_seller_does_not_expect_closes_only_that_connection(run):
         await protocol.send(writer2, "ping", t=7)
         assert (await read(reader2, skip=("ready",)))["t"] == 7
     run(scenario)
+
+
+def test_stop_while_waiting_for_an_image_hands_the_task_back_at_once(run):
+    echo = job("echo")
+
+    async def scenario(peer, seller):
+        reader, writer = await peer.accept()
+        await protocol.send(writer, "task", b"in", **task_fields(9, echo.digest))
+        assert (await read(reader)).type == "need_image"
+        seller.stop()  # the image never comes
+        m = await read(reader)
+        assert m.type == "handback" and m["attempt"] == 9 and "stopping" in m["reason"], m
+        assert await asyncio.wait_for(protocol.read_message(reader), TIMEOUT) is None
+    run(scenario)

@@ -66,6 +66,10 @@ class _Lost(Exception):
     """The connection is gone; reconnect."""
 
 
+class _Aborted(Exception):
+    """The seller gave up the running task itself (stop, pause timeout)."""
+
+
 @dataclass
 class _Running:
     """The task in progress on this connection."""
@@ -298,6 +302,9 @@ class Seller:
         r.aborted = why
         if r.stream_in is not None:
             r.stream_in.put_nowait(None)
+        for fut in self._image_waiters.values():  # still waiting for its image
+            if not fut.done():
+                fut.set_exception(_Aborted(why))
         job = r.job
         if job is not None:
             try:
@@ -552,7 +559,11 @@ class Seller:
         fut = self._loop.create_future()
         self._image_waiters[digest] = fut
         self._send("need_image", image=digest)
-        blob = await asyncio.wait_for(fut, self.IMAGE_TIMEOUT)
+        try:
+            blob = await asyncio.wait_for(fut, self.IMAGE_TIMEOUT)
+        finally:
+            if self._image_waiters.get(digest) is fut:
+                del self._image_waiters[digest]
         return self._cache.put(digest, blob)
 
     async def _run_task(self, r: _Running, msg: Message) -> None:
@@ -576,6 +587,8 @@ class Seller:
                            reason=f"image {msg['image'][:16]} did not arrive within "
                                   f"{self.IMAGE_TIMEOUT:.0f} s")
                 return
+            except _Aborted:
+                pass  # handed back just below
             if r.aborted:
                 outcome = "handback"
                 self._send("handback", attempt=r.attempt, reason=r.aborted)
