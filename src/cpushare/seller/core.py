@@ -676,6 +676,8 @@ class Seller:
         r.job = job
         if r.aborted:
             job.kill()
+        elif self._paused:
+            job.pause()
         digest = hashlib.sha256()
         produced = 0
         killed_for = ""
