@@ -88,8 +88,10 @@ def _note_relay(r):
 def _note_study(r):
     s = (f"market {_num(_get(r, 'market_images_per_s'), '{:.1f}')} vs native "
          f"{_num(_get(r, 'native_images_per_s'), '{:.1f}')} images/s")
+    r1 = _get(r, "ratio_1_per_task")
     r2 = _get(r, "market_redundancy2_images_per_s")
-    return s + (f"; redundancy 2: {r2:.1f}/s" if r2 is not None else "")
+    return (s + (f"; 1 image a task: {r1:.2f}x" if r1 is not None else "")
+            + (f"; redundancy 2: {r2:.1f}/s" if r2 is not None else ""))
 
 
 def _note_conn(r):
