@@ -16,6 +16,7 @@ server machine (8.8 M/day), one HTCondor schedd sustains about 55 jobs/s.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -29,6 +30,13 @@ for p in (ROOT / "src", ROOT / "tests"):
 GOAL = 1000.0
 BOINC = 100.0
 CONDOR = 55.0
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process used so far (its own, not its children's)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _sandbox_rate(n: int) -> float:
@@ -73,7 +81,12 @@ def run(quick: bool = False) -> dict:
                 m.seller(m.sell_order(name, f"{name}-cpu0"))
             order = load_buy(m.buy_order("buyer"))
             asyncio.run(_buy(order, 50))  # warm up: images cached, connections made
+            pids = {"server": m.server.pid, **{k: p.pid for k, p in m.sellers.items()}}
+            before = {k: _cpu(pid) for k, pid in pids.items()}
+            buyer0 = time.process_time()
             seconds, bad = asyncio.run(_buy(order, n))
+            cpu_us = {k: (_cpu(pid) - before[k]) / n * 1e6 for k, pid in pids.items()}
+            cpu_us["buyer"] = (time.process_time() - buyer0) / n * 1e6
             ledger = m.ledger_check()
         finally:
             m.close()
@@ -85,6 +98,7 @@ def run(quick: bool = False) -> dict:
     rate = n / seconds
     ceiling = 2 * _sandbox_rate(n // 4)
     return {"measured": rate, "tasks": n, "seconds": seconds, "tasks_per_second": rate,
+            "cpu_us_per_task": cpu_us,
             "sandbox_ceiling_per_second": ceiling, "ratio_to_ceiling": rate / ceiling,
             "ratio_to_goal": rate / GOAL, "ratio_to_boinc": rate / BOINC,
             "ratio_to_condor": rate / CONDOR}
@@ -96,6 +110,8 @@ def main(argv: list[str]) -> int:
           f"{r['tasks_per_second']:.0f} tasks/s dispatched, run and settled")
     print(f"  bare sandbox x 2 sellers, same run: {r['sandbox_ceiling_per_second']:.0f} runs/s "
           f"-> market/sandbox ratio {r['ratio_to_ceiling']:.2f}")
+    print("  CPU per task: " + ", ".join(f"{k} {v:.0f} us" for k, v in r["cpu_us_per_task"].items())
+          + " (each seller's share over all tasks; jobs and the sandbox's zygote not included)")
     print(f"  ratio to the goal of {GOAL:.0f}/s: {r['ratio_to_goal']:.2f}; to BOINC's ~{BOINC:.0f}/s: "
           f"{r['ratio_to_boinc']:.1f}x; to an HTCondor schedd's ~{CONDOR:.0f}/s: "
           f"{r['ratio_to_condor']:.1f}x")
