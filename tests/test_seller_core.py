@@ -7,6 +7,7 @@ the daemon; control calls come from the test's thread, as from D-Bus.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -68,8 +69,22 @@ def market(tmp_path):
     m.close()
 
 
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
 def test_status_lifecycle_counters_and_stop_from_another_thread(market, tmp_path):
     m = market
+    records = Records()
+    logger = logging.getLogger("cpushare.seller")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(records)
     order = load_sell(m.sell_order("alice", "alice-cpu0"))
     st = SellerThread(order, tmp_path / "cache")
     s = st.wait_state("idle")
@@ -89,6 +104,14 @@ def test_status_lifecycle_counters_and_stop_from_another_thread(market, tmp_path
     assert st.states()[:2] == ["connecting", "idle"]
     assert "running" in st.states() and st.states()[-2:] == ["stopping", "stopped"]
     assert any(x.current_task and x.buyer_order for x in st.statuses if x.state == "running")
+    # one record per task with the structured fields journald gets
+    logger.removeHandler(records)
+    logger.setLevel(level)
+    done = [r for r in records.records if getattr(r, "OUTCOME", None) == "ok"]
+    assert len(done) == 3, [r.getMessage() for r in records.records]
+    for r in done:
+        assert r.ORDER == "alice-cpu0" and r.TASK.count("/") == 1 and r.BUYER_ORDER
+        assert isinstance(r.CPU_MS, int) and r.CPU_MS >= 1
 
 
 def test_stop_hands_back_the_running_task_which_finishes_elsewhere(market, tmp_path):
