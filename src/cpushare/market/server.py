@@ -52,7 +52,7 @@ MAX_REDUNDANCY = 16
 MAX_LOST = 5  # attempts lost (disconnect, deadline) before a task fails
 PUMP_SCAN = 10_000  # queued tasks examined per matching round
 SMALL_INPUT = 64 << 10  # inputs up to this size are kept in memory too
-COMMIT_DELAY = 0.002  # seconds: a group commit gathers what happened in this time
+COMMIT_DELAY = 0.005  # seconds: a group commit gathers what happened in this time
 
 
 def wall_ms_for(cpu_ms: int, seller_wall_ms: int) -> int:
