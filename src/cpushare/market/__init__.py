@@ -1,0 +1,1 @@
+"""The CPUShare market server (`cpushare-server`): server, store, CA, admin commands."""
