@@ -65,6 +65,8 @@ def test_ready_status_dbus_reload_and_clean_stop(system_bus, order_file, notify_
     try:
         ready = notify_socket.wait("READY", "1")
         assert ready["MAINPID"] == str(proc.pid)
+        # It sells idle time only, also where no unit set the priority.
+        assert sched_of(proc.pid) == (os.SCHED_IDLE, 19)
         assert ready["STATUS"].startswith(f"Selling cpu0 on 127.0.0.1:{dead_port}: ")
         # The name was claimed before READY=1.
         assert dbus.list_instances(dbus.connect("system")) == {"cpu0": "org.cpushare.Seller1.cpu0"}
@@ -121,6 +123,25 @@ def test_ready_status_dbus_reload_and_clean_stop(system_bus, order_file, notify_
     r = ctl("status")
     assert r.returncode == daemon_ctl_exit("NOT_RUNNING"), r.stderr
     assert "no cpushared instance runs on the system bus" in r.stderr
+
+
+def sched_of(pid: int) -> tuple[int, int]:
+    """(policy, nice) of a process, from /proc/PID/stat (fields 41 and 19)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[38]), int(fields[16])
+
+
+def test_idle_priority_sets_cpu_and_io_classes():
+    code = ("import ctypes, os\n"
+            "from cpushare import daemon\n"
+            "daemon.idle_priority()\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "print(os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0),\n"
+            "      libc.syscall(252, 1, 0) >> 13)\n")  # ioprio_get: the class
+    out = subprocess.run([PYTHON, "-c", code], env=daemon_env(), capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    assert [int(x) for x in out] == [os.SCHED_IDLE, 19, 3]
 
 
 def daemon_ctl_exit(name: str) -> int:

@@ -194,6 +194,39 @@ def check_kernel() -> None:
         raise StartupError(EXIT_NO_SECCOMP, str(e)) from e
 
 
+# ioprio_set(2): no libc wrapper; the idle class has no levels.
+_SYS_IOPRIO_SET = 251  # x86-64
+_IOPRIO_WHO_PROCESS = 1
+_IOPRIO_CLASS_IDLE = 3
+_IOPRIO_CLASS_SHIFT = 13
+
+
+def idle_priority() -> None:
+    """Sell only idle time: SCHED_IDLE, nice 19 and the idle I/O class.
+
+    The unit already asks for the same (Nice=, CPUSchedulingPolicy=,
+    IOSchedulingClass=); this covers /etc/init.d/cpushare and a daemon
+    started by hand.  Called before the sandbox starts its zygote, so the
+    zygote and every job inherit it.  Lowering one's own priority needs no
+    privilege; a refusal is logged, never fatal."""
+    import ctypes
+
+    steps = (
+        ("sched_setscheduler(SCHED_IDLE)",
+         lambda: os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))),
+        ("setpriority(19)", lambda: os.setpriority(os.PRIO_PROCESS, 0, 19)),
+    )
+    for what, step in steps:
+        try:
+            step()
+        except OSError as e:
+            log.warning("%s: %s", what, e.strerror)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_IOPRIO_SET, _IOPRIO_WHO_PROCESS, 0,
+                    _IOPRIO_CLASS_IDLE << _IOPRIO_CLASS_SHIFT) != 0:
+        log.warning("ioprio_set(IOPRIO_CLASS_IDLE): %s", os.strerror(ctypes.get_errno()))
+
+
 def check_sandbox() -> str:
     from . import sandbox
 
@@ -515,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         order = load_order(args.order)
         check_kernel()
+        idle_priority()
         mode = check_sandbox()
         log.info("sandbox self-test passed (mode %s)", mode, extra={"ORDER": order.name})
         cache_dir = cache_dir_for(order, args.cache_dir)
