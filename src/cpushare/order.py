@@ -20,6 +20,8 @@ from pathlib import Path
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from validate import ValidateError, Validator, VdtMissingValue
 
+from .fileutil import atomic_write
+
 MILLI = 1000
 MAX_PRICE_MILLI = 10**15  # a bound far above any sane price, below int64 trouble
 DEFAULT_PORT = 7300
@@ -325,22 +327,7 @@ def _pem_block(name: str, pem: str) -> str:
 
 def _write_private(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically, mode 0600 from the first byte."""
-    path = str(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, text.encode("utf-8"), mode=0o600)
 
 
 def write_sell(path: str | os.PathLike, *, host: str, port: int, price_milli: int,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Iterable
 
 from .. import bytecode
+from ..fileutil import atomic_write
 from ..order import OrderError, format_coins, load_buy
 from . import Market, MarketError, TaskResult
 
@@ -144,12 +144,9 @@ async def _buy(order, image, paths: list[Path], datas: Iterable[bytes], out_dir:
             path = paths[r.index]
             if r.code is None:
                 target = out_dir / (path.name + ".out")
-                tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
                 try:
-                    tmp.write_bytes(r.output)
-                    os.replace(tmp, target)
+                    atomic_write(target, r.output, fsync=False)
                 except OSError as e:
-                    tmp.unlink(missing_ok=True)
                     r = dataclasses.replace(r, code="output",
                                             reason=f"cannot write {target}: {e.strerror}")
             cpu_ms += r.cpu_ms

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 from .. import bytecode
+from ..fileutil import atomic_write
 from ..protocol import is_digest
 
 log = logging.getLogger("cpushare.seller")
@@ -91,16 +91,7 @@ class ImageCache:
             raise CacheError(
                 f"image {digest[:16]}: {len(blob)} bytes exceeds the cache size {self.max_bytes}")
         self._evict(need=len(blob))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bin", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, blob)
         self._remember(digest, image)
         return image
 

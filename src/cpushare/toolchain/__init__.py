@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, TextIO
 
 from .. import bytecode
+from ..fileutil import atomic_write
 from ..bytecode import DEFAULT_STACK_SIZE, PAGE, Image
 
 HERE = Path(__file__).resolve().parent
@@ -253,20 +254,7 @@ def build(sources: Iterable[str | os.PathLike], output: str | os.PathLike | None
 
 def write_image(image: Image, path: str | os.PathLike) -> None:
     """Write a packed image atomically (a temporary file, then rename)."""
-    path = Path(path)
-    blob = image.pack()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, image.pack(), mode=0o644, fsync=False)
 
 
 def _run(cmd: list[str], what: str, diagnostics: TextIO | None) -> None:
