@@ -1,13 +1,33 @@
 """Relay throughput: large inputs and outputs through the market.
 
-A buyer sends one task with a large input (32 MiB) to the echo job; the
-market relays it to a seller, the job copies it to its output, and the
-market relays that back: 2 x SIZE bytes seen by the buyer, in 2 hops each
-way plus the sandbox's pipes.  Beside it, in the same run and on the same
-machine: a plain TLS copy over loopback (the same asyncio + OpenSSL stack
-and the market's certificates), a client sending SIZE bytes to a TLS echo
-server in another process and reading them back.  The ratio is the
-market's throughput over the plain copy's.  Goal: >= 0.5.
+What is timed, for the market: a buyer (this process) submits one task with
+SIZE (32 MiB) of random input to the echo job, and the clock stops when its
+`done` has arrived with SIZE bytes of output, checked equal to the input.
+On the way: buyer -> server (which stores the input, fsync, before it
+answers `accepted`) -> seller -> the job in the sandbox (through pipes) ->
+seller (SHA-256 of the output) -> server (checks that digest, stores the
+output and settles, one fsync'd commit) -> buyer.  The image is cached on
+the seller beforehand (a warm-up task), connections are made before the
+clock starts.
+
+What is timed, for the plain copy: the same SIZE random bytes sent by a
+TLS client (the same asyncio + OpenSSL stack, the market's certificates,
+1 MiB writes paced by drain) to a TLS echo server in another process over
+loopback, and read back until SIZE bytes have returned.  Both directions
+run at once (the echo server writes back what it reads), so this is the
+cost of one TLS hop each way for the same bytes in and out, with no store,
+hashing or job.
+
+Both are run in turns (plain, market, plain, market, ...) in one run; the
+best round of each is kept, and the ratio is plain seconds / market
+seconds.  Goal: >= 0.5.
+
+Printed beside the ratio: the CPU seconds each side used per round (the
+plain copy: this process and the echo server; the market: this process,
+the server and the seller, without the job and the sandbox's zygote).
+Their quotient says how much of the gap is work and how much is waiting:
+the market's hops run one after the other (each stores the whole payload
+before it forwards it), so its time is close to the sum of its CPU.
 
     /usr/bin/python3 bench/relay.py [--quick]
 """
@@ -30,6 +50,13 @@ for p in (ROOT / "src", ROOT / "tests"):
 
 GOAL = 0.5
 MIB = 1 << 20
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process used so far (its own, not its children's)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- the plain TLS copy ---------------------------------------------------------
@@ -124,9 +151,17 @@ def run(quick: bool = False) -> dict:
                 raise RuntimeError("bench.relay: the TLS echo server did not start")
             asyncio.run(_market_copy(order, data[:MIB]))  # warm up: image cached
             plain, market = [], []
+            plain_cpu, market_cpu = [], []
+            sides = {"plain": [echo.pid], "market": [m.server.pid,
+                                                     *(p.pid for p in m.sellers.values())]}
             for _ in range(rounds):  # interleaved, so both see the same machine
-                plain.append(asyncio.run(_tls_copy(port, order, data)))
-                market.append(asyncio.run(_market_copy(order, data)))
+                for name, copy, times, cpus in (
+                        ("plain", lambda: _tls_copy(port, order, data), plain, plain_cpu),
+                        ("market", lambda: _market_copy(order, data), market, market_cpu)):
+                    before = time.process_time() + sum(_cpu(p) for p in sides[name])
+                    times.append(asyncio.run(copy()))
+                    cpus.append(time.process_time() + sum(_cpu(p) for p in sides[name])
+                                - before)
             ledger = m.ledger_check()
         finally:
             if echo is not None:
@@ -136,8 +171,12 @@ def run(quick: bool = False) -> dict:
     if ledger.returncode != 0:
         raise RuntimeError(f"bench.relay: ledger check failed:\n{ledger.stdout}{ledger.stderr}")
     t_plain, t_market = min(plain), min(market)
+    c_plain = sorted(plain_cpu)[len(plain_cpu) // 2]
+    c_market = sorted(market_cpu)[len(market_cpu) // 2]
     return {"measured": t_plain / t_market, "ratio": t_plain / t_market, "goal": GOAL,
             "bytes": size, "plain_seconds": t_plain, "market_seconds": t_market,
+            "plain_cpu_seconds": c_plain, "market_cpu_seconds": c_market,
+            "cpu_ratio": c_plain / c_market,
             "tls_mib_per_s": 2 * size / MIB / t_plain,
             "relay_mib_per_s": 2 * size / MIB / t_market}
 
@@ -154,6 +193,9 @@ def main(argv: list[str]) -> int:
     print(f"  through the market (buyer -> server -> seller -> sandbox and back): "
           f"{r['relay_mib_per_s']:.0f} MiB/s")
     print(f"  ratio market/plain: {r['ratio']:.2f} (goal >= {GOAL})")
+    print(f"  CPU per round (median): plain {r['plain_cpu_seconds']:.2f} s, market "
+          f"{r['market_cpu_seconds']:.2f} s (ratio {r['cpu_ratio']:.2f}); "
+          f"load average {os.getloadavg()[0]:.2f}")
     return 0
 
 

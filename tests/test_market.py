@@ -338,6 +338,111 @@ def test_handback_requeues(lm):
     assert_ledger_ok(lm)
 
 
+# --- prefetch: a seller holding a task behind the one it runs ------------------
+
+async def _prefetching_seller(lm, account):
+    """A raw seller that asks for two tasks (one to run, one to hold) and answers none."""
+    p = await Peer.open(lm.sell(account, 1), "seller")
+    assert p.welcome["prefetch"] == 1, p.welcome
+    await p.send("ready", slots=2)
+    return p
+
+
+def test_a_prefetching_seller_gets_a_second_task_and_its_disconnect_requeues_both(lm):
+    async def main():
+        await lm.start()
+        holder = await _prefetching_seller(lm, "alice")
+        b, d = await buyer(lm)
+        for ref in ("1", "2", "3"):
+            await b.send("submit", ref.encode(), ref=ref, image=d)
+            await b.expect("accepted")
+        t1, t2 = await holder.expect("task"), await holder.expect("task")
+        assert [t1.payload, t2.payload] == [b"1", b"2"]
+        assert await holder.sync() == []  # two, and no third
+        await holder.close()  # gone with the one it ran and the one it held
+        s = await ScriptedSeller.connect(lm.sell("bob", 36_000))
+        done = {}
+        for _ in range(3):
+            m = await b.expect("done")
+            done[m["ref"]] = m
+        # the running one was lost (a second attempt); the held one never started
+        assert (done["1"]["attempts"], done["2"]["attempts"], done["3"]["attempts"]) == (2, 1, 1)
+        assert all(m["cost_milli"] == 10 for m in done.values())
+        await s.stop()
+        await lm.stop()
+    run(main())
+    assert lm.balances("buyer", "alice", "bob") == {"buyer": COINS - 30, "alice": 0, "bob": 30}
+    assert_ledger_ok(lm)
+
+
+def test_a_held_task_handed_back_unstarted_is_requeued_without_counting_as_lost(lm):
+    async def main():
+        await lm.start()
+        holder = await _prefetching_seller(lm, "alice")
+        b, d = await buyer(lm)
+        for ref in ("1", "2"):
+            await b.send("submit", ref.encode(), ref=ref, image=d)
+            await b.expect("accepted")
+        t1, t2 = await holder.expect("task"), await holder.expect("task")
+        await holder.send("handback", attempt=t2["attempt"], reason="stopping", unstarted=True)
+        # the handback also cancels what it asked for: it gets nothing more
+        assert await holder.sync() == []
+        s = await ScriptedSeller.connect(lm.sell("bob", 36_000))
+        m = await b.expect("done")
+        assert (m["ref"], m["attempts"]) == ("2", 1), m
+        await holder.send("result", b"1", attempt=t1["attempt"], exit_status=0, signal=None,
+                          reason="", cpu_ms=5, output_sha256=protocol.digest(b"1"))
+        m = await b.expect("done")
+        assert (m["ref"], m["attempts"], m["cost_milli"]) == ("1", 1, 1), m
+        assert (await holder.expect("settled"))["accepted"] is True
+        await s.stop()
+        await holder.close()
+        await lm.stop()
+    run(main())
+    assert lm.balances("alice", "bob") == {"alice": 1, "bob": 10}
+    assert_ledger_ok(lm)
+
+
+def test_an_idle_seller_is_preferred_to_holding_a_task_behind_another(lm):
+    async def main():
+        await lm.start()
+        cheap = await _prefetching_seller(lm, "alice")  # ask 1, but busy after one task
+        dear = await ScriptedSeller.connect(lm.sell("bob", 36_000))
+        b, d = await buyer(lm)
+        await b.send("submit", b"1", ref="1", image=d)
+        await b.expect("accepted")
+        await cheap.expect("task")
+        await b.send("submit", b"2", ref="2", image=d)
+        await b.expect("accepted")
+        assert (await b.expect("done"))["cost_milli"] == 10  # ran on the idle, dearer one
+        assert await cheap.sync() == []
+        await dear.stop()
+        await cheap.close()
+        await lm.stop()
+    run(main())
+    assert_ledger_ok(lm)
+
+
+@pytest.mark.parametrize("slots", [0, -1, 17])
+def test_ready_with_slots_out_of_range_closes_only_that_connection(lm, slots):
+    async def main():
+        await lm.start()
+        good = await ScriptedSeller.connect(lm.sell("bob", 36_000))
+        bad = await Peer.open(lm.sell("alice", 1), "seller")
+        await bad.send("ready", slots=slots)
+        m = await bad.expect("error")
+        assert m["code"] == "frame" and "slots" in m["message"], m
+        assert await bad.recv() is None
+        b, d = await buyer(lm)
+        await b.send("submit", b"x", ref="r", image=d)
+        await b.expect("accepted")
+        assert (await b.expect("done"))["cost_milli"] == 10
+        await good.stop()
+        await lm.stop()
+    run(main())
+    assert_ledger_ok(lm)
+
+
 # --- buyer away, server restart -----------------------------------------------
 
 def test_results_wait_for_the_buyer_to_come_back(lm):

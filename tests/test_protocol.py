@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
 import struct
 
@@ -127,6 +128,27 @@ def test_garbage_never_escapes_as_another_exception(data):
         read_all(data, max_payload=32)
     except ProtocolError:
         pass
+
+
+def test_big_payloads_are_read_whole_and_a_cut_one_is_a_frame_error():
+    big = os.urandom(3 << 20)  # above the size read in pieces
+    frames = (protocol.encode("submit", big, ref="r", image="a" * 64)
+              + b"".join(protocol.frame("result", big, attempt=1, exit_status=0, signal=None,
+                                        reason="", cpu_ms=1, output_sha256="b" * 64))
+              + encode("ready", slots=2))
+    m1, m2, m3 = read_all(frames)
+    assert m1.payload == big and m2.payload == big and m2["attempt"] == 1
+    assert (m3.type, m3["slots"]) == ("ready", 2)
+    with pytest.raises(ProtocolError, match=r"truncated frame: .*of 3145728"):
+        read_all(encode("submit", big, ref="r", image="a" * 64)[:-1])
+
+
+def test_frame_does_not_copy_a_big_payload():
+    small = protocol.frame("image", b"x" * 10, image="a" * 64)
+    assert small == [encode("image", b"x" * 10, image="a" * 64)]
+    payload = b"y" * (protocol.BIG_PAYLOAD + 1)
+    head, body = protocol.frame("image", payload, image="a" * 64)
+    assert body is payload and head + body == encode("image", payload, image="a" * 64)
 
 
 def test_schema_lists_every_documented_message():

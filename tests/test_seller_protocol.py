@@ -18,7 +18,7 @@ from cpushare.market import ca
 from cpushare.order import load_sell, write_sell
 from cpushare.seller import Seller
 
-from test_e2e_support import job
+from test_e2e_support import job, spin_count_for, spin_input
 
 TIMEOUT = 20
 
@@ -49,12 +49,12 @@ class Peer:
                    key_pem=self.client_cert.key_pem, cpu_seconds=5, wall_seconds=10)
         return load_sell(path)
 
-    async def accept(self):
+    async def accept(self, **welcome):
         reader, writer = await asyncio.wait_for(self.conns.get(), TIMEOUT)
         hello = await read(reader)
         assert hello.type == "hello" and hello["role"] == "seller", hello
         await protocol.send(writer, "welcome", version=1, account="alice", order=1,
-                            max_payload=protocol.DEFAULT_MAX_PAYLOAD, heartbeat=15)
+                            max_payload=protocol.DEFAULT_MAX_PAYLOAD, heartbeat=15, **welcome)
         return reader, writer
 
 
@@ -164,4 +164,96 @@ def test_stop_while_waiting_for_an_image_hands_the_task_back_at_once(run):
         m = await read(reader)
         assert m.type == "handback" and m["attempt"] == 9 and "stopping" in m["reason"], m
         assert await asyncio.wait_for(protocol.read_message(reader), TIMEOUT) is None
+    run(scenario)
+
+
+# --- prefetch: one task held while another runs ---------------------------------
+
+async def _running_and_held(peer, seller, hold: float):
+    """A seller running a long spin job (attempt 1) and holding an echo task (2)."""
+    seller.PREFETCH_HOLD = hold
+    spin, echo = job("spin"), job("echo")
+    reader, writer = await peer.accept(prefetch=1)
+    m = await read(reader, skip=("pong",))
+    assert m.type == "ready" and m["slots"] == 2, m  # idle: one to run, one to hold
+    await protocol.send(writer, "task", spin_input(spin_count_for(20.0)),
+                        **task_fields(1, spin.digest))
+    assert (await read(reader)).type == "need_image"
+    await protocol.send(writer, "image", spin.pack(), image=spin.digest)
+    await protocol.send(writer, "task", b"held", **task_fields(2, echo.digest))
+    for _ in range(200):
+        if seller.status().state == "running" and seller._queued is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert seller._queued is not None and seller._queued["attempt"] == 2
+    return reader, writer
+
+
+def test_without_prefetch_in_welcome_a_seller_asks_for_one_task_when_idle(run):
+    async def scenario(peer, seller):
+        reader, writer = await peer.accept()
+        m = await read(reader, skip=("pong",))
+        assert m.type == "ready" and "slots" not in m.fields, m
+    run(scenario)
+
+
+def test_a_held_task_runs_when_the_running_one_ends(run):
+    echo = job("echo")
+
+    async def scenario(peer, seller):
+        seller.PREFETCH_HOLD = 30
+        reader, writer = await peer.accept(prefetch=1)
+        assert (await read(reader, skip=("pong",)))["slots"] == 2
+        # both at once: the second is held while the first waits for its image
+        writer.write(protocol.encode("task", b"one", **task_fields(1, echo.digest))
+                     + protocol.encode("task", b"two", **task_fields(2, echo.digest)))
+        assert (await read(reader)).type == "need_image"
+        await protocol.send(writer, "image", echo.pack(), image=echo.digest)
+        m = await read(reader)
+        assert (m.type, m["attempt"], m.payload) == ("result", 1, b"one"), m
+        m = await read(reader, skip=("pong",))
+        assert m.type == "ready" and m["slots"] == 1, m  # it runs two and may hold one more
+        m = await read(reader)
+        assert (m.type, m["attempt"], m.payload) == ("result", 2, b"two"), m
+        assert seller.status().tasks_done == 2
+    run(scenario)
+
+
+def test_a_held_task_is_handed_back_unstarted_on_stop(run):
+    async def scenario(peer, seller):
+        reader, writer = await _running_and_held(peer, seller, hold=30)
+        seller.stop()
+        got = {}
+        while len(got) < 2:
+            m = await read(reader)
+            assert m.type == "handback", m
+            got[m["attempt"]] = m
+        assert got[2]["unstarted"] is True and "stopping" in got[2]["reason"], got
+        assert "unstarted" not in got[1].fields and "stopping" in got[1]["reason"], got
+        assert await asyncio.wait_for(protocol.read_message(reader), TIMEOUT) is None
+    run(scenario)
+
+
+def test_a_held_task_is_handed_back_unstarted_on_pause(run):
+    async def scenario(peer, seller):
+        reader, writer = await _running_and_held(peer, seller, hold=30)
+        seller.pause()
+        m = await read(reader)
+        assert m.type == "handback" and m["attempt"] == 2 and m["unstarted"] is True, m
+        assert "paused" in m["reason"]
+        assert seller.status().state == "paused" and seller._queued is None
+        seller.resume()
+    run(scenario)
+
+
+def test_a_held_task_is_handed_back_when_the_running_one_takes_long(run):
+    async def scenario(peer, seller):
+        reader, writer = await _running_and_held(peer, seller, hold=0.3)
+        m = await read(reader)
+        assert m.type == "handback" and m["attempt"] == 2 and m["unstarted"] is True, m
+        assert "has run for more than" in m["reason"]
+        # and it asks for no other while that task runs on
+        await protocol.send(writer, "ping", t=5)
+        m = await read(reader, skip=())
+        assert m.type == "pong", m
     run(scenario)

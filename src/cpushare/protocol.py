@@ -76,12 +76,12 @@ R, O = True, False
 SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
     "hello": {"version": (INT, R), "role": (STR, R), "software": (STR, O)},
     "welcome": {"version": (INT, R), "account": (STR, R), "order": (OPT_INT, O),
-                "max_payload": (INT, R), "heartbeat": (INT, R)},
+                "max_payload": (INT, R), "heartbeat": (INT, R), "prefetch": (INT, O)},
     "error": {"code": (STR, R), "message": (STR, R), "ref": (OPT_STR, O)},
     "ping": {"t": (INT, O)},
     "pong": {"t": (INT, O)},
     # seller
-    "ready": {},
+    "ready": {"slots": (INT, O)},
     "task": {"task": (INT, R), "attempt": (INT, R), "image": (STR, R), "cpu_ms": (INT, R),
              "wall_ms": (INT, R), "memory": (INT, R), "output_limit": (INT, R),
              "session": (OPT_INT, O), "buyer_order": (OPT_INT, O)},
@@ -90,7 +90,7 @@ SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
     "result": {"attempt": (INT, R), "exit_status": (OPT_INT, R), "signal": (OPT_INT, R),
                "reason": (STR, R), "cpu_ms": (INT, R), "output_sha256": (STR, R)},
     "settled": {"attempt": (INT, R), "paid_milli": (INT, R), "accepted": (BOOL, R)},
-    "handback": {"attempt": (INT, R), "reason": (STR, O)},
+    "handback": {"attempt": (INT, R), "reason": (STR, O), "unstarted": (BOOL, O)},
     # buyer
     "image_ok": {"image": (STR, R)},
     "submit": {"ref": (STR, R), "image": (STR, R), "redundancy": (OPT_INT, O),
@@ -159,15 +159,34 @@ class Message:
 
 # --- framing ----------------------------------------------------------------
 
-def encode(type: str, payload: bytes = b"", **fields: Any) -> bytes:  # noqa: A002
-    """One frame.  The fields are not checked beyond the type being known."""
+def encode_head(type: str, payload_length: int, **fields: Any) -> bytes:  # noqa: A002
+    """The lengths and header of a frame whose payload follows separately."""
     if type not in SCHEMA:
         raise ValueError(f"encode: unknown message type {type!r}")
     fields["type"] = type
     header = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
     if len(header) > MAX_HEADER:
         raise ValueError(f"encode: {type} header is {len(header)} bytes (> {MAX_HEADER})")
-    return _LENGTHS.pack(len(header), len(payload)) + header + payload
+    return _LENGTHS.pack(len(header), payload_length) + header
+
+
+def encode(type: str, payload: bytes = b"", **fields: Any) -> bytes:  # noqa: A002
+    """One frame.  The fields are not checked beyond the type being known."""
+    head = encode_head(type, len(payload), **fields)
+    return head + payload if payload else head
+
+
+# Payloads above this are not copied into their frame: frame() returns the
+# head and the payload as two buffers, written one after the other.
+BIG_PAYLOAD = 256 << 10
+
+
+def frame(type: str, payload: bytes = b"", **fields: Any) -> list:  # noqa: A002
+    """One frame as a list of buffers to write in order: [frame] for a small
+    payload, [head, payload] for a big one (which is then never copied)."""
+    if len(payload) <= BIG_PAYLOAD:
+        return [encode(type, payload, **fields)]
+    return [encode_head(type, len(payload), **fields), payload]
 
 
 def decode_header(header: bytes) -> tuple[str, dict]:
@@ -204,12 +223,38 @@ async def read_message(reader: asyncio.StreamReader,
         raise ProtocolError("frame", f"payload length {plen} exceeds the limit {max_payload}")
     try:
         header = await reader.readexactly(hlen)
-        payload = await reader.readexactly(plen) if plen else b""
+        if plen > _READ_PIECE:
+            payload = await _read_big(reader, plen)
+        else:
+            payload = await reader.readexactly(plen) if plen else b""
     except asyncio.IncompleteReadError as e:
         raise ProtocolError("frame", f"truncated frame: stream ended after "
                                      f"{len(e.partial)} of {e.expected} bytes") from None
     type_, fields = decode_header(header)
     return Message(type_, fields, payload)
+
+
+_READ_PIECE = 1 << 20
+
+
+async def _read_big(reader: asyncio.StreamReader, n: int) -> bytearray:
+    """`n` bytes, read in pieces into one growing buffer.
+
+    StreamReader.readexactly(n) grows its own buffer to `n` bytes and then
+    copies them out (twice when more data follows); for payloads of tens of
+    MiB every fresh copy costs about as much as the TLS hop.  Here the
+    reader's buffer stays small and is reused, and the bytes are copied
+    once, into a bytearray that grows in place (realloc, without the
+    zero-filling of bytearray(n)).  The payload is that bytearray.
+    """
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await reader.read(min(n - len(buf), _READ_PIECE))
+        if not chunk:
+            raise ProtocolError("frame", f"truncated frame: stream ended after "
+                                         f"{len(buf)} of {n} payload bytes")
+        buf += chunk
+    return buf
 
 
 async def send(writer: asyncio.StreamWriter, type: str, payload: bytes = b"",  # noqa: A002

@@ -245,11 +245,12 @@ class Market:
         w = self._writer
         if w is None or w.is_closing():
             raise ConnectionResetError("not connected to the market")
-        frame = protocol.encode(type_, payload, **fields)
+        head = protocol.encode_head(type_, len(payload), **fields)
         self._flush_out()
         self._big = True
         try:
-            view = memoryview(frame)
+            w.write(head)  # and the payload from where it lies, not copied into a frame
+            view = memoryview(payload)
             for i in range(0, len(view), _PIECE):
                 if w.is_closing():
                     raise ConnectionResetError("the connection to the market closed")

@@ -40,7 +40,8 @@ from typing import Iterator
 
 from .. import __version__, bytecode
 from ..protocol import (DEFAULT_HEARTBEAT, DEFAULT_MAX_PAYLOAD, VERSION, Message,
-                        ProtocolError, cost_milli, digest, encode, peer_identity, read_message)
+                        ProtocolError, cost_milli, digest, encode, frame, peer_identity,
+                        read_message)
 from .store import Result, Store
 
 log = logging.getLogger("cpushare.market")
@@ -53,6 +54,9 @@ MAX_LOST = 5  # attempts lost (disconnect, deadline) before a task fails
 PUMP_SCAN = 10_000  # queued tasks examined per matching round
 SMALL_INPUT = 64 << 10  # inputs up to this size are kept in memory too
 COMMIT_DELAY = 0.005  # seconds: a group commit gathers what happened in this time
+PREFETCH = 1  # tasks a seller may hold queued behind the one it runs (announced in welcome)
+PREFETCH_HOLD = 0.05  # seconds: nothing is queued behind a task that has run this long
+MAX_SLOTS = 16  # the most a `ready` may offer
 
 
 def wall_ms_for(cpu_ms: int, seller_wall_ms: int) -> int:
@@ -97,7 +101,10 @@ _PIECE = 256 << 10  # big frames are written in pieces of this size
 
 
 class Conn:
-    """One peer.  Frames go to an outbox, written whole at the end of a flush or commit."""
+    """One peer.  Frames go to an outbox, written whole at the end of a flush or commit.
+
+    A frame is bytes, or a list of buffers (protocol.frame: the head and a
+    big payload, which is written from where it lies, never copied)."""
     role = ""
 
     def __init__(self, market: "Market", reader, writer, peer: str):
@@ -116,48 +123,51 @@ class Conn:
         self._pieces: list[bytes] = []  # big writes in progress (see write_now)
         self._piece_writer: asyncio.Task | None = None
 
-    def write(self, frame: bytes) -> None:
+    def write(self, frame: bytes | list) -> None:
         if not self.closed:
             if not self.out:
                 self.market._dirty.append(self)
                 self.market._schedule()
-            self.out.append(frame)
+            if type(frame) is list:
+                self.out.extend(frame)
+            else:
+                self.out.append(frame)
 
     def send_out(self) -> None:
         if self.out:
             out, self.out = self.out, []
-            self.write_now(b"".join(out))
+            self.write_now(out)
 
-    def write_now(self, data: bytes) -> None:
+    def write_now(self, data: bytes | list) -> None:
         """Write at once.  The peer may have gone since the frames were queued (an
         SSL transport raises AttributeError on a write after its close): then
         they are dropped, and the read side ends the connection."""
         if self.closed or self.writer.is_closing():
             return
-        if len(data) > _PIECE or self._pieces:
+        bufs = data if type(data) is list else [data]
+        if self._pieces or any(len(b) > _PIECE for b in bufs):
             # big payloads (inputs, outputs) go out in pieces paced by drain():
             # asyncio's SSL transport is several times slower at one write of
             # tens of MiB.  Later frames queue behind them, in order.
-            self._pieces.append(data)
-            if len(self._pieces) == 1:
+            self._pieces.extend(bufs)
+            if self._piece_writer is None:
                 self._piece_writer = asyncio.get_running_loop().create_task(
                     self._write_pieces())
             return
         try:
-            self.writer.write(data)
+            self.writer.write(bufs[0] if len(bufs) == 1 else b"".join(bufs))
         except (AttributeError, OSError, RuntimeError) as e:
             log.info("%s: write failed, the connection is going: %r", self, e)
 
     async def _write_pieces(self) -> None:
         try:
             while self._pieces:
-                view = memoryview(self._pieces[0])
+                view = memoryview(self._pieces.pop(0))
                 for i in range(0, len(view), _PIECE):
                     if self.writer.is_closing():
                         return
                     self.writer.write(view[i:i + _PIECE])
                     await self.writer.drain()
-                self._pieces.pop(0)
         except (AttributeError, OSError, RuntimeError, ConnectionError) as e:
             log.info("%s: write failed, the connection is going: %r", self, e)
         finally:
@@ -183,8 +193,13 @@ class SellerConn(Conn):
     def __init__(self, *a):
         super().__init__(*a)
         self.order = None  # SellOrderRow
-        self.attempt: tuple[int, TaskState] | None = None
-        self.deadline = 0.0
+        # attempts sent to it, in the order it runs them: id -> (task, wall_ms).  The
+        # first runs; the others wait on the seller (prefetched) and have no deadline
+        # until they come first.
+        self.attempts: dict[int, tuple[TaskState, int]] = {}
+        self.credit = 0  # tasks it asked for (`ready`) and has not been sent
+        self.deadline = 0.0  # of its first attempt
+        self.head_since = 0.0  # when its first attempt started (about)
         self.ready_seq = 0
         self.stale: set[int] = set()  # attempts taken from it; late results get paid 0
         self.returned: set[int] = set()  # attempts it returned, until settled
@@ -214,6 +229,7 @@ class Market:
         self.images: set[str] = set()
         self._after: list = []
         self._dirty: list[Conn] = []  # connections with frames in their outbox
+        self._big_inputs: list[TaskState] = []  # tasks whose big input is still in memory
         self._delivered: list[int] = []  # results sent, to mark delivered
         self._sending: set[int] = set()  # ... and not yet marked
         self.pending_refs: dict[tuple[int, str], int] = {}  # undelivered (order, ref) -> task
@@ -325,6 +341,10 @@ class Market:
         except BaseException as e:
             self._die("matching failed", e)
             return
+        if self._big_inputs:  # matched or not, big inputs are read from the store from now on
+            for t in self._big_inputs:
+                t.input = None
+            self._big_inputs = []
         self._send_outboxes()
 
     def _commit(self) -> None:
@@ -377,15 +397,23 @@ class Market:
     # --- matching ---------------------------------------------------------
 
     def _choose(self, t: TaskState) -> SellerConn | None:
+        """The idle seller of the cheapest ask that may take `t`; failing one, the
+        cheapest busy one with a free prefetch slot.  Sessions queue behind nothing
+        and nothing queues behind a session."""
         best = None
+        best_key = None
+        now = time.monotonic()
         for s in self.ready:
             o = s.order
             if (o.price_milli <= t.bid_milli and s.account_id != t.buyer_account_id
                     and s.account_id not in t.used_accounts and o.model == "seccomp"
-                    and o.cpu_seconds * 1000 >= t.cpu_ms
-                    and (best is None or (o.price_milli, s.ready_seq)
-                         < (best.order.price_milli, best.ready_seq))):
-                best = s
+                    and o.cpu_seconds * 1000 >= t.cpu_ms):
+                if s.attempts and (t.session or next(iter(s.attempts.values()))[0].session
+                                   or now - s.head_since > PREFETCH_HOLD):
+                    continue
+                key = (len(s.attempts), o.price_milli, s.ready_seq)
+                if best is None or key < best_key:
+                    best, best_key = s, key
         return best
 
     def _pump(self) -> None:
@@ -416,16 +444,20 @@ class Market:
         t.running[aid] = s
         t.used_accounts.add(s.account_id)
         t.started += 1
-        del self.ready[s]
-        s.attempt = (aid, t)
+        s.credit -= 1
+        if s.credit <= 0:
+            del self.ready[s]
         wall_ms = wall_ms_for(t.cpu_ms, s.order.wall_seconds * 1000)
-        s.deadline = time.monotonic() + (wall_ms + self.grace_ms) / 1000
-        frame = encode("task", payload, task=t.id, attempt=aid, image=t.image, cpu_ms=t.cpu_ms,
-                       wall_ms=wall_ms, memory=s.order.memory, output_limit=s.order.output,
-                       buyer_order=t.buy_order_id, session=t.id if t.session else None)
+        if not s.attempts:
+            s.head_since = time.monotonic()
+            s.deadline = s.head_since + (wall_ms + self.grace_ms) / 1000
+        s.attempts[aid] = (t, wall_ms)
+        task = frame("task", payload, task=t.id, attempt=aid, image=t.image, cpu_ms=t.cpu_ms,
+                     wall_ms=wall_ms, memory=s.order.memory, output_limit=s.order.output,
+                     buyer_order=t.buy_order_id, session=t.id if t.session else None)
         if t.session:
             def start() -> None:
-                s.write(frame)
+                s.write(task)
                 for f in t.streams:  # what the buyer typed before a seller had the job
                     s.write(f)
                 t.streams = []
@@ -435,21 +467,51 @@ class Market:
             # the seller is idle until it has it, and a crash before the commit
             # costs no money (the task is still queued, the result of an attempt
             # the market does not know is paid nothing).
-            s.write_now(frame)
+            s.write_now(task)
 
-    def _lose(self, s: SellerConn, why: str) -> None:
-        """Take the running attempt from seller `s` and requeue its task."""
-        if s.attempt is None:
+    def _pop_attempt(self, s: SellerConn, aid: int) -> tuple[TaskState, bool] | None:
+        """Forget attempt `aid` of seller `s`: (its task, whether it had started)."""
+        if aid not in s.attempts:
+            return None
+        started = next(iter(s.attempts)) == aid
+        t, _ = s.attempts.pop(aid)
+        if started and s.attempts:  # the next one starts now on the seller
+            _, wall_ms = next(iter(s.attempts.values()))
+            s.head_since = time.monotonic()
+            s.deadline = s.head_since + (wall_ms + self.grace_ms) / 1000
+        return t, started
+
+    def _lose_all(self, s: SellerConn, why: str) -> None:
+        """Take every attempt from seller `s` (the prefetched ones first)."""
+        for aid in reversed(list(s.attempts)):
+            self._lose(s, why, aid)
+
+    def _lose(self, s: SellerConn, why: str, aid: int | None = None,
+              unstarted: bool = False) -> None:
+        """Take attempt `aid` (default: the running one) from seller `s`; requeue its task.
+
+        An attempt that had not started (prefetched, waiting on the seller) is
+        void and does not count as lost."""
+        if not s.attempts:
             return
-        aid, t = s.attempt
-        s.attempt = None
+        if aid is None:
+            aid = next(iter(s.attempts))
+        popped = self._pop_attempt(s, aid)
+        if popped is None:
+            return
+        t, started = popped
+        started = started and not unstarted
         s.stale.add(aid)
         if self.tasks.get(t.id) is not t:  # the task closed meanwhile: nothing to requeue
             return
-        log.info("attempt %d of task %d lost by %s: %s", aid, t.id, s, why)
-        self._tx().set_attempt_state(aid, "lost")
+        log.info("attempt %d of task %d %s by %s: %s", aid, t.id,
+                 "lost" if started else "given back unstarted", s, why)
+        self._tx().set_attempt_state(aid, "lost" if started else "void")
         t.running.pop(aid, None)
-        t.lost += 1
+        if started:
+            t.lost += 1
+        else:
+            t.started -= 1
         t.used_accounts.discard(s.account_id)  # another of its CPUs may take it again
         if t.session:
             self._fail(t, "task", f"the seller running the session was lost: {why}")
@@ -529,7 +591,7 @@ class Market:
                 notes.append((s, encode("settled", attempt=aid, paid_milli=paid.get(aid, 0),
                                         accepted=aid in paid)))
         for aid, s in t.running.items():
-            if s is not None and s.attempt and s.attempt[0] == aid:
+            if s is not None and aid in s.attempts:
                 s.stale.add(aid)  # its result, when it comes, is paid nothing
         self._after_commit(lambda: self._announce(t, notes, final))
 
@@ -542,8 +604,8 @@ class Market:
         return None
 
     def _announce(self, t: TaskState, notes, final: tuple) -> None:
-        for s, frame in notes:
-            s.write(frame)
+        for s, note in notes:
+            s.write(note)
         state, fields, output = final
         if t.session:
             if t.buyer is not None and not t.buyer.gone:
@@ -558,7 +620,7 @@ class Market:
         conns = self.buyers.get(t.buy_order_id)
         if not conns or t.id in self._sending:
             return  # kept in the store until the buyer comes back
-        conns[-1].write(encode(state, output, ref=t.ref, task=t.id, **fields))
+        conns[-1].write(frame(state, output, ref=t.ref, task=t.id, **fields))
         self._sent(t.id, t.buy_order_id, t.ref)
 
     def _sent(self, task_id: int, buy_order_id: int, ref: str) -> None:
@@ -572,7 +634,7 @@ class Market:
         if r.task_id in self._sending:
             return
         if r.state == "done":
-            b.write(encode("done", r.output, ref=r.ref, task=r.task_id,
+            b.write(frame("done", r.output, ref=r.ref, task=r.task_id,
                            exit_status=r.exit_status, signal=r.signal, reason=r.reason,
                            cpu_ms=r.cpu_ms, cost_milli=r.cost_milli, attempts=r.attempts))
         else:
@@ -584,26 +646,39 @@ class Market:
 
     def _on_seller(self, s: SellerConn, m: Message) -> None:
         if m.type == "ready":
-            if s.attempt is None and s not in self.ready:
+            slots = m.get("slots")
+            if slots is None:  # one task, and only when idle (sellers that do not prefetch)
+                if s.attempts or s.credit:
+                    return
+                slots = 1
+            elif not 1 <= slots <= MAX_SLOTS:
+                raise ProtocolError("frame", f"ready: slots {slots} outside 1..{MAX_SLOTS}")
+            # never more than the running task and PREFETCH waiting behind it
+            s.credit = max(0, min(s.credit + slots, 1 + PREFETCH - len(s.attempts)))
+            if s.credit and s not in self.ready:
                 self._seq += 1
                 s.ready_seq = self._seq
                 self.ready[s] = None
                 self._schedule()
         elif m.type == "need_image":
-            if s.attempt is None or s.attempt[1].image != m["image"]:
-                raise ProtocolError("image", f"image {m['image']} is not that of the "
-                                             f"seller's running attempt")
+            if not any(t.image == m["image"] for t, _ in s.attempts.values()):
+                raise ProtocolError("image", f"image {m['image']} is not that of an attempt "
+                                             f"the seller holds")
             data = self.store.image(m["image"])
             if data is None:
                 raise ProtocolError("internal", f"image {m['image']} missing from the store")
-            s.write(encode("image", data, image=m["image"]))
+            s.write(frame("image", data, image=m["image"]))
         elif m.type == "result":
             self._on_result(s, m)
         elif m.type == "handback":
-            if s.attempt and s.attempt[0] == m["attempt"]:
-                self._lose(s, f"handed back: {m.get('reason') or 'no reason given'}")
+            # it cancels what the seller asked for: it says `ready` again when it can
+            s.credit = 0
+            self.ready.pop(s, None)
+            if m["attempt"] in s.attempts:
+                self._lose(s, f"handed back: {m.get('reason') or 'no reason given'}",
+                           m["attempt"], unstarted=m.get("unstarted") is True)
         elif m.type == "stream":
-            t = s.attempt[1] if s.attempt else None
+            t = next(iter(s.attempts.values()))[0] if s.attempts else None
             if t is None or not t.session or t.id != m["session"]:
                 raise ProtocolError("task", f"stream for session {m['session']}, which this "
                                             f"seller is not running")
@@ -615,7 +690,8 @@ class Market:
 
     def _on_result(self, s: SellerConn, m: Message) -> None:
         aid = m["attempt"]
-        if s.attempt is None or s.attempt[0] != aid:
+        entry = s.attempts.get(aid)
+        if entry is None:
             # Too late (the attempt went elsewhere, or its task is closed), or an
             # attempt of an earlier connection or of the market before a restart:
             # it is paid nothing, and the seller hears so.
@@ -626,11 +702,11 @@ class Market:
                          s, aid)
             s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
             return
-        _, t = s.attempt
+        t = entry[0]
         if self.tasks.get(t.id) is not t:
             # Its task closed while this attempt ran (the others agreed, or it
             # failed): the attempt is void and paid nothing.
-            s.attempt = None
+            self._pop_attempt(s, aid)
             s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
             return
         # (a session's output went to the buyer as a stream; the result carries none)
@@ -638,7 +714,7 @@ class Market:
             raise ProtocolError("task", f"attempt {aid}: output_sha256 does not match the output")
         if m["cpu_ms"] < 0:
             raise ProtocolError("task", f"attempt {aid}: negative cpu_ms")
-        s.attempt = None
+        self._pop_attempt(s, aid)
         t.running.pop(aid, None)
         key = (m["output_sha256"], m["exit_status"], m["signal"])
         t.results[aid] = (key, s.account_id, m["cpu_ms"], s.order.price_milli,
@@ -673,12 +749,12 @@ class Market:
                 b.write(encode("error", code="task", ref=None,
                                message=f"no open session {m['session']} on this connection"))
                 return
-            frame = encode("stream", m.payload, session=t.id, eof=bool(m.get("eof")))
+            f = encode("stream", m.payload, session=t.id, eof=bool(m.get("eof")))
             s = next((x for x in t.running.values() if x is not None), None)
             if s is not None and not s.gone:
-                s.write(frame)
+                s.write(f)
             else:
-                t.streams.append(frame)
+                t.streams.append(f)
         else:
             raise ProtocolError("frame", f"a buyer may not send {m.type!r}")
 
@@ -735,8 +811,11 @@ class Market:
             store.transfer("escrow", [(b.account_id, -escrow), (store.escrow_id, escrow)],
                            task_id=tid)
         t = TaskState(tid, o.id, b.account_id, ref, image, k, cpu_ms, o.price_milli, escrow,
-                      session=session, buyer=b if session else None,
-                      input=payload if len(payload) <= SMALL_INPUT else None)
+                      session=session, buyer=b if session else None, input=payload)
+        if len(payload) > SMALL_INPUT:
+            # kept in memory only for the matching round that follows (a seller
+            # may take it at once: no reading back what was just written)
+            self._big_inputs.append(t)
         if not session:
             self.pending_refs[o.id, ref] = tid
         self.tasks[tid] = t
@@ -875,7 +954,7 @@ class Market:
             self.buyers.setdefault(cert.order_id, []).append(conn)
         conn.write(encode("welcome", version=VERSION, account=cert.account,
                           order=cert.order_id, max_payload=self.max_payload,
-                          heartbeat=self.heartbeat))
+                          heartbeat=self.heartbeat, prefetch=PREFETCH))
         log.info("%s connected (%s)", conn, m.get("software") or "unknown software")
         if role == "buyer":  # what finished while it was away, as committed
             def deliver() -> None:
@@ -914,7 +993,7 @@ class Market:
             self.ready.pop(conn, None)
             if self.sellers.get(conn.order_id) is conn:
                 del self.sellers[conn.order_id]
-            self._lose(conn, "the seller disconnected")
+            self._lose_all(conn, "the seller disconnected")
         else:
             lst = self.buyers.get(conn.order_id, [])
             if conn in lst:
@@ -941,7 +1020,7 @@ class Market:
             await asyncio.sleep(min(1.0, self.heartbeat))
             now = time.monotonic()
             for s in list(self.sellers.values()):
-                if s.attempt is not None and now > s.deadline:
+                if s.attempts and now > s.deadline:
                     self._lose(s, "deadline passed")
             if now - last_ping >= self.heartbeat:
                 last_ping = now

@@ -80,6 +80,7 @@ class _Running:
     job: object | None = None  # sandbox.Job once started
     aborted: str = ""  # why we killed it ourselves ('' if we did not)
     stream_in: asyncio.Queue | None = None  # session input chunks (None = EOF)
+    started: float = dataclasses.field(default_factory=time.monotonic)
 
 
 def _min_nonzero(*values: int) -> int:
@@ -93,6 +94,11 @@ class Seller:
     CONNECT_TIMEOUT = 20.0
     PAUSE_HANDBACK_SECONDS = 600.0  # a task paused this long is handed back
     IMAGE_TIMEOUT = 300.0  # waiting for an `image` after `need_image`
+    # A task prefetched (held while another runs) is handed back, unstarted, once
+    # the running one has run this long: another seller may be idle.  Nor is one
+    # asked for after that.  Prefetch hides the round trip between tasks, which
+    # matters for tasks of milliseconds only.
+    PREFETCH_HOLD = 0.05
 
     def __init__(self, order: SellOrder, *, cache_dir: Path,
                  on_change: Callable[[Status], None] | None = None):
@@ -114,7 +120,9 @@ class Seller:
         self._running: _Running | None = None
         self._task_coro: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._ready_sent = False
+        self._asked = 0  # tasks asked for (`ready`) and not received yet
+        self._prefetch = 0  # tasks the market lets us hold behind the running one
+        self._queued: Message | None = None  # the task held, prefetched
         self._image_waiters: dict[str, asyncio.Future] = {}
         self._last_rx = 0.0
         self._welcomed = False
@@ -234,6 +242,7 @@ class Seller:
                  extra={"ORDER": self._order.name})
         if self._stop_event is not None:
             self._stop_event.set()
+        self._give_back_queued("the seller is stopping")
         r = self._running
         if r is None:
             if self._session_task is not None:
@@ -251,6 +260,7 @@ class Seller:
             return
         self._paused = True
         self._paused_at = time.monotonic()
+        self._give_back_queued("the seller is paused")
         r = self._running
         if r is not None:
             self._signal_job(r, "pause")
@@ -356,7 +366,9 @@ class Seller:
             heartbeat = max(1, msg["heartbeat"])
             self._outq.clear()
             self._writer = writer
-            self._ready_sent = False
+            self._asked = 0
+            self._queued = None
+            self._prefetch = min(1, max(0, msg.get("prefetch") or 0))
             self._last_rx = time.monotonic()
             self._set(state="paused" if self._paused else "idle", connected_since=time.time(),
                       last_error="")
@@ -383,6 +395,7 @@ class Seller:
             raise
         finally:
             self._writer = None
+            self._queued = None  # the market requeues it
             r = self._running
             if r is not None:
                 self._abort(r, "the connection to the market was lost")
@@ -435,15 +448,16 @@ class Seller:
         of MiB than at the same bytes in pieces of a few hundred KiB.  No
         other frame is written in between (they wait in the queue).
         """
-        frame = protocol.encode(type_, payload, **fields)
         w = self._writer
-        if len(frame) <= _BIG or w is None or w.is_closing() or self._big:
-            self._queue(frame)
+        if len(payload) <= _BIG or w is None or w.is_closing() or self._big:
+            self._queue(protocol.encode(type_, payload, **fields))
             return
+        head = protocol.encode_head(type_, len(payload), **fields)
         self._flush_out()
         self._big = True
         try:
-            view = memoryview(frame)
+            w.write(head)  # and the payload from where it lies, not copied into a frame
+            view = memoryview(payload)
             for i in range(0, len(view), _PIECE):
                 if w.is_closing():
                     return
@@ -473,12 +487,45 @@ class Seller:
             except (ConnectionError, OSError):
                 pass
 
+    def _running_long(self) -> bool:
+        r = self._running
+        return r is not None and time.monotonic() - r.started >= self.PREFETCH_HOLD
+
     def _send_ready(self) -> None:
-        if (self._writer is None or self._ready_sent or self._running is not None
-                or self._paused or self._stopping):
+        """Ask for as many tasks as we may hold and have not asked for: one when
+        idle, and (when the market allows prefetch) one more to hold while a task
+        runs, so that the next starts as soon as the last ends."""
+        if self._writer is None or self._paused or self._stopping:
             return
-        self._ready_sent = True
-        self._send("ready")
+        r = self._running
+        room = 1 + (self._prefetch if r is None or (r.session is None
+                                                    and not self._running_long()) else 0)
+        held = (self._running is not None) + (self._queued is not None) + self._asked
+        if held >= room:
+            return
+        self._asked += room - held
+        if self._prefetch:
+            self._send("ready", slots=room - held)
+        else:
+            self._send("ready")
+
+    def _give_back_queued(self, why: str) -> None:
+        msg, self._queued = self._queued, None
+        if msg is not None:
+            log.info("task %s/%s handed back unstarted: %s", msg["task"], msg["attempt"], why,
+                     extra={"ORDER": self._order.name})
+            self._handback(msg["attempt"], why, unstarted=True)
+
+    def _handback(self, attempt: int, why: str, unstarted: bool = False) -> None:
+        """Give an attempt back; the market then forgets what we asked for."""
+        self._asked = 0
+        self._send("handback", attempt=attempt, reason=why,
+                   **({"unstarted": True} if unstarted else {}))
+
+    def _hold_expired(self, msg: Message) -> None:
+        if self._queued is msg:
+            self._give_back_queued(f"the running task has run for more than "
+                                   f"{self.PREFETCH_HOLD:g} s")
 
     def _dispatch(self, msg: Message) -> None:
         t = msg.type
@@ -521,15 +568,28 @@ class Seller:
     # --- one task ------------------------------------------------------------
 
     def _take(self, msg: Message) -> None:
-        self._ready_sent = False
+        if self._asked > 0:
+            self._asked -= 1
         attempt = msg["attempt"]
-        if self._running is not None:
-            self._send("handback", attempt=attempt, reason="busy with another task")
-            return
         if self._paused or self._stopping:
             why = "the seller is paused" if self._paused else "the seller is stopping"
-            self._send("handback", attempt=attempt, reason=why)
+            self._handback(attempt, why, unstarted=True)
             return
+        if self._running is not None:
+            r = self._running
+            if (self._prefetch and self._queued is None and not self._running_long()
+                    and msg.get("session") is None and r.session is None):
+                self._queued = msg  # started when the running one ends
+                self._loop.call_later(max(0.0, r.started + self.PREFETCH_HOLD
+                                          - time.monotonic()), self._hold_expired, msg)
+                return
+            self._handback(attempt, "busy with another task", unstarted=True)
+            self._send_ready()
+            return
+        self._start(msg)
+
+    def _start(self, msg: Message) -> None:
+        attempt = msg["attempt"]
         bo = msg.get("buyer_order")
         r = _Running(task=msg["task"], attempt=attempt,
                      buyer_order=None if bo is None else str(bo), session=msg.get("session"))
@@ -583,15 +643,15 @@ class Seller:
                 return
             except asyncio.TimeoutError:
                 outcome = "handback"
-                self._send("handback", attempt=r.attempt,
-                           reason=f"image {msg['image'][:16]} did not arrive within "
+                self._handback(r.attempt,
+                           f"image {msg['image'][:16]} did not arrive within "
                                   f"{self.IMAGE_TIMEOUT:.0f} s")
                 return
             except _Aborted:
                 pass  # handed back just below
             if r.aborted:
                 outcome = "handback"
-                self._send("handback", attempt=r.attempt, reason=r.aborted)
+                self._handback(r.attempt, r.aborted)
                 return
             limits = self._limits(msg)
             if r.session is None:
@@ -603,7 +663,7 @@ class Seller:
                 outcome = "handback"
                 log.info("task %s handed back: %s", tag, r.aborted,
                          extra={**fields, "OUTCOME": outcome})
-                self._send("handback", attempt=r.attempt, reason=r.aborted)
+                self._handback(r.attempt, r.aborted)
                 return
             # whole milliseconds, rounded up: a job that ran was never free
             cpu_ms = -(-round(result.cpu_seconds * 1_000_000) // 1000)
@@ -642,9 +702,16 @@ class Seller:
             if self._running is r:
                 self._running = None
                 self._task_coro = None
+                nxt, self._queued = self._queued, None
                 if self._writer is not None and not self._stopping:
-                    self._set(state="paused" if self._paused else "idle",
-                              current_task=None, buyer_order=None)
+                    if nxt is not None and not self._paused:
+                        self._start(nxt)
+                    else:
+                        if nxt is not None:  # (pause hands it back first; to be sure)
+                            self._handback(nxt["attempt"], "the seller is paused",
+                                           unstarted=True)
+                        self._set(state="paused" if self._paused else "idle",
+                                  current_task=None, buyer_order=None)
                     self._send_ready()
             if self._stopping and outcome != "lost":
                 await self._drain()
