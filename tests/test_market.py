@@ -746,6 +746,39 @@ def test_large_inputs_and_outputs_live_beside_the_store_until_delivered(lm):
     assert_ledger_ok(lm)
 
 
+def test_big_files_are_written_in_the_background_and_on_disk_before_the_commit(lm):
+    from cpushare.market import store as store_mod
+    big = os.urandom(3 * store_mod.BACKGROUND_WRITE)
+    st = lm.admin
+    buyer_id = st.account("buyer").id
+    lm.buy("buyer", BID)  # buy order 1
+    st.begin()
+    tid = st.add_task(1, buyer_id, "r", "a" * 64, big, 1, 1000, BID)
+    assert st.task_input(tid) == big  # a read waits for the write
+    st.add_task(1, buyer_id, "r2", "a" * 64, big[::-1], 1, 1000, BID)
+    st.commit()  # waits for every file it refers to
+    assert not st.files_pending()
+    with open(os.path.join(lm.db + ".d", f"t{tid + 1}.in"), "rb") as f:
+        assert f.read() == big[::-1]
+
+
+def test_a_big_input_and_output_go_through_the_market_whole(lm):
+    big = os.urandom(5 << 20)  # read in pieces, written to disk by the store's thread
+
+    async def main():
+        await lm.start()
+        s = await ScriptedSeller.connect(lm.sell("alice", BID))
+        b, d = await buyer(lm)
+        await b.send("submit", big, ref="big", image=d)
+        await b.expect("accepted")
+        done = await b.expect("done")
+        assert done.payload == big[::-1] and s.tasks[0].payload == big
+        await s.stop()
+        await lm.stop()
+    run(main())
+    assert_ledger_ok(lm)
+
+
 def test_a_result_for_an_attempt_the_seller_is_not_running_is_paid_nothing(lm):
     async def main():
         await lm.start()

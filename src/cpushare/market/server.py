@@ -54,6 +54,8 @@ MAX_LOST = 5  # attempts lost (disconnect, deadline) before a task fails
 PUMP_SCAN = 10_000  # queued tasks examined per matching round
 SMALL_INPUT = 64 << 10  # inputs up to this size are kept in memory too
 COMMIT_DELAY = 0.005  # seconds: a group commit gathers what happened in this time
+FILES_POLL = 0.002  # seconds: a commit waiting for big files looks again after this
+FILES_WAIT_MAX = 0.25  # ... for at most this long; then it waits for them, blocking
 PREFETCH = 1  # tasks a seller may hold queued behind the one it runs (announced in welcome)
 PREFETCH_HOLD = 0.05  # seconds: nothing is queued behind a task that has run this long
 MAX_SLOTS = 16  # the most a `ready` may offer
@@ -242,6 +244,7 @@ class Market:
         self._stopping = False
         self._handlers: set[asyncio.Task] = set()
         self._commit_timer: asyncio.TimerHandle | None = None
+        self._files_since = 0.0  # when the commit first waited for big files
         self.commit_delay = commit_delay
 
     # --- state ------------------------------------------------------------
@@ -347,11 +350,24 @@ class Market:
             self._big_inputs = []
         self._send_outboxes()
 
-    def _commit(self) -> None:
-        """The group commit, at most every `commit_delay`: then what it made true is told."""
+    def _commit(self, wait: bool = False) -> None:
+        """The group commit, at most every `commit_delay`: then what it made true is told.
+
+        While big inputs or outputs of the group are still being written to disk
+        (by the store's own thread), it comes back a little later rather than
+        block the loop: meanwhile a big input goes out to its seller."""
         self._commit_timer = None
         if self.fatal is not None:
             return
+        if not wait and not self._stopping and self.store.files_pending():
+            now = time.monotonic()
+            if not self._files_since:
+                self._files_since = now
+            if now - self._files_since < FILES_WAIT_MAX:  # (then it blocks: no starving)
+                self._commit_timer = asyncio.get_running_loop().call_later(
+                    FILES_POLL, self._commit)
+                return
+        self._files_since = 0.0
         try:
             delivered = self._delivered
             if delivered:
@@ -378,7 +394,7 @@ class Market:
         """The group commit, now (before the store is shared within this thread)."""
         if self._commit_timer is not None:
             self._commit_timer.cancel()
-        self._commit()
+        self._commit(wait=True)
 
     def _send_outboxes(self) -> None:
         dirty, self._dirty = self._dirty, []

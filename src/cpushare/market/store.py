@@ -27,6 +27,7 @@ is minus what was minted) and what buyers hold for running tasks sits in
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import contextlib
 import os
 import sqlite3
@@ -40,6 +41,7 @@ ESCROW = "@escrow"
 SCHEMA_VERSION = 1
 BIG = 64 << 10  # inputs and outputs larger than this live in files beside the database
 IN_FILE = "file"  # what their column holds then
+BACKGROUND_WRITE = 1 << 20  # files this big are written by a thread (see SQLiteStore._put)
 
 
 class StoreError(Exception):
@@ -154,6 +156,12 @@ class Store(abc.ABC):
     def collect_garbage(self) -> int:
         """At start: drop whatever a crash left behind outside the store's transactions."""
         return 0
+
+    def files_pending(self) -> bool:
+        """Whether large values of the open transaction are still being written (and
+        synced): commit() would wait for them.  A caller that must not block may
+        commit a little later instead."""
+        return False
 
     # settings (CA, server certificate, listen address)
     @abc.abstractmethod
@@ -358,6 +366,11 @@ class SQLiteStore(Store):
         self._entries: list[tuple[int, int, int]] = []  # ledger entries not yet written
         self._deltas: dict[int, int] = {}  # ... and the balance changes they make
         self._files = os.path.isdir(self.blob_dir)  # none yet: nothing to remove
+        # Files of at least BACKGROUND_WRITE bytes are written and synced by a thread
+        # of their own, so that the caller goes on (a big input goes out to a seller
+        # meanwhile); commit() waits for them, and reading one waits for its write.
+        self._pending: dict[str, concurrent.futures.Future] = {}
+        self._file_writer: concurrent.futures.ThreadPoolExecutor | None = None
         if create:
             # executescript commits what is open first: it runs alone, and its
             # statements are all IF NOT EXISTS.
@@ -387,6 +400,7 @@ class SQLiteStore(Store):
         self.db.execute("BEGIN IMMEDIATE")
 
     def commit(self) -> None:
+        self._wait_files()  # what the commit refers to is on disk first
         self._write_ledger()
         self.db.execute("COMMIT")
         unlink, self._unlink = self._unlink, []
@@ -399,6 +413,10 @@ class SQLiteStore(Store):
                 pass
 
     def rollback(self) -> None:
+        try:
+            self._wait_files()
+        except OSError:
+            pass  # the file is not referred to now (collect_garbage removes it)
         self._unlink = []
         self._entries = []
         self._deltas = {}
@@ -412,13 +430,26 @@ class SQLiteStore(Store):
         if data is None or len(data) <= BIG:
             return data
         path = os.path.join(self.blob_dir, name)
+        self._wait_files(name)  # (a name is written once; to be sure)
+        self._files = True
+        if len(data) >= BACKGROUND_WRITE:
+            if self._file_writer is None:
+                self._file_writer = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="cpushare-store-files")
+            self._pending[name] = self._file_writer.submit(self._write_file, path, data)
+        else:
+            self._write_file(path, data)
+        if name in self._unlink:
+            self._unlink.remove(name)
+        return IN_FILE
+
+    def _write_file(self, path: str, data: bytes) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
             fd = os.open(path, flags, 0o600)
         except FileNotFoundError:
             os.makedirs(self.blob_dir, mode=0o700, exist_ok=True)
             fd = os.open(path, flags, 0o600)
-        self._files = True
         try:
             view = memoryview(data)
             while view:
@@ -427,12 +458,25 @@ class SQLiteStore(Store):
                 os.fsync(fd)
         finally:
             os.close(fd)
-        if name in self._unlink:
-            self._unlink.remove(name)
-        return IN_FILE
+
+    def _wait_files(self, name: str | None = None) -> None:
+        """Wait for the background write of `name` (default: of every file)."""
+        if name is not None:
+            fut = self._pending.pop(name, None)
+            if fut is not None:
+                fut.result()
+            return
+        pending, self._pending = self._pending, {}
+        concurrent.futures.wait(pending.values())
+        for fut in pending.values():
+            fut.result()  # the first write's OSError, if any, once all are done
+
+    def files_pending(self) -> bool:
+        return any(not f.done() for f in self._pending.values())
 
     def _get(self, name: str, value) -> bytes:
         if value == IN_FILE:
+            self._wait_files(name)
             path = os.path.join(self.blob_dir, name)
             try:
                 with open(path, "rb") as f:
@@ -498,6 +542,9 @@ class SQLiteStore(Store):
             self._checkpointer.join()
             self._checkpointer = None
         self.rollback()
+        if self._file_writer is not None:
+            self._file_writer.shutdown()
+            self._file_writer = None
         self.db.close()
 
     def checkpoint_in_background(self, interval: float = 0.25,
