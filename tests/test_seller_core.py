@@ -241,3 +241,33 @@ def test_a_task_paused_too_long_is_handed_back_and_finishes_elsewhere(market, tm
     st.seller.resume()
     st.wait_state("idle")
     st.stop()
+
+
+def test_a_seller_paused_while_disconnected_stays_paused(tmp_path, caplog):
+    """Reconnect attempts must not overwrite the state the seller asked for."""
+    m = LocalMarket(tmp_path / "market")
+    m.account("alice")
+    order = load_sell(m.sell_order("alice", "alice-cpu0"))  # the market never serves
+    st = SellerThread(order, tmp_path / "cache", BACKOFF_BASE=0.05, BACKOFF_CAP=0.1)
+    wait_for(lambda: st.seller.status().last_error, 30, "a failed connection")
+    st.seller.pause()
+    st.wait_state("paused")
+    seen = len(st.statuses)
+    retries = lambda: sum("retrying in" in r.getMessage() for r in caplog.records)  # noqa: E731
+    before = retries()
+    wait_for(lambda: retries() > before + 3, 30, "more failed connections")
+    assert {s.state for s in st.statuses[seen - 1:]} == {"paused"}
+    st.seller.resume()
+    wait_for(lambda: st.seller.status().state in ("connecting", "error"), 30,
+             "the state after resume")
+    st.stop()
+
+
+def test_stop_at_any_moment_of_the_handshake_ends_run(market, tmp_path):
+    """stop() right after run() starts, at spread moments of connect/TLS/hello."""
+    order = load_sell(market.sell_order("alice", "alice-cpu0"))
+    for i in range(20):
+        st = SellerThread(order, tmp_path / f"cache{i}")
+        time.sleep(0.002 * i)
+        st.stop(timeout=15)
+        assert st.seller.status().state == "stopped"

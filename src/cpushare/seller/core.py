@@ -145,7 +145,7 @@ class Seller:
         failures = 0
         try:
             while not self._stopping:
-                self._set(state="connecting")
+                self._set(state="paused" if self._paused else "connecting")
                 self._session_task = asyncio.create_task(self._session())
                 self._welcomed = False
                 refused = False
@@ -178,7 +178,8 @@ class Seller:
                     log.warning("%s; retrying in %.1f s", error, delay,
                                 extra={"ORDER": self._order.name})
                     self._set(last_error=error,
-                              state="error" if refused or failures >= 3 else "connecting")
+                              state="paused" if self._paused else
+                              "error" if refused or failures >= 3 else "connecting")
                 try:
                     await asyncio.wait_for(self._stop_event.wait(), delay)
                 except asyncio.TimeoutError:
@@ -341,6 +342,7 @@ class Seller:
                             f"against the CA in {order.path}: {e.verify_message}") from None
         welcomed = False
         try:
+            self._check_stop()  # the writer is closed by the finally below
             await protocol.send(writer, "hello", version=protocol.VERSION, role="seller",
                                 software=f"cpushare/{__version__}")
             try:
@@ -350,6 +352,7 @@ class Seller:
                 raise AuthError(f"{order.server}: the market refused us during the TLS "
                                 f"handshake ({e}); is the certificate in {order.path} "
                                 f"issued by this market and still valid?") from None
+            self._check_stop()
             if msg is None:  # TLS 1.3: a refused client certificate ends the stream here
                 raise AuthError(f"{order.server}: the market refused us: it closed the "
                                 f"connection during the handshake; is the certificate in "
@@ -411,6 +414,13 @@ class Seller:
                 await asyncio.wait_for(writer.wait_closed(), 2)
             except Exception:
                 pass
+
+    def _check_stop(self) -> None:
+        """End the session if stop() came during an await that may have
+        swallowed its cancellation: on Python 3.11, asyncio.wait_for() loses
+        a cancel that arrives as the awaited thing completes."""
+        if self._stopping:
+            raise asyncio.CancelledError()
 
     async def _watchdog(self, writer: asyncio.StreamWriter, heartbeat: int) -> None:
         """Drop a connection on which the market has been silent too long."""
