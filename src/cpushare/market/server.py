@@ -59,6 +59,7 @@ FILES_WAIT_MAX = 0.25  # ... for at most this long; then it waits for them, bloc
 PREFETCH = 1  # tasks a seller may hold queued behind the one it runs (announced in welcome)
 PREFETCH_HOLD = 0.05  # seconds: nothing is queued behind a task that has run this long
 MAX_SLOTS = 16  # the most a `ready` may offer
+SENT_REFS = 1 << 16  # refs remembered per buyer connection (see BuyerConn.sent_refs)
 
 
 def wall_ms_for(cpu_ms: int, seller_wall_ms: int) -> int:
@@ -213,6 +214,9 @@ class BuyerConn(Conn):
     def __init__(self, *a):
         super().__init__(*a)
         self.order = None  # BuyOrderRow
+        # refs whose result went out on this connection (the latest SENT_REFS): a
+        # resubmission of one is not a new task (the result is ahead of it)
+        self.sent_refs: dict[str, int] = {}
 
 
 class Market:
@@ -637,9 +641,12 @@ class Market:
         if not conns or t.id in self._sending:
             return  # kept in the store until the buyer comes back
         conns[-1].write(frame(state, output, ref=t.ref, task=t.id, **fields))
-        self._sent(t.id, t.buy_order_id, t.ref)
+        self._sent(conns[-1], t.id, t.buy_order_id, t.ref)
 
-    def _sent(self, task_id: int, buy_order_id: int, ref: str) -> None:
+    def _sent(self, b: BuyerConn, task_id: int, buy_order_id: int, ref: str) -> None:
+        b.sent_refs[ref] = task_id
+        if len(b.sent_refs) > SENT_REFS:
+            del b.sent_refs[next(iter(b.sent_refs))]
         self._delivered.append(task_id)
         self._sending.add(task_id)
         self.pending_refs.pop((buy_order_id, ref), None)
@@ -656,7 +663,7 @@ class Market:
         else:
             b.write(encode("failed", ref=r.ref, task=r.task_id, code=r.fail_code or "task",
                            message=r.fail_message or ""))
-        self._sent(r.task_id, b.order_id, r.ref)
+        self._sent(b, r.task_id, b.order_id, r.ref)
 
     # --- seller messages ----------------------------------------------------
 
@@ -863,6 +870,14 @@ class Market:
             if old is not None:  # a resubmission after a reconnect: the same task
                 self._after_commit(lambda: b.write(encode(
                     "accepted", ref=ref, task=old.id, escrow_milli=old.escrow_milli)))
+                return
+            sent = b.sent_refs.get(ref)
+            if sent is not None:
+                # Its result went out on this connection already: a buyer that
+                # reconnected resubmits what it has not read yet, and the results
+                # kept for it are sent as soon as it connects.  Not a new task.
+                self._after_commit(lambda: b.write(encode(
+                    "accepted", ref=ref, task=sent, escrow_milli=0)))
                 return
             escrow, funds = self._escrow(b, k, cpu_ms)
             if funds is not None:
