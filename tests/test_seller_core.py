@@ -271,3 +271,22 @@ def test_stop_at_any_moment_of_the_handshake_ends_run(market, tmp_path):
         time.sleep(0.002 * i)
         st.stop(timeout=15)
         assert st.seller.status().state == "stopped"
+
+
+def test_copies_of_one_order_file_sell_one_cpu_each(market, tmp_path):
+    """cp cpu0.cpu cpu1.cpu: two instances of one sell order, both connected, both sold."""
+    import shutil
+    path = market.sell_order("alice", "cpu0")
+    shutil.copy(path, tmp_path / "cpu1.cpu")
+    sts = [SellerThread(load_sell(p), tmp_path / f"cache-{p.stem}")
+           for p in (path, tmp_path / "cpu1.cpu")]
+    since = [st.wait_state("idle").connected_since for st in sts]
+    time.sleep(1.0)  # neither copy pushes the other off the market
+    assert [st.seller.status().connected_since for st in sts] == since
+    buy = load_buy(market.buy_order("buyer", max_cpu_seconds=30))
+    results = run_tasks(buy, job("spin"), [spin_input(spin_count_for(0.3))] * 6)
+    assert all(r.ok for r in results), results
+    done = [st.seller.status().tasks_done for st in sts]
+    assert sum(done) == 6 and min(done) >= 1, done
+    for st in sts:
+        st.stop()

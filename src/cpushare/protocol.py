@@ -74,7 +74,8 @@ def _check(tag: str, value: Any) -> bool:
 # type -> {field: (tag, required)}.  Optional fields may be absent.
 R, O = True, False
 SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
-    "hello": {"version": (INT, R), "role": (STR, R), "software": (STR, O)},
+    "hello": {"version": (INT, R), "role": (STR, R), "software": (STR, O),
+              "instance": (STR, O)},
     "welcome": {"version": (INT, R), "account": (STR, R), "order": (OPT_INT, O),
                 "max_payload": (INT, R), "heartbeat": (INT, R), "prefetch": (INT, O)},
     "error": {"code": (STR, R), "message": (STR, R), "ref": (OPT_STR, O)},

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import ssl
 import time
 from collections import Counter
@@ -48,6 +49,10 @@ log = logging.getLogger("cpushare.market")
 
 GRACE_MS = 5000  # a seller's deadline is wall_ms + this
 HELLO_TIMEOUT = 10.0
+# Copies of one sell order file connect as instances of the order (cpushared
+# sends its file's name); a bound keeps one certificate from opening without end.
+INSTANCE_RE = re.compile(r"[A-Za-z0-9_.@:-]{0,64}")
+MAX_INSTANCES = 256
 HANDSHAKE_TIMEOUT = 10.0
 MAX_REDUNDANCY = 16
 MAX_LOST = 5  # attempts lost (disconnect, deadline) before a task fails
@@ -187,7 +192,8 @@ class Conn:
                 self.writer.close()
 
     def __str__(self) -> str:
-        return f"{self.role} {self.account}/{self.order_id} at {self.peer}"
+        inst = f"[{self.instance}]" if getattr(self, "instance", "") else ""
+        return f"{self.role} {self.account}/{self.order_id}{inst} at {self.peer}"
 
 
 class SellerConn(Conn):
@@ -196,6 +202,7 @@ class SellerConn(Conn):
     def __init__(self, *a):
         super().__init__(*a)
         self.order = None  # SellOrderRow
+        self.instance = ""  # the seller's name for this copy of its order file
         # attempts sent to it, in the order it runs them: id -> (task, wall_ms).  The
         # first runs; the others wait on the seller (prefetched) and have no deadline
         # until they come first.
@@ -230,7 +237,9 @@ class Market:
         self.tasks: dict[int, TaskState] = {}
         self.queue: dict[int, None] = {}  # tasks that may need attempts, oldest first
         self.ready: dict[SellerConn, None] = {}
-        self.sellers: dict[int, SellerConn] = {}  # sell order id -> connection
+        # (sell order id, instance) -> connection: copies of one order file
+        # (instances cpu0, cpu1, ...) each sell one CPU under the same order
+        self.sellers: dict[tuple[int, str], SellerConn] = {}
         self.buyers: dict[int, list[BuyerConn]] = {}  # buy order id -> connections
         self.images: set[str] = set()
         self._after: list = []
@@ -957,6 +966,10 @@ class Market:
         role = m["role"]
         if role not in ("seller", "buyer"):
             raise ProtocolError("frame", f"hello: role must be seller or buyer, not {role!r}")
+        instance = m.get("instance") or ""
+        if not INSTANCE_RE.fullmatch(instance):
+            raise ProtocolError("frame", f"hello: instance {instance[:80]!r} is not 0 to 64 "
+                                         f"of A-Z a-z 0-9 _ . @ : -")
         cert = self.store.cert(fingerprint)
         if cert is None:
             raise ProtocolError("auth", f"certificate {fingerprint[:16]} (CN={cn}) was not "
@@ -974,12 +987,17 @@ class Market:
         conn.fingerprint = fingerprint
         if role == "seller":
             conn.order = self.store.sell_order(cert.order_id)
-            old = self.sellers.get(cert.order_id)
-            if old is not None:
+            conn.instance = instance
+            key = (cert.order_id, instance)
+            old = self.sellers.get(key)
+            if old is not None:  # the same copy reconnecting: its old link is dead
                 log.info("%s replaces its older connection from %s", conn, old.peer)
                 self._gone(old)
                 old.close()
-            self.sellers[cert.order_id] = conn
+            elif sum(1 for o, _ in self.sellers if o == cert.order_id) >= MAX_INSTANCES:
+                raise ProtocolError("order", f"sell order {cert.order_id} already has "
+                                             f"{MAX_INSTANCES} connections")
+            self.sellers[key] = conn
         else:
             conn.order = self.store.buy_order(cert.order_id)
             self.buyers.setdefault(cert.order_id, []).append(conn)
@@ -1022,8 +1040,8 @@ class Market:
         self._conns.discard(conn)
         if isinstance(conn, SellerConn):
             self.ready.pop(conn, None)
-            if self.sellers.get(conn.order_id) is conn:
-                del self.sellers[conn.order_id]
+            if self.sellers.get((conn.order_id, conn.instance)) is conn:
+                del self.sellers[conn.order_id, conn.instance]
             self._lose_all(conn, "the seller disconnected")
         else:
             lst = self.buyers.get(conn.order_id, [])

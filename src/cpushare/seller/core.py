@@ -344,6 +344,7 @@ class Seller:
         try:
             self._check_stop()  # the writer is closed by the finally below
             await protocol.send(writer, "hello", version=protocol.VERSION, role="seller",
+                                instance=order.name,
                                 software=f"cpushare/{__version__}")
             try:
                 msg = await asyncio.wait_for(protocol.read_message(reader), self.CONNECT_TIMEOUT)
