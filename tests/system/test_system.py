@@ -108,13 +108,8 @@ def unit_show(c: nspawn.Container, unit: str, *props: str) -> dict[str, str]:
 
 
 def wait_connected(c: nspawn.Container, timeout: float = 60) -> None:
-    """Until every seller is connected to the market.
-
-    The tests stop sellers only then: a SIGTERM that lands while the seller
-    is still in its handshake with the market is lost (the seller core's
-    cancellation races with asyncio.wait_for on Python 3.11, and the unit
-    is killed at TimeoutStopSec=), which is the seller core's to fix.
-    """
+    """Until every seller is connected to the market, and long enough that a
+    copy pushing another off the market (one connection per order) would show."""
     deadline = time.monotonic() + timeout
     while True:
         r = c.run("cpusharectl status --json", check=False)
@@ -122,7 +117,12 @@ def wait_connected(c: nspawn.Container, timeout: float = 60) -> None:
             status = {i["instance"]: i for i in json.loads(r.stdout)}
         except ValueError:
             status = {}
-        if all(status.get(n, {}).get("connected_since") for n in ORDERS):
+        since = [status.get(n, {}).get("connected_since") for n in ORDERS]
+        if all(since):
+            time.sleep(1.0)
+            again = {i["instance"]: i["connected_since"]
+                     for i in json.loads(c.out("cpusharectl status --json"))}
+            assert [again.get(n) for n in ORDERS] == since, (since, again)
             return
         if time.monotonic() > deadline:
             raise nspawn.CommandFailed(f"the sellers did not all connect: {r.stdout}{r.stderr}")
@@ -185,10 +185,12 @@ def market(machine):
     c.wait_for("python3 -c 'import socket; socket.create_connection"
                f"((\"127.0.0.1\", {MARKET_PORT}), 1)'", timeout=60)
     c.run(f"{srv} account add seller && {srv} account add buyer --coins 1000")
-    for name in ORDERS:
-        path = f"/etc/cpushare/{name}.cpu"
-        c.run(f"{srv} sell-order add seller --price 0.010 --output {path}"
-              f" && chown root:cpushare {path} && chmod 0640 {path}")
+    # One sell order, copied once per CPU: the copies sell side by side.
+    first = f"/etc/cpushare/{ORDERS[0]}.cpu"
+    c.run(f"{srv} sell-order add seller --price 0.010 --output {first}"
+          f" && chown root:cpushare {first} && chmod 0640 {first}")
+    for name in ORDERS[1:]:
+        c.run(f"cp -p {first} /etc/cpushare/{name}.cpu")
     c.run(f"{srv} buy-order add buyer --price 0.050 --output /root/buyer.buy")
     c.run("systemctl daemon-reload && systemctl start cpushare.target", timeout=180)
     wait_connected(c)
