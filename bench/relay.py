@@ -5,8 +5,11 @@ SIZE (32 MiB) of random input to the echo job, and the clock stops when its
 `done` has arrived with SIZE bytes of output, checked equal to the input.
 On the way: buyer -> server (which stores the input, fsync, before it
 answers `accepted`) -> seller -> the job in the sandbox (through pipes) ->
-seller (SHA-256 of the output) -> server (checks that digest, stores the
-output and settles, one fsync'd commit) -> buyer.  The image is cached on
+seller (hashes the output as it comes and sends it on in 1 MiB `output`
+frames while the job runs) -> server (hashes the pieces as they come and,
+redundancy being 1, forwards each to the buyer at once; at the `result`
+it checks the digest, stores the output and settles, one fsync'd commit)
+-> buyer (`done`, with the last piece).  The image is cached on
 the seller beforehand (a warm-up task), connections are made before the
 clock starts.
 
@@ -26,8 +29,9 @@ Printed beside the ratio: the CPU seconds each side used per round (the
 plain copy: this process and the echo server; the market: this process,
 the server and the seller, without the job and the sandbox's zygote).
 Their quotient says how much of the gap is work and how much is waiting:
-the market's hops run one after the other (each stores the whole payload
-before it forwards it), so its time is close to the sum of its CPU.
+the input still travels store-and-forward (buyer -> server -> seller), the
+output is cut through (seller -> server -> buyer, in pieces while the job
+runs).
 
     /usr/bin/python3 bench/relay.py [--quick]
 """

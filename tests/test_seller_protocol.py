@@ -257,3 +257,40 @@ def test_a_held_task_is_handed_back_when_the_running_one_takes_long(run):
         m = await read(reader, skip=())
         assert m.type == "pong", m
     run(scenario)
+
+
+def test_output_goes_ahead_in_output_frames_when_the_market_offers_them(run):
+    """With `output_chunks` in the welcome, the job's output goes out in frames
+    of that size while it runs; the `result` carries the rest and the digest of
+    the whole.  The sandbox's output limit bounds what goes out."""
+    echo = job("echo")
+    data = bytes(range(256)) * 1200  # 307,200 bytes
+
+    async def scenario(peer, seller):
+        reader, writer = await peer.accept(output_chunks=65536)
+
+        async def output_of(n: int, limit: int, served: bool):
+            fields = dict(task_fields(n, echo.digest), output_limit=limit)
+            await protocol.send(writer, "task", data, **fields)
+            if not served:
+                m = await read(reader)
+                assert m.type == "need_image"
+                await protocol.send(writer, "image", echo.pack(), image=echo.digest)
+            pieces = []
+            while True:
+                m = await read(reader)
+                if m.type != "output":
+                    break
+                assert m["attempt"] == n and len(m.payload) == 65536
+                pieces.append(m.payload)
+            assert m.type == "result" and m["attempt"] == n, m
+            assert len(m.payload) < 65536
+            return b"".join(pieces) + m.payload, m
+
+        out, m = await output_of(1, 1 << 20, False)
+        assert out == data and m["exit_status"] == 0
+        assert m["output_sha256"] == protocol.digest(data)
+        out, m = await output_of(2, 200_000, True)
+        assert out == data[:200_000] and m["reason"] == "output-limit", m
+        assert m["output_sha256"] == protocol.digest(data[:200_000])
+    run(scenario)

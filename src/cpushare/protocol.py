@@ -75,9 +75,10 @@ def _check(tag: str, value: Any) -> bool:
 R, O = True, False
 SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
     "hello": {"version": (INT, R), "role": (STR, R), "software": (STR, O),
-              "instance": (STR, O)},
+              "instance": (STR, O), "output_frames": (BOOL, O)},
     "welcome": {"version": (INT, R), "account": (STR, R), "order": (OPT_INT, O),
-                "max_payload": (INT, R), "heartbeat": (INT, R), "prefetch": (INT, O)},
+                "max_payload": (INT, R), "heartbeat": (INT, R), "prefetch": (INT, O),
+                "output_chunks": (INT, O)},
     "error": {"code": (STR, R), "message": (STR, R), "ref": (OPT_STR, O)},
     "ping": {"t": (INT, O)},
     "pong": {"t": (INT, O)},
@@ -90,6 +91,8 @@ SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
     "image": {"image": (STR, R)},
     "result": {"attempt": (INT, R), "exit_status": (OPT_INT, R), "signal": (OPT_INT, R),
                "reason": (STR, R), "cpu_ms": (INT, R), "output_sha256": (STR, R)},
+    # seller -> market: {attempt}; market -> buyer: {ref, task, offset}
+    "output": {"attempt": (INT, O), "ref": (STR, O), "task": (INT, O), "offset": (INT, O)},
     "settled": {"attempt": (INT, R), "paid_milli": (INT, R), "accepted": (BOOL, R)},
     "handback": {"attempt": (INT, R), "reason": (STR, O), "unstarted": (BOOL, O)},
     # buyer
@@ -99,7 +102,7 @@ SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
     "accepted": {"ref": (STR, R), "task": (INT, R), "escrow_milli": (INT, R)},
     "done": {"ref": (STR, R), "task": (INT, R), "exit_status": (OPT_INT, R),
              "signal": (OPT_INT, R), "reason": (STR, R), "cpu_ms": (INT, R),
-             "cost_milli": (INT, R), "attempts": (INT, R)},
+             "cost_milli": (INT, R), "attempts": (INT, R), "streamed": (INT, O)},
     "failed": {"ref": (STR, R), "task": (OPT_INT, O), "code": (STR, R), "message": (STR, R)},
     # interactive sessions
     "open": {"ref": (STR, R), "image": (STR, R), "cpu_ms": (OPT_INT, O)},

@@ -511,6 +511,12 @@ class Job:
         """Feed input, collect output, enforce the limits, reap."""
         return self._pump(memoryview(bytes(input)), None, None)
 
+    def feed(self, input, sink) -> Result:
+        """Like communicate(), the output going to `sink` (write(), flush()) as it
+        comes instead of into Result.output, which is then empty.  `input` (any
+        bytes-like object) is not copied."""
+        return self._pump(memoryview(input), None, sink)
+
     def stream(self, source, sink) -> Result:
         """Like communicate(), from a readable file and to a writable one
         (binary, with fileno()); Result.output is then empty."""

@@ -108,6 +108,8 @@ class Market:
         self._uploads: dict[str, asyncio.Future] = {}
         self._uploaded: set[str] = set()
         self._sinks: dict[str, asyncio.Queue] = {}  # ref -> the queue of its map()
+        # ref -> the output of its task so far, sent ahead of `done` in `output` frames
+        self._ahead: dict[str, bytearray] = {}
         self._queues: set[asyncio.Queue] = set()
         self._opens: dict[str, asyncio.Future] = {}
         self._sessions: dict[int, "Session"] = {}
@@ -151,7 +153,7 @@ class Market:
                                          f"{e.strerror if isinstance(e, OSError) and e.strerror else e!r}") from None
         try:
             await protocol.send(writer, "hello", version=protocol.VERSION, role="buyer",
-                                software=f"cpushare/{__version__}")
+                                software=f"cpushare/{__version__}", output_frames=True)
             msg = await asyncio.wait_for(protocol.read_message(reader), self.CONNECT_TIMEOUT)
         except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as e:
             writer.close()
@@ -304,6 +306,7 @@ class Market:
                 fut.set_exception(err)
         self._uploads.clear()
         self._opens.clear()
+        self._ahead.clear()
         for q in self._queues:
             q.put_nowait(_LOST)
         for s in list(self._sessions.values()):
@@ -319,7 +322,17 @@ class Market:
             self._uploaded.add(msg["image"])
             if fut is not None and not fut.done():
                 fut.set_result(None)
+        elif t == "output":
+            self._output(msg)
         elif t in ("done", "failed"):
+            ahead = self._ahead.pop(msg["ref"], None)
+            if t == "done" and "streamed" in msg.fields:
+                if ahead is None or len(ahead) != msg["streamed"]:
+                    raise ProtocolError("frame", f"done for {msg['ref']}: "
+                                                 f"{msg['streamed']} bytes sent ahead, "
+                                                 f"{0 if ahead is None else len(ahead)} came")
+                ahead += msg.payload
+                msg.payload = ahead
             q = self._sinks.pop(msg["ref"], None)
             if q is not None:
                 q.put_nowait(msg)
@@ -476,6 +489,19 @@ class Market:
             self._queues.discard(q)
             for ref in pending:
                 self._sinks.pop(ref, None)
+
+    def _output(self, msg: Message) -> None:
+        """A piece of a task's output ahead of its `done` (not final until then)."""
+        ref, offset = msg.get("ref"), msg.get("offset")
+        if type(ref) is not str or type(offset) is not int:
+            raise ProtocolError("frame", "output: ref and offset are required")
+        if offset == 0:  # (a new attempt's output replaces what a lost one sent)
+            self._ahead[ref] = bytearray()
+        buf = self._ahead.get(ref)
+        if buf is None or len(buf) != offset:
+            raise ProtocolError("frame", f"output for {ref} at offset {offset}, after "
+                                         f"{0 if buf is None else len(buf)} bytes")
+        buf += msg.payload
 
     # --- sessions ----------------------------------------------------------
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -37,7 +38,7 @@ import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 from .. import __version__, bytecode
 from ..protocol import (DEFAULT_HEARTBEAT, DEFAULT_MAX_PAYLOAD, VERSION, Message,
@@ -64,6 +65,9 @@ FILES_WAIT_MAX = 0.25  # ... for at most this long; then it waits for them, bloc
 PREFETCH = 1  # tasks a seller may hold queued behind the one it runs (announced in welcome)
 PREFETCH_HOLD = 0.05  # seconds: nothing is queued behind a task that has run this long
 MAX_SLOTS = 16  # the most a `ready` may offer
+# Sellers may send a big output in `output` frames of up to this many bytes while
+# the job runs, ahead of its `result` (announced in welcome as output_chunks).
+OUTPUT_CHUNK = 1 << 20
 SENT_REFS = 1 << 16  # refs remembered per buyer connection (see BuyerConn.sent_refs)
 
 
@@ -196,6 +200,19 @@ class Conn:
         return f"{self.role} {self.account}/{self.order_id}{inst} at {self.peer}"
 
 
+class _Streamed:
+    """An attempt's output as it comes in `output` frames: the bytes, their
+    SHA-256 so far, and the buyer connection they also went to, cut through
+    (None: not, or not all of them)."""
+
+    __slots__ = ("data", "sha256", "buyer")
+
+    def __init__(self, buyer):
+        self.data = bytearray()
+        self.sha256 = hashlib.sha256()
+        self.buyer = buyer
+
+
 class SellerConn(Conn):
     role = "seller"
 
@@ -213,6 +230,8 @@ class SellerConn(Conn):
         self.ready_seq = 0
         self.stale: set[int] = set()  # attempts taken from it; late results get paid 0
         self.returned: set[int] = set()  # attempts it returned, until settled
+        # attempt -> its output so far from `output` frames
+        self.outputs: dict[int, _Streamed] = {}
 
 
 class BuyerConn(Conn):
@@ -224,6 +243,7 @@ class BuyerConn(Conn):
         # refs whose result went out on this connection (the latest SENT_REFS): a
         # resubmission of one is not a new task (the result is ahead of it)
         self.sent_refs: dict[str, int] = {}
+        self.output_frames = False  # it takes a result's output ahead in `output` frames
 
 
 class Market:
@@ -500,6 +520,7 @@ class Market:
 
     def _pop_attempt(self, s: SellerConn, aid: int) -> tuple[TaskState, bool] | None:
         """Forget attempt `aid` of seller `s`: (its task, whether it had started)."""
+        s.outputs.pop(aid, None)
         if aid not in s.attempts:
             return None
         started = next(iter(s.attempts)) == aid
@@ -552,8 +573,12 @@ class Market:
 
     # --- settlement -------------------------------------------------------
 
-    def _settle(self, t: TaskState, key: tuple, output: bytes, last: int) -> None:
-        """Pay the k agreeing results (`last` is the attempt that completed them)."""
+    def _settle(self, t: TaskState, key: tuple, output: bytes, last: int,
+                ahead: tuple | None = None) -> None:
+        """Pay the k agreeing results (`last` is the attempt that completed them).
+
+        `ahead`: (buyer connection, n) when the first n bytes of the output already
+        went to that connection in `output` frames."""
         winners = [aid for aid, r in t.results.items() if r[0] == key][:t.redundancy]
         pays = []
         for aid in winners:
@@ -587,7 +612,7 @@ class Market:
             if t.session:  # a session's end is told once, to the connection that opened it
                 store.mark_delivered([t.id])
         t.escrow_milli = 0
-        self._close_task(t, paid, ("done", fields, output))
+        self._close_task(t, paid, ("done", fields, output, ahead))
         log.debug("task %d done: paid %d, refunded %d", t.id, total, refund)
 
     def _fail(self, t: TaskState, code: str, message: str) -> None:
@@ -606,7 +631,7 @@ class Market:
                 store.mark_delivered([t.id])
         t.escrow_milli = 0
         log.info("task %d failed: %s: %s", t.id, code, message)
-        self._close_task(t, {}, ("failed", dict(code=code, message=message), b""))
+        self._close_task(t, {}, ("failed", dict(code=code, message=message), b"", None))
 
     def _close_task(self, t: TaskState, paid: dict[int, int], final: tuple) -> None:
         """After settle/fail: forget the task, tell sellers and the buyer after commit."""
@@ -635,7 +660,7 @@ class Market:
     def _announce(self, t: TaskState, notes, final: tuple) -> None:
         for s, note in notes:
             s.write(note)
-        state, fields, output = final
+        state, fields, output, ahead = final
         if t.session:
             if t.buyer is not None and not t.buyer.gone:
                 if state == "done":
@@ -649,8 +674,15 @@ class Market:
         conns = self.buyers.get(t.buy_order_id)
         if not conns or t.id in self._sending:
             return  # kept in the store until the buyer comes back
-        conns[-1].write(frame(state, output, ref=t.ref, task=t.id, **fields))
-        self._sent(conns[-1], t.id, t.buy_order_id, t.ref)
+        b = conns[-1]
+        if ahead is not None and ahead[0] is b and ahead[1]:
+            # the connection has the first n bytes already: `done` carries the rest
+            n = ahead[1]
+            b.write(frame(state, memoryview(output)[n:], ref=t.ref, task=t.id, streamed=n,
+                          **fields))
+        else:
+            b.write(frame(state, output, ref=t.ref, task=t.id, **fields))
+        self._sent(b, t.id, t.buy_order_id, t.ref)
 
     def _sent(self, b: BuyerConn, task_id: int, buy_order_id: int, ref: str) -> None:
         b.sent_refs[ref] = task_id
@@ -700,6 +732,8 @@ class Market:
             if data is None:
                 raise ProtocolError("internal", f"image {m['image']} missing from the store")
             s.write(frame("image", data, image=m["image"]))
+        elif m.type == "output":
+            self._on_output(s, m)
         elif m.type == "result":
             self._on_result(s, m)
         elif m.type == "handback":
@@ -719,6 +753,37 @@ class Market:
                                      eof=bool(m.get("eof"))))
         else:
             raise ProtocolError("frame", f"a seller may not send {m.type!r}")
+
+    def _on_output(self, s: SellerConn, m: Message) -> None:
+        """A piece of an attempt's output, ahead of its `result` (which carries the rest)."""
+        aid = m.get("attempt")
+        if type(aid) is not int:
+            raise ProtocolError("frame", "output: attempt is required")
+        entry = s.attempts.get(aid)
+        if entry is None or self.tasks.get(entry[0].id) is not entry[0] or entry[0].session:
+            return  # void or too late: its `result` is answered as such
+        if next(iter(s.attempts)) != aid:
+            raise ProtocolError("task", f"output for attempt {aid}, which is not the one "
+                                        f"the seller runs")
+        t = entry[0]
+        got = s.outputs.get(aid)
+        conns = self.buyers.get(t.buy_order_id)
+        b = conns[-1] if conns else None
+        if b is not None and (b.gone or not b.output_frames or t.redundancy != 1):
+            b = None  # (under redundancy, only the output the sellers agree on goes out)
+        if got is None:
+            got = s.outputs[aid] = _Streamed(b)
+        elif got.buyer is not b:
+            got.buyer = None  # it missed a piece: it gets the whole output with `done`
+        limit = s.order.output if s.order.output >= 0 else self.max_payload
+        if len(got.data) + len(m.payload) > limit:
+            raise ProtocolError("task", f"attempt {aid}: output over the limit of "
+                                        f"{limit} bytes")
+        if got.buyer is not None:
+            got.buyer.write(frame("output", m.payload, ref=t.ref, task=t.id,
+                                  offset=len(got.data)))
+        got.data += m.payload
+        got.sha256.update(m.payload)
 
     def _on_result(self, s: SellerConn, m: Message) -> None:
         aid = m["attempt"]
@@ -742,7 +807,20 @@ class Market:
             s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
             return
         # (a session's output went to the buyer as a stream; the result carries none)
-        if not t.session and digest(m.payload) != m["output_sha256"]:
+        output = m.payload
+        streamed = s.outputs.pop(aid, None)
+        if streamed is not None:  # the output came in `output` frames; the result has the rest
+            output, h = streamed.data, streamed.sha256
+            limit = s.order.output if s.order.output >= 0 else self.max_payload
+            if len(output) + len(m.payload) > limit:
+                raise ProtocolError("task", f"attempt {aid}: output over the limit of "
+                                            f"{limit} bytes")
+            output += m.payload
+            h.update(m.payload)
+            sha = h.hexdigest()
+        else:
+            sha = None if t.session else digest(output)
+        if sha is not None and sha != m["output_sha256"]:
             raise ProtocolError("task", f"attempt {aid}: output_sha256 does not match the output")
         if m["cpu_ms"] < 0:
             raise ProtocolError("task", f"attempt {aid}: negative cpu_ms")
@@ -756,10 +834,13 @@ class Market:
         store = self._tx()
         if n >= t.redundancy:
             # The group reached k with this result, so it holds this output.
-            self._settle(t, best, m.payload, aid)
+            ahead = None
+            if streamed is not None and streamed.buyer is not None:
+                ahead = (streamed.buyer, len(output) - len(m.payload))
+            self._settle(t, best, output, aid, ahead)
             return
         store.attempt_returned(aid, m["cpu_ms"], m["output_sha256"], m["exit_status"],
-                               m["signal"], m["reason"], m.payload)
+                               m["signal"], m["reason"], output)
         if not t.running and len(t.results) >= 2 * t.redundancy:
             self._fail(t, "dispute", f"{len(t.results)} sellers returned results, at most "
                                      f"{n} agreed, {t.redundancy} must")
@@ -985,6 +1066,8 @@ class Market:
             BuyerConn(self, reader, writer, peer)
         conn.account_id, conn.account, conn.order_id = cert.account_id, cert.account, cert.order_id
         conn.fingerprint = fingerprint
+        if role == "buyer":
+            conn.output_frames = m.get("output_frames") is True
         if role == "seller":
             conn.order = self.store.sell_order(cert.order_id)
             conn.instance = instance
@@ -1003,7 +1086,8 @@ class Market:
             self.buyers.setdefault(cert.order_id, []).append(conn)
         conn.write(encode("welcome", version=VERSION, account=cert.account,
                           order=cert.order_id, max_payload=self.max_payload,
-                          heartbeat=self.heartbeat, prefetch=PREFETCH))
+                          heartbeat=self.heartbeat, prefetch=PREFETCH,
+                          **({"output_chunks": OUTPUT_CHUNK} if role == "seller" else {})))
         log.info("%s connected (%s)", conn, m.get("software") or "unknown software")
         if role == "buyer":  # what finished while it was away, as committed
             def deliver() -> None:

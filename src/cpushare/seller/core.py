@@ -88,6 +88,37 @@ def _min_nonzero(*values: int) -> int:
     return min(vals) if vals else 0
 
 
+class _OutputSink:
+    """Where a job's output goes as it comes (in the worker thread that runs it).
+
+    It is hashed as it passes, once; whole chunks go ahead to the market in
+    `output` frames (sent from the loop); what is left at the end, less than a
+    chunk, is `buf` and goes in the `result`, so a small output costs no more
+    frames than before.  The sandbox enforces the output limit upstream.
+    """
+
+    def __init__(self, seller: "Seller", r: _Running, chunk: int):
+        self._seller, self._r, self._chunk = seller, r, chunk
+        self._loop = seller._loop
+        self.sha256 = hashlib.sha256()
+        self.buf = bytearray()
+        self.n = 0
+
+    def write(self, data: bytes) -> None:
+        self.sha256.update(data)
+        self.n += len(data)
+        self.buf += data
+        if len(self.buf) >= self._chunk:
+            if len(self.buf) == self._chunk:  # (the usual case: pipe reads divide it)
+                piece, self.buf = self.buf, bytearray()
+            else:
+                piece, self.buf = self.buf[:self._chunk], self.buf[self._chunk:]
+            self._loop.call_soon_threadsafe(self._seller._send_output, self._r, piece)
+
+    def flush(self) -> None:
+        pass
+
+
 class Seller:
     BACKOFF_BASE = 0.25  # seconds before the first reconnection attempt
     BACKOFF_CAP = 30.0  # the longest wait between attempts
@@ -122,6 +153,9 @@ class Seller:
         self._writer: asyncio.StreamWriter | None = None
         self._asked = 0  # tasks asked for (`ready`) and not received yet
         self._prefetch = 0  # tasks the market lets us hold behind the running one
+        # the size of the `output` frames a big output goes ahead in (0: the market
+        # takes the whole output in `result`)
+        self._output_chunks = 0
         self._queued: Message | None = None  # the task held, prefetched
         self._image_waiters: dict[str, asyncio.Future] = {}
         self._last_rx = 0.0
@@ -373,6 +407,7 @@ class Seller:
             self._asked = 0
             self._queued = None
             self._prefetch = min(1, max(0, msg.get("prefetch") or 0))
+            self._output_chunks = max(0, msg.get("output_chunks") or 0)
             self._last_rx = time.monotonic()
             self._set(state="paused" if self._paused else "idle", connected_since=time.time(),
                       last_error="")
@@ -665,9 +700,13 @@ class Seller:
                 self._handback(r.attempt, r.aborted)
                 return
             limits = self._limits(msg)
+            sink = None
+            if (r.session is None and self._output_chunks
+                    and type(self)._output_for_result is Seller._output_for_result):
+                sink = _OutputSink(self, r, self._output_chunks)
             if r.session is None:
                 result = await self._loop.run_in_executor(
-                    None, self._execute, r, image, limits, msg.payload)
+                    None, self._execute, r, image, limits, msg.payload, sink)
             else:
                 result, streamed = await self._execute_session(r, image, limits)
             if r.aborted:
@@ -678,7 +717,9 @@ class Seller:
                 return
             # whole milliseconds, rounded up: a job that ran was never free
             cpu_ms = -(-round(result.cpu_seconds * 1_000_000) // 1000)
-            if r.session is None:
+            if sink is not None:  # the output went ahead in `output` frames but for the rest
+                payload, out_sha, out_len = sink.buf, sink.sha256.hexdigest(), sink.n
+            elif r.session is None:
                 payload = self._output_for_result(result.output)
                 out_sha, out_len = protocol.digest(payload), len(payload)
             else:  # the output went to the buyer as `stream` frames
@@ -733,15 +774,21 @@ class Seller:
         """The output reported to the market (a seam for test runners)."""
         return output
 
-    def _execute(self, r: _Running, image, limits, data: bytes):
-        """In a worker thread: run one job to the end."""
+    def _execute(self, r: _Running, image, limits, data: bytes, sink=None):
+        """In a worker thread: run one job to the end (its output to `sink` if given)."""
         job = sandbox.start(image, limits)
         r.job = job
         if r.aborted:
             job.kill()
         elif self._paused:
             job.pause()
-        return job.communicate(data)
+        if sink is None:
+            return job.communicate(data)
+        return job.feed(data, sink)
+
+    def _send_output(self, r: _Running, piece: bytearray) -> None:
+        if self._running is r and not r.aborted:
+            self._queue(protocol.encode("output", piece, attempt=r.attempt))
 
     async def _execute_session(self, r: _Running, image, limits: sandbox.Limits):
         """Run an interactive job: relay `stream` frames both ways.
