@@ -254,3 +254,40 @@ def test_contexts_do_not_trust_the_system_store(pki):
     assert len(ctx.get_ca_certs()) == 1
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+
+# --- FrameWriter: what the seller and the buyer write with --------------------
+
+def test_frame_writer_coalesces_small_frames_and_pieces_big_ones():
+    import socket
+
+    async def main():
+        a, b = socket.socketpair()
+        _, writer = await asyncio.open_connection(sock=a)
+        peer, peer_writer = await asyncio.open_connection(sock=b, limit=1 << 20)
+        out = protocol.FrameWriter(writer)
+        writes: list[int] = []
+        real_write = writer.write
+        writer.write = lambda data: (writes.append(len(data)), real_write(data))[1]
+
+        assert out.send("ping", t=1) and out.send("ping", t=2)
+        assert writes == []  # queued until the loop turns
+        await asyncio.sleep(0)
+        assert len(writes) == 1  # both frames in one write
+
+        big = os.urandom(3 * protocol.BIG_FRAME + 7)
+        sending = asyncio.ensure_future(out.send_big("image", big, image="0" * 64))
+        await asyncio.sleep(0)
+        assert out.send("ping", t=3)  # waits: nothing is interleaved with the big frame
+        got = [await protocol.read_message(peer, 1 << 22) for _ in range(4)]
+        assert await sending is True
+        assert [m.type for m in got] == ["ping", "ping", "image", "ping"]
+        assert got[2].payload == big and got[3]["t"] == 3
+        assert max(writes[1:]) <= protocol.BIG_FRAME  # the big payload went in pieces
+
+        writer.close()
+        assert not out.send("ping", t=4)  # closing: refused, not raised
+        peer_writer.close()
+
+    asyncio.run(main())

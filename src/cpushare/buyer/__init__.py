@@ -82,8 +82,6 @@ def _pack(image: bytecode.Image | bytes | bytearray | memoryview) -> tuple[str, 
 
 
 _LOST = object()  # put in result queues when the connection drops
-_BIG = 256 << 10  # frames above this are written in pieces of _PIECE bytes
-_PIECE = 256 << 10
 
 
 class Market:
@@ -118,8 +116,7 @@ class Market:
         self._closed = False
         self._prefix = secrets.token_hex(6)
         self._seq = 0
-        self._outq: list[bytes] = []
-        self._big = False  # a big frame is being written in pieces
+        self._out: protocol.FrameWriter | None = None  # frames out, while _writer is set
 
     # --- connection ----------------------------------------------------------
 
@@ -174,7 +171,7 @@ class Market:
             raise MarketError("connect", f"{o.server}: expected welcome, got {msg.type}")
         self.account = msg["account"]
         self._max_payload = msg["max_payload"]
-        self._outq.clear()
+        self._out = protocol.FrameWriter(writer)
         self._reader, self._writer = reader, writer
         self._generation += 1
         self._uploaded.clear()
@@ -221,61 +218,18 @@ class Market:
                 n += 1
 
     def _send(self, type_: str, payload: bytes = b"", **fields) -> None:
-        """Queue a frame; the frames of one loop iteration go out in one write."""
-        w = self._writer
-        if w is None or w.is_closing():
+        """Queue a frame (see protocol.FrameWriter)."""
+        if self._writer is None or not self._out.send(type_, payload, **fields):
             raise ConnectionResetError("not connected to the market")
-        frame = protocol.encode(type_, payload, **fields)
-        if len(frame) > _BIG and not self._big:
-            self._flush_out()
-            w.write(frame)
-            return
-        if not self._outq:
-            asyncio.get_running_loop().call_soon(self._flush_out)
-        self._outq.append(frame)
 
     async def _send_async(self, type_: str, payload: bytes = b"", **fields) -> None:
-        """Like _send, but a big frame goes out in pieces paced by drain().
-
-        asyncio's SSL transport is several times slower at one write of tens
-        of MiB than at the same bytes in pieces of a few hundred KiB.  Frames
-        sent meanwhile wait in the queue, so nothing is interleaved.
-        """
-        if len(payload) <= _BIG or self._big:
-            self._send(type_, payload, **fields)
-            return
-        w = self._writer
-        if w is None or w.is_closing():
-            raise ConnectionResetError("not connected to the market")
-        head = protocol.encode_head(type_, len(payload), **fields)
-        self._flush_out()
-        self._big = True
-        try:
-            w.write(head)  # and the payload from where it lies, not copied into a frame
-            view = memoryview(payload)
-            for i in range(0, len(view), _PIECE):
-                if w.is_closing():
-                    raise ConnectionResetError("the connection to the market closed")
-                w.write(view[i:i + _PIECE])
-                await w.drain()
-        finally:
-            self._big = False
-            self._flush_out()
-
-    def _flush_out(self) -> None:
-        if not self._outq or self._big:
-            return
-        data = b"".join(self._outq)
-        self._outq.clear()
-        w = self._writer
-        if w is not None and not w.is_closing():
-            w.write(data)
+        """Like _send, but a big payload goes out in pieces paced by drain()."""
+        if self._writer is None or not await self._out.send_big(type_, payload, **fields):
+            raise ConnectionResetError("the connection to the market closed")
 
     async def _drain(self) -> None:
-        self._flush_out()
-        w = self._writer
-        if w is not None:
-            await w.drain()
+        if self._writer is not None:
+            await self._out.drain()
 
     async def _read_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         why = "the market closed the connection"

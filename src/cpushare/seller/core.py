@@ -37,8 +37,6 @@ from .cache import CacheError, ImageCache
 
 log = logging.getLogger("cpushare.seller")
 
-_BIG = 256 << 10  # frames above this are written in pieces of _PIECE bytes
-_PIECE = 256 << 10
 
 STATES = ("starting", "connecting", "idle", "running", "paused", "stopping", "stopped", "error")
 
@@ -160,8 +158,7 @@ class Seller:
         self._image_waiters: dict[str, asyncio.Future] = {}
         self._last_rx = 0.0
         self._welcomed = False
-        self._outq: list[bytes] = []
-        self._big = False  # a big frame is being written in pieces
+        self._out: protocol.FrameWriter | None = None  # frames out, while _writer is set
 
     # --- public API --------------------------------------------------------
 
@@ -374,7 +371,6 @@ class Seller:
         except ssl.SSLCertVerificationError as e:
             raise AuthError(f"{order.server}: the market's certificate does not verify "
                             f"against the CA in {order.path}: {e.verify_message}") from None
-        welcomed = False
         try:
             self._check_stop()  # the writer is closed by the finally below
             await protocol.send(writer, "hello", version=protocol.VERSION, role="seller",
@@ -399,10 +395,10 @@ class Seller:
                 raise _Lost(f"handshake: {msg['code']}: {msg['message']}")
             if msg.type != "welcome":
                 raise ProtocolError("frame", f"expected welcome, got {msg.type}")
-            welcomed = self._welcomed = True
+            self._welcomed = True
             max_payload = msg["max_payload"]
             heartbeat = max(1, msg["heartbeat"])
-            self._outq.clear()
+            self._out = protocol.FrameWriter(writer)
             self._writer = writer
             self._asked = 0
             self._queued = None
@@ -469,69 +465,30 @@ class Seller:
                 return
 
     def _send(self, type_: str, payload: bytes = b"", **fields) -> None:
-        """Queue a frame; the frames of one loop iteration go out in one write."""
-        w = self._writer
-        if w is None or w.is_closing():
-            return
-        self._queue(protocol.encode(type_, payload, **fields))
+        """Queue a frame (see protocol.FrameWriter); dropped when not connected."""
+        if self._writer is not None:
+            self._out.send(type_, payload, **fields)
 
     def _queue(self, frame: bytes) -> None:
-        w = self._writer
-        if w is None or w.is_closing():
-            return
-        if len(frame) > _BIG and not self._big:  # cannot wait here: straight out
-            self._flush_out()
-            w.write(frame)
-            return
-        if not self._outq:
-            self._loop.call_soon(self._flush_out)
-        self._outq.append(frame)
+        if self._writer is not None:
+            self._out.queue(frame)
 
     async def _send_async(self, type_: str, payload: bytes = b"", **fields) -> None:
-        """Like _send, but a big frame goes out in pieces paced by drain().
-
-        asyncio's SSL transport is several times slower at one write of tens
-        of MiB than at the same bytes in pieces of a few hundred KiB.  No
-        other frame is written in between (they wait in the queue).
-        """
-        w = self._writer
-        if len(payload) <= _BIG or w is None or w.is_closing() or self._big:
-            self._queue(protocol.encode(type_, payload, **fields))
+        """Like _send, but a big payload goes out in pieces paced by drain()."""
+        if self._writer is None:
             return
-        head = protocol.encode_head(type_, len(payload), **fields)
-        self._flush_out()
-        self._big = True
         try:
-            w.write(head)  # and the payload from where it lies, not copied into a frame
-            view = memoryview(payload)
-            for i in range(0, len(view), _PIECE):
-                if w.is_closing():
-                    return
-                w.write(view[i:i + _PIECE])
-                await w.drain()
+            await self._out.send_big(type_, payload, **fields)
         except (ConnectionError, OSError):
             pass
-        finally:
-            self._big = False
-            self._flush_out()
-
-    def _flush_out(self) -> None:
-        if not self._outq or self._big:
-            return
-        data = b"".join(self._outq)
-        self._outq.clear()
-        w = self._writer
-        if w is not None and not w.is_closing():
-            w.write(data)
 
     async def _drain(self) -> None:
-        self._flush_out()
-        w = self._writer
-        if w is not None:
-            try:
-                await w.drain()
-            except (ConnectionError, OSError):
-                pass
+        if self._writer is None:
+            return
+        try:
+            await self._out.drain()
+        except (ConnectionError, OSError):
+            pass
 
     def _running_long(self) -> bool:
         r = self._running
