@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_e2e_support import wait_for  # noqa: F401  (one poller for every test)
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
@@ -204,17 +205,6 @@ def stop_daemon(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: floa
         out, err = proc.communicate()
         raise AssertionError(f"cpushared did not exit within {timeout} s of signal {sig}:\n{err}")
     return proc.returncode, out, err
-
-
-def wait_for(predicate, timeout: float = 20, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 class NotifySocket:

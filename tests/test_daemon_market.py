@@ -12,18 +12,8 @@ import pytest
 from dbus_fixtures import (PYTHON, NotifySocket, daemon_env, start_daemon, stop_daemon,  # noqa: F401
                            system_bus)
 from test_e2e_market import jobs_of, proc_state
-from test_e2e_support import BuyerThread, LocalMarket, job, spin_count_for, spin_input, wait_for
-
-
-@pytest.fixture
-def market(tmp_path):
-    m = LocalMarket(tmp_path / "market")
-    m.account("buyer", 1000)
-    m.account("alice")
-    m.account("bob")
-    m.serve()
-    yield m
-    m.close()
+from test_e2e_support import (BuyerThread, job, market,  # noqa: F401
+                              spin_count_for, spin_input, wait_for)
 
 
 @pytest.fixture

@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from cpushare import bytecode
 
 PYTHON = "/usr/bin/python3"
@@ -80,7 +82,8 @@ def env() -> dict:
     return e
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+def wait_for(predicate, timeout: float = 20, what: str = "condition", interval: float = 0.05):
+    """The predicate's first true value, polled until `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -276,3 +279,15 @@ class BuyerThread:
         return self.results
 
 
+
+
+@pytest.fixture
+def market(tmp_path):
+    """A served loopback market: buyer (1000 CPUCoins), alice and bob."""
+    m = LocalMarket(tmp_path / "market")
+    m.account("buyer", 1000)
+    m.account("alice")
+    m.account("bob")
+    m.serve()
+    yield m
+    m.close()

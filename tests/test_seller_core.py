@@ -11,15 +11,14 @@ import logging
 import threading
 import time
 
-import pytest
 from configobj import ConfigObj
 
 from cpushare.buyer import run_tasks
 from cpushare.order import load_buy, load_sell
 from cpushare.seller import Seller, Status
 
-from test_e2e_support import (BuyerThread, LocalMarket, free_port, job, spin_count_for,
-                              spin_input, wait_for)
+from test_e2e_support import (BuyerThread, LocalMarket, free_port, job, market,  # noqa: F401
+                              spin_count_for, spin_input, wait_for)
 
 
 class SellerThread:
@@ -56,17 +55,6 @@ class SellerThread:
         assert not self.t.is_alive(), "run() did not return after stop()"
         if self.error:
             raise self.error
-
-
-@pytest.fixture
-def market(tmp_path):
-    m = LocalMarket(tmp_path / "market")
-    m.account("buyer", 1000)
-    m.account("alice")
-    m.account("bob")
-    m.serve()
-    yield m
-    m.close()
 
 
 class Records(logging.Handler):
