@@ -423,6 +423,89 @@ def test_an_idle_seller_is_preferred_to_holding_a_task_behind_another(lm):
     assert_ledger_ok(lm)
 
 
+def test_a_held_task_is_taken_back_for_a_seller_that_becomes_idle(lm):
+    """Work stealing: a task held behind a running one is revoked when another
+    seller is idle and may run it, and runs there; the holder is paid for the
+    task it ran, the idle seller for the one it took."""
+    async def main():
+        await lm.start()
+        holder = await _prefetching_seller(lm, "alice")
+        b, d = await buyer(lm)
+        for ref in ("1", "2"):
+            await b.send("submit", ref.encode(), ref=ref, image=d)
+            await b.expect("accepted")
+        t1, t2 = await holder.expect("task"), await holder.expect("task")
+        assert await holder.sync() == []  # nobody idle: nothing taken back
+        idle = await ScriptedSeller.connect(lm.sell("bob", 36_000))
+        m = await holder.expect("revoke")
+        assert m["attempt"] == t2["attempt"], m  # the held one, never the running one
+        await holder.send("handback", attempt=t2["attempt"], reason="revoked", unstarted=True)
+        m = await b.expect("done")
+        assert (m["ref"], m["attempts"], m["cost_milli"]) == ("2", 1, 10), m
+        await holder.send("result", b"1", attempt=t1["attempt"], exit_status=0, signal=None,
+                          reason="", cpu_ms=5, output_sha256=protocol.digest(b"1"))
+        m = await b.expect("done")
+        assert (m["ref"], m["attempts"], m["cost_milli"]) == ("1", 1, 1), m
+        assert (await holder.expect("settled"))["accepted"] is True
+        assert await holder.sync() == [], "one revoke only"
+        await idle.stop()
+        await holder.close()
+        await lm.stop()
+    run(main())
+    assert lm.balances("alice", "bob") == {"alice": 1, "bob": 10}
+    assert_ledger_ok(lm)
+
+
+def test_a_revoked_task_that_started_meanwhile_is_settled_as_usual(lm):
+    """The holder may have started the held task before the `revoke` came: it
+    answers with results, and the task is paid once, to it."""
+    async def main():
+        await lm.start()
+        holder = await _prefetching_seller(lm, "alice")
+        b, d = await buyer(lm)
+        for ref in ("1", "2"):
+            await b.send("submit", ref.encode(), ref=ref, image=d)
+            await b.expect("accepted")
+        t1, t2 = await holder.expect("task"), await holder.expect("task")
+        idle = await ScriptedSeller.connect(lm.sell("bob", 36_000))
+        assert (await holder.expect("revoke"))["attempt"] == t2["attempt"]
+        for t in (t1, t2):  # the revoke ignored: both run here
+            await holder.send("result", t.payload, attempt=t["attempt"], exit_status=0,
+                              signal=None, reason="", cpu_ms=5,
+                              output_sha256=protocol.digest(t.payload))
+        got = {}
+        for _ in range(2):
+            m = await b.expect("done")
+            got[m["ref"]] = (m["attempts"], m["cost_milli"], m.payload)
+        assert got == {"1": (1, 1, b"1"), "2": (1, 1, b"2")}, got
+        await idle.stop()
+        await holder.close()
+        await lm.stop()
+    run(main())
+    assert lm.balances("alice", "bob") == {"alice": 2, "bob": 0}
+    assert_ledger_ok(lm)
+
+
+def test_no_task_is_taken_back_for_a_seller_that_may_not_run_it(lm):
+    """An idle seller asking more than the bid gets nothing revoked for it."""
+    async def main():
+        await lm.start()
+        holder = await _prefetching_seller(lm, "alice")
+        b, d = await buyer(lm)
+        for ref in ("1", "2"):
+            await b.send("submit", ref.encode(), ref=ref, image=d)
+            await b.expect("accepted")
+        await holder.expect("task"), await holder.expect("task")
+        dear = await ScriptedSeller.connect(lm.sell("bob", BID + 1))
+        await asyncio.sleep(0.1)  # ten times the age at which a held task may move
+        assert await holder.sync() == []
+        await dear.stop()
+        await holder.close()
+        await lm.stop()
+    run(main())
+    assert_ledger_ok(lm)
+
+
 @pytest.mark.parametrize("slots", [0, -1, 17])
 def test_ready_with_slots_out_of_range_closes_only_that_connection(lm, slots):
     async def main():

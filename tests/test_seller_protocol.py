@@ -169,9 +169,8 @@ def test_stop_while_waiting_for_an_image_hands_the_task_back_at_once(run):
 
 # --- prefetch: one task held while another runs ---------------------------------
 
-async def _running_and_held(peer, seller, hold: float):
+async def _running_and_held(peer, seller):
     """A seller running a long spin job (attempt 1) and holding an echo task (2)."""
-    seller.PREFETCH_HOLD = hold
     spin, echo = job("spin"), job("echo")
     reader, writer = await peer.accept(prefetch=1)
     m = await read(reader, skip=("pong",))
@@ -201,7 +200,6 @@ def test_a_held_task_runs_when_the_running_one_ends(run):
     echo = job("echo")
 
     async def scenario(peer, seller):
-        seller.PREFETCH_HOLD = 30
         reader, writer = await peer.accept(prefetch=1)
         assert (await read(reader, skip=("pong",)))["slots"] == 2
         # both at once: the second is held while the first waits for its image
@@ -221,7 +219,7 @@ def test_a_held_task_runs_when_the_running_one_ends(run):
 
 def test_a_held_task_is_handed_back_unstarted_on_stop(run):
     async def scenario(peer, seller):
-        reader, writer = await _running_and_held(peer, seller, hold=30)
+        reader, writer = await _running_and_held(peer, seller)
         seller.stop()
         got = {}
         while len(got) < 2:
@@ -236,7 +234,7 @@ def test_a_held_task_is_handed_back_unstarted_on_stop(run):
 
 def test_a_held_task_is_handed_back_unstarted_on_pause(run):
     async def scenario(peer, seller):
-        reader, writer = await _running_and_held(peer, seller, hold=30)
+        reader, writer = await _running_and_held(peer, seller)
         seller.pause()
         m = await read(reader)
         assert m.type == "handback" and m["attempt"] == 2 and m["unstarted"] is True, m
@@ -246,16 +244,25 @@ def test_a_held_task_is_handed_back_unstarted_on_pause(run):
     run(scenario)
 
 
-def test_a_held_task_is_handed_back_when_the_running_one_takes_long(run):
+def test_a_held_task_is_kept_until_the_market_revokes_it(run):
     async def scenario(peer, seller):
-        reader, writer = await _running_and_held(peer, seller, hold=0.3)
+        reader, writer = await _running_and_held(peer, seller)
+        await asyncio.sleep(0.3)  # however long the running one takes, it holds on
+        await protocol.send(writer, "ping", t=5)
+        assert (await read(reader, skip=())).type == "pong"
+        await protocol.send(writer, "revoke", attempt=1)  # running: not given back
+        await protocol.send(writer, "revoke", attempt=77)  # unknown: ignored
+        await protocol.send(writer, "ping", t=6)
+        m = await read(reader, skip=())
+        assert (m.type, m["t"]) == ("pong", 6), m
+        await protocol.send(writer, "revoke", attempt=2)
         m = await read(reader)
         assert m.type == "handback" and m["attempt"] == 2 and m["unstarted"] is True, m
-        assert "has run for more than" in m["reason"]
-        # and it asks for no other while that task runs on
-        await protocol.send(writer, "ping", t=5)
-        m = await read(reader, skip=())
-        assert m.type == "pong", m
+        assert "idle CPU" in m["reason"]
+        # and it asks for another to hold behind the one it runs
+        m = await read(reader, skip=("pong",))
+        assert m.type == "ready" and m["slots"] == 1, m
+        assert seller._queued is None and seller.status().state == "running"
     run(scenario)
 
 

@@ -95,6 +95,7 @@ SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
     "output": {"attempt": (INT, O), "ref": (STR, O), "task": (INT, O), "offset": (INT, O)},
     "settled": {"attempt": (INT, R), "paid_milli": (INT, R), "accepted": (BOOL, R)},
     "handback": {"attempt": (INT, R), "reason": (STR, O), "unstarted": (BOOL, O)},
+    "revoke": {"attempt": (INT, R)},
     # buyer
     "image_ok": {"image": (STR, R)},
     "submit": {"ref": (STR, R), "image": (STR, R), "redundancy": (OPT_INT, O),

@@ -63,7 +63,9 @@ COMMIT_DELAY = 0.005  # seconds: a group commit gathers what happened in this ti
 FILES_POLL = 0.002  # seconds: a commit waiting for big files looks again after this
 FILES_WAIT_MAX = 0.25  # ... for at most this long; then it waits for them, blocking
 PREFETCH = 1  # tasks a seller may hold queued behind the one it runs (announced in welcome)
-PREFETCH_HOLD = 0.05  # seconds: nothing is queued behind a task that has run this long
+# A task held by a seller behind the one it runs is taken back (`revoke`) for an
+# idle seller that may run it, once the task ahead of it has run this long.
+STEAL_AFTER = 0.01
 MAX_SLOTS = 16  # the most a `ready` may offer
 # Sellers may send a big output in `output` frames of up to this many bytes while
 # the job runs, ahead of its `result` (announced in welcome as output_chunks).
@@ -230,6 +232,7 @@ class SellerConn(Conn):
         self.ready_seq = 0
         self.stale: set[int] = set()  # attempts taken from it; late results get paid 0
         self.returned: set[int] = set()  # attempts it returned, until settled
+        self.revoking: set[int] = set()  # held attempts it was asked to give back
         # attempt -> its output so far from `output` frames
         self.outputs: dict[int, _Streamed] = {}
 
@@ -257,6 +260,8 @@ class Market:
         self.tasks: dict[int, TaskState] = {}
         self.queue: dict[int, None] = {}  # tasks that may need attempts, oldest first
         self.ready: dict[SellerConn, None] = {}
+        self.holders: dict[SellerConn, None] = {}  # sellers holding a task behind another
+        self._steal_timer: asyncio.TimerHandle | None = None
         # (sell order id, instance) -> connection: copies of one order file
         # (instances cpu0, cpu1, ...) each sell one CPU under the same order
         self.sellers: dict[tuple[int, str], SellerConn] = {}
@@ -451,22 +456,64 @@ class Market:
         and nothing queues behind a session."""
         best = None
         best_key = None
-        now = time.monotonic()
         for s in self.ready:
-            o = s.order
-            if (o.price_milli <= t.bid_milli and s.account_id != t.buyer_account_id
-                    and s.account_id not in t.used_accounts and o.model == "seccomp"
-                    and o.cpu_seconds * 1000 >= t.cpu_ms):
-                if s.attempts and (t.session or next(iter(s.attempts.values()))[0].session
-                                   or now - s.head_since > PREFETCH_HOLD):
+            if self._fits(s, t):
+                if s.attempts and (t.session or next(iter(s.attempts.values()))[0].session):
                     continue
-                key = (len(s.attempts), o.price_milli, s.ready_seq)
+                key = (len(s.attempts), s.order.price_milli, s.ready_seq)
                 if best is None or key < best_key:
                     best, best_key = s, key
         return best
 
+    @staticmethod
+    def _fits(s: SellerConn, t: TaskState, freed: int = 0) -> bool:
+        """Whether seller `s` may run task `t` (`freed`: an account about to leave
+        the task's, that of a seller giving it back)."""
+        o = s.order
+        return (o.price_milli <= t.bid_milli and s.account_id != t.buyer_account_id
+                and (s.account_id == freed or s.account_id not in t.used_accounts)
+                and o.model == "seccomp" and o.cpu_seconds * 1000 >= t.cpu_ms)
+
+    def _steal(self) -> None:
+        """Idle sellers and nothing queued they may take: take back tasks held
+        behind running ones (prefetched) for them.  The holder answers a
+        `revoke` with a `handback` (unstarted), and the task is requeued, to
+        go to the idle seller; or, if it has started it meanwhile, with its
+        result.  Only held tasks whose predecessor has run STEAL_AFTER are
+        taken: a task of a few milliseconds ends sooner than a task moves."""
+        idle = [s for s in self.ready if not s.attempts]
+        if not idle or not self.holders:
+            return
+        now = time.monotonic()
+        soonest = None
+        for h in list(self.holders):
+            age = now - h.head_since
+            for aid, (t, _) in list(h.attempts.items())[1:]:
+                if aid in h.revoking or t.session or self.tasks.get(t.id) is not t:
+                    continue
+                if age < STEAL_AFTER:
+                    soonest = min(soonest or STEAL_AFTER, STEAL_AFTER - age)
+                    continue
+                taker = next((s for s in idle if s is not h
+                              and self._fits(s, t, h.account_id)), None)
+                if taker is None:
+                    continue
+                idle.remove(taker)
+                h.revoking.add(aid)
+                h.write(encode("revoke", attempt=aid))
+                if not idle:
+                    return
+        if soonest is not None and self._steal_timer is None:
+            def again() -> None:
+                self._steal_timer = None
+                self._schedule()
+            self._steal_timer = asyncio.get_running_loop().call_later(soonest, again)
+
     def _pump(self) -> None:
-        if not self.ready or not self.queue:
+        if not self.ready:
+            return
+        if not self.queue:
+            self._steal()
             return
         scanned = 0
         served = []
@@ -485,6 +532,8 @@ class Market:
                 break
         for tid in served:
             del self.queue[tid]
+        if self.ready and not self.queue:
+            self._steal()
 
     def _dispatch(self, t: TaskState, s: SellerConn) -> None:
         store = self._tx()
@@ -501,6 +550,8 @@ class Market:
             s.head_since = time.monotonic()
             s.deadline = s.head_since + (wall_ms + self.grace_ms) / 1000
         s.attempts[aid] = (t, wall_ms)
+        if len(s.attempts) == 2:
+            self.holders[s] = None
         task = frame("task", payload, task=t.id, attempt=aid, image=t.image, cpu_ms=t.cpu_ms,
                      wall_ms=wall_ms, memory=s.order.memory, output_limit=s.order.output,
                      buyer_order=t.buy_order_id, session=t.id if t.session else None)
@@ -521,10 +572,13 @@ class Market:
     def _pop_attempt(self, s: SellerConn, aid: int) -> tuple[TaskState, bool] | None:
         """Forget attempt `aid` of seller `s`: (its task, whether it had started)."""
         s.outputs.pop(aid, None)
+        s.revoking.discard(aid)
         if aid not in s.attempts:
             return None
         started = next(iter(s.attempts)) == aid
         t, _ = s.attempts.pop(aid)
+        if len(s.attempts) < 2:
+            self.holders.pop(s, None)
         if started and s.attempts:  # the next one starts now on the seller
             _, wall_ms = next(iter(s.attempts.values()))
             s.head_since = time.monotonic()

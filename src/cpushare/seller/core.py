@@ -123,11 +123,6 @@ class Seller:
     CONNECT_TIMEOUT = 20.0
     PAUSE_HANDBACK_SECONDS = 600.0  # a task paused this long is handed back
     IMAGE_TIMEOUT = 300.0  # waiting for an `image` after `need_image`
-    # A task prefetched (held while another runs) is handed back, unstarted, once
-    # the running one has run this long: another seller may be idle.  Nor is one
-    # asked for after that.  Prefetch hides the round trip between tasks, which
-    # matters for tasks of milliseconds only.
-    PREFETCH_HOLD = 0.05
 
     def __init__(self, order: SellOrder, *, cache_dir: Path,
                  on_change: Callable[[Status], None] | None = None):
@@ -490,19 +485,15 @@ class Seller:
         except (ConnectionError, OSError):
             pass
 
-    def _running_long(self) -> bool:
-        r = self._running
-        return r is not None and time.monotonic() - r.started >= self.PREFETCH_HOLD
-
     def _send_ready(self) -> None:
         """Ask for as many tasks as we may hold and have not asked for: one when
         idle, and (when the market allows prefetch) one more to hold while a task
-        runs, so that the next starts as soon as the last ends."""
+        runs, so that the next starts as soon as the last ends.  The market takes a
+        held task back (`revoke`) when another seller is idle and may run it."""
         if self._writer is None or self._paused or self._stopping:
             return
         r = self._running
-        room = 1 + (self._prefetch if r is None or (r.session is None
-                                                    and not self._running_long()) else 0)
+        room = 1 + (self._prefetch if r is None or r.session is None else 0)
         held = (self._running is not None) + (self._queued is not None) + self._asked
         if held >= room:
             return
@@ -525,11 +516,6 @@ class Seller:
         self._send("handback", attempt=attempt, reason=why,
                    **({"unstarted": True} if unstarted else {}))
 
-    def _hold_expired(self, msg: Message) -> None:
-        if self._queued is msg:
-            self._give_back_queued(f"the running task has run for more than "
-                                   f"{self.PREFETCH_HOLD:g} s")
-
     def _dispatch(self, msg: Message) -> None:
         t = msg.type
         if t == "ping":
@@ -538,6 +524,12 @@ class Seller:
             pass
         elif t == "task":
             self._take(msg)
+        elif t == "revoke":
+            # the market has an idle CPU for the task we hold; one that has
+            # started meanwhile (or is unknown) runs on, its result answers
+            if self._queued is not None and self._queued["attempt"] == msg["attempt"]:
+                self._give_back_queued("taken back by the market for an idle CPU")
+                self._send_ready()
         elif t == "image":
             fut = self._image_waiters.pop(msg["image"], None)
             if fut is not None and not fut.done():
@@ -580,11 +572,9 @@ class Seller:
             return
         if self._running is not None:
             r = self._running
-            if (self._prefetch and self._queued is None and not self._running_long()
+            if (self._prefetch and self._queued is None
                     and msg.get("session") is None and r.session is None):
                 self._queued = msg  # started when the running one ends
-                self._loop.call_later(max(0.0, r.started + self.PREFETCH_HOLD
-                                          - time.monotonic()), self._hold_expired, msg)
                 return
             self._handback(attempt, "busy with another task", unstarted=True)
             self._send_ready()
