@@ -181,6 +181,85 @@ def test_kill():
     assert "killed by its caller" in result.describe()
 
 
+# -- Job.feed_async: the same job driven by an asyncio loop, no thread ---------------
+
+def _feed_async(image, data=b"", limits=QUICK, sink=None, during=None):
+    import asyncio
+
+    async def main():
+        job = sandbox.start(image, limits)
+        if during is not None:
+            asyncio.get_running_loop().call_soon(during, job)
+        return job, await job.feed_async(data, sink)
+    return asyncio.run(main())
+
+
+def test_feed_async_moves_big_input_and_output():
+    data = os.urandom(6 << 20)
+    _, result = _feed_async(hostile.echo(), data)
+    assert result.ok and result.output == data, result.describe()
+
+    class Sink:
+        def __init__(self):
+            self.parts = []
+
+        def write(self, b):
+            self.parts.append(bytes(b))
+
+        def flush(self):
+            pass
+    sink = Sink()
+    _, result = _feed_async(hostile.echo(), data, sink=sink)
+    assert result.ok and result.output == b"" and b"".join(sink.parts) == data
+
+
+def test_feed_async_reports_exit_status_and_cpu_time(expected_mode):
+    _, result = _feed_async(hostile.exit_with(42))
+    assert (result.exit_status, result.reason, result.mode) == (42, "exit", expected_mode)
+    _, result = _feed_async(hostile.busy(200_000_000))
+    assert result.ok and result.cpu_seconds > 0.01, result
+
+
+def test_feed_async_enforces_the_output_and_wall_limits():
+    _, result = _feed_async(hostile.flood(), limits=sandbox.Limits(cpu_seconds=5, wall_seconds=20,
+                                                                   output=100_000))
+    assert result.reason == "output-limit" and len(result.output) == 100_000, result
+    _, result = _feed_async(hostile.spin(), limits=sandbox.Limits(cpu_seconds=30, wall_seconds=0.3))
+    assert result.reason == "wall-limit" and 0.3 <= result.wall_seconds < 3, result
+
+
+def test_feed_async_pause_stops_the_wall_clock():
+    import asyncio
+
+    async def main():
+        job = sandbox.start(hostile.spin(), sandbox.Limits(cpu_seconds=30, wall_seconds=0.5))
+        t0 = time.monotonic()
+        job.pause()
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.7, job.resume)  # longer than the wall limit, but paused
+        result = await job.feed_async(b"")
+        return result, time.monotonic() - t0
+    result, real = asyncio.run(main())
+    assert result.reason == "wall-limit", result
+    assert result.wall_seconds < real - 0.5, (result.wall_seconds, real)
+
+
+def test_feed_async_cancelled_kills_and_reaps_the_job():
+    import asyncio
+
+    async def main():
+        job = sandbox.start(hostile.spin(), sandbox.Limits(cpu_seconds=30, wall_seconds=30))
+        task = asyncio.ensure_future(job.feed_async(b""))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return job
+    job = asyncio.run(main())
+    assert job.wait().reason == "killed"
+    assert not os.path.exists(f"/proc/{job.pid}")  # reaped, not a zombie
+
+
 def test_run_from_many_threads_at_once():
     errors = []
 

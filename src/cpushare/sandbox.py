@@ -25,6 +25,7 @@ once; nothing a job does can reach the calling process.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import math
@@ -527,6 +528,109 @@ class Job:
         limit still applies).  Output not read yet is collected."""
         self.close_input()
         return self._pump(memoryview(b""), None, None)
+
+    async def feed_async(self, input, sink=None) -> Result:
+        """feed() (or communicate(), without a sink) driven by the running
+        asyncio loop: the pipes and the end of the job are watched by the
+        loop, so no thread is needed and none is woken per job.  The same
+        limits apply.  If the awaiting task is cancelled, the job is killed
+        and reaped before the cancellation goes on."""
+        if self._result is not None:
+            return self._result
+        loop = asyncio.get_running_loop()
+        limit = self.limits.output
+        pending = memoryview(input)
+        zygote = self.spawned_by == "zygote"
+        end_fd = self._status if zygote else self.pidfd
+        done = loop.create_future()
+        state = {"exited": zygote and self._exit_record is not None}
+        watched_r: list[int] = []
+        watched_w: list[int] = []
+        timer = None
+
+        def finish() -> None:
+            if state["exited"] and self._out is None and not done.done():
+                done.set_result(None)
+
+        def unwatch(fd: int, writer: bool = False) -> None:
+            lst = watched_w if writer else watched_r
+            if fd in lst:
+                lst.remove(fd)
+                (loop.remove_writer if writer else loop.remove_reader)(fd)
+
+        def writable() -> None:
+            nonlocal pending
+            try:
+                n = os.write(self._in, pending[:_CHUNK])
+                pending = pending[n:]
+            except BlockingIOError:
+                return
+            except BrokenPipeError:  # the job closed or ended: drop the rest
+                pending = memoryview(b"")
+            if not pending:
+                unwatch(self._in, writer=True)
+                self.close_input()
+
+        def readable() -> None:
+            fd = self._out
+            self._read_output(limit, sink)
+            if self._out is None:  # the end of the output (the fd is closed now)
+                unwatch(fd)
+                finish()
+
+        def ended() -> None:
+            if zygote:
+                if not (self._read_status() == [(-1, 0)] or self._exit_record is not None):
+                    return
+            state["exited"] = True
+            unwatch(end_fd)
+            finish()
+
+        def clock() -> None:
+            nonlocal timer
+            remaining = self.limits.wall_seconds - self._elapsed()
+            if remaining <= 0 and not state["exited"]:
+                self._kill("wall-limit")
+                remaining = 0.2  # wait for the kill to land
+            timer = loop.call_later(min(max(remaining, 0.001), 1.0), clock)
+
+        try:
+            if self._in is not None:
+                os.set_blocking(self._in, False)
+                if pending:
+                    loop.add_writer(self._in, writable)
+                    watched_w.append(self._in)
+                else:
+                    self.close_input()
+            if self._out is not None:
+                os.set_blocking(self._out, False)
+                loop.add_reader(self._out, readable)
+                watched_r.append(self._out)
+            if not state["exited"]:
+                loop.add_reader(end_fd, ended)
+                watched_r.append(end_fd)
+            clock()
+            finish()
+            await done
+        except BaseException as e:
+            self._kill("killed")
+            gave_up = e
+        else:
+            gave_up = None
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for fd in list(watched_r):
+                unwatch(fd)
+            for fd in list(watched_w):
+                unwatch(fd, writer=True)
+        if gave_up is not None:
+            try:
+                self._reap()  # (killed: its end is near)
+            except Exception:
+                pass
+            raise gave_up
+        return self._reap()
 
     def _pump(self, data, source_fd, sink) -> Result:
         if self._result is not None:

@@ -87,7 +87,7 @@ def _min_nonzero(*values: int) -> int:
 
 
 class _OutputSink:
-    """Where a job's output goes as it comes (in the worker thread that runs it).
+    """Where a job's output goes as it comes (called in the loop).
 
     It is hashed as it passes, once; whole chunks go ahead to the market in
     `output` frames (sent from the loop); what is left at the end, less than a
@@ -97,7 +97,6 @@ class _OutputSink:
 
     def __init__(self, seller: "Seller", r: _Running, chunk: int):
         self._seller, self._r, self._chunk = seller, r, chunk
-        self._loop = seller._loop
         self.sha256 = hashlib.sha256()
         self.buf = bytearray()
         self.n = 0
@@ -111,7 +110,7 @@ class _OutputSink:
                 piece, self.buf = self.buf, bytearray()
             else:
                 piece, self.buf = self.buf[:self._chunk], self.buf[self._chunk:]
-            self._loop.call_soon_threadsafe(self._seller._send_output, self._r, piece)
+            self._seller._send_output(self._r, piece)
 
     def flush(self) -> None:
         pass
@@ -247,10 +246,12 @@ class Seller:
 
     def _set(self, **changes) -> None:
         with self._status_lock:
-            new = dataclasses.replace(self._status, **changes)
-            if new == self._status:
+            old = self._status
+            if all(getattr(old, k) == v for k, v in changes.items()):
                 return
-            self._status = new
+            # (dataclasses.replace() costs several times this, and it runs
+            # a few times per task)
+            new = self._status = Status(**{**old.__dict__, **changes})
         if self._on_change is not None:
             try:
                 self._on_change(new)
@@ -652,8 +653,7 @@ class Seller:
                     and type(self)._output_for_result is Seller._output_for_result):
                 sink = _OutputSink(self, r, self._output_chunks)
             if r.session is None:
-                result = await self._loop.run_in_executor(
-                    None, self._execute, r, image, limits, msg.payload, sink)
+                result = await self._execute(r, image, limits, msg.payload, sink)
             else:
                 result, streamed = await self._execute_session(r, image, limits)
             if r.aborted:
@@ -721,17 +721,20 @@ class Seller:
         """The output reported to the market (a seam for test runners)."""
         return output
 
-    def _execute(self, r: _Running, image, limits, data: bytes, sink=None):
-        """In a worker thread: run one job to the end (its output to `sink` if given)."""
+    async def _execute(self, r: _Running, image, limits, data: bytes, sink=None):
+        """Run one job to the end (its output to `sink` if given), in the loop.
+
+        The start (a request to the sandbox's zygote, which answers when the
+        job is set up) takes a fraction of a millisecond and blocks the loop
+        that long; the job's pipes and its end are then watched by the loop,
+        so no thread is handed each task."""
         job = sandbox.start(image, limits)
         r.job = job
         if r.aborted:
             job.kill()
         elif self._paused:
             job.pause()
-        if sink is None:
-            return job.communicate(data)
-        return job.feed(data, sink)
+        return await job.feed_async(data, sink)
 
     def _send_output(self, r: _Running, piece: bytearray) -> None:
         if self._running is r and not r.aborted:
