@@ -94,3 +94,29 @@ def test_connect_refused_raises_market_error(tmp_path, market):
     with pytest.raises(MarketError) as e:
         arun(go())
     assert e.value.code == "connect" and "127.0.0.1:1" in e.value.message
+
+
+def test_leaving_map_early_cancels_what_has_no_result_and_stops_its_jobs(market):
+    """A timeout around map(): the tasks without a result are cancelled, the
+    escrow comes back, and the sellers running them stop at once (they are
+    free for the next task, long before the 20 s their jobs would take)."""
+    order = load_buy(market.buy_order("buyer", max_cpu_seconds=60))
+    slow = [spin_input(spin_count_for(20.0), b"slow %d" % i) for i in range(2)]
+    before = market.balance_milli("buyer")
+
+    async def go():
+        async with Market(order) as m:
+            await m.upload(job("spin"))
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(1.5):
+                    async for r in m.map(job("spin"), slow):
+                        raise AssertionError(f"a 20 s task finished: {r}")
+            counts = await m.cancelled()
+            t0 = asyncio.get_running_loop().time()
+            quick = [r async for r in m.map(job("echo"), [b"a", b"b"])]
+            return counts, quick, asyncio.get_running_loop().time() - t0
+    counts, quick, took = arun(go())
+    assert counts == (2, 0, 0), counts
+    assert all(r.ok for r in quick) and took < 10, (quick, took)
+    assert market.balance_milli("buyer") == before - sum(r.cost_milli for r in quick)
+    assert market.ledger_check().returncode == 0

@@ -145,3 +145,49 @@ def test_connection_refused_is_clear(tmp_path, files, market):
     moved.write_text(order.read_text().replace(f":{market.port}", ":1"))
     p = buy("--order", moved, echo, ins[0], "--output-dir", tmp_path / "out")
     assert p.returncode == 1 and "127.0.0.1:1" in p.stderr and "connect" in p.stderr, p.stderr
+
+
+def test_timeout_cancels_what_did_not_run_and_refunds_it(tmp_path, files, market):
+    echo, _, ins = files
+    before = market.balance_milli("buyer")
+    cheap = market.buy_order("buyer", name="cheap", price="0.001")  # below every ask
+    p = buy("--order", cheap, "--timeout", "1", echo, *ins, "--output-dir", tmp_path / "out")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert ("not finished within 1 s: 3 tasks without a result cancelled (3 refunded)"
+            in p.stderr), p.stderr
+    assert p.stdout.startswith("3 tasks, 0 failed, 3 cancelled, 0.000 CPU seconds, "
+                               "0.000 CPUCoins spent"), p.stdout
+    assert market.balance_milli("buyer") == before
+    assert not any((tmp_path / "out").iterdir())
+    assert market.ledger_check().returncode == 0
+    p = buy("--order", cheap, "--timeout", "0", echo, *ins, "--output-dir", tmp_path / "out")
+    assert p.returncode == 2 and "--timeout" in p.stderr, p.stderr
+
+
+def test_interrupt_cancels_and_exits_130(tmp_path, files, market):
+    import signal
+    import sqlite3
+    import time
+    echo, _, ins = files
+    before = market.balance_milli("buyer")
+    cheap = market.buy_order("buyer", name="cheap2", price="0.001")
+    proc = subprocess.Popen([PYTHON, "-m", "cpushare", "buy", "--order", str(cheap), str(echo),
+                             *map(str, ins), "--output-dir", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+
+    def held() -> int:  # escrow taken for the tasks: they are accepted
+        db = sqlite3.connect(f"file:{market.db}?mode=ro", uri=True)
+        try:
+            return db.execute("SELECT COUNT(*) FROM tasks WHERE state = 'queued'").fetchone()[0]
+        finally:
+            db.close()
+    deadline = time.monotonic() + 30
+    while held() < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held() == 3
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "interrupted: 3 tasks without a result cancelled (3 refunded)" in err, err
+    assert market.balance_milli("buyer") == before
+    assert held() == 0

@@ -506,6 +506,42 @@ def test_no_task_is_taken_back_for_a_seller_that_may_not_run_it(lm):
     assert_ledger_ok(lm)
 
 
+def test_a_cancelled_task_is_refunded_and_its_sellers_told_to_stop(lm):
+    async def main():
+        await lm.start()
+        holder = await _prefetching_seller(lm, "alice")
+        b, d = await buyer(lm)
+        for ref in ("1", "2", "3"):
+            await b.send("submit", ref.encode(), ref=ref, image=d)
+            await b.expect("accepted")
+        t1, t2 = await holder.expect("task"), await holder.expect("task")
+        await b.send("cancel", ref="1")  # running
+        await b.send("cancel", ref="2")  # held behind it
+        await b.send("cancel", ref="nothing")  # unknown: no answer
+        for ref in ("1", "2"):
+            m = await b.expect("failed")
+            assert (m["ref"], m["code"]) == (ref, "cancelled"), m
+        got = [await holder.expect("stop"), await holder.expect("stop")]
+        assert sorted(m["attempt"] for m in got) == sorted([t1["attempt"], t2["attempt"]])
+        # the holder answers as a seller does; its late result is paid nothing
+        await holder.send("handback", attempt=t2["attempt"], reason="closed", unstarted=True)
+        await holder.send("result", b"1", attempt=t1["attempt"], exit_status=0, signal=None,
+                          reason="", cpu_ms=5, output_sha256=protocol.digest(b"1"))
+        m = await holder.expect("settled")
+        assert (m["attempt"], m["paid_milli"], m["accepted"]) == (t1["attempt"], 0, False), m
+        await holder.send("ready", slots=2)
+        t3 = await holder.expect("task")
+        assert t3.payload == b"3"
+        await b.send("cancel", ref="1")  # again: it is closed, nothing happens
+        assert await b.sync() == []
+        await holder.close()
+        await lm.stop()
+    run(main())
+    held = cost_milli(10_000, BID)  # the escrow of the one task still queued
+    assert lm.balances("buyer", "alice") == {"buyer": COINS - held, "alice": 0}
+    assert_ledger_ok(lm)
+
+
 @pytest.mark.parametrize("slots", [0, -1, 17])
 def test_ready_with_slots_out_of_range_closes_only_that_connection(lm, slots):
     async def main():

@@ -301,3 +301,22 @@ def test_output_goes_ahead_in_output_frames_when_the_market_offers_them(run):
         assert out == data[:200_000] and m["reason"] == "output-limit", m
         assert m["output_sha256"] == protocol.digest(data[:200_000])
     run(scenario)
+
+
+def test_stop_kills_the_running_job_and_drops_the_held_one(run):
+    async def scenario(peer, seller):
+        reader, writer = await _running_and_held(peer, seller)
+        await protocol.send(writer, "stop", attempt=2)  # held: given back unstarted
+        m = await read(reader)
+        assert (m.type, m["attempt"], m["unstarted"]) == ("handback", 2, True), m
+        assert "closed" in m["reason"]
+        await protocol.send(writer, "stop", attempt=1)  # running: killed, handed back
+        m = await read(reader)
+        assert m.type == "handback" and m["attempt"] == 1 and "closed" in m["reason"], m
+        assert "unstarted" not in m.fields
+        for _ in range(200):
+            if seller.status().state == "idle":
+                break
+            await asyncio.sleep(0.01)
+        assert seller.status().state == "idle" and seller.status().tasks_done == 0
+    run(scenario)

@@ -96,6 +96,8 @@ SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
     "settled": {"attempt": (INT, R), "paid_milli": (INT, R), "accepted": (BOOL, R)},
     "handback": {"attempt": (INT, R), "reason": (STR, O), "unstarted": (BOOL, O)},
     "revoke": {"attempt": (INT, R)},
+    "stop": {"attempt": (INT, R)},
+    "cancel": {"ref": (STR, R)},
     # buyer
     "image_ok": {"image": (STR, R)},
     "submit": {"ref": (STR, R), "image": (STR, R), "redundancy": (OPT_INT, O),

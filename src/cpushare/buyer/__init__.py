@@ -13,6 +13,11 @@ was).  A lost connection is re-established with backoff, the image is
 uploaded again and every task without a result is submitted again under
 its old `ref`, so the market can tell a resubmission from new work.
 
+Leaving `map` early (a `break` and then closing the generator, an
+exception, a cancellation, a timeout) cancels the tasks that have no result
+yet: the market fails them ("cancelled") and refunds their escrow;
+`await m.cancelled()` waits for it to say so.
+
 `run_tasks(order, image, inputs)` is the synchronous convenience: it
 returns the results in input order.
 
@@ -117,6 +122,8 @@ class Market:
         self._prefix = secrets.token_hex(6)
         self._seq = 0
         self._out: protocol.FrameWriter | None = None  # frames out, while _writer is set
+        # refs cancelled (map() left early) -> their answer, `failed` (cancelled) or `done`
+        self._cancelling: dict[str, asyncio.Future] = {}
 
     # --- connection ----------------------------------------------------------
 
@@ -288,8 +295,12 @@ class Market:
                 ahead += msg.payload
                 msg.payload = ahead
             q = self._sinks.pop(msg["ref"], None)
+            fut = self._cancelling.get(msg["ref"])
             if q is not None:
                 q.put_nowait(msg)
+            elif fut is not None:
+                if not fut.done():
+                    fut.set_result(msg)
             else:
                 log.debug("result for unknown ref %s ignored", msg["ref"])
         elif t == "accepted":
@@ -443,6 +454,47 @@ class Market:
             self._queues.discard(q)
             for ref in pending:
                 self._sinks.pop(ref, None)
+            self._cancel(list(pending))
+
+    def _cancel(self, refs: list[str]) -> None:
+        """Ask the market to cancel these tasks (see cancelled())."""
+        if not refs:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (a generator finalized after its loop ended)
+            return
+        for ref in refs:
+            if ref not in self._cancelling:
+                self._cancelling[ref] = loop.create_future()
+            try:
+                self._send("cancel", ref=ref)
+            except ConnectionError:
+                break  # the market keeps them for us; a new connection may cancel them
+
+    async def cancelled(self, timeout: float = 30.0) -> tuple[int, int, int]:
+        """Wait for the market's answers to the cancellations so far (tasks of
+        map() calls left early): (cancelled, finished anyway, unanswered).
+        A task whose result was already on its way is `finished anyway`, and
+        paid for; `unanswered` ones (the connection went, or the timeout
+        passed) may still run, their results kept by the market for this
+        buy order."""
+        futs = dict(self._cancelling)
+        if self.connected and futs:
+            try:
+                await self._drain()
+            except (ConnectionError, OSError):
+                pass
+            await asyncio.wait(futs.values(), timeout=timeout)
+        counts = [0, 0, 0]
+        for ref, fut in futs.items():
+            if fut.done() and not fut.cancelled():
+                m = fut.result()
+                counts[0 if m.type == "failed" and m["code"] == "cancelled" else 1] += 1
+                self._cancelling.pop(ref, None)
+            else:
+                counts[2] += 1
+        return counts[0], counts[1], counts[2]
 
     def _output(self, msg: Message) -> None:
         """A piece of a task's output ahead of its `done` (not final until then)."""

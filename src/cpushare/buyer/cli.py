@@ -7,6 +7,7 @@ import dataclasses
 import asyncio
 import sys
 import time
+from contextlib import aclosing
 from pathlib import Path
 from typing import Iterable
 
@@ -21,8 +22,13 @@ for INPUT is written to DIR/<basename of INPUT>.out (so input names must be
 distinct).  On a terminal a progress bar is shown; otherwise one line per
 finished task.
 
+With --timeout, or on an interrupt (Ctrl-C), the tasks without a result
+are cancelled: the market refunds their escrow, and the summary counts
+them.  Outputs of the tasks that finished are written all the same.
+
 Exit status: 0 if every task succeeded (exit status 0), 1 if some failed
-(each is named on standard error), 2 for a usage error or an unusable file.
+or were cancelled (each is named on standard error), 2 for a usage error or
+an unusable file, 130 after an interrupt.
 """
 
 
@@ -36,6 +42,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "agreeing outputs (default: the buy order's)")
     parser.add_argument("--output-dir", required=True, metavar="DIR", type=Path,
                         help="where to write INPUT's output as DIR/<basename of INPUT>.out")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="cancel the tasks that have no result after this long "
+                             "(their escrow is refunded)")
     parser.add_argument("job", metavar="JOB.bin", type=Path, help="the bytecode image to run")
     parser.add_argument("inputs", metavar="INPUT", type=Path, nargs="+",
                         help="one input file per task")
@@ -87,6 +96,9 @@ def main(args: argparse.Namespace) -> int:
     if args.redundancy is not None and not 1 <= args.redundancy <= 16:
         _err(f"--redundancy {args.redundancy}: must be 1..16")
         return 2
+    if args.timeout is not None and not args.timeout > 0:
+        _err(f"--timeout {args.timeout:g}: must be a positive number of seconds")
+        return 2
     try:
         order = load_buy(args.order)
     except OrderError as e:
@@ -124,23 +136,58 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         return asyncio.run(_buy(order, image, args.inputs, datas, args.output_dir,
-                                args.redundancy))
+                                args.redundancy, args.timeout))
     except MarketError as e:
         _err(e.message if e.message.startswith(order.server) else f"{order.server}: {e}")
         return 1 if e.code == "funds" else 2 if e.code in ("auth", "order", "image") else 1
     except KeyboardInterrupt:
-        _err("interrupted")
-        return 1
+        return 130
 
 
 async def _buy(order, image, paths: list[Path], datas: Iterable[bytes], out_dir: Path,
-               redundancy: int | None) -> int:
+               redundancy: int | None, timeout: float | None = None) -> int:
     progress = _Progress(len(paths))
     failed: list[tuple[Path, TaskResult]] = []
-    cpu_ms = cost = retries = 0
     k = redundancy or order.redundancy
+    stopped = ""
+    cancelled = (0, 0, 0)
+    totals = [0, 0, 0]  # CPU ms, cost, retries
     async with Market(order) as m:
-        async for r in m.map(image, datas, redundancy=redundancy):
+        try:
+            async with asyncio.timeout(timeout):
+                await _collect(m, image, datas, paths, out_dir, redundancy, progress, failed,
+                               totals, k)
+        except TimeoutError:
+            stopped = f"not finished within {timeout:g} s"
+        except asyncio.CancelledError:  # Ctrl-C
+            stopped = "interrupted"
+        if stopped:
+            if progress.tty:
+                sys.stderr.write("\n")
+            cancelled = await m.cancelled()
+        cpu_ms, cost, retries = totals
+        retries += m.resubmitted
+    for path, r in failed:
+        _err(f"{path}: task {r.task if r.task is not None else '-'} failed: {_why(r)}")
+    unfinished = len(paths) - progress.done
+    if stopped:
+        n, finished, unanswered = cancelled
+        _err(f"{stopped}: {unfinished} tasks without a result cancelled ({n} refunded"
+             + (f", {finished} finished meanwhile" if finished else "")
+             + (f", {unanswered} not confirmed by the market" if unanswered else "") + ")")
+    print(f"{len(paths)} tasks, {len(failed)} failed, "
+          + (f"{unfinished} cancelled, " if stopped else "")
+          + f"{cpu_ms / 1000:.3f} CPU seconds, {format_coins(cost)} CPUCoins spent, "
+          f"{retries} retries")
+    if stopped == "interrupted":
+        raise KeyboardInterrupt
+    return 1 if failed or stopped else 0
+
+
+async def _collect(m, image, datas, paths, out_dir, redundancy, progress, failed, totals,
+                   k) -> None:
+    async with aclosing(m.map(image, datas, redundancy=redundancy)) as results:
+        async for r in results:
             path = paths[r.index]
             if r.code is None:
                 target = out_dir / (path.name + ".out")
@@ -149,15 +196,9 @@ async def _buy(order, image, paths: list[Path], datas: Iterable[bytes], out_dir:
                 except OSError as e:
                     r = dataclasses.replace(r, code="output",
                                             reason=f"cannot write {target}: {e.strerror}")
-            cpu_ms += r.cpu_ms
-            cost += r.cost_milli
-            retries += max(0, r.attempts - k)
+            totals[0] += r.cpu_ms
+            totals[1] += r.cost_milli
+            totals[2] += max(0, r.attempts - k)
             if not r.ok:
                 failed.append((path, r))
             progress.update(path.name, r)
-        retries += m.resubmitted
-    for path, r in failed:
-        _err(f"{path}: task {r.task if r.task is not None else '-'} failed: {_why(r)}")
-    print(f"{len(paths)} tasks, {len(failed)} failed, {cpu_ms / 1000:.3f} CPU seconds, "
-          f"{format_coins(cost)} CPUCoins spent, {retries} retries")
-    return 1 if failed else 0

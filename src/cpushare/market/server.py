@@ -701,6 +701,8 @@ class Market:
         for aid, s in t.running.items():
             if s is not None and aid in s.attempts:
                 s.stale.add(aid)  # its result, when it comes, is paid nothing
+                if not s.gone:  # and it may stop now (or not start)
+                    s.write(encode("stop", attempt=aid))
         self._after_commit(lambda: self._announce(t, notes, final))
 
     def _seller_of(self, aid: int, t: TaskState) -> SellerConn | None:
@@ -797,6 +799,7 @@ class Market:
             if m["attempt"] in s.attempts:
                 self._lose(s, f"handed back: {m.get('reason') or 'no reason given'}",
                            m["attempt"], unstarted=m.get("unstarted") is True)
+                s.stale.discard(m["attempt"])  # (no result follows a handback)
         elif m.type == "stream":
             t = next(iter(s.attempts.values()))[0] if s.attempts else None
             if t is None or not t.session or t.id != m["session"]:
@@ -910,6 +913,14 @@ class Market:
             self._on_image(b, m)
         elif m.type == "open":
             self._on_open(b, m)
+        elif m.type == "cancel":
+            # A task still pending under that ref fails now ("cancelled"): its
+            # escrow is refunded, its sellers are told to stop.  Otherwise its
+            # result is on its way or delivered, and the cancel changes nothing.
+            tid = self.pending_refs.get((b.order_id, m["ref"]))
+            t = self.tasks.get(tid) if tid is not None else None
+            if t is not None and not t.session and t.buy_order_id == b.order_id:
+                self._fail(t, "cancelled", "cancelled by the buyer")
         elif m.type == "stream":
             t = self.tasks.get(m["session"])
             if t is None or not t.session or t.buyer is not b:

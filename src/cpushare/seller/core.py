@@ -525,6 +525,16 @@ class Seller:
             pass
         elif t == "task":
             self._take(msg)
+        elif t == "stop":
+            # the attempt's task closed (the others agreed, it failed, the buyer
+            # cancelled it): nobody pays for it any more
+            a = msg["attempt"]
+            r = self._running
+            if self._queued is not None and self._queued["attempt"] == a:
+                self._give_back_queued("its task is closed")
+                self._send_ready()
+            elif r is not None and r.attempt == a:
+                self._abort(r, "its task is closed")
         elif t == "revoke":
             # the market has an idle CPU for the task we hold; one that has
             # started meanwhile (or is unknown) runs on, its result answers
