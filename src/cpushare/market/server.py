@@ -203,14 +203,15 @@ class Conn:
 
 
 class _Streamed:
-    """An attempt's output as it comes in `output` frames: the bytes, their
-    SHA-256 so far, and the buyer connection they also went to, cut through
-    (None: not, or not all of them)."""
+    """An attempt's output as it comes in `output` frames: the pieces (joined
+    once, at the result), their length and SHA-256 so far, and the buyer
+    connection they also went to, cut through (None: not, or not all of them)."""
 
-    __slots__ = ("data", "sha256", "buyer")
+    __slots__ = ("pieces", "n", "sha256", "buyer")
 
     def __init__(self, buyer):
-        self.data = bytearray()
+        self.pieces: list = []
+        self.n = 0
         self.sha256 = hashlib.sha256()
         self.buyer = buyer
 
@@ -833,13 +834,14 @@ class Market:
         elif got.buyer is not b:
             got.buyer = None  # it missed a piece: it gets the whole output with `done`
         limit = s.order.output if s.order.output >= 0 else self.max_payload
-        if len(got.data) + len(m.payload) > limit:
+        if got.n + len(m.payload) > limit:
             raise ProtocolError("task", f"attempt {aid}: output over the limit of "
                                         f"{limit} bytes")
         if got.buyer is not None:
             got.buyer.write(frame("output", m.payload, ref=t.ref, task=t.id,
-                                  offset=len(got.data)))
-        got.data += m.payload
+                                  offset=got.n))
+        got.pieces.append(m.payload)
+        got.n += len(m.payload)
         got.sha256.update(m.payload)
 
     def _on_result(self, s: SellerConn, m: Message) -> None:
@@ -867,12 +869,14 @@ class Market:
         output = m.payload
         streamed = s.outputs.pop(aid, None)
         if streamed is not None:  # the output came in `output` frames; the result has the rest
-            output, h = streamed.data, streamed.sha256
+            h = streamed.sha256
             limit = s.order.output if s.order.output >= 0 else self.max_payload
-            if len(output) + len(m.payload) > limit:
+            if streamed.n + len(m.payload) > limit:
                 raise ProtocolError("task", f"attempt {aid}: output over the limit of "
                                             f"{limit} bytes")
-            output += m.payload
+            streamed.pieces.append(m.payload)
+            output = b"".join(streamed.pieces)
+            streamed.pieces = []
             h.update(m.payload)
             sha = h.hexdigest()
         else:
