@@ -82,6 +82,9 @@ def _note_relay(r):
         v = _get(r, k)
         if v is not None:
             parts.append(f"{k} {_num(v, '{:.0f}')}")
+    ceiling = _get(r, "ceiling_tls_only")
+    if ceiling is not None:
+        parts.append(f"ceiling here (TLS alone) {_num(ceiling, '{:.2f}')}")
     return ", ".join(parts)
 
 

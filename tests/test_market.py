@@ -348,15 +348,22 @@ async def _prefetching_seller(lm, account):
     return p
 
 
+async def _holding_two(lm, refs=("1", "2")):
+    """A buyer submits `refs`; a prefetching raw seller of alice gets the first
+    two (one to run, one to hold): (holder, buyer, task 1, task 2)."""
+    await lm.start()
+    holder = await _prefetching_seller(lm, "alice")
+    b, d = await buyer(lm)
+    for ref in refs:
+        await b.send("submit", ref.encode(), ref=ref, image=d)
+        await b.expect("accepted")
+    t1, t2 = await holder.expect("task"), await holder.expect("task")
+    return holder, b, t1, t2
+
+
 def test_a_prefetching_seller_gets_a_second_task_and_its_disconnect_requeues_both(lm):
     async def main():
-        await lm.start()
-        holder = await _prefetching_seller(lm, "alice")
-        b, d = await buyer(lm)
-        for ref in ("1", "2", "3"):
-            await b.send("submit", ref.encode(), ref=ref, image=d)
-            await b.expect("accepted")
-        t1, t2 = await holder.expect("task"), await holder.expect("task")
+        holder, b, t1, t2 = await _holding_two(lm, ("1", "2", "3"))
         assert [t1.payload, t2.payload] == [b"1", b"2"]
         assert await holder.sync() == []  # two, and no third
         await holder.close()  # gone with the one it ran and the one it held
@@ -377,13 +384,7 @@ def test_a_prefetching_seller_gets_a_second_task_and_its_disconnect_requeues_bot
 
 def test_a_held_task_handed_back_unstarted_is_requeued_without_counting_as_lost(lm):
     async def main():
-        await lm.start()
-        holder = await _prefetching_seller(lm, "alice")
-        b, d = await buyer(lm)
-        for ref in ("1", "2"):
-            await b.send("submit", ref.encode(), ref=ref, image=d)
-            await b.expect("accepted")
-        t1, t2 = await holder.expect("task"), await holder.expect("task")
+        holder, b, t1, t2 = await _holding_two(lm)
         await holder.send("handback", attempt=t2["attempt"], reason="stopping", unstarted=True)
         # the handback also cancels what it asked for: it gets nothing more
         assert await holder.sync() == []
@@ -428,13 +429,7 @@ def test_a_held_task_is_taken_back_for_a_seller_that_becomes_idle(lm):
     seller is idle and may run it, and runs there; the holder is paid for the
     task it ran, the idle seller for the one it took."""
     async def main():
-        await lm.start()
-        holder = await _prefetching_seller(lm, "alice")
-        b, d = await buyer(lm)
-        for ref in ("1", "2"):
-            await b.send("submit", ref.encode(), ref=ref, image=d)
-            await b.expect("accepted")
-        t1, t2 = await holder.expect("task"), await holder.expect("task")
+        holder, b, t1, t2 = await _holding_two(lm)
         assert await holder.sync() == []  # nobody idle: nothing taken back
         idle = await ScriptedSeller.connect(lm.sell("bob", 36_000))
         m = await holder.expect("revoke")
@@ -460,13 +455,7 @@ def test_a_revoked_task_that_started_meanwhile_is_settled_as_usual(lm):
     """The holder may have started the held task before the `revoke` came: it
     answers with results, and the task is paid once, to it."""
     async def main():
-        await lm.start()
-        holder = await _prefetching_seller(lm, "alice")
-        b, d = await buyer(lm)
-        for ref in ("1", "2"):
-            await b.send("submit", ref.encode(), ref=ref, image=d)
-            await b.expect("accepted")
-        t1, t2 = await holder.expect("task"), await holder.expect("task")
+        holder, b, t1, t2 = await _holding_two(lm)
         idle = await ScriptedSeller.connect(lm.sell("bob", 36_000))
         assert (await holder.expect("revoke"))["attempt"] == t2["attempt"]
         for t in (t1, t2):  # the revoke ignored: both run here
@@ -489,13 +478,7 @@ def test_a_revoked_task_that_started_meanwhile_is_settled_as_usual(lm):
 def test_no_task_is_taken_back_for_a_seller_that_may_not_run_it(lm):
     """An idle seller asking more than the bid gets nothing revoked for it."""
     async def main():
-        await lm.start()
-        holder = await _prefetching_seller(lm, "alice")
-        b, d = await buyer(lm)
-        for ref in ("1", "2"):
-            await b.send("submit", ref.encode(), ref=ref, image=d)
-            await b.expect("accepted")
-        await holder.expect("task"), await holder.expect("task")
+        holder, b, _, _ = await _holding_two(lm)
         dear = await ScriptedSeller.connect(lm.sell("bob", BID + 1))
         await asyncio.sleep(0.1)  # ten times the age at which a held task may move
         assert await holder.sync() == []
@@ -508,13 +491,7 @@ def test_no_task_is_taken_back_for_a_seller_that_may_not_run_it(lm):
 
 def test_a_cancelled_task_is_refunded_and_its_sellers_told_to_stop(lm):
     async def main():
-        await lm.start()
-        holder = await _prefetching_seller(lm, "alice")
-        b, d = await buyer(lm)
-        for ref in ("1", "2", "3"):
-            await b.send("submit", ref.encode(), ref=ref, image=d)
-            await b.expect("accepted")
-        t1, t2 = await holder.expect("task"), await holder.expect("task")
+        holder, b, t1, t2 = await _holding_two(lm, ("1", "2", "3"))
         await b.send("cancel", ref="1")  # running
         await b.send("cancel", ref="2")  # held behind it
         await b.send("cancel", ref="nothing")  # unknown: no answer

@@ -228,6 +228,26 @@ def test_feed_async_enforces_the_output_and_wall_limits():
     assert result.reason == "wall-limit" and 0.3 <= result.wall_seconds < 3, result
 
 
+@pytest.mark.parametrize("size, limit", [(5000, 1000), (300_000, 200_000)])
+def test_output_over_the_limit_is_cut_even_when_the_job_exits_first(size, limit):
+    """The job's whole output fits in the pipe, so it exits before its reader
+    sees the limit passed: the output is still cut and the result says so,
+    never a clean exit."""
+    data = os.urandom(size)
+    limits = sandbox.Limits(cpu_seconds=5, wall_seconds=20, output=limit)
+    job = sandbox.start(hostile.echo(), limits)
+    job.write(data)
+    job.close_input()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{job.pid}/fd") and time.monotonic() < deadline:
+        time.sleep(0.005)  # (it has written everything and exited)
+    for result in (job.wait(), _feed_async(hostile.echo(), data, limits)[1]):
+        assert result.output == data[:limit], len(result.output)
+        assert (result.reason, result.exit_status, result.signal) == (
+            "output-limit", None, signal.SIGKILL), result
+        assert not result.ok
+
+
 def test_feed_async_pause_stops_the_wall_clock():
     import asyncio
 
@@ -385,8 +405,15 @@ def test_zygote_keeps_nothing_of_this_process():
     assert hi - lo == 512 << 10, maps
     with open(f"/proc/{pid}/comm") as f:
         assert f.read().strip() == "cpushare-zygote"
-    fds = sorted(int(x) for x in os.listdir(f"/proc/{pid}/fd"))
-    assert len(fds) == 3, fds  # the socket, the trampoline memfd, its signalfd
+    # the socket, the trampoline memfd, its signalfd; and, for a moment after
+    # a job's end was reported, that job's status pipe (written, then closed)
+    deadline = time.monotonic() + 5
+    while True:
+        fds = sorted(int(x) for x in os.listdir(f"/proc/{pid}/fd"))
+        if len(fds) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert len(fds) == 3, fds
 
 
 @pytest.mark.skipif(os.environ.get("CPUSHARE_SANDBOX_SPAWN") == "fork", reason="no zygote")

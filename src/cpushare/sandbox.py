@@ -565,14 +565,8 @@ class Job:
 
         def writable() -> None:
             nonlocal pending
-            try:
-                n = os.write(self._in, pending[:_CHUNK])
-                pending = pending[n:]
-            except BlockingIOError:
-                return
-            except BrokenPipeError:  # the job closed or ended: drop the rest
-                pending = memoryview(b"")
-            if not pending:
+            pending = self._write_input(pending)
+            if not pending:  # all written, or the job closed its input
                 unwatch(self._in, writer=True)
                 self.close_input()
 
@@ -680,12 +674,8 @@ class Job:
                 elif fd == self._out:
                     self._read_output(limit, sink)
                 elif fd == self._in:
-                    try:
-                        n = os.write(self._in, pending[:_CHUNK])
-                        pending = pending[n:]
-                    except BlockingIOError:
-                        pass
-                    except BrokenPipeError:  # the job closed or ended: drop the rest
+                    pending = self._write_input(pending)
+                    if pending is None:
                         pending = memoryview(b"")
                         source_open = False
                         self.close_input()
@@ -696,6 +686,17 @@ class Job:
                     else:
                         source_open = False
         return self._reap()
+
+    def _write_input(self, pending: memoryview) -> memoryview | None:
+        """Write what the input pipe takes of `pending` (non-blocking); what is
+        left, or None when the job closed its input or ended (the rest is
+        dropped)."""
+        try:
+            return pending[os.write(self._in, pending[:_CHUNK]):]
+        except BlockingIOError:
+            return pending
+        except BrokenPipeError:
+            return None
 
     def _read_output(self, limit: int, sink) -> None:
         try:
@@ -740,7 +741,12 @@ class Job:
             wall = self._elapsed()
             self._close_all()
             exit_status = sig = None
-            if os.WIFEXITED(status):
+            if os.WIFEXITED(status) and self._kill_reason == "output-limit":
+                # It wrote past the limit into the pipe and exited before the
+                # kill landed: its output was cut all the same, and it ends
+                # as one the kill reached would (never as a clean exit).
+                sig, reason = signal.SIGKILL, "output-limit"
+            elif os.WIFEXITED(status):
                 exit_status = os.WEXITSTATUS(status)
                 reason = "exit"
             else:

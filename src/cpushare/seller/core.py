@@ -105,7 +105,7 @@ class _OutputSink:
         self.sha256.update(data)
         self.n += len(data)
         self.buf += data
-        if len(self.buf) >= self._chunk:
+        while len(self.buf) >= self._chunk:  # (a read may bring several)
             if len(self.buf) == self._chunk:  # (the usual case: pipe reads divide it)
                 piece, self.buf = self.buf, bytearray()
             else:
