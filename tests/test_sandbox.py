@@ -183,6 +183,14 @@ def test_kill():
 
 # -- Job.feed_async: the same job driven by an asyncio loop, no thread ---------------
 
+@pytest.fixture(params=["zygote", "fork"])
+def either_spawn(request, monkeypatch):
+    """Jobs started through the zygote (the end comes on its status pipe) or
+    forked from this process (the end comes on a pidfd)."""
+    if request.param == "fork":
+        monkeypatch.setattr(sandbox, "_get_zygote", lambda restart=None: None)
+    return request.param
+
 def _feed_async(image, data=b"", limits=QUICK, sink=None, during=None):
     import asyncio
 
@@ -194,7 +202,7 @@ def _feed_async(image, data=b"", limits=QUICK, sink=None, during=None):
     return asyncio.run(main())
 
 
-def test_feed_async_moves_big_input_and_output():
+def test_feed_async_moves_big_input_and_output(either_spawn):
     data = os.urandom(6 << 20)
     _, result = _feed_async(hostile.echo(), data)
     assert result.ok and result.output == data, result.describe()
@@ -213,14 +221,14 @@ def test_feed_async_moves_big_input_and_output():
     assert result.ok and result.output == b"" and b"".join(sink.parts) == data
 
 
-def test_feed_async_reports_exit_status_and_cpu_time(expected_mode):
+def test_feed_async_reports_exit_status_and_cpu_time(expected_mode, either_spawn):
     _, result = _feed_async(hostile.exit_with(42))
     assert (result.exit_status, result.reason, result.mode) == (42, "exit", expected_mode)
     _, result = _feed_async(hostile.busy(200_000_000))
     assert result.ok and result.cpu_seconds > 0.01, result
 
 
-def test_feed_async_enforces_the_output_and_wall_limits():
+def test_feed_async_enforces_the_output_and_wall_limits(either_spawn):
     _, result = _feed_async(hostile.flood(), limits=sandbox.Limits(cpu_seconds=5, wall_seconds=20,
                                                                    output=100_000))
     assert result.reason == "output-limit" and len(result.output) == 100_000, result
@@ -229,7 +237,7 @@ def test_feed_async_enforces_the_output_and_wall_limits():
 
 
 @pytest.mark.parametrize("size, limit", [(5000, 1000), (300_000, 200_000)])
-def test_output_over_the_limit_is_cut_even_when_the_job_exits_first(size, limit):
+def test_output_over_the_limit_is_cut_even_when_the_job_exits_first(size, limit, either_spawn):
     """The job's whole output fits in the pipe, so it exits before its reader
     sees the limit passed: the output is still cut and the result says so,
     never a clean exit."""
@@ -238,9 +246,17 @@ def test_output_over_the_limit_is_cut_even_when_the_job_exits_first(size, limit)
     job = sandbox.start(hostile.echo(), limits)
     job.write(data)
     job.close_input()
+    def ended() -> bool:  # reaped by the zygote, or a zombie of ours
+        try:
+            with open(f"/proc/{job.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
     deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{job.pid}/fd") and time.monotonic() < deadline:
+    while not ended() and time.monotonic() < deadline:
         time.sleep(0.005)  # (it has written everything and exited)
+    assert ended()
+    assert job.spawned_by == either_spawn
     for result in (job.wait(), _feed_async(hostile.echo(), data, limits)[1]):
         assert result.output == data[:limit], len(result.output)
         assert (result.reason, result.exit_status, result.signal) == (
@@ -248,7 +264,7 @@ def test_output_over_the_limit_is_cut_even_when_the_job_exits_first(size, limit)
         assert not result.ok
 
 
-def test_feed_async_pause_stops_the_wall_clock():
+def test_feed_async_pause_stops_the_wall_clock(either_spawn):
     import asyncio
 
     async def main():
@@ -264,7 +280,7 @@ def test_feed_async_pause_stops_the_wall_clock():
     assert result.wall_seconds < real - 0.5, (result.wall_seconds, real)
 
 
-def test_feed_async_cancelled_kills_and_reaps_the_job():
+def test_feed_async_cancelled_kills_and_reaps_the_job(either_spawn):
     import asyncio
 
     async def main():
