@@ -451,6 +451,24 @@ def test_a_held_task_is_taken_back_for_a_seller_that_becomes_idle(lm):
     assert_ledger_ok(lm)
 
 
+def test_a_held_task_is_taken_back_though_others_wait_that_the_idle_seller_may_not_run(lm):
+    async def main():
+        holder, b, t1, t2 = await _holding_two(lm)
+        low, d = await buyer(lm, price=1000)  # below the idle seller's ask: it stays queued
+        await low.send("submit", b"low", ref="low", image=d)
+        await low.expect("accepted")
+        idle = await ScriptedSeller.connect(lm.sell("bob", 36_000))
+        assert (await holder.expect("revoke"))["attempt"] == t2["attempt"]
+        await holder.send("handback", attempt=t2["attempt"], reason="revoked", unstarted=True)
+        m = await b.expect("done")
+        assert (m["ref"], m["attempts"], m["cost_milli"]) == ("2", 1, 10), m
+        await idle.stop()
+        await holder.close()
+        await lm.stop()
+    run(main())
+    assert_ledger_ok(lm)
+
+
 def test_a_revoked_task_that_started_meanwhile_is_settled_as_usual(lm):
     """The holder may have started the held task before the `revoke` came: it
     answers with results, and the task is paid once, to it."""

@@ -38,7 +38,7 @@ import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 from .. import __version__, bytecode
 from ..protocol import (DEFAULT_HEARTBEAT, DEFAULT_MAX_PAYLOAD, VERSION, Message,
@@ -66,6 +66,7 @@ PREFETCH = 1  # tasks a seller may hold queued behind the one it runs (announced
 # A task held by a seller behind the one it runs is taken back (`revoke`) for an
 # idle seller that may run it, once the task ahead of it has run this long.
 STEAL_AFTER = 0.01
+STEAL_SCAN = 64  # holders examined per look (the others in later looks, in turn)
 MAX_SLOTS = 16  # the most a `ready` may offer
 # Sellers may send a big output in `output` frames of up to this many bytes while
 # the job runs, ahead of its `result` (announced in welcome as output_chunks).
@@ -263,6 +264,7 @@ class Market:
         self.ready: dict[SellerConn, None] = {}
         self.holders: dict[SellerConn, None] = {}  # sellers holding a task behind another
         self._steal_timer: asyncio.TimerHandle | None = None
+        self._steal_due = False  # something changed that may allow a steal
         # (sell order id, instance) -> connection: copies of one order file
         # (instances cpu0, cpu1, ...) each sell one CPU under the same order
         self.sellers: dict[tuple[int, str], SellerConn] = {}
@@ -482,12 +484,21 @@ class Market:
         go to the idle seller; or, if it has started it meanwhile, with its
         result.  Only held tasks whose predecessor has run STEAL_AFTER are
         taken: a task of a few milliseconds ends sooner than a task moves."""
+        if not self._steal_due:
+            return
+        self._steal_due = False
         idle = [s for s in self.ready if not s.attempts]
         if not idle or not self.holders:
             return
         now = time.monotonic()
         soonest = None
-        for h in list(self.holders):
+        looked = list(self.holders)[:STEAL_SCAN]
+        if len(looked) < len(self.holders):  # the others come first next time
+            for h in looked:
+                del self.holders[h]
+                self.holders[h] = None
+            self._steal_due = True
+        for h in looked:
             age = now - h.head_since
             for aid, (t, _) in list(h.attempts.items())[1:]:
                 if aid in h.revoking or t.session or self.tasks.get(t.id) is not t:
@@ -507,6 +518,7 @@ class Market:
         if soonest is not None and self._steal_timer is None:
             def again() -> None:
                 self._steal_timer = None
+                self._steal_due = True
                 self._schedule()
             self._steal_timer = asyncio.get_running_loop().call_later(soonest, again)
 
@@ -516,6 +528,7 @@ class Market:
         if not self.queue:
             self._steal()
             return
+        self._steal_due = True  # (sellers may be given tasks now)
         scanned = 0
         served = []
         for tid in self.queue:
@@ -533,7 +546,7 @@ class Market:
                 break
         for tid in served:
             del self.queue[tid]
-        if self.ready and not self.queue:
+        if self.ready:  # sellers left idle, with nothing queued they may take
             self._steal()
 
     def _dispatch(self, t: TaskState, s: SellerConn) -> None:
@@ -553,6 +566,7 @@ class Market:
         s.attempts[aid] = (t, wall_ms)
         if len(s.attempts) == 2:
             self.holders[s] = None
+            self._steal_due = True
         task = frame("task", payload, task=t.id, attempt=aid, image=t.image, cpu_ms=t.cpu_ms,
                      wall_ms=wall_ms, memory=s.order.memory, output_limit=s.order.output,
                      buyer_order=t.buy_order_id, session=t.id if t.session else None)
@@ -576,6 +590,7 @@ class Market:
         s.revoking.discard(aid)
         if aid not in s.attempts:
             return None
+        self._steal_due = True  # (a seller may be idle now)
         started = next(iter(s.attempts)) == aid
         t, _ = s.attempts.pop(aid)
         if len(s.attempts) < 2:
@@ -780,6 +795,7 @@ class Market:
                 self._seq += 1
                 s.ready_seq = self._seq
                 self.ready[s] = None
+                self._steal_due = True
                 self._schedule()
         elif m.type == "need_image":
             if not any(t.image == m["image"] for t, _ in s.attempts.values()):
