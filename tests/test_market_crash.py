@@ -28,6 +28,9 @@ PYTHON = "/usr/bin/python3"
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 TASKS = 300
 KILLS = 6
+# tasks the buyer keeps submitted without a result: a restart delivers at most
+# this many at once, so the kills fall while work remains
+WINDOW = 32
 BID = 360_000
 
 
@@ -71,15 +74,26 @@ async def buyer_forever(o, results: dict[str, bytes], all_done: asyncio.Event) -
             p = await Peer.open(o, "buyer")
             await p.send("image", img, image=d)
             await p.expect("image_ok")
-            for i in range(TASKS):
-                if f"r{i}" not in results:
-                    await p.send("submit", b"input %d" % i, ref=f"r{i}", image=d)
+            inflight: set[str] = set()
+            nxt = 0
+
+            async def fill() -> None:  # in order; what has a result is skipped
+                nonlocal nxt
+                while len(inflight) < WINDOW and nxt < TASKS:
+                    ref, nxt = f"r{nxt}", nxt + 1
+                    if ref not in results:
+                        inflight.add(ref)
+                        await p.send("submit", b"input %s" % ref[1:].encode(), ref=ref,
+                                     image=d)
+            await fill()
             while True:
                 m = await p.recv(timeout=None)
                 if m is None:
                     break
                 if m.type == "done":
                     results[m["ref"]] = m.payload
+                    inflight.discard(m["ref"])
+                    await fill()
                 elif m.type == "failed":
                     raise RuntimeError(f"task {m['ref']} failed: {m['message']}")
                 if len(results) == TASKS:
@@ -111,7 +125,7 @@ def test_kill9_during_a_stream_of_work_keeps_the_ledger_whole(tmp_path):
         try:
             for k in range(KILLS):
                 # kill at spread points of the work, a random moment after each
-                while len(results) < (k + 1) * TASKS // (KILLS + 2):
+                while len(results) < (k + 1) * TASKS // (KILLS + 3):
                     assert not tasks[-1].done(), tasks[-1]
                     await asyncio.sleep(0.002)
                 await asyncio.sleep(rng.uniform(0, 0.02))

@@ -250,7 +250,7 @@ def test_output_over_the_limit_is_cut_even_when_the_job_exits_first(size, limit,
         try:
             with open(f"/proc/{job.pid}/stat") as f:
                 return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # (gone while we looked)
             return True
     deadline = time.monotonic() + 10
     while not ended() and time.monotonic() < deadline:
