@@ -537,6 +537,33 @@ def test_a_cancelled_task_is_refunded_and_its_sellers_told_to_stop(lm):
     assert_ledger_ok(lm)
 
 
+def test_max_wait_fails_and_refunds_what_no_seller_takes_but_not_what_runs(lm):
+    async def main():
+        await lm.start(max_wait=0.5)
+        holder = await ScriptedSeller.connect(lm.sell("alice", 1), hold=True)
+        b, d = await buyer(lm)
+        await b.send("submit", b"runs", ref="runs", image=d)
+        await b.expect("accepted")
+        await asyncio.wait_for(holder.got_task.wait(), TIMEOUT)  # it runs, held for ever
+        low, d2 = await buyer(lm, price=1)  # under every ask: no seller may take it
+        await low.send("submit", b"waits", ref="waits", image=d2)
+        await low.expect("accepted")
+        t0 = asyncio.get_running_loop().time()
+        m = await low.expect("failed")
+        waited = asyncio.get_running_loop().time() - t0
+        assert (m["ref"], m["code"]) == ("waits", "expired"), m
+        assert "0.5 s" in m["message"], m
+        assert 0.4 <= waited < 5, waited
+        await asyncio.sleep(0.6)
+        assert await b.sync() == []  # the running one did not expire
+        await holder.stop()
+        await lm.stop()
+    run(main())
+    # the expired task's escrow came back; the running one's is still held
+    assert lm.balances("buyer") == {"buyer": COINS - cost_milli(10_000, BID)}
+    assert_ledger_ok(lm)
+
+
 @pytest.mark.parametrize("slots", [0, -1, 17])
 def test_ready_with_slots_out_of_range_closes_only_that_connection(lm, slots):
     async def main():

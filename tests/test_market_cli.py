@@ -79,6 +79,8 @@ def test_admin_errors(db, args, err):
     (("sell-order", "add", "alice", "--price", "x", "--output", "/tmp/x"), "not a number"),
     (("sell-order", "add", "alice", "--price", "1", "--memory", "lots", "--output", "/x"),
      "not a size"),
+    (("serve", "--max-wait", "-1"), "--max-wait -1"),
+    (("serve", "--max-wait", "soon"), "invalid float value"),
 ])
 def test_bad_arguments_are_usage_errors(db, args, err):
     p = cli(db, *args, check=False)

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the market until SIGTERM or SIGINT")
     s.add_argument("--listen", help="override the address given at init")
     s.add_argument("--heartbeat", type=int, default=15, help="seconds between pings (15)")
+    s.add_argument("--max-wait", type=float, default=0, metavar="SECONDS",
+                   help="fail, and refund, a task no seller has taken for this long "
+                        "(default 0: it waits for ever)")
     s.add_argument("--synchronous", choices=("full", "normal"), default="normal",
                    help="SQLite durability of each group commit (default normal)")
     s.add_argument("--log-level", default="info",
@@ -128,11 +131,15 @@ def cmd_serve(args) -> int:
     from .server import Market  # the admin commands need no asyncio server
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if not args.max_wait >= 0:
+        print(f"{PROG}: --max-wait {args.max_wait:g}: must be 0 (never) or a number of "
+              f"seconds", file=sys.stderr)
+        return 2
     store = admin.open_store(args.db, args.synchronous)
     store.checkpoint_in_background()
     host, port = orders.split_hostport(args.listen or store.get_meta("listen"))
     ctx = admin.tls_context(store)
-    market = Market(store, heartbeat=args.heartbeat)
+    market = Market(store, heartbeat=args.heartbeat, max_wait=args.max_wait)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()

@@ -100,6 +100,8 @@ class TaskState:
     input: bytes | None = None  # small inputs stay in memory; None: read from the store
     buyer: "BuyerConn | None" = None  # sessions: the buyer that opened it
     streams: list = field(default_factory=list)  # sessions: stdin frames before a seller
+    # since when it has waited for a seller (accepted, or its last attempt lost)
+    waiting_since: float = field(default_factory=time.monotonic)
 
     def best(self) -> tuple[tuple | None, int]:
         if not self.results:
@@ -254,9 +256,10 @@ class BuyerConn(Conn):
 class Market:
     def __init__(self, store: Store, *, heartbeat: int = DEFAULT_HEARTBEAT,
                  max_payload: int = DEFAULT_MAX_PAYLOAD, grace_ms: int = GRACE_MS,
-                 commit_delay: float = COMMIT_DELAY):
+                 commit_delay: float = COMMIT_DELAY, max_wait: float = 0.0):
         self.store = store
         self.heartbeat = heartbeat
+        self.max_wait = max_wait  # seconds a task may wait for a seller (0: for ever)
         self.max_payload = max_payload
         self.grace_ms = grace_ms
         self.tasks: dict[int, TaskState] = {}
@@ -639,7 +642,19 @@ class Market:
             self._fail(t, "task", f"{t.lost} attempts were lost (sellers disconnected or "
                                   f"overran their deadline); last: {why}")
         else:
+            t.waiting_since = time.monotonic()
             self.queue[t.id] = None
+
+    def _expire(self, now: float) -> None:
+        """Fail the tasks that have waited `max_wait` for a seller: none runs
+        them, none has returned a result (those wait on: their sellers are owed
+        a settlement), and they are not sessions (whose buyer is there)."""
+        for tid in list(self.queue):
+            t = self.tasks.get(tid)
+            if (t is not None and not t.session and not t.running and not t.results
+                    and now - t.waiting_since >= self.max_wait):
+                self._fail(t, "expired", f"no seller took it within {self.max_wait:g} s "
+                                         f"(the market's --max-wait)")
 
     # --- settlement -------------------------------------------------------
 
@@ -1240,6 +1255,8 @@ class Market:
             for s in list(self.sellers.values()):
                 if s.attempts and now > s.deadline:
                     self._lose(s, "deadline passed")
+            if self.max_wait > 0:
+                self._expire(now)
             if now - last_ping >= self.heartbeat:
                 last_ping = now
                 self._recheck_certificates()
