@@ -548,13 +548,13 @@ class Job:
         zygote = self.spawned_by == "zygote"
         end_fd = self._status if zygote else self.pidfd
         done = loop.create_future()
-        state = {"exited": zygote and self._exit_record is not None}
+        exited = zygote and self._exit_record is not None
         watched_r: list[int] = []
         watched_w: list[int] = []
         timer = None
 
         def finish() -> None:
-            if state["exited"] and self._out is None and not done.done():
+            if exited and self._out is None and not done.done():
                 done.set_result(None)
 
         def unwatch(fd: int, writer: bool = False) -> None:
@@ -578,17 +578,18 @@ class Job:
                 finish()
 
         def ended() -> None:
+            nonlocal exited
             if zygote:
                 if not (self._read_status() == [(-1, 0)] or self._exit_record is not None):
                     return
-            state["exited"] = True
+            exited = True
             unwatch(end_fd)
             finish()
 
         def clock() -> None:
             nonlocal timer
             remaining = self.limits.wall_seconds - self._elapsed()
-            if remaining <= 0 and not state["exited"]:
+            if remaining <= 0 and not exited:
                 self._kill("wall-limit")
                 remaining = 0.2  # wait for the kill to land
             timer = loop.call_later(min(max(remaining, 0.001), 1.0), clock)
@@ -605,7 +606,7 @@ class Job:
                 os.set_blocking(self._out, False)
                 loop.add_reader(self._out, readable)
                 watched_r.append(self._out)
-            if not state["exited"]:
+            if not exited:
                 loop.add_reader(end_fd, ended)
                 watched_r.append(end_fd)
             clock()

@@ -396,16 +396,7 @@ class Market:
             await self._send_async("submit", data, ref=ref, **fields)
 
         try:
-            generation = self._generation
-            while True:
-                try:
-                    await self.upload(blob)
-                    break
-                except MarketError as e:
-                    if e.code != "connect":
-                        raise
-                    await self._reconnect(generation)
-                    generation = self._generation
+            generation = await self._upload_through_losses(blob, self._generation)
             while True:
                 # top up the window
                 try:
@@ -428,15 +419,8 @@ class Market:
                 item = await q.get()
                 if item is _LOST:
                     # (results that came before the loss are ahead of _LOST in q)
-                    while True:
-                        await self._reconnect(generation)
-                        generation = self._generation
-                        try:
-                            await self.upload(blob)
-                            break
-                        except MarketError as e:
-                            if e.code != "connect":
-                                raise
+                    await self._reconnect(generation)
+                    generation = await self._upload_through_losses(blob, self._generation)
                     try:
                         for ref, (index, data) in list(pending.items()):
                             await submit(ref, data)
@@ -455,6 +439,19 @@ class Market:
             for ref in pending:
                 self._sinks.pop(ref, None)
             self._cancel(list(pending))
+
+    async def _upload_through_losses(self, blob: bytes, generation: int) -> int:
+        """Upload `blob`, reconnecting for as long as it is the connection that
+        fails; the generation of the connection it went out on."""
+        while True:
+            try:
+                await self.upload(blob)
+                return generation
+            except MarketError as e:
+                if e.code != "connect":
+                    raise
+                await self._reconnect(generation)
+                generation = self._generation
 
     def _cancel(self, refs: list[str]) -> None:
         """Ask the market to cancel these tasks (see cancelled())."""

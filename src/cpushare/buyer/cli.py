@@ -151,12 +151,31 @@ async def _buy(order, image, paths: list[Path], datas: Iterable[bytes], out_dir:
     k = redundancy or order.redundancy
     stopped = ""
     cancelled = (0, 0, 0)
-    totals = [0, 0, 0]  # CPU ms, cost, retries
+    cpu_ms = cost = retries = 0
+
+    async def collect(m: Market) -> None:
+        nonlocal cpu_ms, cost, retries
+        async with aclosing(m.map(image, datas, redundancy=redundancy)) as results:
+            async for r in results:
+                path = paths[r.index]
+                if r.code is None:
+                    target = out_dir / (path.name + ".out")
+                    try:
+                        atomic_write(target, r.output, fsync=False)
+                    except OSError as e:
+                        r = dataclasses.replace(r, code="output",
+                                                reason=f"cannot write {target}: {e.strerror}")
+                cpu_ms += r.cpu_ms
+                cost += r.cost_milli
+                retries += max(0, r.attempts - k)
+                if not r.ok:
+                    failed.append((path, r))
+                progress.update(path.name, r)
+
     async with Market(order) as m:
         try:
             async with asyncio.timeout(timeout):
-                await _collect(m, image, datas, paths, out_dir, redundancy, progress, failed,
-                               totals, k)
+                await collect(m)
         except TimeoutError:
             stopped = f"not finished within {timeout:g} s"
         except asyncio.CancelledError:  # Ctrl-C
@@ -165,7 +184,6 @@ async def _buy(order, image, paths: list[Path], datas: Iterable[bytes], out_dir:
             if progress.tty:
                 sys.stderr.write("\n")
             cancelled = await m.cancelled()
-        cpu_ms, cost, retries = totals
         retries += m.resubmitted
     for path, r in failed:
         _err(f"{path}: task {r.task if r.task is not None else '-'} failed: {_why(r)}")
@@ -182,23 +200,3 @@ async def _buy(order, image, paths: list[Path], datas: Iterable[bytes], out_dir:
     if stopped == "interrupted":
         raise KeyboardInterrupt
     return 1 if failed or stopped else 0
-
-
-async def _collect(m, image, datas, paths, out_dir, redundancy, progress, failed, totals,
-                   k) -> None:
-    async with aclosing(m.map(image, datas, redundancy=redundancy)) as results:
-        async for r in results:
-            path = paths[r.index]
-            if r.code is None:
-                target = out_dir / (path.name + ".out")
-                try:
-                    atomic_write(target, r.output, fsync=False)
-                except OSError as e:
-                    r = dataclasses.replace(r, code="output",
-                                            reason=f"cannot write {target}: {e.strerror}")
-            totals[0] += r.cpu_ms
-            totals[1] += r.cost_milli
-            totals[2] += max(0, r.attempts - k)
-            if not r.ok:
-                failed.append((path, r))
-            progress.update(path.name, r)

@@ -954,7 +954,7 @@ class Market:
             # result is on its way or delivered, and the cancel changes nothing.
             tid = self.pending_refs.get((b.order_id, m["ref"]))
             t = self.tasks.get(tid) if tid is not None else None
-            if t is not None and not t.session and t.buy_order_id == b.order_id:
+            if t is not None and not t.session:
                 self._fail(t, "cancelled", "cancelled by the buyer")
         elif m.type == "stream":
             t = self.tasks.get(m["session"])

@@ -511,6 +511,15 @@ class Seller:
                      extra={"ORDER": self._order.name})
             self._handback(msg["attempt"], why, unstarted=True)
 
+    def _give_back_held(self, attempt: int, why: str) -> bool:
+        """Hand back the held task if it is attempt `attempt`, and ask for
+        another to hold; whether it was."""
+        if self._queued is None or self._queued["attempt"] != attempt:
+            return False
+        self._give_back_queued(why)
+        self._send_ready()
+        return True
+
     def _handback(self, attempt: int, why: str, unstarted: bool = False) -> None:
         """Give an attempt back; the market then forgets what we asked for."""
         self._asked = 0
@@ -528,19 +537,14 @@ class Seller:
         elif t == "stop":
             # the attempt's task closed (the others agreed, it failed, the buyer
             # cancelled it): nobody pays for it any more
-            a = msg["attempt"]
             r = self._running
-            if self._queued is not None and self._queued["attempt"] == a:
-                self._give_back_queued("its task is closed")
-                self._send_ready()
-            elif r is not None and r.attempt == a:
+            if (not self._give_back_held(msg["attempt"], "its task is closed")
+                    and r is not None and r.attempt == msg["attempt"]):
                 self._abort(r, "its task is closed")
         elif t == "revoke":
             # the market has an idle CPU for the task we hold; one that has
             # started meanwhile (or is unknown) runs on, its result answers
-            if self._queued is not None and self._queued["attempt"] == msg["attempt"]:
-                self._give_back_queued("taken back by the market for an idle CPU")
-                self._send_ready()
+            self._give_back_held(msg["attempt"], "taken back by the market for an idle CPU")
         elif t == "image":
             fut = self._image_waiters.pop(msg["image"], None)
             if fut is not None and not fut.done():
