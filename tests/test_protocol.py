@@ -86,11 +86,26 @@ def test_clean_eof_is_none_and_a_cut_frame_is_an_error():
     (raw(b'{"type":7}'), "no string 'type'"),
     (raw(b'{"type":"bogus"}'), "unknown message type 'bogus'"),
     (raw(b'{"type":"settled","attempt":1,"paid_milli":"1","accepted":true}'),
-     "field 'paid_milli' must be int"),
+     "field 'paid_milli' must be an integer in 0"),
     (raw(b'{"type":"settled","attempt":1,"paid_milli":1.5,"accepted":true}'),
-     "field 'paid_milli' must be int"),
+     "field 'paid_milli' must be an integer"),
     (raw(b'{"type":"settled","attempt":true,"paid_milli":1,"accepted":true}'),
-     "field 'attempt' must be int"),
+     "field 'attempt' must be an integer"),
+    # every integer a peer sends has a range (2**63 once reached SQLite)
+    (raw(b'{"type":"result","attempt":1,"exit_status":0,"signal":null,"reason":"",'
+         b'"cpu_ms":9223372036854775808,"output_sha256":"' + b"0" * 64 + b'"}'),
+     "field 'cpu_ms' must be an integer in 0..31622400000"),
+    (raw(b'{"type":"result","attempt":0,"exit_status":0,"signal":null,"reason":"",'
+         b'"cpu_ms":1,"output_sha256":"' + b"0" * 64 + b'"}'),
+     "field 'attempt' must be an integer in 1.."),
+    (raw(b'{"type":"result","attempt":1,"exit_status":-1,"signal":null,"reason":"",'
+         b'"cpu_ms":1,"output_sha256":"' + b"0" * 64 + b'"}'),
+     "field 'exit_status' must be an integer in 0..255 or null"),
+    (raw(b'{"type":"ready","slots":17}'), "field 'slots' must be an integer in 1..16"),
+    (raw(b'{"type":"output","attempt":1,"offset":-5}'), "field 'offset' must be"),
+    # 30,000 nested arrays fit in a header: a frame error, not a RecursionError
+    (raw(b'{"type":"ping","x":' + b"[" * 30000 + b"]" * 30000 + b"}", hlen=None),
+     "nested too deeply"),
     (raw(b'{"type":"settled","attempt":1,"paid_milli":1,"accepted":1}'),
      "field 'accepted' must be bool"),
     (raw(b'{"type":"hello","role":"seller"}'), "missing field 'version'"),

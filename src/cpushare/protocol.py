@@ -51,21 +51,49 @@ class ProtocolError(Exception):
 
 
 # --- message schema ---------------------------------------------------------
-# Type tags for field checks.  bool is a subclass of int in Python, so INT
-# refuses it explicitly.
+# Type tags for field checks.  bool is a subclass of int in Python, so the
+# integer tags refuse it explicitly.  Every integer a peer sends has a range:
+# a value outside it is a `frame` error for that connection, before any
+# code (or the store) sees it.
 
-INT, STR, BOOL, OPT_INT, OPT_STR, ANY = "int", "str", "bool", "int|null", "str|null", "any"
+STR, BOOL, OPT_STR, ANY = "str", "bool", "str|null", "any"
 
 
-def _check(tag: str, value: Any) -> bool:
-    if tag == INT:
-        return type(value) is int
+@dataclass(frozen=True)
+class Int:
+    """An integer field in lo..hi; `null`: it may also be JSON null."""
+    lo: int
+    hi: int
+    null: bool = False
+
+    def __str__(self) -> str:
+        return f"an integer in {self.lo}..{self.hi}" + (" or null" if self.null else "")
+
+
+# The ranges the protocol allows (the market checks tighter limits of the
+# orders on top of these).
+MAX_ID = 2**62  # tasks, attempts, sessions, orders: store row ids
+MAX_MS = 366 * 86_400_000  # CPU and wall time: a year, in ms
+MAX_BYTES = 1 << 40  # sizes, offsets, memory
+MAX_MONEY = 2**62  # amounts of money, in the ledger's unit
+ID, OPT_ID = Int(1, MAX_ID), Int(1, MAX_ID, True)
+MS, OPT_MS = Int(0, MAX_MS), Int(0, MAX_MS, True)
+BYTES = Int(0, MAX_BYTES)
+MONEY = Int(0, MAX_MONEY)
+EXIT, SIGNAL = Int(0, 255, True), Int(1, 64, True)
+TIME = Int(0, 2**40)  # a ping's t: seconds of the sender's clock
+INT = Int(-2**63, 2**63 - 1)  # (only for fields with no narrower meaning)
+
+
+def _check(tag, value: Any) -> bool:
+    if type(tag) is Int:
+        if value is None:
+            return tag.null
+        return type(value) is int and tag.lo <= value <= tag.hi
     if tag == STR:
         return type(value) is str
     if tag == BOOL:
         return type(value) is bool
-    if tag == OPT_INT:
-        return value is None or type(value) is int
     if tag == OPT_STR:
         return value is None or type(value) is str
     return True
@@ -73,46 +101,49 @@ def _check(tag: str, value: Any) -> bool:
 
 # type -> {field: (tag, required)}.  Optional fields may be absent.
 R, O = True, False
-SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
-    "hello": {"version": (INT, R), "role": (STR, R), "software": (STR, O),
+SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
+    "hello": {"version": (Int(0, 2**31), R), "role": (STR, R), "software": (STR, O),
               "instance": (STR, O), "output_frames": (BOOL, O)},
-    "welcome": {"version": (INT, R), "account": (STR, R), "order": (OPT_INT, O),
-                "max_payload": (INT, R), "heartbeat": (INT, R), "prefetch": (INT, O),
-                "output_chunks": (INT, O)},
+    "welcome": {"version": (Int(0, 2**31), R), "account": (STR, R), "order": (OPT_ID, O),
+                "max_payload": (Int(1, 1 << 32), R), "heartbeat": (Int(1, 86_400), R),
+                "prefetch": (Int(0, 16), O), "output_chunks": (Int(1, 1 << 32), O),
+                "acks": (BOOL, O)},
     "error": {"code": (STR, R), "message": (STR, R), "ref": (OPT_STR, O)},
-    "ping": {"t": (INT, O)},
-    "pong": {"t": (INT, O)},
+    "ping": {"t": (TIME, O)},
+    "pong": {"t": (TIME, O)},
     # seller
-    "ready": {"slots": (INT, O)},
-    "task": {"task": (INT, R), "attempt": (INT, R), "image": (STR, R), "cpu_ms": (INT, R),
-             "wall_ms": (INT, R), "memory": (INT, R), "output_limit": (INT, R),
-             "session": (OPT_INT, O), "buyer_order": (OPT_INT, O)},
+    "ready": {"slots": (Int(1, 16), O)},
+    "task": {"task": (ID, R), "attempt": (ID, R), "image": (STR, R), "cpu_ms": (MS, R),
+             "wall_ms": (MS, R), "memory": (BYTES, R), "output_limit": (Int(-1, MAX_BYTES), R),
+             "session": (OPT_ID, O), "buyer_order": (OPT_ID, O)},
     "need_image": {"image": (STR, R)},
     "image": {"image": (STR, R)},
-    "result": {"attempt": (INT, R), "exit_status": (OPT_INT, R), "signal": (OPT_INT, R),
-               "reason": (STR, R), "cpu_ms": (INT, R), "output_sha256": (STR, R)},
+    "result": {"attempt": (ID, R), "exit_status": (EXIT, R), "signal": (SIGNAL, R),
+               "reason": (STR, R), "cpu_ms": (MS, R), "output_sha256": (STR, R)},
     # seller -> market: {attempt}; market -> buyer: {ref, task, offset}
-    "output": {"attempt": (INT, O), "ref": (STR, O), "task": (INT, O), "offset": (INT, O)},
-    "settled": {"attempt": (INT, R), "paid_milli": (INT, R), "accepted": (BOOL, R)},
-    "handback": {"attempt": (INT, R), "reason": (STR, O), "unstarted": (BOOL, O)},
-    "revoke": {"attempt": (INT, R)},
-    "stop": {"attempt": (INT, R)},
+    "output": {"attempt": (ID, O), "ref": (STR, O), "task": (ID, O), "offset": (BYTES, O)},
+    "settled": {"attempt": (ID, R), "paid_milli": (MONEY, R), "accepted": (BOOL, R)},
+    "handback": {"attempt": (ID, R), "reason": (STR, O), "unstarted": (BOOL, O)},
+    "revoke": {"attempt": (ID, R)},
+    "stop": {"attempt": (ID, R)},
     "cancel": {"ref": (STR, R)},
     # buyer
     "image_ok": {"image": (STR, R)},
-    "submit": {"ref": (STR, R), "image": (STR, R), "redundancy": (OPT_INT, O),
-               "cpu_ms": (OPT_INT, O)},
-    "accepted": {"ref": (STR, R), "task": (INT, R), "escrow_milli": (INT, R)},
-    "done": {"ref": (STR, R), "task": (INT, R), "exit_status": (OPT_INT, R),
-             "signal": (OPT_INT, R), "reason": (STR, R), "cpu_ms": (INT, R),
-             "cost_milli": (INT, R), "attempts": (INT, R), "streamed": (INT, O)},
-    "failed": {"ref": (STR, R), "task": (OPT_INT, O), "code": (STR, R), "message": (STR, R)},
+    "submit": {"ref": (STR, R), "image": (STR, R), "redundancy": (Int(1, 16, True), O),
+               "cpu_ms": (OPT_MS, O)},
+    "accepted": {"ref": (STR, R), "task": (ID, R), "escrow_milli": (MONEY, R)},
+    "done": {"ref": (STR, R), "task": (ID, R), "exit_status": (EXIT, R),
+             "signal": (SIGNAL, R), "reason": (STR, R), "cpu_ms": (MS, R),
+             "cost_milli": (MONEY, R), "attempts": (Int(0, 1 << 20), R),
+             "streamed": (BYTES, O)},
+    "failed": {"ref": (STR, R), "task": (OPT_ID, O), "code": (STR, R), "message": (STR, R)},
+    "ack": {"task": (ID, R)},
     # interactive sessions
-    "open": {"ref": (STR, R), "image": (STR, R), "cpu_ms": (OPT_INT, O)},
-    "opened": {"ref": (STR, R), "session": (INT, R)},
-    "stream": {"session": (INT, R), "eof": (BOOL, O)},
-    "closed": {"session": (INT, R), "exit_status": (OPT_INT, O), "signal": (OPT_INT, O),
-               "reason": (STR, O), "cpu_ms": (INT, O), "cost_milli": (INT, O)},
+    "open": {"ref": (STR, R), "image": (STR, R), "cpu_ms": (OPT_MS, O)},
+    "opened": {"ref": (STR, R), "session": (ID, R)},
+    "stream": {"session": (ID, R), "eof": (BOOL, O)},
+    "closed": {"session": (ID, R), "exit_status": (EXIT, O), "signal": (SIGNAL, O),
+               "reason": (STR, O), "cpu_ms": (MS, O), "cost_milli": (MONEY, O)},
 }
 # The length of refs and digests is bounded so that a peer cannot make the
 # server store big keys.
@@ -272,6 +303,8 @@ def decode_header(header: bytes) -> tuple[str, dict]:
         obj = json.loads(header)
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError("frame", f"header is not UTF-8 JSON: {e}") from None
+    except RecursionError:  # (deeply nested arrays or objects)
+        raise ProtocolError("frame", "header is nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("frame", "header is not a JSON object")
     type_ = obj.pop("type", None)
