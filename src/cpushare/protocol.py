@@ -81,7 +81,7 @@ MS, OPT_MS = Int(0, MAX_MS), Int(0, MAX_MS, True)
 BYTES = Int(0, MAX_BYTES)
 MONEY = Int(0, MAX_MONEY)
 EXIT, SIGNAL = Int(0, 255, True), Int(1, 64, True)
-TIME = Int(0, 2**40)  # a ping's t: seconds of the sender's clock
+TIME = Int(-2**53, 2**53)  # a ping's t: echoed in its pong, opaque
 INT = Int(-2**63, 2**63 - 1)  # (only for fields with no narrower meaning)
 
 
@@ -129,7 +129,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
     "cancel": {"ref": (STR, R)},
     # buyer
     "image_ok": {"image": (STR, R)},
-    "submit": {"ref": (STR, R), "image": (STR, R), "redundancy": (Int(1, 16, True), O),
+    "submit": {"ref": (STR, R), "image": (STR, R), "redundancy": (Int(0, 1 << 20, True), O),
                "cpu_ms": (OPT_MS, O)},
     "accepted": {"ref": (STR, R), "task": (ID, R), "escrow_milli": (MONEY, R)},
     "done": {"ref": (STR, R), "task": (ID, R), "exit_status": (EXIT, R),
@@ -218,46 +218,67 @@ BIG_FRAME = 256 << 10  # frames above this are written in pieces of this size
 
 
 class FrameWriter:
-    """The frames going out on one connection.
+    """The frames going out on one connection, for all three sides.
 
     Small frames queued during one turn of the event loop go out in one
-    write.  A big payload goes out in pieces paced by drain() (asyncio's SSL
-    transport is several times slower at one write of tens of MiB than at
-    the same bytes in pieces of a few hundred KiB), from where it lies, not
-    copied into a frame; frames queued meanwhile wait, so nothing is
-    interleaved.  Made inside the connection's event loop."""
+    write (or, with auto_flush=False, when the owner calls flush(): the
+    market sends only after its group commit).  A big payload goes out in
+    pieces paced by drain() (asyncio's SSL transport is several times slower
+    at one write of tens of MiB than at the same bytes in pieces of a few
+    hundred KiB), from where it lies, not copied into a frame; frames queued
+    meanwhile wait, so nothing is interleaved.  `buffered` is every byte
+    queued and not yet taken by the kernel: the sender's budget is charged
+    with it.  Made inside the connection's event loop."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, *, auto_flush: bool = True) -> None:
         self.writer = writer
         self._loop = asyncio.get_running_loop()
-        self._queue: list[bytes] = []
-        self._big = False  # a big frame is being written in pieces
+        self._auto = auto_flush
+        self._queue: list = []  # buffers of whole frames, in order
+        self._queued = 0  # their bytes
+        self._pieces: list = []  # buffers behind a big one, written by _write_pieces
+        self._pieced = 0
+        self._piece_task: asyncio.Task | None = None
+        self._big = False  # send_big() is writing a frame in pieces
+        self._close_after = False
 
-    def queue(self, frame: bytes) -> bool:
-        """Queue one encoded frame; False when the connection is closing."""
-        w = self.writer
-        if w.is_closing():
+    @property
+    def buffered(self) -> int:
+        """Bytes queued here or in the transport, not yet written to the socket."""
+        try:
+            inner = self.writer.transport.get_write_buffer_size()
+        except (AttributeError, RuntimeError):
+            inner = 0
+        return self._queued + self._pieced + inner
+
+    def queue(self, frame: bytes | list) -> bool:
+        """Queue one encoded frame (bytes, or the buffers of frame()); False when
+        the connection is closing."""
+        if self.writer.is_closing() or self._close_after:
             return False
-        if len(frame) > BIG_FRAME and not self._big:  # cannot wait here: straight out
-            self.flush()
-            w.write(frame)
-            return True
-        if not self._queue:
+        if not self._queue and self._auto:
             self._loop.call_soon(self.flush)
-        self._queue.append(frame)
+        if type(frame) is list:
+            self._queue.extend(frame)
+            self._queued += sum(len(b) for b in frame)
+        else:
+            self._queue.append(frame)
+            self._queued += len(frame)
         return True
 
     def send(self, type: str, payload: bytes = b"", **fields: Any) -> bool:  # noqa: A002
-        return self.queue(encode(type, payload, **fields))
+        return self.queue(frame(type, payload, **fields))
 
     async def send_big(self, type: str, payload, **fields: Any) -> bool:  # noqa: A002
-        """Like send(), but a big payload goes out in pieces; False when the
+        """Like send(), but waits until the frame is written; False when the
         connection closed before the whole frame was written."""
         w = self.writer
         if len(payload) <= BIG_FRAME or self._big or w.is_closing():
             return self.send(type, payload, **fields)
-        head = encode_head(type, len(payload), **fields)
         self.flush()
+        while self._piece_task is not None:  # (earlier big frames go first)
+            await asyncio.shield(self._piece_task)
+        head = encode_head(type, len(payload), **fields)
         self._big = True
         try:
             w.write(head)
@@ -273,15 +294,58 @@ class FrameWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Hand what is queued to the transport; buffers behind a big one go
+        out in pieces, paced by drain()."""
         if not self._queue or self._big:
             return
-        data = b"".join(self._queue)
-        self._queue.clear()
-        if not self.writer.is_closing():
-            self.writer.write(data)
+        bufs, self._queue = self._queue, []
+        n, self._queued = self._queued, 0
+        w = self.writer
+        if w.is_closing():
+            return
+        if self._piece_task is None and not any(len(b) > BIG_FRAME for b in bufs):
+            try:
+                w.write(bufs[0] if len(bufs) == 1 else b"".join(bufs))
+            except (AttributeError, OSError, RuntimeError):
+                pass  # (an SSL transport closed under us: the read side ends it)
+            return
+        self._pieces.extend(bufs)
+        self._pieced += n
+        if self._piece_task is None:
+            self._piece_task = self._loop.create_task(self._write_pieces())
+
+    async def _write_pieces(self) -> None:
+        w = self.writer
+        try:
+            while self._pieces:
+                buf = self._pieces.pop(0)
+                view = memoryview(buf)
+                for i in range(0, len(view), BIG_FRAME):
+                    if w.is_closing():
+                        return
+                    w.write(view[i:i + BIG_FRAME])
+                    self._pieced -= min(BIG_FRAME, len(view) - i)
+                    await w.drain()
+        except (AttributeError, OSError, RuntimeError, ConnectionError):
+            pass  # the connection is going: the read side ends it
+        finally:
+            self._pieces = []
+            self._pieced = 0
+            self._piece_task = None
+            if self._close_after:
+                w.close()
+
+    def close(self) -> None:
+        """Close once what is queued is written."""
+        self.flush()
+        self._close_after = True
+        if self._piece_task is None:
+            self.writer.close()
 
     async def drain(self) -> None:
         self.flush()
+        while self._piece_task is not None:
+            await asyncio.shield(self._piece_task)
         await self.writer.drain()
 
 

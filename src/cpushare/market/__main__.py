@@ -128,9 +128,11 @@ def cmd_init(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from ..daemon import stderr_is_journal
     from .server import Market  # the admin commands need no asyncio server
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+                        format=("" if stderr_is_journal() else "%(asctime)s ")
+                        + "%(name)s %(levelname)s: %(message)s")
     if not args.max_wait >= 0:
         print(f"{PROG}: --max-wait {args.max_wait:g}: must be 0 (never) or a number of "
               f"seconds", file=sys.stderr)
@@ -140,21 +142,67 @@ def cmd_serve(args) -> int:
     host, port = orders.split_hostport(args.listen or store.get_meta("listen"))
     ctx = admin.tls_context(store)
     market = Market(store, heartbeat=args.heartbeat, max_wait=args.max_wait)
-
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, market.stop)
-        await market.serve(host, port, ctx)
-
     try:
-        asyncio.run(run())
-    except OSError as e:
+        asyncio.run(_serve(market, host, port, ctx))
+    except _ListenError as e:
         raise admin.AdminError(f"cannot listen on {orders.join_hostport(host, port)}: "
-                               f"{e.strerror or e}") from None
+                               f"{e.error.strerror or e.error}") from None
     finally:
         store.close()
     return 0
+
+
+class _ListenError(Exception):
+    """The market could not start listening (`error` is the OSError)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+async def _serve(market, host: str, port: int, ctx) -> None:
+    """Run `market` until SIGTERM or SIGINT, telling systemd (sd_notify(3),
+    when $NOTIFY_SOCKET is set) READY=1 once it listens, WATCHDOG=1 from this
+    loop while it turns (when $WATCHDOG_USEC is set), and STOPPING=1."""
+    from ..daemon import notify, watchdog_interval
+
+    loop = asyncio.get_running_loop()
+
+    def stop(signame: str) -> None:
+        notify(STOPPING=1, STATUS=f"Stopping ({signame})")
+        market.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig.name)
+    started: asyncio.Future[int] = loop.create_future()
+    serving = asyncio.create_task(market.serve(host, port, ctx, started))
+    await asyncio.wait((started, serving), return_when=asyncio.FIRST_COMPLETED)
+    if not started.done():  # it ended before it listened
+        try:
+            await serving
+        except OSError as e:
+            raise _ListenError(e) from None
+        return
+    where = orders.join_hostport(host, started.result())
+    notify(READY=1, MAINPID=os.getpid(), STATUS=f"Serving the market on {where}")
+    interval = watchdog_interval()
+    watchdog = asyncio.create_task(_watchdog(interval)) if interval else None
+    try:
+        await serving
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        notify(STOPPING=1)
+
+
+async def _watchdog(interval: float) -> None:
+    """WATCHDOG=1 every `interval` seconds, from the event loop: a loop that
+    stops turning stops the pings, and systemd restarts the market."""
+    from ..daemon import notify
+
+    while True:
+        notify(WATCHDOG=1)
+        await asyncio.sleep(interval)
 
 
 def cmd_account(args) -> int:

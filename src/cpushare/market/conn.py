@@ -1,0 +1,125 @@
+"""The market's connections: one peer each, on the one protocol.FrameWriter.
+
+Frames that announce a stored state wait in the connection's outbox until
+the group commit (Market._send_outboxes); a `task` goes out at once
+(write_now).  `buffered` counts both, and the bytes the transport still
+holds: it is what the connection's memory budget is charged with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from ..protocol import FrameWriter
+
+
+class Conn:
+    """One peer.  Frames go to an outbox, written whole at the end of a flush
+    or commit.  A frame is bytes, or a list of buffers (protocol.frame: the
+    head and a big payload, written from where it lies, never copied)."""
+    role = ""
+
+    def __init__(self, market, reader, writer, peer: str):
+        self.market = market
+        self.reader = reader
+        self.writer = writer
+        self.out_frames = FrameWriter(writer, auto_flush=False)
+        self.peer = peer
+        self.out: list = []
+        self.out_bytes = 0
+        self.account_id = 0
+        self.account = ""
+        self.order_id = 0
+        self.last_seen = time.monotonic()
+        self.closed = False
+        self.gone = False
+        self.fingerprint = ""
+        self.instance = ""
+
+    def write(self, frame: bytes | list) -> None:
+        """Queue `frame` for the end of this flush or commit."""
+        if self.closed:
+            return
+        if not self.out:
+            self.market.dirty(self)
+        if type(frame) is list:
+            self.out.extend(frame)
+            self.out_bytes += sum(len(b) for b in frame)
+        else:
+            self.out.append(frame)
+            self.out_bytes += len(frame)
+
+    def send_out(self) -> None:
+        if self.out:
+            out, self.out = self.out, []
+            self.out_bytes = 0
+            self.write_now(out)
+
+    def write_now(self, data: bytes | list) -> None:
+        """Write at once (behind what is already being written).  The peer may
+        have gone since the frames were queued: then they are dropped, and the
+        read side ends the connection."""
+        if not self.closed and self.out_frames.queue(data):
+            self.out_frames.flush()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes on their way to this peer and not yet in the kernel."""
+        return self.out_bytes + self.out_frames.buffered
+
+    def close(self) -> None:
+        if not self.closed:
+            self.send_out()
+            self.closed = True
+            self.out_frames.close()
+
+    def __str__(self) -> str:
+        inst = f"[{self.instance}]" if self.instance else ""
+        return f"{self.role} {self.account}/{self.order_id}{inst} at {self.peer}"
+
+
+class Streamed:
+    """An attempt's output as it comes in `output` frames: the pieces (joined
+    once, at the result), their length and SHA-256 so far, and the buyer
+    connection they also went to, cut through (None: not, or not all of them)."""
+
+    __slots__ = ("pieces", "n", "sha256", "buyer")
+
+    def __init__(self, buyer):
+        self.pieces: list = []
+        self.n = 0
+        self.sha256 = hashlib.sha256()
+        self.buyer = buyer
+
+
+class SellerConn(Conn):
+    role = "seller"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.order = None  # SellOrderRow
+        # attempts sent to it, in the order it runs them: id -> (task, wall_ms).  The
+        # first runs; the others wait on the seller (prefetched) and have no deadline
+        # until they come first.
+        self.attempts: dict[int, tuple] = {}
+        self.credit = 0  # tasks it asked for (`ready`) and has not been sent
+        self.deadline = 0.0  # of its first attempt
+        self.head_since = 0.0  # when its first attempt started (about)
+        self.ready_seq = 0
+        self.stale: set[int] = set()  # attempts taken from it; late results get paid 0
+        self.returned: set[int] = set()  # attempts it returned, until settled
+        self.revoking: set[int] = set()  # held attempts it was asked to give back
+        self.outputs: dict[int, Streamed] = {}  # attempt -> its output so far
+
+
+class BuyerConn(Conn):
+    role = "buyer"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.order = None  # BuyOrderRow
+        # refs whose result went out on this connection (the latest SENT_REFS): a
+        # resubmission of one is not a new task (the result is ahead of it)
+        self.sent_refs: dict[str, int] = {}
+        self.output_frames = False  # it takes a result's output ahead in `output` frames

@@ -1,0 +1,253 @@
+"""The listener: TLS, the hello and who the peer is, each connection's
+read loop, the sweeper (deadlines, heartbeats, revoked certificates)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import ssl
+import time
+
+from .. import __version__
+from ..protocol import VERSION, ProtocolError, encode, peer_identity, read_message
+from .conn import BuyerConn, Conn, SellerConn
+from .sellers import OUTPUT_CHUNK, PREFETCH
+
+log = logging.getLogger("cpushare.market")
+
+HELLO_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0
+# Copies of one sell order file connect as instances of the order (cpushared
+# sends its file's name); a bound keeps one certificate from opening without end.
+INSTANCE_RE = re.compile(r"[A-Za-z0-9_.@:-]{0,64}")
+MAX_INSTANCES = 256
+
+
+class Listener:
+    """Mixed into Market."""
+
+    async def handle(self, reader, writer, ssl_ctx: ssl.SSLContext) -> None:
+        task = asyncio.current_task()
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        try:
+            await writer.start_tls(ssl_ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
+            why = getattr(e, "verify_message", None) or str(e) or type(e).__name__
+            if isinstance(e, ssl.SSLError) and not isinstance(e, ssl.SSLEOFError):
+                log.warning("refused TLS connection from %s: %s", peer, why)
+            else:  # a port probe, or a peer that gave up
+                log.info("connection from %s ended during the TLS handshake: %s", peer, why)
+            writer.transport.abort()
+            return
+        conn: Conn | None = None
+        try:
+            conn = await self._hello(reader, writer, peer)
+            if conn is None:
+                return
+            self._conns.add(conn)
+            await self._serve_conn(conn)
+        except ProtocolError as e:
+            log.warning("closing %s: %s", conn or peer, e)
+            try:
+                if conn is not None:
+                    conn.send_out()
+                writer.write(encode("error", code=e.code, message=e.message, ref=None))
+            except Exception:  # noqa: BLE001 -- the connection may be gone already
+                pass
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as e:
+            log.info("connection %s ended: %s", conn or peer, e or type(e).__name__)
+        except Exception:  # a bug: this connection ends, the market carries on
+            log.exception("internal error on %s; closing it", conn or peer)
+            try:
+                writer.write(encode("error", code="internal", ref=None,
+                                    message="internal error in the market; see its log"))
+            except Exception:  # noqa: BLE001
+                pass
+        finally:
+            if conn is not None:
+                self._gone(conn)
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def _hello(self, reader, writer, peer: str) -> Conn | None:
+        ssl_obj = writer.get_extra_info("ssl_object")
+        fingerprint, cn = peer_identity(ssl_obj)
+        try:
+            m = await asyncio.wait_for(read_message(reader, 4096), HELLO_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise ProtocolError("frame", f"no hello within {HELLO_TIMEOUT:.0f} s") from None
+        if m is None:
+            return None
+        if m.type != "hello":
+            raise ProtocolError("frame", f"expected hello, got {m.type!r}")
+        if m["version"] != VERSION:
+            raise ProtocolError("version", f"this market speaks protocol version {VERSION}, "
+                                           f"not {m['version']}")
+        role = m["role"]
+        if role not in ("seller", "buyer"):
+            raise ProtocolError("frame", f"hello: role must be seller or buyer, not {role!r}")
+        instance = m.get("instance") or ""
+        if not INSTANCE_RE.fullmatch(instance):
+            raise ProtocolError("frame", f"hello: instance {instance[:80]!r} is not 0 to 64 "
+                                         f"of A-Z a-z 0-9 _ . @ : -")
+        cert = self.store.cert(fingerprint)
+        if cert is None:
+            raise ProtocolError("auth", f"certificate {fingerprint[:16]} (CN={cn}) was not "
+                                        f"issued by this market")
+        if cert.revoked:
+            raise ProtocolError("auth", f"certificate {fingerprint[:16]} (CN={cn}) is revoked")
+        if cert.not_after < time.time():
+            raise ProtocolError("auth", f"certificate {fingerprint[:16]} (CN={cn}) has expired")
+        if cert.role != role:
+            raise ProtocolError("auth", f"certificate {fingerprint[:16]} is a {cert.role}'s, "
+                                        f"not a {role}'s")
+        conn: Conn = SellerConn(self, reader, writer, peer) if role == "seller" else \
+            BuyerConn(self, reader, writer, peer)
+        conn.account_id, conn.account, conn.order_id = cert.account_id, cert.account, cert.order_id
+        conn.fingerprint = fingerprint
+        if role == "buyer":
+            conn.output_frames = m.get("output_frames") is True
+        if role == "seller":
+            conn.order = self.store.sell_order(cert.order_id)
+            conn.instance = instance
+            key = (cert.order_id, instance)
+            old = self.sellers.get(key)
+            if old is not None:  # the same copy reconnecting: its old link is dead
+                log.info("%s replaces its older connection from %s", conn, old.peer)
+                self._gone(old)
+                old.close()
+            elif sum(1 for o, _ in self.sellers if o == cert.order_id) >= MAX_INSTANCES:
+                raise ProtocolError("order", f"sell order {cert.order_id} already has "
+                                             f"{MAX_INSTANCES} connections")
+            self.sellers[key] = conn
+        else:
+            conn.order = self.store.buy_order(cert.order_id)
+            self.buyers.setdefault(cert.order_id, []).append(conn)
+        conn.write(encode("welcome", version=VERSION, account=cert.account,
+                          order=cert.order_id, max_payload=self.max_payload,
+                          heartbeat=self.heartbeat, prefetch=PREFETCH,
+                          **({"output_chunks": OUTPUT_CHUNK} if role == "seller" else {})))
+        log.info("%s connected (%s)", conn, m.get("software") or "unknown software")
+        if role == "buyer":  # what finished while it was away, as committed
+            def deliver() -> None:
+                if conn.gone:
+                    return
+                for r in self.store.undelivered(cert.order_id):
+                    self._send_result(conn, r)
+            self._after_commit(deliver)
+        return conn
+
+    async def _serve_conn(self, conn: Conn) -> None:
+        on = self._on_seller if conn.role == "seller" else self._on_buyer
+        while not conn.closed:
+            m = await read_message(conn.reader, self.max_payload)
+            if m is None:
+                log.info("%s disconnected", conn)
+                return
+            conn.last_seen = time.monotonic()
+            if m.type == "ping":
+                conn.write(encode("pong", t=m.get("t", 0)))
+            elif m.type in ("pong", "error"):
+                if m.type == "error":
+                    log.warning("%s reports: %s: %s", conn, m["code"], m["message"])
+            else:
+                on(conn, m)
+            if conn.writer.transport.get_write_buffer_size() > (1 << 20):
+                await conn.writer.drain()
+
+    def _gone(self, conn: Conn) -> None:
+        """Forget a connection (idempotent); its running attempt is lost."""
+        if conn.gone or self._stopping:
+            return
+        conn.gone = True
+        self._conns.discard(conn)
+        if isinstance(conn, SellerConn):
+            self.matcher.seller_gone(conn)
+            if self.sellers.get((conn.order_id, conn.instance)) is conn:
+                del self.sellers[conn.order_id, conn.instance]
+            self._lose_all(conn, "the seller disconnected")
+        else:
+            lst = self.buyers.get(conn.order_id, [])
+            if conn in lst:
+                lst.remove(conn)
+            if not lst:
+                self.buyers.pop(conn.order_id, None)
+        self._schedule()
+
+    def _recheck_certificates(self) -> None:
+        """Close connections whose certificate was revoked since they connected."""
+        for c in list(self._conns):
+            cert = self.store.cert(c.fingerprint)
+            if cert is None or cert.revoked:
+                log.warning("closing %s: its certificate %s was revoked", c, c.fingerprint[:16])
+                c.write(encode("error", code="auth", ref=None,
+                               message=f"certificate {c.fingerprint[:16]} was revoked"))
+                self._gone(c)
+                c.close()
+
+    async def _sweep(self) -> None:
+        """Deadlines every second; pings and silent peers every heartbeat."""
+        last_ping = time.monotonic()
+        while True:
+            await asyncio.sleep(min(1.0, self.heartbeat))
+            now = time.monotonic()
+            for s in list(self.sellers.values()):
+                if s.attempts and now > s.deadline:
+                    self._lose(s, "deadline passed")
+            if self.max_wait > 0:
+                self._expire(now)
+            if now - last_ping >= self.heartbeat:
+                last_ping = now
+                self._recheck_certificates()
+                for c in list(self._conns):
+                    if now - c.last_seen > 3 * self.heartbeat:
+                        log.warning("closing %s: silent for %.0f s", c, now - c.last_seen)
+                        self._gone(c)
+                        c.writer.transport.abort()
+                    else:
+                        c.write(encode("ping", t=int(time.time())))
+
+    # --- running ------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self, host: str, port: int, ssl_ctx: ssl.SSLContext,
+                    started: asyncio.Future | None = None) -> None:
+        if not self._recovered:
+            self.recover()
+        server = await asyncio.start_server(
+            lambda r, w: self.handle(r, w, ssl_ctx), host, port, limit=8 << 20)
+        addrs = ", ".join(f"{a[0]}:{a[1]}" for a in (s.getsockname() for s in server.sockets))
+        log.info("cpushare-server %s (pid %d) listening on %s", __version__, os.getpid(), addrs)
+        if started is not None:
+            started.set_result(server.sockets[0].getsockname()[1])
+        sweeper = asyncio.create_task(self._sweep())
+        self._schedule()
+        try:
+            await self._stop.wait()
+        finally:
+            # What is written stays; attempts still running are lost at the
+            # next start (recover), as after a crash.
+            if self.fatal is None:
+                self.commit_now()  # and tell what it made true, before closing
+            self._stopping = True
+            if self._commit_timer is not None:
+                self._commit_timer.cancel()
+            sweeper.cancel()
+            server.close()
+            for c in list(self._conns):
+                c.close()
+            for t in list(self._handlers):
+                t.cancel()
+            await asyncio.gather(*self._handlers, sweeper, return_exceptions=True)
+            log.info("market stopped")
+        if self.fatal is not None:
+            raise self.fatal

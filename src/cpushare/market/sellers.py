@@ -1,0 +1,162 @@
+"""What sellers send: ready, need_image, output, result, handback, stream."""
+
+from __future__ import annotations
+
+import logging
+
+from ..protocol import Message, ProtocolError, digest, encode, frame
+from .conn import SellerConn, Streamed
+from .state import ResultKey, Returned
+
+log = logging.getLogger("cpushare.market")
+
+PREFETCH = 1  # tasks a seller may hold queued behind the one it runs (announced in welcome)
+MAX_SLOTS = 16  # the most a `ready` may offer
+# Sellers may send a big output in `output` frames of up to this many bytes while
+# the job runs, ahead of its `result` (announced in welcome as output_chunks).
+OUTPUT_CHUNK = 1 << 20
+
+
+class SellerHandlers:
+    """Mixed into Market."""
+
+    def _on_seller(self, s: SellerConn, m: Message) -> None:
+        if m.type == "ready":
+            slots = m.get("slots")
+            if slots is None:  # one task, and only when idle (sellers that do not prefetch)
+                if s.attempts or s.credit:
+                    return
+                slots = 1
+            elif not 1 <= slots <= MAX_SLOTS:
+                raise ProtocolError("frame", f"ready: slots {slots} outside 1..{MAX_SLOTS}")
+            # never more than the running task and PREFETCH waiting behind it
+            s.credit = max(0, min(s.credit + slots, 1 + PREFETCH - len(s.attempts)))
+            if s.credit and self.matcher.seller_ready(s):
+                self._schedule()
+        elif m.type == "need_image":
+            if not any(t.image == m["image"] for t, _ in s.attempts.values()):
+                raise ProtocolError("image", f"image {m['image']} is not that of an attempt "
+                                             f"the seller holds")
+            data = self.store.image(m["image"])
+            if data is None:
+                raise ProtocolError("internal", f"image {m['image']} missing from the store")
+            s.write(frame("image", data, image=m["image"]))
+        elif m.type == "output":
+            self._on_output(s, m)
+        elif m.type == "result":
+            self._on_result(s, m)
+        elif m.type == "handback":
+            # it cancels what the seller asked for: it says `ready` again when it can
+            s.credit = 0
+            self.matcher.seller_busy(s)
+            if m["attempt"] in s.attempts:
+                self._lose(s, f"handed back: {m.get('reason') or 'no reason given'}",
+                           m["attempt"], unstarted=m.get("unstarted") is True)
+                s.stale.discard(m["attempt"])  # (no result follows a handback)
+        elif m.type == "stream":
+            t = next(iter(s.attempts.values()))[0] if s.attempts else None
+            if t is None or not t.session or t.id != m["session"]:
+                raise ProtocolError("task", f"stream for session {m['session']}, which this "
+                                            f"seller is not running")
+            if t.buyer is not None and not t.buyer.gone:
+                t.buyer.write(encode("stream", m.payload, session=t.id,
+                                     eof=bool(m.get("eof"))))
+        else:
+            raise ProtocolError("frame", f"a seller may not send {m.type!r}")
+
+    def _output_limit(self, s: SellerConn) -> int:
+        return s.order.output if s.order.output >= 0 else self.max_payload
+
+    def _on_output(self, s: SellerConn, m: Message) -> None:
+        """A piece of an attempt's output, ahead of its `result` (which carries the rest)."""
+        aid = m.get("attempt")
+        if aid is None:
+            raise ProtocolError("frame", "output: attempt is required")
+        entry = s.attempts.get(aid)
+        if entry is None or self.tasks.get(entry[0].id) is not entry[0] or entry[0].session:
+            return  # void or too late: its `result` is answered as such
+        if next(iter(s.attempts)) != aid:
+            raise ProtocolError("task", f"output for attempt {aid}, which is not the one "
+                                        f"the seller runs")
+        t = entry[0]
+        got = s.outputs.get(aid)
+        conns = self.buyers.get(t.buy_order_id)
+        b = conns[-1] if conns else None
+        if b is not None and (b.gone or not b.output_frames or t.redundancy != 1):
+            b = None  # (under redundancy, only the output the sellers agree on goes out)
+        if got is None:
+            got = s.outputs[aid] = Streamed(b)
+        elif got.buyer is not b:
+            got.buyer = None  # it missed a piece: it gets the whole output with `done`
+        limit = self._output_limit(s)
+        if got.n + len(m.payload) > limit:
+            raise ProtocolError("task", f"attempt {aid}: output over the limit of "
+                                        f"{limit} bytes")
+        if got.buyer is not None:
+            got.buyer.write(frame("output", m.payload, ref=t.ref, task=t.id,
+                                  offset=got.n))
+        got.pieces.append(m.payload)
+        got.n += len(m.payload)
+        got.sha256.update(m.payload)
+
+    def _on_result(self, s: SellerConn, m: Message) -> None:
+        aid = m["attempt"]
+        entry = s.attempts.get(aid)
+        if entry is None:
+            # Too late (the attempt went elsewhere, or its task is closed), or an
+            # attempt of an earlier connection or of the market before a restart:
+            # it is paid nothing, and the seller hears so.
+            if aid in s.stale:
+                s.stale.discard(aid)
+            else:
+                log.info("%s returned attempt %d, which it is not running: paid nothing",
+                         s, aid)
+            s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
+            return
+        t = entry[0]
+        if self.tasks.get(t.id) is not t:
+            # Its task closed while this attempt ran (the others agreed, or it
+            # failed): the attempt is void and paid nothing.
+            self._pop_attempt(s, aid)
+            s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
+            return
+        # (a session's output went to the buyer as a stream; the result carries none)
+        output = m.payload
+        streamed = s.outputs.pop(aid, None)
+        if streamed is not None:  # the output came in `output` frames; the result has the rest
+            h = streamed.sha256
+            limit = self._output_limit(s)
+            if streamed.n + len(m.payload) > limit:
+                raise ProtocolError("task", f"attempt {aid}: output over the limit of "
+                                            f"{limit} bytes")
+            streamed.pieces.append(m.payload)
+            output = b"".join(streamed.pieces)
+            streamed.pieces = []
+            h.update(m.payload)
+            sha = h.hexdigest()
+        else:
+            sha = None if t.session else digest(output)
+        if sha is not None and sha != m["output_sha256"]:
+            raise ProtocolError("task", f"attempt {aid}: output_sha256 does not match the output")
+        self._pop_attempt(s, aid)
+        t.running.pop(aid, None)
+        key = ResultKey(m["output_sha256"], m["exit_status"], m["signal"])
+        t.results[aid] = Returned(key, s.account_id, m["cpu_ms"], s.order.price_milli,
+                                  m["reason"])
+        s.returned.add(aid)
+        best, n = t.best()
+        store = self._tx()
+        if n >= t.redundancy:
+            # The group reached k with this result, so it holds this output.
+            ahead = None
+            if streamed is not None and streamed.buyer is not None:
+                ahead = (streamed.buyer, len(output) - len(m.payload))
+            self._settle(t, best, output, aid, ahead)
+            return
+        store.attempt_returned(aid, m["cpu_ms"], m["output_sha256"], m["exit_status"],
+                               m["signal"], m["reason"], output)
+        if not t.running and len(t.results) >= 2 * t.redundancy:
+            self._fail(t, "dispute", f"{len(t.results)} sellers returned results, at most "
+                                     f"{n} agreed, {t.redundancy} must")
+        else:
+            self.matcher.enqueue(t)

@@ -1,0 +1,154 @@
+"""Settlement: paying the agreeing results of a task, refunding a failed one,
+and telling the sellers and the buyer once it is committed.
+
+Money.  At `submit` the buyer's maximum cost, redundancy x
+cost_milli(cpu_ms, bid), moves to escrow.  When k results agree, each of
+the k sellers gets cost_milli(min(measured, cpu_ms), its ask) and the
+buyer gets the rest back, in one transaction; a task that fails is
+refunded whole.  The ask never exceeds the bid, so escrow always covers
+the payments.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+from ..protocol import cost_milli, encode, frame
+from .state import Final, ResultKey, TaskState
+
+log = logging.getLogger("cpushare.market")
+
+
+class Payment(NamedTuple):
+    attempt_id: int
+    seller_account_id: int
+    amount_milli: int
+
+
+def payments(t: TaskState, key: ResultKey) -> list[Payment]:
+    """What each of the first k attempts that returned `key` is paid."""
+    winners = [aid for aid, r in t.results.items() if r.key == key][:t.redundancy]
+    pays = []
+    for aid in winners:
+        r = t.results[aid]
+        pays.append(Payment(aid, r.seller_account_id,
+                            cost_milli(min(r.cpu_ms, t.cpu_ms), r.ask_milli)))
+    total = sum(p.amount_milli for p in pays)
+    if total > t.escrow_milli:  # cannot happen while ask <= bid; refuse rather than overdraw
+        raise AssertionError(f"task {t.id}: payments {total} exceed escrow {t.escrow_milli}")
+    return pays
+
+
+class Settlement:
+    """Mixed into Market."""
+
+    def _settle(self, t: TaskState, key: ResultKey, output: bytes, last: int,
+                ahead: tuple | None = None) -> None:
+        """Pay the k agreeing results (`last` is the attempt that completed them).
+
+        `ahead`: (buyer connection, n) when the first n bytes of the output already
+        went to that connection in `output` frames."""
+        pays = payments(t, key)
+        total = sum(p.amount_milli for p in pays)
+        refund = t.escrow_milli - total
+        first = t.results[pays[0].attempt_id]
+        with self._op() as store:
+            store.transfer("settle", [(store.escrow_id, -t.escrow_milli),
+                                      *[(p.seller_account_id, p.amount_milli) for p in pays],
+                                      (t.buyer_account_id, refund)], task_id=t.id)
+            paid = {p.attempt_id: p.amount_milli for p in pays}
+            for aid, r in t.results.items():
+                got = ((r.cpu_ms, r.key.output_sha256, r.exit_status, r.signal, r.reason)
+                       if aid == last else None)
+                if aid in paid:
+                    store.set_attempt_state(aid, "accepted", paid[aid], got)
+                elif r.key != key:
+                    store.set_attempt_state(aid, "rejected", 0, got)
+                    store.add_dispute(t.id, aid, r.seller_account_id, r.key.output_sha256,
+                                      key.output_sha256)
+                else:
+                    store.set_attempt_state(aid, "void", 0, got)
+            for aid in t.running:
+                store.set_attempt_state(aid, "void")
+            fields = dict(exit_status=first.exit_status, signal=first.signal,
+                          reason=first.reason or "", cpu_ms=min(first.cpu_ms, t.cpu_ms),
+                          cost_milli=total, attempts=t.started)
+            store.finish_task(t.id, "done", output=output, **fields)
+            if t.session:  # a session's end is told once, to the connection that opened it
+                store.mark_delivered([t.id])
+        t.escrow_milli = 0
+        self._close_task(t, paid, Final("done", fields, output, ahead))
+        log.debug("task %d done: paid %d, refunded %d", t.id, total, refund)
+
+    def _fail(self, t: TaskState, code: str, message: str) -> None:
+        with self._op() as store:
+            store.transfer("refund", [(store.escrow_id, -t.escrow_milli),
+                                      (t.buyer_account_id, t.escrow_milli)], task_id=t.id)
+            for aid, r in t.results.items():
+                store.set_attempt_state(aid, "rejected")
+                if code == "dispute":
+                    store.add_dispute(t.id, aid, r.seller_account_id, r.key.output_sha256,
+                                      None)
+            for aid in t.running:
+                store.set_attempt_state(aid, "void")
+            store.finish_task(t.id, "failed", attempts=t.started, fail_code=code,
+                              fail_message=message)
+            if t.session:
+                store.mark_delivered([t.id])
+        t.escrow_milli = 0
+        log.info("task %d failed: %s: %s", t.id, code, message)
+        self._close_task(t, {}, Final("failed", dict(code=code, message=message), b""))
+
+    def _close_task(self, t: TaskState, paid: dict[int, int], final: Final) -> None:
+        """After settle/fail: forget the task, tell sellers and the buyer after commit."""
+        self.tasks.pop(t.id, None)
+        self.matcher.dequeue(t.id)
+        t.input = None
+        notes = []
+        for aid in t.results:
+            s = self._seller_of(aid, t)
+            if s is not None:
+                notes.append((s, encode("settled", attempt=aid, paid_milli=paid.get(aid, 0),
+                                        accepted=aid in paid)))
+        for aid, s in t.running.items():
+            if s is not None and aid in s.attempts:
+                s.stale.add(aid)  # its result, when it comes, is paid nothing
+                if not s.gone:  # and it may stop now (or not start)
+                    s.write(encode("stop", attempt=aid))
+        self._after_commit(lambda: self._announce(t, notes, final))
+
+    def _seller_of(self, aid: int, t: TaskState):
+        acct = t.results[aid].seller_account_id
+        for s in self.sellers.values():
+            if s.account_id == acct and aid in s.returned:
+                s.returned.discard(aid)
+                return s
+        return None
+
+    def _announce(self, t: TaskState, notes, final: Final) -> None:
+        for s, note in notes:
+            s.write(note)
+        state, fields, output, ahead = final
+        if t.session:
+            if t.buyer is not None and not t.buyer.gone:
+                if state == "done":
+                    f = {k: fields[k] for k in ("exit_status", "signal", "reason", "cpu_ms",
+                                                "cost_milli")}
+                else:
+                    f = dict(exit_status=None, signal=None, cpu_ms=0, cost_milli=0,
+                             reason=f"{fields['code']}: {fields['message']}")
+                t.buyer.write(encode("closed", session=t.id, **f))
+            return
+        conns = self.buyers.get(t.buy_order_id)
+        if not conns or t.id in self._sending:
+            return  # kept in the store until the buyer comes back
+        b = conns[-1]
+        if ahead is not None and ahead[0] is b and ahead[1]:
+            # the connection has the first n bytes already: `done` carries the rest
+            n = ahead[1]
+            b.write(frame(state, memoryview(output)[n:], ref=t.ref, task=t.id, streamed=n,
+                          **fields))
+        else:
+            b.write(frame(state, output, ref=t.ref, task=t.id, **fields))
+        self._sent(b, t.id, t.buy_order_id, t.ref)

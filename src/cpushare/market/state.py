@@ -1,0 +1,102 @@
+"""The market's plain state: tasks, their returned results, refusals.
+
+No I/O here: matching and settlement work on these, and tests make them
+without a store or a connection.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+MAX_REDUNDANCY = 16
+MAX_LOST = 5  # attempts lost (disconnect, deadline) before a task fails
+
+
+class Rejection(Exception):
+    """A request the market refuses: `code` is the protocol's error code
+    (docs/protocol.md), `message` says why.  The handler answers it with an
+    `error` or `failed` frame; the connection stays."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class ResultKey(NamedTuple):
+    """What must agree between the results of a task's attempts."""
+    output_sha256: str
+    exit_status: int | None
+    signal: int | None
+
+
+class Returned(NamedTuple):
+    """A result an attempt returned, until its task is settled."""
+    key: ResultKey
+    seller_account_id: int
+    cpu_ms: int  # as the seller measured it
+    ask_milli: int
+    reason: str
+
+    @property
+    def exit_status(self) -> int | None:
+        return self.key.exit_status
+
+    @property
+    def signal(self) -> int | None:
+        return self.key.signal
+
+
+class Final(NamedTuple):
+    """How a task closed, for the announcement after the commit."""
+    state: str  # "done" or "failed"
+    fields: dict[str, Any]  # of the `done` or `failed` frame
+    output: bytes
+    ahead: Any = None  # (buyer connection, n): n bytes of output went there already
+
+
+@dataclass(eq=False)
+class TaskState:
+    id: int
+    buy_order_id: int
+    buyer_account_id: int
+    ref: str
+    image: str
+    redundancy: int
+    cpu_ms: int
+    bid_milli: int
+    escrow_milli: int
+    running: dict = field(default_factory=dict)  # attempt id -> SellerConn | None
+    results: dict[int, Returned] = field(default_factory=dict)  # attempt id -> result
+    used_accounts: set = field(default_factory=set)
+    lost: int = 0
+    started: int = 0
+    session: bool = False
+    input: bytes | None = None  # small inputs stay in memory; None: read from the store
+    buyer: Any = None  # sessions: the BuyerConn that opened it
+    streams: list = field(default_factory=list)  # sessions: stdin frames before a seller
+    streamed_bytes: int = 0  # ... and their bytes
+    # since when it has waited for a seller (accepted, or its last attempt lost)
+    waiting_since: float = field(default_factory=time.monotonic)
+
+    def best(self) -> tuple[ResultKey | None, int]:
+        """The result most attempts agree on, and how many."""
+        if not self.results:
+            return None, 0
+        key, n = Counter(r.key for r in self.results.values()).most_common(1)[0]
+        return key, n
+
+    def need(self) -> int:
+        """Attempts to start now so that k results may agree."""
+        return self.redundancy - self.best()[1] - len(self.running)
+
+
+def wall_ms_for(cpu_ms: int, seller_wall_ms: int) -> int:
+    """The wall-clock budget of an attempt: generous for the CPU time it may use."""
+    return min(seller_wall_ms, 4 * cpu_ms + 10_000)
