@@ -1,9 +1,10 @@
 """The systemd files and the init script, checked on the host without booting.
 
 The generator runs here as systemd would run it (three output directories),
-on a temporary order directory; the unit's hardening is rated offline by
-systemd-analyze and its system call filter is expanded against what the
-sandbox needs.  The booted container (test_system.py) does the rest.
+on a temporary order directory; the units' hardening is rated offline by
+systemd-analyze and the seller's system call filter is expanded against what
+the sandbox needs; the market server speaks sd_notify(3) to a real
+NOTIFY_SOCKET.  The booted container (test_system.py) does the rest.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 GENERATOR = ROOT / "systemd" / "cpushare-generator"
 UNIT = ROOT / "systemd" / "cpushare@.service"
+SERVER_UNIT = ROOT / "systemd" / "cpushare-server.service"
 INIT = ROOT / "debian" / "cpushare.init"
 EXPOSURE_BOUND = 2.0
 
@@ -90,8 +94,8 @@ def test_generator_unit_dir_can_be_moved(tmp_path):
     assert wants(normal) == {"cpushare@cpu0.service": "/usr/lib/systemd/system/cpushare@.service"}
 
 
-def unit_values(key: str) -> list[str]:
-    return re.findall(rf"^{key}=(.*)$", UNIT.read_text(), re.M)
+def unit_values(key: str, unit: Path = UNIT) -> list[str]:
+    return re.findall(rf"^{key}=(.*)$", unit.read_text(), re.M)
 
 
 def test_restart_is_prevented_for_the_daemons_permanent_refusals():
@@ -156,16 +160,100 @@ def test_syscall_filter_lets_the_sandbox_work():
     assert not missing, f"cpushare@.service's SystemCallFilter= refuses {missing}"
 
 
-def test_offline_security_exposure_is_within_the_bound(tmp_path):
+@pytest.mark.parametrize("unit, instance", [(UNIT, "cpushare@x.service"),
+                                            (SERVER_UNIT, "cpushare-server.service")],
+                         ids=["cpushare@", "cpushare-server"])
+def test_offline_security_exposure_is_within_the_bound(tmp_path, unit, instance):
     analyze = _analyze()
-    shutil.copy(UNIT, tmp_path / "cpushare@.service")
+    shutil.copy(unit, tmp_path / unit.name)
     r = subprocess.run([analyze, "security", "--offline=true", "--no-pager",
-                        str(tmp_path / "cpushare@x.service")],
+                        str(tmp_path / instance)],
                        capture_output=True, text=True, cwd=tmp_path)
-    m = re.search(r"Overall exposure level for cpushare@x\.service:\s+([\d.]+)", r.stdout)
+    m = re.search(rf"Overall exposure level for {re.escape(instance)}:\s+([\d.]+)", r.stdout)
     if m is None:
         pytest.skip(f"systemd-analyze security --offline does not work here: {r.stderr.strip()}")
     assert float(m.group(1)) <= EXPOSURE_BOUND, r.stdout
+
+
+def test_seller_memory_backstop_leaves_room_for_the_largest_job():
+    """MemoryMax= is a backstop for the whole instance (daemon, zygote, job,
+    image cache), never the per-task limit: it must hold the largest address
+    space a job can have (everything below bytecode.USER_MAX) with room to spare."""
+    from cpushare import bytecode
+    from cpushare.order import parse_size
+
+    (value,) = unit_values("MemoryMax")
+    assert parse_size(value) >= bytecode.USER_MAX + (1 << 30), value
+
+
+# --- the market's unit ------------------------------------------------------
+
+def test_server_unit_serves_the_default_database_as_its_own_user():
+    """The unit, cpushare-server's defaults and the package agree on where the
+    market lives and who runs it."""
+    from cpushare.market import admin
+
+    db = Path(admin.DEFAULT_DB)
+    assert unit_values("ConditionPathExists", SERVER_UNIT) == [str(db)]
+    assert db.parent.parent == Path("/var/lib")
+    assert unit_values("StateDirectory", SERVER_UNIT) == [db.parent.name]
+    sysusers = (ROOT / "debian" / "cpushare-server.sysusers").read_text()
+    (user,) = unit_values("User", SERVER_UNIT)
+    assert re.search(rf"^u {re.escape(user)} - .* {db.parent}$", sysusers, re.M), sysusers
+    assert unit_values("Group", SERVER_UNIT) == [user]
+    assert unit_values("Documentation", SERVER_UNIT) == ["man:cpushare-server(8)"]
+    assert unit_values("Type", SERVER_UNIT) == ["notify"]
+    assert unit_values("EnvironmentFile", SERVER_UNIT) == ["-/etc/default/cpushare-server"]
+    assert unit_values("ExecStart", SERVER_UNIT) == [
+        "/usr/bin/cpushare-server serve $CPUSHARE_SERVER_OPTS"]
+    default = (ROOT / "debian" / "cpushare-server.default").read_text()
+    assert re.search(r'^CPUSHARE_SERVER_OPTS=""$', default, re.M), default
+    assert int(unit_values("LimitNOFILE", SERVER_UNIT)[0]) >= 1 << 20
+    assert unit_values("CapabilityBoundingSet", SERVER_UNIT) == [""]
+    assert "systemd/cpushare-server.service lib/systemd/system/" in (
+        ROOT / "debian" / "cpushare-server.install").read_text().splitlines()
+
+
+def test_server_default_port_needs_no_capability():
+    from cpushare.market import admin
+    from cpushare.order import split_hostport
+
+    assert split_hostport(admin.DEFAULT_LISTEN)[1] >= 1024
+
+
+def test_server_tells_systemd_ready_watchdog_and_stopping(tmp_path):
+    """cpushare-server serve under Type=notify: READY=1 once it listens (with
+    the address in STATUS=), WATCHDOG=1 at half of WATCHDOG_USEC, STOPPING=1
+    on SIGTERM, and exit status 0."""
+    from dbus_fixtures import PYTHON, SRC, NotifySocket
+
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = tmp_path / "market.db"
+    subprocess.run([PYTHON, "-m", "cpushare.market", "--db", str(db), "init", "--listen",
+                    f"127.0.0.1:{port}"], env=env, check=True, capture_output=True, timeout=60)
+    notify = NotifySocket(tmp_path)
+    proc = subprocess.Popen([PYTHON, "-m", "cpushare.market", "--db", str(db), "serve"],
+                            env=dict(env, NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="200000"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = notify.wait("READY", "1")
+        assert ready["STATUS"] == f"Serving the market on 127.0.0.1:{port}", ready
+        assert ready["MAINPID"] == str(proc.pid), ready
+        socket.create_connection(("127.0.0.1", port), 5).close()  # it listens
+        seen = len(notify.messages)
+        notify.wait("WATCHDOG", "1", after=seen)
+        notify.wait("WATCHDOG", "1", after=len(notify.messages))
+        proc.send_signal(signal.SIGTERM)
+        assert notify.wait("STOPPING", "1")["STATUS"] == "Stopping (SIGTERM)"
+        assert proc.wait(60) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
 
 
 def test_init_script_is_posix_and_lsb():
