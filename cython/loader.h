@@ -2,13 +2,15 @@
  *
  * After fork the child runs only the code declared here (raw system calls,
  * no libc, no stack protector, no Python).  It moves the job's pipes to fds
- * 0 and 1, sets rlimits, maps a tiny "keep" area (trampoline code from a
+ * 0 and 1, sets rlimits, makes RDTSC and CPUID fault unless the job may
+ * use them, maps a tiny "keep" area (trampoline code from a
  * sealed memfd, read+execute; a parameter block, read+write) and jumps to
  * the trampoline.  The trampoline unmaps everything else (the parent's heap,
  * libraries and stacks: the job must not read the seller's memory), maps the
  * job's regions from their memfds, reports "ready" on the status pipe,
- * closes every descriptor but 0 and 1, enters seccomp and jumps to the
- * entry with zeroed registers.  See seccomp_loader.pyx for the parent side.
+ * closes every descriptor but 0 and 1, enters seccomp, clears its
+ * parameters (but the entry and the stack top) and jumps to the entry
+ * with zeroed registers.  See seccomp_loader.pyx for the parent side.
  */
 #ifndef CPUSHARE_LOADER_H
 #define CPUSHARE_LOADER_H
@@ -32,7 +34,7 @@ enum cps_step {
     CPS_ARCH_PRCTL_FS, CPS_ARCH_PRCTL_GS, CPS_WRITE_READY, CPS_CLOSE_RANGE_FINAL,
     CPS_SECCOMP_STRICT, CPS_SECCOMP_FILTER,
     CPS_FORK, CPS_RSEQ, CPS_PDEATHSIG, CPS_ZYGOTE_SEND, CPS_ZYGOTE_RECV,
-    CPS_SIGNALFD, CPS_GET_SECCOMP,
+    CPS_SIGNALFD, CPS_GET_SECCOMP, CPS_ARCH_SET_CPUID,
     CPS_NSTEPS
 };
 
@@ -52,6 +54,7 @@ struct cps_spec {
     int stdin_fd, stdout_fd, status_fd, text_fd, data_fd, tramp_fd;
     int mode;          /* CPS_MODE_STRICT or CPS_MODE_FILTER */
     int allow_tsc;
+    int allow_cpuid;   /* else CPUID faults, where the CPU can (ARCH_SET_CPUID) */
     int xsave;         /* the CPU and kernel support XSAVE/XRSTOR */
     uint64_t text_start, text_size;
     uint64_t data_start, data_size;    /* data_size 0: no data region */

@@ -18,6 +18,7 @@ cdef extern from "loader.h" nogil:
         int stdin_fd, stdout_fd, status_fd, text_fd, data_fd, tramp_fd
         int mode
         int allow_tsc
+        int allow_cpuid
         int xsave
         uint64_t text_start, text_size
         uint64_t data_start, data_size
@@ -112,6 +113,7 @@ STEPS = (
     "recvmsg(zygote socket)",
     "signalfd4(SIGCHLD)",
     "prctl(PR_GET_SECCOMP)",
+    "arch_prctl(ARCH_SET_CPUID, 0)",
 )
 
 
@@ -198,7 +200,8 @@ _xsave = cps_have_xsave()
 
 cdef int _fill(cps_spec *s, int stdin_fd, int stdout_fd, int status_fd, int text_fd, int data_fd,
                text, data, stack, uint64_t entry, uint64_t stack_top,
-               uint64_t cpu_soft, uint64_t cpu_hard, bint allow_tsc, int mode) except -1:
+               uint64_t cpu_soft, uint64_t cpu_hard, bint allow_tsc, bint allow_cpuid,
+               int mode) except -1:
     if mode not in (CPS_MODE_STRICT, CPS_MODE_FILTER):
         raise ValueError(f"unknown seccomp mode {mode}")
     s.stdin_fd = stdin_fd
@@ -209,6 +212,7 @@ cdef int _fill(cps_spec *s, int stdin_fd, int stdout_fd, int status_fd, int text
     s.tramp_fd = -1
     s.mode = mode
     s.allow_tsc = allow_tsc
+    s.allow_cpuid = allow_cpuid
     s.xsave = _xsave
     s.text_start, s.text_size = text
     if data is None:
@@ -228,7 +232,8 @@ cdef int _fill(cps_spec *s, int stdin_fd, int stdout_fd, int status_fd, int text
 
 def spawn(*, int stdin_fd, int stdout_fd, int status_fd, int text_fd, int data_fd,
           text, data, stack, uint64_t entry, uint64_t stack_top,
-          uint64_t cpu_soft, uint64_t cpu_hard, bint allow_tsc, int mode):
+          uint64_t cpu_soft, uint64_t cpu_hard, bint allow_tsc, bint allow_cpuid,
+          int mode):
     """Fork a job from this process.  text, data and stack are (start,
     size) pairs (data None when the image has none); the child reports on
     status_fd (8-byte records: see STEPS) and closes it right before
@@ -236,7 +241,7 @@ def spawn(*, int stdin_fd, int stdout_fd, int status_fd, int text_fd, int data_f
     cdef cps_spec s
     cdef long pid
     _fill(&s, stdin_fd, stdout_fd, status_fd, text_fd, data_fd, text, data, stack,
-          entry, stack_top, cpu_soft, cpu_hard, allow_tsc, mode)
+          entry, stack_top, cpu_soft, cpu_hard, allow_tsc, allow_cpuid, mode)
     s.tramp_fd = trampoline_memfd()
     with nogil:
         pid = cps_spawn(&s)
@@ -261,7 +266,8 @@ def zygote_start(int sock):
 
 def zygote_spawn(int sock, *, int stdin_fd, int stdout_fd, int status_fd, int text_fd,
                  int data_fd, text, data, stack, uint64_t entry, uint64_t stack_top,
-                 uint64_t cpu_soft, uint64_t cpu_hard, bint allow_tsc, int mode):
+                 uint64_t cpu_soft, uint64_t cpu_hard, bint allow_tsc, bint allow_cpuid,
+                 int mode):
     """Have the zygote fork a job (one request at a time per socket: the
     caller serialises).  The zygote writes an exit record (EXITED, wait
     status, user and system microseconds) on status_fd when the job ends.
@@ -270,7 +276,7 @@ def zygote_spawn(int sock, *, int stdin_fd, int stdout_fd, int status_fd, int te
     cdef long pid
     cdef int pidfd = -1, used_mode = 0, step = 0
     _fill(&s, stdin_fd, stdout_fd, status_fd, text_fd, data_fd, text, data, stack,
-          entry, stack_top, cpu_soft, cpu_hard, allow_tsc, mode)
+          entry, stack_top, cpu_soft, cpu_hard, allow_tsc, allow_cpuid, mode)
     with nogil:
         pid = cps_zygote_spawn(sock, &s, &pidfd, &used_mode, &step)
     if pid < 0:

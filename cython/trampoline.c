@@ -65,6 +65,7 @@ static inline long sys6(long nr, long a1, long a2, long a3, long a4, long a5, lo
 #define K_PR_SET_NO_NEW_PRIVS 38
 #define K_ARCH_SET_GS 0x1001
 #define K_ARCH_SET_FS 0x1002
+#define K_ARCH_SET_CPUID 0x1012
 #define K_RLIMIT_CPU 0
 #define K_RLIMIT_FSIZE 1
 #define K_RLIMIT_CORE 4
@@ -85,6 +86,7 @@ static inline long sys6(long nr, long a1, long a2, long a3, long a4, long a5, lo
 #define K_POLLHUP 0x10
 #define K_EINTR 4
 #define K_EAGAIN 11
+#define K_ENODEV 19
 #define K_EINVAL 22
 #define K_MSG_NOSIGNAL 0x4000
 
@@ -99,7 +101,9 @@ static inline long sys6(long nr, long a1, long a2, long a3, long a4, long a5, lo
 
 /* -- the keep area ---------------------------------------------------------
  * page 0: trampoline code (r-x, from the memfd)
- * page 1: parameters (rw-)
+ * page 1: parameters (rw-), cleared by the trampoline before the jump but
+ *         for the entry and the stack top: the job must find there nothing
+ *         of the host (its PID, the steps, the seccomp mode)
  * pages 2..5: a zeroed XSAVE area: XRSTOR from it puts every FPU/SIMD
  *             register in its initial state (the parent's xmm registers
  *             may hold key material). */
@@ -121,6 +125,11 @@ static inline long sys6(long nr, long a1, long a2, long a3, long a4, long a5, lo
 #define STEP_SIZE 64
 #define MAX_STEPS 32
 #define P_XSAVE 4096
+/* Quadwords from P_FLAGS to the end of the parameters: what the trampoline
+ * clears before the jump (a literal, for the assembler). */
+#define P_CLEAR_QWORDS 2557
+_Static_assert(P_CLEAR_QWORDS * 8 == PARAMS_SIZE - P_FLAGS, "P_CLEAR_QWORDS");
+_Static_assert(P_ENTRY < P_FLAGS && P_STACK_TOP < P_FLAGS, "kept below P_FLAGS");
 
 #define XSTR(x) #x
 #define STR(x) XSTR(x)
@@ -130,8 +139,9 @@ static inline long sys6(long nr, long a1, long a2, long a3, long a4, long a5, lo
  *   and errno to fd 2, sends SIGUSR1 to itself (the status pipe is closed
  *   by the time seccomp runs, so that is how a failing seccomp shows) and
  *   exits 127;
- *   then XRSTOR (or FXRSTOR) the zeroed area, rsp = stack top, every other
- *   register zero, rflags 0x202, jump to the entry. */
+ *   then XRSTOR (or FXRSTOR) the zeroed area, clear the parameters but the
+ *   entry and stack top, rsp = stack top, every other register zero,
+ *   rflags 0x202, jump to the entry. */
 __asm__(
     ".text\n"
     ".balign 16\n"
@@ -183,7 +193,16 @@ __asm__(
     "    xrstor64 " STR(P_XSAVE) "(%rbx)\n"
     "    jmp 5f\n"
     "4:  fxrstor64 " STR(P_XSAVE) "(%rbx)\n"
-    "5:  mov .Ltb+4096+" STR(P_STACK_TOP) "(%rip), %rsp\n"
+    /* Nothing of the set-up may stay readable (the PID for the kill
+     * above, the steps, the filter, the XSAVE area): clear the parameter
+     * block but the entry and the stack top, the job's own. */
+    "5:  movq $0, " STR(P_NSTEPS) "(%rbx)\n"
+    "    lea " STR(P_FLAGS) "(%rbx), %rdi\n"
+    "    mov $" STR(P_CLEAR_QWORDS) ", %ecx\n"
+    "    xor %eax, %eax\n"
+    "    cld\n"
+    "    rep stosq\n"
+    "    mov .Ltb+4096+" STR(P_STACK_TOP) "(%rip), %rsp\n"
     "    xor %eax, %eax\n"
     "    xor %ebx, %ebx\n"
     "    xor %ecx, %ecx\n"
@@ -344,6 +363,13 @@ static NOSP __attribute__((noreturn)) void cps_child(const struct cps_spec *s)
         r = sys2(__NR_prctl, K_PR_SET_TSC, K_PR_TSC_SIGSEGV);
         if (IS_ERR(r))
             fail(status, CPS_PRCTL_TSC, r);
+    }
+    /* CPUID faults (SIGSEGV) where the CPU can make it fault; elsewhere
+     * (ENODEV) it stays, like the rest of what cpushare.cpu(5) lists. */
+    if (!s->allow_cpuid) {
+        r = sys2(__NR_arch_prctl, K_ARCH_SET_CPUID, 0);
+        if (IS_ERR(r) && r != -K_ENODEV)
+            fail(status, CPS_ARCH_SET_CPUID, r);
     }
     if (s->mode == CPS_MODE_FILTER) {
         r = sys6(__NR_prctl, K_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, 0);

@@ -354,12 +354,14 @@ def test_self_test(expected_mode):
 @pytest.mark.skipif(os.environ.get("CPUSHARE_TEST_SECCOMP_FILTER") == "permissive",
                     reason="already the filter-mode run")
 def test_hostile_suite_in_filter_mode(root_dir):
-    """The whole hostile suite again, in a pytest under a permissive seccomp
-    filter: the kernel refuses strict mode there, so jobs must get the
-    loader's own filter (its tests assert Result.mode == 'filter')."""
+    """The whole hostile suite and the leak tests again, in a pytest under
+    a permissive seccomp filter: the kernel refuses strict mode there, so
+    jobs must get the loader's own filter (its tests assert Result.mode ==
+    'filter')."""
     proc = subprocess.run(
         [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          os.path.join(root_dir, "tests", "test_sandbox_hostile.py"),
+         os.path.join(root_dir, "tests", "test_sandbox_leaks.py"),
          os.path.join(root_dir, "tests", "test_sandbox.py") + "::test_self_test"],
         cwd=root_dir, env=env_with_src(root_dir, CPUSHARE_TEST_SECCOMP_FILTER="permissive"),
         capture_output=True, text=True, timeout=300)
@@ -370,11 +372,12 @@ def test_hostile_suite_in_filter_mode(root_dir):
 @pytest.mark.skipif(os.environ.get("CPUSHARE_SANDBOX_SPAWN") == "fork",
                     reason="already the fork-spawn run")
 def test_hostile_suite_with_fork_spawn(root_dir):
-    """The hostile suite again with jobs forked straight from the Python
-    process (the fallback when no zygote can start)."""
+    """The hostile suite and the leak tests again with jobs forked straight
+    from the Python process (the fallback when no zygote can start)."""
     proc = subprocess.run(
         [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          os.path.join(root_dir, "tests", "test_sandbox_hostile.py"),
+         os.path.join(root_dir, "tests", "test_sandbox_leaks.py"),
          os.path.join(root_dir, "tests", "test_sandbox.py") + "::test_spawn_method"],
         cwd=root_dir, env=env_with_src(root_dir, CPUSHARE_SANDBOX_SPAWN="fork"),
         capture_output=True, text=True, timeout=300)

@@ -6,8 +6,7 @@ MODE_FILTER: int
 REPLY_SIZE: int         # bytes of a zygote reply (pid or -errno, step, mode)
 RECORD_SIZE: int        # bytes of a set-up record on the status pipe (step, errno)
 EXITED: int             # the step of the zygote's exit record
-EXIT_REPLY_SIZE: int         # bytes of a zygote reply (pid or -errno, step, mode)
-RECORD_SIZE: int   # (EXITED, wait status, user us, system us)
+EXIT_RECORD_SIZE: int   # bytes of an exit record (EXITED, wait status, user us, system us)
 NSTEPS: int
 STEPS: tuple[str, ...]  # what each set-up step of the child calls
 
@@ -19,9 +18,10 @@ def trampoline_memfd() -> int: ...
 def spawn(*, stdin_fd: int, stdout_fd: int, status_fd: int, text_fd: int, data_fd: int,
           text: tuple[int, int], data: tuple[int, int] | None, stack: tuple[int, int],
           entry: int, stack_top: int, cpu_soft: int, cpu_hard: int, allow_tsc: bool,
-          mode: int) -> int: ...
+          allow_cpuid: bool, mode: int) -> int: ...
 def zygote_start(sock: int) -> int: ...
 def zygote_spawn(sock: int, *, stdin_fd: int, stdout_fd: int, status_fd: int, text_fd: int,
                  data_fd: int, text: tuple[int, int], data: tuple[int, int] | None,
                  stack: tuple[int, int], entry: int, stack_top: int, cpu_soft: int,
-                 cpu_hard: int, allow_tsc: bool, mode: int) -> tuple[int, int, int]: ...
+                 cpu_hard: int, allow_tsc: bool, allow_cpuid: bool,
+                 mode: int) -> tuple[int, int, int]: ...

@@ -4,10 +4,13 @@ A job is a forked child that runs no Python: it keeps only fds 0 (input)
 and 1 (output), gets rlimits (CPU, no core, no files, no processes), loses
 every mapping of this process (so it cannot read the seller's memory),
 maps exactly its image's regions (text read+execute from a sealed memfd,
-data+bss and stack read+write), cannot read the time-stamp counter unless
-allowed, and enters SECCOMP_MODE_STRICT, or, where this process already
-runs under a seccomp filter and the kernel refuses strict mode, a filter
-that allows exactly what strict mode allows.
+data+bss and stack read+write), cannot read the time-stamp counter or run
+CPUID unless allowed (CPUID only where the CPU can make it fault), and
+enters SECCOMP_MODE_STRICT, or, where this process already runs under a
+seccomp filter and the kernel refuses strict mode, a filter that allows
+exactly what strict mode allows.  Of the loader's own set-up only its code
+page and the entry and stack top stay readable: nothing of the host (no
+PID); what a job can still see is listed in cpushare.cpu(5).
 
 Jobs are forked by a zygote: a small process forked once from this one,
 which keeps nothing of it but the extension's own code, so a start costs
@@ -63,6 +66,7 @@ class Limits:
     memory: int = 256 << 20      # refuse images whose memory_size exceeds it
     output: int = 64 << 20       # bytes of output before the job is killed
     allow_tsc: bool = False      # rdtsc works (the job then runs under the filter)
+    allow_cpuid: bool = False    # cpuid works (else it faults, where the CPU can make it)
 
     def __post_init__(self):
         for name in ("cpu_seconds", "wall_seconds"):
@@ -354,7 +358,8 @@ class Job:
                 text=(regions["text"].start, regions["text"].size),
                 data=None if data is None else (data.start, data.size),
                 stack=(stack.start, stack.size), entry=image.entry, stack_top=STACK_TOP,
-                cpu_soft=soft, cpu_hard=hard, allow_tsc=limits.allow_tsc, mode=modenum)
+                cpu_soft=soft, cpu_hard=hard, allow_tsc=limits.allow_tsc,
+                allow_cpuid=limits.allow_cpuid, mode=modenum)
             self._spawn(spec, modenum)
             self._start = time.monotonic()
             self._paused_at: float | None = None
