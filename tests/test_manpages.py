@@ -67,7 +67,7 @@ def _options(parser) -> set[str]:
 
 @pytest.mark.parametrize("page, module", [
     ("cpushare.1", "cpushare.__main__"), ("cpusharectl.1", "cpushare.ctl"),
-    ("cpushared.8", "cpushare.daemon")])
+    ("cpushared.8", "cpushare.daemon"), ("cpushare-server.8", "cpushare.market.__main__")])
 def test_every_option_is_documented(page, module):
     import importlib
 
@@ -76,3 +76,22 @@ def test_every_option_is_documented(page, module):
     assert options, module
     missing = sorted(o for o in options if o not in shown)
     assert not missing, f"{page} does not mention {missing}"
+
+
+def _unit_value(unit: str, key: str) -> str:
+    import re
+
+    (value,) = re.findall(rf"^{key}=(.*)$", (MAN.parent / "systemd" / unit).read_text(), re.M)
+    return value
+
+
+@pytest.mark.parametrize("page, unit, keys", [
+    ("cpushare-server.8", "cpushare-server.service",
+     ("WatchdogSec", "LimitNOFILE", "StateDirectory", "ConditionPathExists")),
+    ("cpushared.8", "cpushare@.service", ("MemoryMax",))])
+def test_the_pages_say_what_the_units_set(page, unit, keys):
+    shown = " ".join(text(MAN / page).split())
+    for key in keys:
+        value = _unit_value(unit, key)
+        assert f"{key}={value}" in shown or (key == "ConditionPathExists" and value in shown), \
+            f"{page} does not say {key}={value} of {unit}"
