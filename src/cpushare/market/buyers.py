@@ -64,7 +64,9 @@ class BuyerHandlers:
                                        f"{image.digest[:16]}"))
                 return
             self._tx().put_image(d, m.payload)
-        self.images.add(d)
+            self.images[d] = image.memory_size
+        else:
+            self._image_memory(d)
         self._after_commit(lambda: b.write(encode("image_ok", image=d)))
 
     def _check_request(self, b: BuyerConn, m: Message, k: int) -> int:
@@ -77,12 +79,19 @@ class BuyerHandlers:
         if not 1 <= cpu_ms <= max_ms:
             raise Rejection("order", f"cpu_ms {cpu_ms} is outside 1..{max_ms} (the buy "
                                      f"order's max_cpu_seconds)")
-        image = m["image"]
-        if image not in self.images:
-            if not self.store.has_image(image):
-                raise Rejection("image", f"image {image} is unknown: send it first")
-            self.images.add(image)
+        if self._image_memory(m["image"]) is None:
+            raise Rejection("image", f"image {m['image']} is unknown: send it first")
         return cpu_ms
+
+    def _image_memory(self, digest: str) -> int | None:
+        """The memory a run of a stored image needs (None: no such image)."""
+        memory = self.images.get(digest)
+        if memory is None:
+            data = self.store.image(digest)
+            if data is None:
+                return None
+            memory = self.images[digest] = bytecode.parse(data).memory_size
+        return memory
 
     def _escrow(self, b: BuyerConn, k: int, cpu_ms: int) -> int:
         """The escrow a task needs; raises Rejection('funds') if the account lacks it."""
@@ -104,7 +113,8 @@ class BuyerHandlers:
             store.transfer("escrow", [(b.account_id, -escrow), (store.escrow_id, escrow)],
                            task_id=tid)
         t = TaskState(tid, o.id, b.account_id, ref, image, k, cpu_ms, o.price_milli, escrow,
-                      session=session, buyer=b if session else None, input=payload)
+                      memory=self.images[image], session=session,
+                      buyer=b if session else None, input=payload)
         if len(payload) > SMALL_INPUT:
             # kept in memory only for the matching round that follows (a seller
             # may take it at once: no reading back what was just written)

@@ -6,21 +6,31 @@ they run.  No store, no connection, no event loop: the market passes a
 `dispatch` callback and acts on the revokes `steal` returns, and tests
 drive it with plain objects and a clock of their own.
 
-A seller here is anything with `order` (price_milli, model, cpu_seconds),
+A seller here is anything with `order` (price_milli, model, cpu_seconds, memory),
 `account_id`, `attempts` (attempt id -> (task, wall_ms), in the order it
 runs them), `head_since`, `revoking` and `ready_seq`.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from typing import Callable
 
-PUMP_SCAN = 10_000  # queued tasks examined per matching round
 # A task held by a seller behind the one it runs is taken back (`revoke`) for an
 # idle seller that may run it, once the task ahead of it has run this long.
 STEAL_AFTER = 0.01
 STEAL_SCAN = 64  # holders examined per look (the others in later looks, in turn)
+# Within one class of the index, the tasks (or sellers) looked at past ones that
+# do not fit, per lookup.  Only the limits at a class's edge and the accounts
+# of redundancy make a member of a fitting class unfit.
+CLASS_SCAN = 64
+
+
+def bucket(n: int) -> int:
+    """The power-of-two class of a CPU time or a memory size: b holds
+    (2**(b-1), 2**b], 0 holds 0 and 1."""
+    return max(0, n - 1).bit_length()
 
 
 def fits(s, t, freed: int = 0) -> bool:
@@ -29,10 +39,36 @@ def fits(s, t, freed: int = 0) -> bool:
     o = s.order
     return (o.price_milli <= t.bid_milli and s.account_id != t.buyer_account_id
             and (s.account_id == freed or s.account_id not in t.used_accounts)
-            and o.model == "seccomp" and o.cpu_seconds * 1000 >= t.cpu_ms)
+            and o.model == t.model and o.cpu_seconds * 1000 >= t.cpu_ms
+            and (o.memory <= 0 or o.memory >= t.memory) and not (t.session and s.attempts))
+
+
+def _task_key(t) -> tuple:
+    return (t.session, t.buyer_account_id, bucket(t.cpu_ms), bucket(t.memory))
+
+
+def _seller_key(s) -> tuple:
+    o = s.order
+    return (o.price_milli, bucket(o.cpu_seconds * 1000), _memory_bucket(o.memory))
+
+
+def _memory_bucket(memory: int) -> int:
+    return bucket(memory) if memory > 0 else 1 << 30  # (0: no limit)
 
 
 class Matcher:
+    """The queued tasks and the ready sellers, each indexed by what decides a
+    match, so that a lookup never walks past work (or sellers) that cannot
+    match: tasks by model and bid (highest first), then in classes of
+    (session, buyer account, CPU-time class, memory class), oldest first;
+    sellers by model and ask (cheapest first), then in classes of (CPU
+    seconds class, memory class), in the order they asked.
+
+    Invariant after pump(): no ready seller has a queued task it fits (up to
+    CLASS_SCAN per class).  So a task that arrives (or is requeued) looks for
+    a seller (the cheapest ask, idle ones first), and a seller that asks for
+    work looks for a task (the highest bid, then the oldest)."""
+
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self.tasks: dict = {}  # the market's open tasks: id -> TaskState
@@ -42,14 +78,50 @@ class Matcher:
         self.steal_due = False  # something changed that may allow a steal
         self.retry_in: float | None = None  # (see steal)
         self._seq = 0
+        # model -> bid -> class key -> {task id: None}; bids of each model, highest first
+        self._tasks: dict[str, dict[int, dict[tuple, dict[int, None]]]] = {}
+        self._bids: dict[str, list[int]] = {}
+        self._where: dict[int, tuple] = {}  # task id -> (model, bid, key)
+        # model -> ask -> class key -> {seller: None}; asks of each model, cheapest first
+        self._sellers: dict[str, dict[int, dict[tuple, dict]]] = {}
+        self._asks: dict[str, list[int]] = {}
+        self._fresh_tasks: dict[int, None] = {}  # queued since the last pump
+        self._fresh_sellers: dict = {}  # ready since the last pump
+        self.looked = 0  # index members examined (for tests and the benchmark)
 
     # --- what changes -------------------------------------------------------
 
     def enqueue(self, t) -> None:
+        """`t` may need attempts (new, or one of its attempts ended)."""
+        self._fresh_tasks[t.id] = None
+        if t.id in self._where:
+            return
         self.queue[t.id] = None
+        model, bid, key = where = (t.model, t.bid_milli, _task_key(t))
+        self._where[t.id] = where
+        levels = self._tasks.setdefault(model, {})
+        if bid not in levels:
+            levels[bid] = {}
+            bids = self._bids.setdefault(model, [])
+            bisect.insort(bids, -bid)
+        levels[bid].setdefault(key, {})[t.id] = None
 
     def dequeue(self, tid: int) -> None:
         self.queue.pop(tid, None)
+        self._fresh_tasks.pop(tid, None)
+        where = self._where.pop(tid, None)
+        if where is None:
+            return
+        model, bid, key = where
+        levels = self._tasks[model]
+        cls = levels[bid][key]
+        del cls[tid]
+        if not cls:
+            del levels[bid][key]
+            if not levels[bid]:
+                del levels[bid]
+                bids = self._bids[model]
+                bids.pop(bisect.bisect_left(bids, -bid))
 
     def seller_ready(self, s) -> bool:
         """`s` asked for work; True if it was not waiting already."""
@@ -58,15 +130,40 @@ class Matcher:
         self._seq += 1
         s.ready_seq = self._seq
         self.ready[s] = None
+        o = s.order
+        asks = self._sellers.setdefault(o.model, {})
+        if o.price_milli not in asks:
+            asks[o.price_milli] = {}
+            bisect.insort(self._asks.setdefault(o.model, []), o.price_milli)
+        asks[o.price_milli].setdefault(_seller_key(s)[1:], {})[s] = None
+        self._fresh_sellers[s] = None
         self.steal_due = True
         return True
 
     def seller_busy(self, s) -> None:
         """`s` wants nothing more (its credit is spent, it handed back, it went)."""
         self.ready.pop(s, None)
+        self._fresh_sellers.pop(s, None)
+        o = s.order
+        asks = self._sellers.get(o.model, {})
+        cls = asks.get(o.price_milli, {}).get(_seller_key(s)[1:])
+        if cls is not None and s in cls:
+            del cls[s]
+            if not cls:
+                del asks[o.price_milli][_seller_key(s)[1:]]
+                if not asks[o.price_milli]:
+                    del asks[o.price_milli]
+                    lst = self._asks[o.model]
+                    lst.pop(bisect.bisect_left(lst, o.price_milli))
+
+    def changed(self, s) -> None:
+        """A ready seller's attempts changed: it may fit other tasks now."""
+        if s in self.ready:
+            self._fresh_sellers[s] = None
+            self.steal_due = True
 
     def seller_gone(self, s) -> None:
-        self.ready.pop(s, None)
+        self.seller_busy(s)
         self.holders.pop(s, None)
 
     def holds(self, s, n_attempts: int) -> None:
@@ -78,52 +175,99 @@ class Matcher:
         else:
             self.holders.pop(s, None)
 
-    # --- matching -------------------------------------------------------------
+    # --- lookups ----------------------------------------------------------------
 
-    def choose(self, t):
-        """The idle seller of the cheapest ask that may take `t`; failing one, the
-        cheapest busy one with a free prefetch slot.  Sessions queue behind nothing
-        and nothing queues behind a session."""
-        best = None
-        best_key = None
-        for s in self.ready:
-            if fits(s, t):
-                if s.attempts and (t.session or next(iter(s.attempts.values()))[0].session):
+    def task_for(self, s):
+        """The queued task seller `s` should run: of the highest bid it may
+        take, the oldest that fits.  Classes that cannot fit are skipped
+        whole; within a class at most CLASS_SCAN unfit tasks are passed."""
+        o = s.order
+        levels = self._tasks.get(o.model)
+        if not levels:
+            return None
+        cpu_b, mem_b = bucket(o.cpu_seconds * 1000), _memory_bucket(o.memory)
+        for nbid in self._bids[o.model]:
+            if -nbid < o.price_milli:
+                return None  # (every lower bid too)
+            best = None
+            for (session, acct, tcpu_b, tmem_b), cls in levels[-nbid].items():
+                if (tcpu_b > cpu_b or tmem_b > mem_b or acct == s.account_id
+                        or (session and s.attempts)):
                     continue
-                key = (len(s.attempts), s.order.price_milli, s.ready_seq)
-                if best is None or key < best_key:
-                    best, best_key = s, key
-        return best
+                for n, tid in enumerate(cls):
+                    self.looked += 1
+                    t = self.tasks.get(tid)
+                    if t is not None and t.need() > 0 and fits(s, t):
+                        if best is None or tid < best.id:
+                            best = t
+                        break
+                    if n >= CLASS_SCAN:
+                        break
+            if best is not None:
+                return best
+        return None
+
+    def seller_for(self, t):
+        """The ready seller that should run `t`: an idle one of the cheapest
+        ask, failing one the cheapest busy one with a free prefetch slot."""
+        asks = self._sellers.get(t.model)
+        if not asks:
+            return None
+        cpu_b, mem_b = bucket(t.cpu_ms), bucket(t.memory)
+        busy = None
+        for ask in self._asks[t.model]:
+            if ask > t.bid_milli:
+                break
+            for (scpu_b, smem_b), cls in asks[ask].items():
+                if scpu_b < cpu_b or smem_b < mem_b:
+                    continue
+                n = 0
+                for s in cls:
+                    self.looked += 1
+                    if fits(s, t):
+                        if not s.attempts:
+                            return s
+                        if busy is None and not next(iter(s.attempts.values()))[0].session:
+                            busy = s
+                    n += 1
+                    if n >= CLASS_SCAN:
+                        break
+        return busy
 
     def pump(self, dispatch: Callable) -> list:
         """Give queued tasks to ready sellers (`dispatch(task, seller)`), then
         the revokes of work stealing: [(holder, attempt id)]."""
         self.retry_in = None
+        fresh_tasks, self._fresh_tasks = self._fresh_tasks, {}
+        fresh_sellers, self._fresh_sellers = self._fresh_sellers, {}
         if not self.ready:
             return []
-        if not self.queue:
-            return self.steal()
-        self.steal_due = True  # (sellers may be given tasks now)
-        scanned = 0
-        served = []
-        for tid in self.queue:
+        if fresh_tasks or fresh_sellers:
+            self.steal_due = True  # (sellers may be given tasks now)
+        for tid in fresh_tasks:  # oldest first
             t = self.tasks.get(tid)
-            if t is not None:
-                while t.need() > 0 and self.ready:
-                    s = self.choose(t)
-                    if s is None:
-                        break
-                    dispatch(t, s)
-            if t is None or t.need() <= 0:
-                served.append(tid)
-            scanned += 1
-            if not self.ready or scanned >= PUMP_SCAN:
-                break
-        for tid in served:
-            del self.queue[tid]
+            while t is not None and t.id in self._where and t.need() > 0 and self.ready:
+                s = self.seller_for(t)
+                if s is None:
+                    break
+                dispatch(t, s)
+                self._served(t)
+        order = sorted((s for s in fresh_sellers if s in self.ready),
+                       key=lambda s: (len(s.attempts), s.order.price_milli, s.ready_seq))
+        for s in order:
+            while s in self.ready:
+                t = self.task_for(s)
+                if t is None:
+                    break
+                dispatch(t, s)
+                self._served(t)
         if self.ready:  # sellers left idle, with nothing queued they may take
             return self.steal()
         return []
+
+    def _served(self, t) -> None:
+        if t.need() <= 0:
+            self.dequeue(t.id)
 
     # --- work stealing ----------------------------------------------------------
 

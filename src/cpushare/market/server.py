@@ -63,7 +63,7 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         # (instances cpu0, cpu1, ...) each sell one CPU under the same order
         self.sellers: dict[tuple[int, str], SellerConn] = {}
         self.buyers: dict[int, list[BuyerConn]] = {}  # buy order id -> connections
-        self.images: set[str] = set()
+        self.images: dict[str, int] = {}  # image digest -> the memory a run needs
         self._big_inputs: list[TaskState] = []  # tasks whose big input is still in memory
         self._delivered: list[int] = []  # results sent, to mark delivered
         self._sending: set[int] = set()  # ... and not yet marked
@@ -99,7 +99,7 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         for row in store.queued_tasks():
             t = TaskState(row.id, row.buy_order_id, row.buyer_account_id, row.ref, row.image,
                           row.redundancy, row.cpu_ms, row.bid_milli, row.escrow_milli,
-                          session=row.session)
+                          session=row.session, memory=self._image_memory(row.image))
             for a in store.attempts(row.id):
                 t.started += 1
                 if a.state == "returned":
@@ -190,7 +190,7 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         s.revoking.discard(aid)
         if aid not in s.attempts:
             return None
-        self.matcher.steal_due = True  # (a seller may be idle now)
+        self.matcher.changed(s)  # (it may be idle now)
         started = next(iter(s.attempts)) == aid
         t, _ = s.attempts.pop(aid)
         self.matcher.holds(s, len(s.attempts))

@@ -72,6 +72,8 @@ class TaskState:
     cpu_ms: int
     bid_milli: int
     escrow_milli: int
+    model: str = "seccomp"
+    memory: int = 0  # bytes a run of its image needs
     running: dict = field(default_factory=dict)  # attempt id -> SellerConn | None
     results: dict[int, Returned] = field(default_factory=dict)  # attempt id -> result
     used_accounts: set = field(default_factory=set)
