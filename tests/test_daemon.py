@@ -19,6 +19,8 @@ from dbus_fixtures import (PYTHON, SRC, NotifySocket, credentials, daemon_env,  
                            dead_port, silent_port, start_daemon, stop_daemon, system_bus,
                            wait_for, write_order)
 
+from test_e2e_support import BuyerThread, job, market  # noqa: F401
+
 from cpushare import daemon, dbus
 from cpushare.order import load_sell
 
@@ -241,12 +243,30 @@ def test_an_unusable_cache_directory_is_refused(tmp_path, order_file):
     assert f"cache directory {blocker / 'cache'}" in r.stderr
 
 
-def test_no_bus_and_a_taken_name_are_refused(system_bus, tmp_path, order_file):  # noqa: F811
-    r = run_daemon(["--cache-dir", str(tmp_path / "c"), str(order_file)],
-                   env=daemon_env(DBUS_SYSTEM_BUS_ADDRESS=f"unix:path={tmp_path}/no-bus"))
-    assert r.returncode == daemon.EXIT_UNAVAILABLE
-    assert f"cannot connect to the system bus at unix:path={tmp_path}/no-bus" in r.stderr
+def test_without_a_bus_it_sells_and_says_so_once(market, tmp_path, notify_socket):  # noqa: F811
+    # A container or an init-script machine: no system bus at all.  The
+    # daemon sells all the same, and says once that D-Bus status is missing.
+    order = market.sell_order("alice", "cpu0")
+    address = f"unix:path={tmp_path}/no-bus"
+    env = daemon_env(NOTIFY_SOCKET=notify_socket.path, DBUS_SYSTEM_BUS_ADDRESS=address)
+    proc = start_daemon(["--foreground", "--cache-dir", str(tmp_path / "c"), str(order)], env=env)
+    try:
+        notify_socket.wait("READY", "1")
+        notify_socket.wait("STATUS", contains=": idle, 0 tasks done")  # on the market
+        buyer = BuyerThread(market.buy_order("buyer"), job("echo"), [b"sold", b"anyway"])
+        results = buyer.join(60)
+        assert sorted(r.output for r in results) == [b"anyway", b"sold"]
+        assert all(r.ok for r in results)
+        notify_socket.wait("STATUS", contains=": idle, 2 tasks done")
+        assert proc.poll() is None
+    finally:
+        code, _, err = stop_daemon(proc)
+    assert code == 0, err
+    assert err.count("status over D-Bus is unavailable") == 1, err
+    assert f"cannot connect to the system bus at {address}" in err
 
+
+def test_a_taken_name_is_refused(system_bus, tmp_path, order_file):  # noqa: F811
     env = daemon_env(DBUS_SYSTEM_BUS_ADDRESS=system_bus.address)
     first = start_daemon(["--cache-dir", str(tmp_path / "c"), str(order_file)], env=env)
     try:

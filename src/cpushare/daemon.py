@@ -6,6 +6,8 @@ module wires it to them:
 * start-up, in this order, each step refusing to go on with its own exit
   status (see EXIT_* and cpushared(8)): load the order, check the kernel for
   seccomp, run the sandbox self-test, claim the D-Bus name, then READY=1;
+  where there is no bus at all (a container, an init-script machine) it
+  says so once and sells without D-Bus;
 * STATUS= lines a person can read in `systemctl status`;
 * watchdog pings from the asyncio loop (a stuck loop stops them);
 * journald with structured fields (ORDER, TASK, BUYER_ORDER, OUTCOME, CPU_MS)
@@ -51,7 +53,7 @@ log = logging.getLogger("cpushare.daemon")
 EXIT_OK = 0
 EXIT_FAILURE = 1  # an unexpected error; the journal has the traceback
 EXIT_USAGE = 2  # bad command line (argparse)
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the D-Bus name could not be claimed
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the D-Bus name could not be claimed (the bus is up)
 EXIT_CANTCREAT = 73  # EX_CANTCREAT: the cache directory is unusable
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: --daemon and the pidfile is locked by a running daemon
 EXIT_CONFIG = 78  # EX_CONFIG: the order file is missing or invalid
@@ -303,7 +305,8 @@ class Daemon:
             self._publish(bus)
 
     # The D-Bus name is claimed before READY=1: a client that sees the unit
-    # active finds the name.
+    # active finds the name.  No bus to connect to is no reason not to sell;
+    # a bus that refuses the name (another daemon has it) is.
     def _publish(self, bus: str) -> None:
         from gi.repository import GLib
 
@@ -312,9 +315,10 @@ class Daemon:
         try:
             connection = dbus.connect(bus)
         except GLib.Error as e:
-            raise StartupError(EXIT_UNAVAILABLE,
-                               f"cannot connect to the {bus} bus at {dbus.bus_address(bus)}: "
-                               f"{e.message}") from e
+            log.warning("status over D-Bus is unavailable: cannot connect to the %s bus at %s: "
+                        "%s; selling without it (cpusharectl cannot see or pause this instance)",
+                        bus, dbus.bus_address(bus), e.message, extra={"ORDER": self.order.name})
+            return
         self.service = dbus.SellerService(self.seller.status(), pause=self._dbus_pause,
                                           resume=self._dbus_resume)
         try:
