@@ -880,6 +880,9 @@ def test_large_inputs_and_outputs_live_beside_the_store_until_delivered(lm):
         done = await b.expect("done")
         assert done.payload == big[::-1]
         await b.sync()
+        assert os.listdir(blobs) == ["t1.out"]  # sent, not acknowledged: kept
+        await b.send("ack", task=done["task"])
+        await b.sync()
         await s.stop()
         await lm.stop()
     run(main())

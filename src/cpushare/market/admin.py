@@ -1,7 +1,14 @@
-"""What the admin commands do, as functions (the CLI and the tests call them)."""
+"""What the admin commands do, as functions (the CLI and the tests call them).
+
+Every number they take is checked against one range (OPTIONS): the order
+files' own (cpushare.order.RANGES) for what goes into an order file, so no
+command writes a file the loader refuses.  `option_type` gives the same
+check to argparse, where a value out of range is a usage error.
+"""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import re
@@ -23,9 +30,64 @@ class AdminError(Exception):
     """An admin command that cannot be done; the text says why."""
 
 
+MAX_DAYS = 36500  # certificates: at most a hundred years
+
+# The numeric options of the admin commands: how each reads and its range.
+OPTIONS: dict[str, orders.Range] = {
+    "--cpu-seconds": orders.RANGES["cpu_seconds"],
+    "--wall-seconds": orders.RANGES["wall_seconds"],
+    "--memory": orders.RANGES["memory"],
+    "--output-limit": orders.RANGES["output"],
+    "--redundancy": orders.RANGES["redundancy"],
+    "--max-cpu-seconds": orders.RANGES["max_cpu_seconds"],
+    "--days": orders.Range(1, MAX_DAYS),
+}
+
+
+def _shown(r: orders.Range, value) -> str:
+    if r.size and isinstance(value, int) and value >= 0:
+        return orders.format_size(value)
+    return str(value)
+
+
+def check_option(option: str, value) -> int:
+    """`value` of `option` (a key of OPTIONS), or AdminError naming both and the range."""
+    r = OPTIONS[option]
+    if not (isinstance(value, int) and not isinstance(value, bool) and value in r):
+        raise AdminError(f"{option} must be {r}, not {_shown(r, value)}")
+    return value
+
+
+def option_type(option: str):
+    """An argparse `type` for `option`: the value read (a size for sizes,
+    else an integer) and checked against its range, or a usage error that
+    says the range."""
+    r = OPTIONS[option]
+
+    def convert(text: str) -> int:
+        try:
+            value = orders.parse_size(text) if r.size else int(text, 10)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(
+                f"{e}" if r.size else f"{text!r} is not an integer") from None
+        if value not in r:
+            raise argparse.ArgumentTypeError(f"must be {r}, not {text}")
+        return value
+    convert.__name__ = option.lstrip("-")
+    return convert
+
+
+def _check_price(price_milli: int) -> None:
+    if not 0 <= price_milli <= orders.MAX_PRICE_MILLI:
+        raise AdminError(f"--price must be 0..{orders.format_coins(orders.MAX_PRICE_MILLI)}, "
+                         f"not {orders.format_coins(price_milli)}")
+
+
 def init(db: str, listen: str = DEFAULT_LISTEN, name: str | None = None,
          ca_days: int = ca.DEFAULT_CA_DAYS) -> SQLiteStore:
     """Create the store, the market's CA and its server certificate."""
+    if not 1 <= ca_days <= MAX_DAYS:
+        raise AdminError(f"the CA's validity must be 1..{MAX_DAYS} days, not {ca_days}")
     try:
         host, port = orders.split_hostport(listen)
     except ValueError as e:
@@ -94,6 +156,9 @@ def mint(store: Store, name: str, milli: int) -> None:
     acct = _account(store, name)
     if milli <= 0:
         raise AdminError(f"--coins must be more than 0, not {orders.format_coins(milli)}")
+    if milli > orders.MAX_PRICE_MILLI:
+        raise AdminError(f"--coins must be at most {orders.format_coins(orders.MAX_PRICE_MILLI)}, "
+                         f"not {orders.format_coins(milli)}")
     store.transfer("mint", [(store.mint_id, -milli), (acct.id, milli)],
                    memo=f"minted for {name}")
 
@@ -118,8 +183,6 @@ def _account(store: Store, name: str):
 
 
 def _issue(store: Store, cn: str, days: int, not_before: dt.datetime | None) -> ca.Issued:
-    if days < 1:
-        raise AdminError(f"--days must be at least 1, not {days}")
     return ca.issue(store.get_meta("ca_cert"), store.get_meta("ca_key"), cn, days=days,
                     not_before=not_before)
 
@@ -131,14 +194,15 @@ def _public(store: Store) -> tuple[str, int]:
 def add_sell_order(store: Store, account: str, price_milli: int, path: str, *,
                    model: str = "seccomp", cpu_seconds: int = 3600, wall_seconds: int = 7200,
                    memory: int = 256 << 20, output: int = 64 << 20,
-                   days: int = ca.DEFAULT_CERT_DAYS,
+                   allow_cpuid: bool = False, days: int = ca.DEFAULT_CERT_DAYS,
                    not_before: dt.datetime | None = None) -> int:
     """A sell order with its own client certificate, written whole to `path`."""
     if model not in ("seccomp", "kvm"):
         raise AdminError(f"--model must be seccomp or kvm, not {model!r}")
-    for what, v in (("--cpu-seconds", cpu_seconds), ("--wall-seconds", wall_seconds)):
-        if v < 1:
-            raise AdminError(f"{what} must be at least 1, not {v}")
+    _check_price(price_milli)
+    for option, value in (("--cpu-seconds", cpu_seconds), ("--wall-seconds", wall_seconds),
+                          ("--memory", memory), ("--output-limit", output), ("--days", days)):
+        check_option(option, value)
     acct = _account(store, account)
     host, port = _public(store)
     with store.transaction():
@@ -152,7 +216,7 @@ def add_sell_order(store: Store, account: str, price_milli: int, path: str, *,
                           ca_pem=store.get_meta("ca_cert"), cert_pem=cert.cert_pem,
                           key_pem=cert.key_pem, model=model, cpu_seconds=cpu_seconds,
                           wall_seconds=wall_seconds, memory=memory, output=output,
-                          comment=f"account {account}, sell order {oid}, certificate "
+                          allow_cpuid=allow_cpuid, comment=f"account {account}, sell order {oid}, certificate "
                                   f"valid until {cert.not_after[:10]}")
     return oid
 
@@ -161,10 +225,10 @@ def add_buy_order(store: Store, account: str, price_milli: int, path: str, *,
                   redundancy: int = 1, max_cpu_seconds: int = 60,
                   days: int = ca.DEFAULT_CERT_DAYS,
                   not_before: dt.datetime | None = None) -> int:
-    if not 1 <= redundancy <= 16:
-        raise AdminError(f"--redundancy must be 1..16, not {redundancy}")
-    if max_cpu_seconds < 1:
-        raise AdminError(f"--max-cpu-seconds must be at least 1, not {max_cpu_seconds}")
+    _check_price(price_milli)
+    for option, value in (("--redundancy", redundancy), ("--max-cpu-seconds", max_cpu_seconds),
+                          ("--days", days)):
+        check_option(option, value)
     acct = _account(store, account)
     host, port = _public(store)
     with store.transaction():

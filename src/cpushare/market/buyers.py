@@ -1,8 +1,18 @@
-"""What buyers send: image, submit, open, cancel, stream; and the delivery
-of results to them."""
+"""What buyers send: image, submit, open, cancel, stream, ack; and the
+delivery of results to them.
+
+Delivery.  A result leaves the store only when the buyer acknowledges it
+(`ack`), never when its frame is queued: a buyer that reconnects gets
+every result it has not acknowledged.  Results go to the buyer's newest
+connection while what is queued to it stays under RESULT_BUDGET bytes;
+past that they wait in the store (owed), and a feeder sends them as the
+buyer reads.  A buyer that does not read costs the market its budget and
+one integer per result.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from .. import bytecode
@@ -14,7 +24,13 @@ from .store import Result
 log = logging.getLogger("cpushare.market")
 
 SMALL_INPUT = 64 << 10  # inputs up to this size are kept in memory too
-SENT_REFS = 1 << 16  # refs remembered per buyer connection (see BuyerConn.sent_refs)
+# Per buyer account: tasks not yet acknowledged (queued, running, or with a
+# result the buyer has not acked), and open sessions.  Past them a submit or
+# open is refused with code `limit`.
+MAX_OPEN_TASKS = 10_000
+MAX_SESSIONS = 16
+RESULT_BUDGET = 4 << 20  # bytes queued to a buyer before its results wait in the store
+INPUT_BUDGET = 16 << 20  # small inputs of queued tasks kept in memory, in all
 
 
 class BuyerHandlers:
@@ -35,6 +51,8 @@ class BuyerHandlers:
             t = self.tasks.get(tid) if tid is not None else None
             if t is not None and not t.session:
                 self._fail(t, "cancelled", "cancelled by the buyer")
+        elif m.type == "ack":
+            self._on_ack(b, m["task"])
         elif m.type == "stream":
             t = self.tasks.get(m["session"])
             if t is None or not t.session or t.buyer is not b:
@@ -45,8 +63,9 @@ class BuyerHandlers:
             s = next((x for x in t.running.values() if x is not None), None)
             if s is not None and not s.gone:
                 s.write(f)
-            else:
+            else:  # (bounded: the buyer is not read past STREAM_BUDGET of them)
                 t.streams.append(f)
+                t.streamed_bytes += len(f)
         else:
             raise ProtocolError("frame", f"a buyer may not send {m.type!r}")
 
@@ -115,12 +134,19 @@ class BuyerHandlers:
         t = TaskState(tid, o.id, b.account_id, ref, image, k, cpu_ms, o.price_milli, escrow,
                       memory=self.images[image], session=session,
                       buyer=b if session else None, input=payload)
-        if len(payload) > SMALL_INPUT:
+        if len(payload) > SMALL_INPUT or self._input_bytes + len(payload) > INPUT_BUDGET:
             # kept in memory only for the matching round that follows (a seller
             # may take it at once: no reading back what was just written)
             self._big_inputs.append(t)
+        else:
+            t.input_in_memory = len(payload)
+            self._input_bytes += len(payload)
+        if session:
+            b.sessions[tid] = t
         if not session:
             self.pending_refs[o.id, ref] = tid
+            self.pending_tasks[tid] = (o.id, ref)
+        self.open_tasks[b.account_id, session] += 1
         self.tasks[tid] = t
         self.matcher.enqueue(t)
         return t
@@ -129,6 +155,7 @@ class BuyerHandlers:
         ref = m["ref"]
         try:
             cpu_ms = self._check_request(b, m, 1)
+            self._check_open(b, True)
             escrow = self._escrow(b, 1, cpu_ms)
         except Rejection as e:
             b.write(encode("error", code=e.code, ref=ref, message=e.message))
@@ -148,14 +175,11 @@ class BuyerHandlers:
                 self._after_commit(lambda: b.write(encode(
                     "accepted", ref=ref, task=old.id, escrow_milli=old.escrow_milli)))
                 return
-            sent = b.sent_refs.get(ref)
-            if sent is not None:
-                # Its result went out on this connection already: a buyer that
-                # reconnected resubmits what it has not read yet, and the results
-                # kept for it are sent as soon as it connects.  Not a new task.
-                self._after_commit(lambda: b.write(encode(
-                    "accepted", ref=ref, task=sent, escrow_milli=0)))
-                return
+            acked = self.store.delivered_task(b.order.id, ref)
+            if acked is not None:  # never a second paid task under one ref
+                raise Rejection("order", f"ref {ref!r} names task {acked}, whose result "
+                                         f"this buy order acknowledged")
+            self._check_open(b, False)
             escrow = self._escrow(b, k, cpu_ms)
         except Rejection as e:
             b.write(encode("failed", ref=ref, task=None, code=e.code, message=e.message))
@@ -164,26 +188,78 @@ class BuyerHandlers:
         self._after_commit(lambda: b.write(encode("accepted", ref=ref, task=t.id,
                                                   escrow_milli=escrow)))
 
+    def _check_open(self, b: BuyerConn, session: bool) -> None:
+        n = self.open_tasks[b.account_id, session]
+        cap = self.max_sessions if session else self.max_open_tasks
+        if n >= cap:
+            what = "open sessions" if session else ("tasks not yet acknowledged (queued, "
+                                                    "running or with a result to ack)")
+            raise Rejection("limit", f"account {b.account} has {n} {what}; the market "
+                                     f"takes at most {cap}")
+
     # --- delivery -------------------------------------------------------------
 
-    def _sent(self, b: BuyerConn, task_id: int, buy_order_id: int, ref: str) -> None:
-        b.sent_refs[ref] = task_id
-        if len(b.sent_refs) > SENT_REFS:
-            del b.sent_refs[next(iter(b.sent_refs))]
-        self._delivered.append(task_id)
-        self._sending.add(task_id)
-        self.pending_refs.pop((buy_order_id, ref), None)
-        self._schedule()
-
-    def _send_result(self, b: BuyerConn, r: Result) -> None:
-        """A result kept in the store, to a buyer that (re)connected."""
-        if r.task_id in self._sending:
+    def _deliver(self, b: BuyerConn, tid: int, frame_=None) -> None:
+        """Send the result of task `tid` to `b` now (`frame_`, or read from the
+        store), or owe it while the connection's budget is spent."""
+        if tid in b.unacked:
             return
+        if b.owed or b.buffered >= self.result_budget:
+            b.owed[tid] = None
+            self._feed(b)
+            return
+        if frame_ is None:
+            frame_ = self._result_frame(self.store.result(tid))
+        b.unacked.add(tid)
+        b.write(frame_)
+
+    @staticmethod
+    def _result_frame(r: Result):
         if r.state == "done":
-            b.write(frame("done", r.output, ref=r.ref, task=r.task_id,
-                          exit_status=r.exit_status, signal=r.signal, reason=r.reason,
-                          cpu_ms=r.cpu_ms, cost_milli=r.cost_milli, attempts=r.attempts))
-        else:
-            b.write(encode("failed", ref=r.ref, task=r.task_id, code=r.fail_code or "task",
-                           message=r.fail_message or ""))
-        self._sent(b, r.task_id, b.order_id, r.ref)
+            return frame("done", r.output, ref=r.ref, task=r.task_id,
+                         exit_status=r.exit_status, signal=r.signal, reason=r.reason,
+                         cpu_ms=r.cpu_ms, cost_milli=r.cost_milli, attempts=r.attempts)
+        return encode("failed", ref=r.ref, task=r.task_id, code=r.fail_code or "task",
+                      message=r.fail_message or "")
+
+    def _feed(self, b: BuyerConn) -> None:
+        if b.feeder is None and not b.gone:
+            b.feeder = asyncio.get_running_loop().create_task(self._feed_owed(b))
+
+    async def _feed_owed(self, b: BuyerConn) -> None:
+        """Send what is owed to `b` from the store, as it reads."""
+        try:
+            while b.owed and not b.gone and not self._stopping:
+                if b.buffered >= self.result_budget // 2:
+                    await b.out_frames.drain()
+                    continue
+                tid = next(iter(b.owed))
+                del b.owed[tid]
+                if tid in self.pending_tasks and tid not in b.unacked:
+                    b.unacked.add(tid)
+                    b.write_now(self._result_frame(self.store.result(tid)))
+        except (ConnectionError, OSError, RuntimeError) as e:
+            log.info("%s: sending owed results ended: %r", b, e)
+        finally:
+            b.feeder = None
+
+    def _owe_all(self, b: BuyerConn) -> None:
+        """Every result this buy order has not acknowledged, to a buyer that connected."""
+        if b.gone:
+            return
+        for tid in self.store.undelivered_ids(b.order_id):
+            b.owed[tid] = None
+        self._feed(b)
+
+    def _on_ack(self, b: BuyerConn, tid: int) -> None:
+        """The buyer has the result of task `tid`: it leaves the store."""
+        b.unacked.discard(tid)
+        b.owed.pop(tid, None)
+        where = self.pending_tasks.get(tid)
+        if where is None or where[0] != b.order_id or tid in self.tasks:
+            return  # not a result of this buy order waiting for its ack: nothing to do
+        del self.pending_tasks[tid]
+        self.pending_refs.pop(where, None)
+        self.open_tasks[b.account_id, False] -= 1
+        self._delivered.append(tid)
+        self._tx()

@@ -34,6 +34,7 @@ class Conn:
         self.last_seen = time.monotonic()
         self.closed = False
         self.gone = False
+        self.paused = False  # not read until the peer it feeds catches up
         self.fingerprint = ""
         self.instance = ""
 
@@ -119,7 +120,8 @@ class BuyerConn(Conn):
     def __init__(self, *a):
         super().__init__(*a)
         self.order = None  # BuyOrderRow
-        # refs whose result went out on this connection (the latest SENT_REFS): a
-        # resubmission of one is not a new task (the result is ahead of it)
-        self.sent_refs: dict[str, int] = {}
+        self.unacked: set[int] = set()  # results sent on this connection, not acked yet
+        self.owed: dict[int, None] = {}  # results to send from the store, as it reads
+        self.feeder = None  # the task sending them
+        self.sessions: dict[int, object] = {}  # its open sessions: id -> TaskState
         self.output_frames = False  # it takes a result's output ahead in `output` frames

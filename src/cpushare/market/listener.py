@@ -23,6 +23,14 @@ HANDSHAKE_TIMEOUT = 10.0
 # sends its file's name); a bound keeps one certificate from opening without end.
 INSTANCE_RE = re.compile(r"[A-Za-z0-9_.@:-]{0,64}")
 MAX_INSTANCES = 256
+MAX_BUYER_CONNS = 16  # connections of one buy order at once
+# Bytes queued to one peer (part-sent frames included) past which the market
+# stops reading what makes it send more: from that peer, or from the peer
+# feeding it.  A session's input waits in the market up to STREAM_BUDGET
+# before a seller takes the session.
+CONN_BUDGET = 1 << 20
+STREAM_BUDGET = 1 << 20
+PAUSE_POLL = 0.02  # seconds between looks at a peer that another one waits for
 
 
 class Listener:
@@ -123,25 +131,25 @@ class Listener:
                 log.info("%s replaces its older connection from %s", conn, old.peer)
                 self._gone(old)
                 old.close()
-            elif sum(1 for o, _ in self.sellers if o == cert.order_id) >= MAX_INSTANCES:
+            elif self.instances[cert.order_id] >= MAX_INSTANCES:
                 raise ProtocolError("order", f"sell order {cert.order_id} already has "
                                              f"{MAX_INSTANCES} connections")
             self.sellers[key] = conn
+            self.instances[cert.order_id] += 1
         else:
+            conns = self.buyers.setdefault(cert.order_id, [])
+            if len(conns) >= MAX_BUYER_CONNS:
+                raise ProtocolError("order", f"buy order {cert.order_id} already has "
+                                             f"{MAX_BUYER_CONNS} connections")
             conn.order = self.store.buy_order(cert.order_id)
-            self.buyers.setdefault(cert.order_id, []).append(conn)
+            conns.append(conn)
+        extra = {"output_chunks": OUTPUT_CHUNK} if role == "seller" else {"acks": True}
         conn.write(encode("welcome", version=VERSION, account=cert.account,
                           order=cert.order_id, max_payload=self.max_payload,
-                          heartbeat=self.heartbeat, prefetch=PREFETCH,
-                          **({"output_chunks": OUTPUT_CHUNK} if role == "seller" else {})))
+                          heartbeat=self.heartbeat, prefetch=PREFETCH, **extra))
         log.info("%s connected (%s)", conn, m.get("software") or "unknown software")
-        if role == "buyer":  # what finished while it was away, as committed
-            def deliver() -> None:
-                if conn.gone:
-                    return
-                for r in self.store.undelivered(cert.order_id):
-                    self._send_result(conn, r)
-            self._after_commit(deliver)
+        if role == "buyer":  # what finished while it was away and is not acked, as committed
+            self._after_commit(lambda: self._owe_all(conn))
         return conn
 
     async def _serve_conn(self, conn: Conn) -> None:
@@ -159,8 +167,45 @@ class Listener:
                     log.warning("%s reports: %s: %s", conn, m["code"], m["message"])
             else:
                 on(conn, m)
-            if conn.writer.transport.get_write_buffer_size() > (1 << 20):
-                await conn.writer.drain()
+            await self._backpressure(conn)
+
+    async def _backpressure(self, conn: Conn) -> None:
+        """Stop reading from `conn` while what it made the market send waits:
+        its own frames (pongs, images, results it asked for) past CONN_BUDGET,
+        a session's input past STREAM_BUDGET before a seller takes it, or
+        frames past CONN_BUDGET to the peer it feeds (a session's seller or
+        buyer).  A paused peer is not silent: it is not read."""
+        while not conn.closed and not conn.gone:
+            if conn.buffered > CONN_BUDGET:
+                wait = conn.out_frames.drain()
+            elif self._feeds_a_full_peer(conn):
+                wait = asyncio.sleep(PAUSE_POLL)
+            else:
+                return
+            conn.paused = True
+            try:
+                await wait
+            finally:
+                conn.paused = False
+                conn.last_seen = time.monotonic()
+
+    def _feeds_a_full_peer(self, conn: Conn) -> bool:
+        if isinstance(conn, BuyerConn):
+            for t in conn.sessions.values():
+                if t.streamed_bytes > STREAM_BUDGET:
+                    return True
+                s = next((x for x in t.running.values() if x is not None), None)
+                if s is not None and not s.gone and s.buffered > CONN_BUDGET:
+                    return True
+            return False
+        if conn.attempts:
+            t = next(iter(conn.attempts.values()))[0]
+            b = t.buyer if t.session else None
+            if b is None:
+                got = conn.outputs.get(next(iter(conn.attempts)))
+                b = got.buyer if got is not None else None
+            return b is not None and not b.gone and b.buffered > CONN_BUDGET
+        return False
 
     def _gone(self, conn: Conn) -> None:
         """Forget a connection (idempotent); its running attempt is lost."""
@@ -172,6 +217,7 @@ class Listener:
             self.matcher.seller_gone(conn)
             if self.sellers.get((conn.order_id, conn.instance)) is conn:
                 del self.sellers[conn.order_id, conn.instance]
+                self.instances[conn.order_id] -= 1
             self._lose_all(conn, "the seller disconnected")
         else:
             lst = self.buyers.get(conn.order_id, [])
@@ -207,7 +253,7 @@ class Listener:
                 last_ping = now
                 self._recheck_certificates()
                 for c in list(self._conns):
-                    if now - c.last_seen > 3 * self.heartbeat:
+                    if not c.paused and now - c.last_seen > 3 * self.heartbeat:
                         log.warning("closing %s: silent for %.0f s", c, now - c.last_seen)
                         self._gone(c)
                         c.writer.transport.abort()

@@ -28,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 
 from ..protocol import DEFAULT_HEARTBEAT, DEFAULT_MAX_PAYLOAD, encode, frame
-from .buyers import BuyerHandlers
+from .buyers import MAX_OPEN_TASKS, MAX_SESSIONS, RESULT_BUDGET, BuyerHandlers
 from .commit import COMMIT_DELAY, GroupCommit
 from .conn import BuyerConn, Conn, SellerConn
 from .listener import Listener
@@ -50,7 +51,9 @@ GRACE_MS = 5000  # a seller's deadline is wall_ms + this
 class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
     def __init__(self, store: Store, *, heartbeat: int = DEFAULT_HEARTBEAT,
                  max_payload: int = DEFAULT_MAX_PAYLOAD, grace_ms: int = GRACE_MS,
-                 commit_delay: float = COMMIT_DELAY, max_wait: float = 0.0):
+                 commit_delay: float = COMMIT_DELAY, max_wait: float = 0.0,
+                 max_open_tasks: int = MAX_OPEN_TASKS, max_sessions: int = MAX_SESSIONS,
+                 result_budget: int = RESULT_BUDGET):
         self._init_commit(store, commit_delay)
         self.heartbeat = heartbeat
         self.max_wait = max_wait  # seconds a task may wait for a seller (0: for ever)
@@ -64,10 +67,18 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         self.sellers: dict[tuple[int, str], SellerConn] = {}
         self.buyers: dict[int, list[BuyerConn]] = {}  # buy order id -> connections
         self.images: dict[str, int] = {}  # image digest -> the memory a run needs
+        self._input_bytes = 0  # of small inputs kept in memory (buyers.INPUT_BUDGET)
         self._big_inputs: list[TaskState] = []  # tasks whose big input is still in memory
-        self._delivered: list[int] = []  # results sent, to mark delivered
-        self._sending: set[int] = set()  # ... and not yet marked
-        self.pending_refs: dict[tuple[int, str], int] = {}  # undelivered (order, ref) -> task
+        self.instances: Counter = Counter()  # sell order id -> its connections
+        self._delivered: list[int] = []  # results acknowledged, to mark delivered
+        # tasks whose result the buyer has not acknowledged (queued ones too):
+        # (buy order, ref) -> task, and task -> (buy order, ref)
+        self.pending_refs: dict[tuple[int, str], int] = {}
+        self.pending_tasks: dict[int, tuple[int, str]] = {}
+        self.open_tasks: Counter = Counter()  # (buyer account, session) -> unacked tasks
+        self.max_open_tasks = max_open_tasks
+        self.max_sessions = max_sessions
+        self.result_budget = result_budget
         self._stop = asyncio.Event()
         self._conns: set[Conn] = set()
         self._recovered = False
@@ -94,8 +105,13 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         stale = store.collect_garbage()
         if stale:
             log.info("removed %d files of inputs and outputs no task needs", stale)
+        accounts = {}
         for order_id, ref, tid in store.undelivered_refs():
             self.pending_refs[order_id, ref] = tid
+            self.pending_tasks[tid] = (order_id, ref)
+            if order_id not in accounts:
+                accounts[order_id] = store.buy_order(order_id).account_id
+            self.open_tasks[accounts[order_id], False] += 1
         for row in store.queued_tasks():
             t = TaskState(row.id, row.buy_order_id, row.buyer_account_id, row.ref, row.image,
                           row.redundancy, row.cpu_ms, row.bid_milli, row.escrow_milli,
@@ -111,6 +127,7 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
                     t.lost += 1
             self.tasks[t.id] = t
             if t.session:
+                self.open_tasks[t.buyer_account_id, True] += 1
                 self._fail(t, "task", "the market restarted during the session")
             else:
                 self.matcher.enqueue(t)
@@ -144,8 +161,6 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
             self.store.mark_delivered(self._delivered)
 
     def _committed(self) -> None:
-        for tid in self._delivered:
-            self._sending.discard(tid)
         self._delivered = []
 
     # --- attempts -----------------------------------------------------------

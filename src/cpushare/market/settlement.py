@@ -104,6 +104,12 @@ class Settlement:
         """After settle/fail: forget the task, tell sellers and the buyer after commit."""
         self.tasks.pop(t.id, None)
         self.matcher.dequeue(t.id)
+        if t.session:
+            self.open_tasks[t.buyer_account_id, True] -= 1
+            if t.buyer is not None:
+                t.buyer.sessions.pop(t.id, None)
+        self._input_bytes -= t.input_in_memory
+        t.input_in_memory = 0
         t.input = None
         notes = []
         for aid in t.results:
@@ -141,14 +147,14 @@ class Settlement:
                 t.buyer.write(encode("closed", session=t.id, **f))
             return
         conns = self.buyers.get(t.buy_order_id)
-        if not conns or t.id in self._sending:
+        if not conns:
             return  # kept in the store until the buyer comes back
         b = conns[-1]
         if ahead is not None and ahead[0] is b and ahead[1]:
             # the connection has the first n bytes already: `done` carries the rest
             n = ahead[1]
-            b.write(frame(state, memoryview(output)[n:], ref=t.ref, task=t.id, streamed=n,
-                          **fields))
+            f = frame(state, memoryview(output)[n:], ref=t.ref, task=t.id, streamed=n,
+                      **fields)
         else:
-            b.write(frame(state, output, ref=t.ref, task=t.id, **fields))
-        self._sent(b, t.id, t.buy_order_id, t.ref)
+            f = frame(state, output, ref=t.ref, task=t.id, **fields)
+        self._deliver(b, t.id, f)

@@ -81,6 +81,7 @@ class TaskState:
     started: int = 0
     session: bool = False
     input: bytes | None = None  # small inputs stay in memory; None: read from the store
+    input_in_memory: int = 0  # its bytes counted in the market's INPUT_BUDGET
     buyer: Any = None  # sessions: the BuyerConn that opened it
     streams: list = field(default_factory=list)  # sessions: stdin frames before a seller
     streamed_bytes: int = 0  # ... and their bytes

@@ -247,6 +247,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def undelivered(self, buy_order_id: int) -> list[Result]: ...
     @abc.abstractmethod
+    def undelivered_ids(self, buy_order_id: int) -> list[int]: ...
+    @abc.abstractmethod
+    def delivered_task(self, buy_order_id: int, ref: str) -> int | None: ...
+    @abc.abstractmethod
     def result(self, task_id: int) -> Result: ...
     @abc.abstractmethod
     def mark_delivered(self, task_ids: Iterable[int]) -> None: ...
@@ -794,6 +798,18 @@ class SQLiteStore(Store):
         return [self._result(r) for r in self.db.execute(
             self._RESULT + "WHERE buy_order_id = ? AND delivered = 0 AND state != 'queued' "
             "AND session = 0 ORDER BY id", (buy_order_id,))]
+
+    def undelivered_ids(self, buy_order_id: int) -> list[int]:
+        """The tasks of a buy order whose result waits for the buyer's ack, oldest first."""
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM tasks WHERE buy_order_id = ? AND delivered = 0 "
+            "AND state != 'queued' AND session = 0 ORDER BY id", (buy_order_id,))]
+
+    def delivered_task(self, buy_order_id: int, ref: str) -> int | None:
+        """The task of a buy order under `ref` whose result the buyer acknowledged."""
+        row = self.db.execute("SELECT id FROM tasks WHERE buy_order_id = ? AND delivered = 1 "
+                              "AND ref = ? AND session = 0", (buy_order_id, ref)).fetchone()
+        return row[0] if row else None
 
     def result(self, task_id: int) -> Result:
         row = self.db.execute(self._RESULT + "WHERE id = ?", (task_id,)).fetchone()
