@@ -33,7 +33,8 @@ DEFAULT_HEARTBEAT = 15  # seconds between server pings
 
 # Error codes of `error` and `failed` frames.
 ERROR_CODES = frozenset(
-    {"version", "auth", "frame", "funds", "order", "image", "task", "internal", "dispute"})
+    {"version", "auth", "frame", "funds", "order", "image", "task", "internal", "dispute",
+     "limit", "expired", "cancelled"})
 
 _LENGTHS = struct.Struct(">II")
 
