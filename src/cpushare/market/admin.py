@@ -66,7 +66,7 @@ def option_type(option: str):
 
     def convert(text: str) -> int:
         try:
-            value = orders.parse_size(text) if r.size else int(text, 10)
+            value = orders.parse_size(text, largest=None) if r.size else int(text, 10)
         except ValueError as e:
             raise argparse.ArgumentTypeError(
                 f"{e}" if r.size else f"{text!r} is not an integer") from None

@@ -9,6 +9,7 @@ import os
 import re
 import ssl
 import time
+from collections import Counter
 
 from .. import __version__
 from ..protocol import VERSION, ProtocolError, encode, peer_identity, read_message
@@ -17,8 +18,11 @@ from .sellers import OUTPUT_CHUNK, PREFETCH
 
 log = logging.getLogger("cpushare.market")
 
-HELLO_TIMEOUT = 10.0
-HANDSHAKE_TIMEOUT = 10.0
+HELLO_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = 5.0
+MAX_UNAUTHENTICATED = 2048  # connections in the TLS handshake or before hello, in all
+MAX_UNAUTHENTICATED_PER_ADDRESS = 64  # ... from one source address
+REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about refused or failed accepts
 # Copies of one sell order file connect as instances of the order (cpushared
 # sends its file's name); a bound keeps one certificate from opening without end.
 INSTANCE_RE = re.compile(r"[A-Za-z0-9_.@:-]{0,64}")
@@ -42,6 +46,42 @@ class Listener:
         task.add_done_callback(self._handlers.discard)
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        addr = peername[0] if peername else "?"
+        # Unauthenticated connections (TLS handshake, then hello) are capped in
+        # all and per source address; past a cap the socket is closed at once.
+        if (self._unauthenticated >= MAX_UNAUTHENTICATED
+                or self._unauthenticated_from[addr] >= MAX_UNAUTHENTICATED_PER_ADDRESS):
+            self._refused_early += 1
+            self._log_refusals()
+            writer.transport.abort()
+            return
+        self._unauthenticated += 1
+        self._unauthenticated_from[addr] += 1
+        admitted = [True]
+
+        def authenticated() -> None:
+            if admitted[0]:
+                admitted[0] = False
+                self._unauthenticated -= 1
+                self._unauthenticated_from[addr] -= 1
+                if not self._unauthenticated_from[addr]:
+                    del self._unauthenticated_from[addr]
+        try:
+            await self._serve_peer(reader, writer, ssl_ctx, peer, authenticated)
+        finally:
+            authenticated()
+
+    def _log_refusals(self) -> None:
+        """One line per interval for connections refused at the caps, not one each."""
+        now = time.monotonic()
+        if now - self._refusals_logged >= REFUSAL_LOG_INTERVAL:
+            log.warning("refused %d connections: more than %d unauthenticated in all or %d "
+                        "from one address", self._refused_early, MAX_UNAUTHENTICATED,
+                        MAX_UNAUTHENTICATED_PER_ADDRESS)
+            self._refusals_logged = now
+            self._refused_early = 0
+
+    async def _serve_peer(self, reader, writer, ssl_ctx, peer: str, authenticated) -> None:
         try:
             await writer.start_tls(ssl_ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
@@ -55,6 +95,7 @@ class Listener:
         conn: Conn | None = None
         try:
             conn = await self._hello(reader, writer, peer)
+            authenticated()
             if conn is None:
                 return
             self._conns.add(conn)
@@ -262,6 +303,21 @@ class Listener:
 
     # --- running ------------------------------------------------------------
 
+    def _loop_exception(self, loop, context: dict) -> None:
+        """asyncio reports a failed accept (EMFILE: out of descriptors) on every
+        try; the market logs it once per interval, with the count."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and "accept" in context.get("message", ""):
+            self._accept_errors += 1
+            now = time.monotonic()
+            if now - self._accept_errors_logged >= REFUSAL_LOG_INTERVAL:
+                log.error("accepting connections failed %d times: %s (raise LimitNOFILE= "
+                          "or lower the connections)", self._accept_errors, exc)
+                self._accept_errors_logged = now
+                self._accept_errors = 0
+            return
+        loop.default_exception_handler(context)
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -269,8 +325,11 @@ class Listener:
                     started: asyncio.Future | None = None) -> None:
         if not self._recovered:
             self.recover()
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
         server = await asyncio.start_server(
-            lambda r, w: self.handle(r, w, ssl_ctx), host, port, limit=8 << 20)
+            lambda r, w: self.handle(r, w, ssl_ctx), host, port, limit=8 << 20,
+            backlog=4096)
         addrs = ", ".join(f"{a[0]}:{a[1]}" for a in (s.getsockname() for s in server.sockets))
         log.info("cpushare-server %s (pid %d) listening on %s", __version__, os.getpid(), addrs)
         if started is not None:

@@ -83,6 +83,12 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         self._conns: set[Conn] = set()
         self._recovered = False
         self._handlers: set[asyncio.Task] = set()
+        self._unauthenticated = 0  # connections in the TLS handshake or before hello
+        self._unauthenticated_from: Counter = Counter()  # ... per source address
+        self._refused_early = 0  # refused at those caps since the last log line
+        self._refusals_logged = -1e9
+        self._accept_errors = 0  # failed accepts (EMFILE) since the last log line
+        self._accept_errors_logged = -1e9
 
     # --- state ------------------------------------------------------------
 
