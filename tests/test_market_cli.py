@@ -13,6 +13,7 @@ import pytest
 from cpushare import order, protocol
 
 PYTHON = "/usr/bin/python3"
+PROG = "cpushare-server"
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
@@ -142,3 +143,97 @@ def test_ledger_check_reports_what_broke(tmp_path):
 def test_missing_database_is_named(tmp_path):
     p = cli(tmp_path / "none.db", "balance", "x", check=False)
     assert p.returncode == 1 and "none.db" in p.stderr and "init" in p.stderr
+
+
+# --- ranges: what the commands take is what the order files may hold -----------------
+
+HUGE = "1" + "0" * 30  # 10**30
+SELL = ("--cpu-seconds", "--wall-seconds", "--memory", "--output-limit", "--days")
+BUY = ("--redundancy", "--max-cpu-seconds", "--days")
+
+
+def out_of_range(option):
+    """[(value, a bound the message must name)]: too small, too large, huge."""
+    from cpushare.market import admin
+    r = admin.OPTIONS[option]
+    fmt = order.format_size if r.size else str
+    small = (str(r.low - 1), fmt(r.low)) if r.low > 0 else ("-1", None)
+    return [small, (str(r.high + 1), fmt(r.high)), (HUGE, fmt(r.high))]
+
+
+CASES = ([("sell-order", o, v, b) for o in SELL for v, b in out_of_range(o)]
+         + [("buy-order", o, v, b) for o in BUY for v, b in out_of_range(o)]
+         + [(kind, "--price", v, None) for kind in ("sell-order", "buy-order")
+            for v in ("-1", HUGE)])
+
+
+@pytest.mark.parametrize("kind, option, value, bound", CASES,
+                         ids=[f"{k}{o}={v[:12]}" for k, o, v, _ in CASES])
+def test_out_of_range_values_write_no_file(db, tmp_path, kind, option, value, bound):
+    cli(db, "account", "add", "alice", "--coins", "1000", check=False)
+    target = tmp_path / ("o.cpu" if kind == "sell-order" else "o.buy")
+    p = cli(db, kind, "add", "alice", "--price", "1", option, value, "--output", str(target),
+            check=False)
+    assert p.returncode in (1, 2), p  # a usage error or a refused command, never a crash
+    assert p.stderr.startswith(f"{PROG}: ") or p.stderr.startswith("usage: "), p.stderr
+    assert "Traceback" not in p.stderr and option in p.stderr, p.stderr
+    if bound is not None:
+        assert bound in p.stderr, p.stderr
+    assert not target.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, err", [
+    (("account", "add", "z", "--coins", HUGE), "too large"),
+    (("account", "mint", "alice", "--coins", HUGE), "too large"),
+    (("account", "mint", "alice", "--coins", "0"), "--coins must be more than 0"),
+])
+def test_coins_out_of_range_are_refused(db, args, err):
+    cli(db, "account", "add", "alice", "--coins", "1000", check=False)
+    before = cli(db, "balance", "alice").stdout
+    p = cli(db, *args, check=False)
+    assert p.returncode in (1, 2) and err in p.stderr and "Traceback" not in p.stderr, p
+    assert cli(db, "balance", "alice").stdout == before
+
+
+@pytest.mark.parametrize("option", sorted(set(SELL + BUY)))
+def test_option_types_make_out_of_range_values_usage_errors(option, capsys):
+    # What the admin parser gets from admin.option_type: exit status 2 and
+    # "argument OPTION: must be LOW..HIGH, not VALUE".
+    import argparse
+
+    from cpushare.market import admin
+    r = admin.OPTIONS[option]
+    parser = argparse.ArgumentParser(prog=PROG)
+    parser.add_argument(option, type=admin.option_type(option))
+    dest = option.lstrip("-").replace("-", "_")
+    for value, _ in out_of_range(option):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([option, value])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {option}: " in err and (str(r) in err or "not a size" in err), err
+    fmt = order.format_size if r.size else str
+    for good in (r.low, r.high):
+        assert getattr(parser.parse_args([option, fmt(good)]), dest) == good
+
+
+def test_every_file_written_at_the_bounds_loads(db, tmp_path):
+    from cpushare.market import admin
+    cli(db, "account", "add", "alice", "--coins", "1000", check=False)
+    for end in ("low", "high"):
+        def value(o):
+            r = admin.OPTIONS[o]
+            v = getattr(r, end)
+            return order.format_size(v) if r.size else str(v)
+        sell, buy = tmp_path / f"{end}.cpu", tmp_path / f"{end}.buy"
+        cli(db, "sell-order", "add", "alice", "--price", "0", "--output", str(sell),
+            *[a for o in SELL for a in (o, value(o))])
+        cli(db, "buy-order", "add", "alice", "--price", "1000000000000", "--output", str(buy),
+            *[a for o in BUY for a in (o, value(o))])
+        s, b = order.load_sell(sell), order.load_buy(buy)
+        lim = order.RANGES
+        assert s.limits == order.Limits(*(getattr(lim[k], end) for k in (
+            "cpu_seconds", "wall_seconds", "memory", "output")))
+        assert (b.redundancy, b.max_cpu_seconds) == (getattr(lim["redundancy"], end),
+                                                     getattr(lim["max_cpu_seconds"], end))
+        assert (s.price_milli, b.price_milli) == (0, order.MAX_PRICE_MILLI)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
@@ -249,3 +250,102 @@ def test_buy_order_values(tmp_path, pki):
     p.write_text(f"server = m:1\nprice = 0.05\n[credentials]\n{creds}")
     o = order.load_buy(p)
     assert (o.price_milli, o.redundancy, o.max_cpu_seconds) == (50, 1, 60)
+
+
+# --- ranges: one source for the configspecs and the writers ------------------------
+
+HUGE = 10**30
+SELL_KEYS = ("cpu_seconds", "wall_seconds", "memory", "output")
+BUY_KEYS = ("redundancy", "max_cpu_seconds")
+
+
+def creds_of(pki):
+    auth, leaf, _ = pki
+    return block("ca", auth.cert_pem) + block("certificate", leaf.cert_pem) + block(
+        "key", leaf.key_pem)
+
+
+def load_with(tmp_path, pki, key, value):
+    """Load a .cpu (a limit) or a .buy (a buy order key) with key = value."""
+    if key in SELL_KEYS:
+        text = sell_text(pki, limits=f"{key} = {value}\n")
+        if key == "cpu_seconds":  # instead of sell_text's own
+            text = text.replace("cpu_seconds = 60\n", "", 1)
+        return order.load_sell(write(tmp_path, text))
+    return order.load_buy(write(tmp_path, f"server = m:1\nprice = 0.05\n{key} = {value}\n"
+                                          f"[credentials]\n{creds_of(pki)}", "b.buy"))
+
+
+def loaded(o, key):
+    return getattr(o.limits if key in SELL_KEYS else o, key)
+
+
+@pytest.mark.parametrize("key", SELL_KEYS + BUY_KEYS)
+def test_the_configspec_takes_exactly_the_range(tmp_path, pki, key):
+    r = order.RANGES[key]
+    for value in (r.low, r.high):
+        assert loaded(load_with(tmp_path, pki, key, value), key) == value
+    for value in (r.low - 1, r.high + 1, HUGE):
+        if value < 0:
+            continue
+        with pytest.raises(OrderError, match=rf":\d+: (limits\.)?{key}: "):
+            load_with(tmp_path, pki, key, value)
+
+
+def test_sizes_stop_at_the_protocols_largest():
+    assert parse_size("1T") == order.MAX_BYTES
+    for text in ("1025G", "2T", str(order.MAX_BYTES + 1), "1" + "0" * 30):
+        with pytest.raises(ValueError, match="more than the largest size, 1T"):
+            parse_size(text)
+
+
+def write_sell(pki, path, **kw):
+    auth, leaf, _ = pki
+    order.write_sell(path, host="h", port=1, price_milli=10, ca_pem=auth.cert_pem,
+                     cert_pem=leaf.cert_pem, key_pem=leaf.key_pem, **kw)
+
+
+def write_buy(pki, path, **kw):
+    auth, leaf, _ = pki
+    order.write_buy(path, host="h", port=1, price_milli=10, ca_pem=auth.cert_pem,
+                    cert_pem=leaf.cert_pem, key_pem=leaf.key_pem, **kw)
+
+
+@pytest.mark.parametrize("key", SELL_KEYS + BUY_KEYS)
+def test_the_writers_refuse_what_the_loader_would(tmp_path, pki, key):
+    r = order.RANGES[key]
+    writer, suffix = (write_sell, "cpu") if key in SELL_KEYS else (write_buy, "buy")
+    for value in (r.low - 1, r.high + 1, HUGE, -HUGE):
+        path = tmp_path / f"x.{suffix}"
+        with pytest.raises(ValueError, match=rf"{key} = .* is outside {re.escape(str(r))}"):
+            writer(pki, path, **{key: value})
+        assert not path.exists() and not list(tmp_path.iterdir())
+    for value in (r.low, r.high):  # and what they write loads
+        path = tmp_path / f"ok.{suffix}"
+        writer(pki, path, **{key: value})
+        o = order.load_sell(path) if suffix == "cpu" else order.load_buy(path)
+        assert loaded(o, key) == value
+        path.unlink()
+
+
+def test_the_writers_refuse_a_bad_price_or_port(tmp_path, pki):
+    auth, leaf, _ = pki
+    pem = dict(ca_pem=auth.cert_pem, cert_pem=leaf.cert_pem, key_pem=leaf.key_pem)
+    for price, port, match in ((order.MAX_PRICE_MILLI + 1, 1, "price"), (-1, 1, "price"),
+                               (10, 0, "port"), (10, 65536, "port")):
+        with pytest.raises(ValueError, match=match):
+            order.write_sell(tmp_path / "x.cpu", host="h", port=port, price_milli=price, **pem)
+        with pytest.raises(ValueError, match=match):
+            order.write_buy(tmp_path / "x.buy", host="h", port=port, price_milli=price, **pem)
+    assert not list(tmp_path.iterdir())
+
+
+def test_allow_cpuid(tmp_path, pki):
+    assert order.load_sell(write(tmp_path, sell_text(pki))).limits.allow_cpuid is False
+    o = order.load_sell(write(tmp_path, sell_text(pki, limits="allow_cpuid = true\n")))
+    assert o.limits.allow_cpuid is True
+    with pytest.raises(OrderError, match=r"cpu0.cpu:\d+: limits.allow_cpuid: "):
+        order.load_sell(write(tmp_path, sell_text(pki, limits="allow_cpuid = maybe\n")))
+    for allow in (False, True):
+        write_sell(pki, tmp_path / "w.cpu", allow_cpuid=allow)
+        assert order.load_sell(tmp_path / "w.cpu").limits.allow_cpuid is allow

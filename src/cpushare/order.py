@@ -7,7 +7,9 @@ names the file, the line and the key, e.g.
     /etc/cpushare/cpu0.cpu:7: price: 'abc' is not a number of CPUCoins
 
 Prices are decimal CPUCoins in the file and integer milli-CPUCoins in
-memory; sizes take K, M, G suffixes (powers of 1024).
+memory; sizes take K, M, G suffixes (powers of 1024).  The ranges of the
+numbers (RANGES) are the configspecs' and the command lines' alike: what a
+command accepts, the loader accepts.
 """
 
 from __future__ import annotations
@@ -21,10 +23,44 @@ from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_value
 from validate import ValidateError, Validator, VdtMissingValue
 
 from .fileutil import atomic_write
+from .protocol import MAX_BYTES
 
 MILLI = 1000
 MAX_PRICE_MILLI = 10**15  # a bound far above any sane price, below int64 trouble
 DEFAULT_PORT = 7300
+MAX_SECONDS = 365 * 86400  # a year: CPU and wall-clock limits
+MAX_REDUNDANCY = 16
+
+
+@dataclass(frozen=True)
+class Range:
+    """An inclusive range of integers; `size` ones read and print as sizes."""
+    low: int
+    high: int
+    size: bool = False
+
+    def __contains__(self, value: int) -> bool:
+        return self.low <= value <= self.high
+
+    def __str__(self) -> str:
+        fmt = format_size if self.size else str
+        return f"{fmt(self.low)}..{fmt(self.high)}"
+
+    def spec(self) -> str:
+        """Its configspec arguments."""
+        return f"min={self.low}, max={self.high}"
+
+
+# Every number of an order file: the configspecs below are built from these,
+# and so are the range checks of the commands that write the files.
+RANGES = {
+    "cpu_seconds": Range(1, MAX_SECONDS),
+    "wall_seconds": Range(1, MAX_SECONDS),
+    "memory": Range(4096, MAX_BYTES, size=True),
+    "output": Range(0, MAX_BYTES, size=True),
+    "redundancy": Range(1, MAX_REDUNDANCY),
+    "max_cpu_seconds": Range(1, MAX_SECONDS),
+}
 
 
 class OrderError(ValueError):
@@ -37,6 +73,7 @@ class Limits:
     wall_seconds: int
     memory: int  # bytes
     output: int  # bytes
+    allow_cpuid: bool = False  # else CPUID faults, where the CPU can make it
 
 
 @dataclass(frozen=True)
@@ -107,12 +144,17 @@ _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def parse_size(text: str) -> int:
-    """"256M" -> 268435456; suffixes K, M, G, T are powers of 1024."""
+def parse_size(text: str, *, largest: int | None = MAX_BYTES) -> int:
+    """"256M" -> 268435456; suffixes K, M, G, T are powers of 1024.  No
+    size is more than MAX_BYTES (1T), the most the protocol carries (unless
+    the caller checks a range of its own: largest=None)."""
     m = _SIZE.fullmatch(str(text).strip())
     if not m:
         raise ValueError(f"{text!r} is not a size (like 1048576, 64K, 256M, 1G)")
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    n = int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    if largest is not None and n > largest:
+        raise ValueError(f"{text!r} is more than the largest size, {format_size(largest)}")
+    return n
 
 
 def format_size(n: int) -> str:
@@ -178,23 +220,42 @@ certificate = pem_cert()
 key = pem_key()
 """
 
-SELL_SPEC = """
+_R = RANGES
+SELL_SPEC = f"""
 server = hostport()
 model = option('seccomp', 'kvm', default='seccomp')
 price = price()
 [limits]
-cpu_seconds = integer(min=1, max=31536000, default=3600)
-wall_seconds = integer(min=1, max=31536000, default=7200)
-memory = size(min=4096, default=256M)
-output = size(min=0, default=64M)
+cpu_seconds = integer({_R["cpu_seconds"].spec()}, default=3600)
+wall_seconds = integer({_R["wall_seconds"].spec()}, default=7200)
+memory = size({_R["memory"].spec()}, default=256M)
+output = size({_R["output"].spec()}, default=64M)
+allow_cpuid = boolean(default=False)
 """ + _CREDENTIALS_SPEC
 
-BUY_SPEC = """
+BUY_SPEC = f"""
 server = hostport()
 price = price()
-redundancy = integer(min=1, max=16, default=1)
-max_cpu_seconds = integer(min=1, max=31536000, default=60)
+redundancy = integer({_R["redundancy"].spec()}, default=1)
+max_cpu_seconds = integer({_R["max_cpu_seconds"].spec()}, default=60)
 """ + _CREDENTIALS_SPEC
+
+
+def _check_written(host: str, port: int, price_milli: int) -> None:
+    split_hostport(join_hostport(host, port))
+    if not (isinstance(price_milli, int) and 0 <= price_milli <= MAX_PRICE_MILLI):
+        raise ValueError(f"price = {price_milli} milli-CPUCoins is outside "
+                         f"0..{format_coins(MAX_PRICE_MILLI)} CPUCoins")
+
+
+def check_range(key: str, value: int) -> int:
+    """`value` for order key `key` (a key of RANGES), or ValueError saying
+    the range."""
+    r = RANGES[key]
+    if not (isinstance(value, int) and value in r):
+        shown = format_size(value) if r.size and isinstance(value, int) and value >= 0 else value
+        raise ValueError(f"{key} = {shown} is outside {r}")
+    return value
 
 
 class _Bad(ValidateError):
@@ -210,7 +271,9 @@ def _wrap(fn):
         except ValueError as e:
             raise _Bad(str(e)) from None
         if "min" in kw and out < parse_size(kw["min"]):
-            raise _Bad(f"{value!r} is below the minimum {kw['min']}")
+            raise _Bad(f"{value!r} is below the minimum {format_size(parse_size(kw['min']))}")
+        if "max" in kw and out > parse_size(kw["max"]):
+            raise _Bad(f"{value!r} is above the maximum {format_size(parse_size(kw['max']))}")
         return out
     return check
 
@@ -305,7 +368,8 @@ def load_sell(path: str | os.PathLike) -> SellOrder:
         price_milli=conf["price"], ca_pem=conf["credentials"]["ca"],
         cert_pem=conf["credentials"]["certificate"], key_pem=conf["credentials"]["key"],
         limits=Limits(cpu_seconds=lim["cpu_seconds"], wall_seconds=lim["wall_seconds"],
-                      memory=lim["memory"], output=lim["output"]))
+                      memory=lim["memory"], output=lim["output"],
+                      allow_cpuid=lim["allow_cpuid"]))
 
 
 def load_buy(path: str | os.PathLike) -> BuyOrder:
@@ -333,7 +397,13 @@ def _write_private(path: str | os.PathLike, text: str) -> None:
 def write_sell(path: str | os.PathLike, *, host: str, port: int, price_milli: int,
                ca_pem: str, cert_pem: str, key_pem: str, model: str = "seccomp",
                cpu_seconds: int = 3600, wall_seconds: int = 7200,
-               memory: int = 256 << 20, output: int = 64 << 20, comment: str = "") -> None:
+               memory: int = 256 << 20, output: int = 64 << 20, allow_cpuid: bool = False,
+               comment: str = "") -> None:
+    """Write a sell order; ValueError (and no file) for a value out of RANGES."""
+    for key, value in (("cpu_seconds", cpu_seconds), ("wall_seconds", wall_seconds),
+                       ("memory", memory), ("output", output)):
+        check_range(key, value)
+    _check_written(host, port, price_milli)
     head = f"# {comment}\n" if comment else ""
     text = (
         f"# CPUShare sell order: one CPU sold to the market, see cpushare.cpu(5).\n{head}"
@@ -345,6 +415,7 @@ def write_sell(path: str | os.PathLike, *, host: str, port: int, price_milli: in
         f"wall_seconds = {wall_seconds}\n"
         f"memory = {format_size(memory)}\n"
         f"output = {format_size(output)}\n"
+        f"allow_cpuid = {'true' if allow_cpuid else 'false'}     # else CPUID faults, where the CPU can\n"
         f"\n[credentials]            # secret: keep this file mode 0600\n"
         + _pem_block("ca", ca_pem) + _pem_block("certificate", cert_pem)
         + _pem_block("key", key_pem))
@@ -354,6 +425,10 @@ def write_sell(path: str | os.PathLike, *, host: str, port: int, price_milli: in
 def write_buy(path: str | os.PathLike, *, host: str, port: int, price_milli: int,
               ca_pem: str, cert_pem: str, key_pem: str, redundancy: int = 1,
               max_cpu_seconds: int = 60, comment: str = "") -> None:
+    """Write a buy order; ValueError (and no file) for a value out of RANGES."""
+    check_range("redundancy", redundancy)
+    check_range("max_cpu_seconds", max_cpu_seconds)
+    _check_written(host, port, price_milli)
     head = f"# {comment}\n" if comment else ""
     text = (
         f"# CPUShare buyer credentials and buy order, see cpushare.cpu(5).\n{head}"
