@@ -216,7 +216,8 @@ def add_sell_order(store: Store, account: str, price_milli: int, path: str, *,
                           ca_pem=store.get_meta("ca_cert"), cert_pem=cert.cert_pem,
                           key_pem=cert.key_pem, model=model, cpu_seconds=cpu_seconds,
                           wall_seconds=wall_seconds, memory=memory, output=output,
-                          allow_cpuid=allow_cpuid, comment=f"account {account}, sell order {oid}, certificate "
+                          allow_cpuid=allow_cpuid,
+                          comment=f"account {account}, sell order {oid}, certificate "
                                   f"valid until {cert.not_after[:10]}")
     return oid
 

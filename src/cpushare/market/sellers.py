@@ -6,7 +6,7 @@ import logging
 
 from ..protocol import Message, ProtocolError, digest, encode, frame
 from .conn import SellerConn, Streamed
-from .state import ResultKey, Returned
+from .state import MAX_LOST, ResultKey, Returned
 
 log = logging.getLogger("cpushare.market")
 
@@ -15,6 +15,9 @@ MAX_SLOTS = 16  # the most a `ready` may offer
 # Sellers may send a big output in `output` frames of up to this many bytes while
 # the job runs, ahead of its `result` (announced in welcome as output_chunks).
 OUTPUT_CHUNK = 1 << 20
+# A `result` with no exit status and no signal whose reason starts so is the
+# seller's refusal to run the task, never the task's result.
+REFUSALS = ("memory-limit", "sandbox", "seller error", "bad image")
 
 
 class SellerHandlers:
@@ -120,8 +123,29 @@ class SellerHandlers:
             self._pop_attempt(s, aid)
             s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
             return
+        if (m["exit_status"] is None and m["signal"] is None
+                and m["reason"].startswith(REFUSALS) and not t.session):
+            # Not a result of the job: the seller could not run it (its limits,
+            # its sandbox).  The task goes to another seller (not of this
+            # account), and fails when MAX_LOST could not.
+            self._pop_attempt(s, aid)
+            t.running.pop(aid, None)
+            t.refused += 1
+            self._tx().set_attempt_state(aid, "void")
+            s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
+            log.info("%s could not run attempt %d of task %d: %s", s, aid, t.id,
+                     m["reason"][:200])
+            if t.refused >= MAX_LOST:
+                self._fail(t, "limit", f"{t.refused} sellers could not run it; last: "
+                                       f"{m['reason'][:200]}")
+            else:
+                self.matcher.enqueue(t)
+            return
         # (a session's output went to the buyer as a stream; the result carries none)
         output = m.payload
+        if len(output) > self._output_limit(s):
+            raise ProtocolError("task", f"attempt {aid}: output of {len(output)} bytes over "
+                                        f"the limit of {self._output_limit(s)} bytes")
         streamed = s.outputs.pop(aid, None)
         if streamed is not None:  # the output came in `output` frames; the result has the rest
             h = streamed.sha256

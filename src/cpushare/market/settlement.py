@@ -26,14 +26,22 @@ class Payment(NamedTuple):
     amount_milli: int
 
 
+def agreed_cpu_ms(t: TaskState, key: ResultKey) -> int:
+    """The CPU time paid for: the lowest claim of the k agreeing results, so
+    that an inflated claim earns nothing (capped at the task's maximum)."""
+    winners = [r for r in t.results.values() if r.key == key][:t.redundancy]
+    return min(min(r.cpu_ms for r in winners), t.cpu_ms)
+
+
 def payments(t: TaskState, key: ResultKey) -> list[Payment]:
-    """What each of the first k attempts that returned `key` is paid."""
+    """What each of the first k attempts that returned `key` is paid: the
+    agreed CPU time at its own ask."""
     winners = [aid for aid, r in t.results.items() if r.key == key][:t.redundancy]
+    cpu_ms = agreed_cpu_ms(t, key)
     pays = []
     for aid in winners:
         r = t.results[aid]
-        pays.append(Payment(aid, r.seller_account_id,
-                            cost_milli(min(r.cpu_ms, t.cpu_ms), r.ask_milli)))
+        pays.append(Payment(aid, r.seller_account_id, cost_milli(cpu_ms, r.ask_milli)))
     total = sum(p.amount_milli for p in pays)
     if total > t.escrow_milli:  # cannot happen while ask <= bid; refuse rather than overdraw
         raise AssertionError(f"task {t.id}: payments {total} exceed escrow {t.escrow_milli}")
@@ -72,7 +80,7 @@ class Settlement:
             for aid in t.running:
                 store.set_attempt_state(aid, "void")
             fields = dict(exit_status=first.exit_status, signal=first.signal,
-                          reason=first.reason or "", cpu_ms=min(first.cpu_ms, t.cpu_ms),
+                          reason=first.reason or "", cpu_ms=agreed_cpu_ms(t, key),
                           cost_milli=total, attempts=t.started)
             store.finish_task(t.id, "done", output=output, **fields)
             if t.session:  # a session's end is told once, to the connection that opened it

@@ -78,6 +78,7 @@ class TaskState:
     results: dict[int, Returned] = field(default_factory=dict)  # attempt id -> result
     used_accounts: set = field(default_factory=set)
     lost: int = 0
+    refused: int = 0  # attempts whose seller could not run it (its limits)
     started: int = 0
     session: bool = False
     input: bytes | None = None  # small inputs stay in memory; None: read from the store

@@ -1,0 +1,133 @@
+"""Matching honours every limit of the sell order, and pays honestly under
+redundancy: over real TLS on loopback, with scripted sellers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from cpushare import protocol
+from cpushare.protocol import cost_milli
+
+from test_market import BID, COINS, assert_ledger_ok, buyer, run
+from test_market_peers import LoopbackMarket, ScriptedSeller, TIMEOUT
+
+
+class RefusingSeller(ScriptedSeller):
+    """Answers every task with the refusal a seller sends when its limits
+    cannot hold the job (no exit status, no signal, reason memory-limit)."""
+
+    async def _on(self, m: protocol.Message) -> None:
+        if m.type != "task":
+            return await super()._on(m)
+        self.tasks.append(m)
+        self.got_task.set()
+        await self.peer.send("result", attempt=m["attempt"], exit_status=None, signal=None,
+                             reason="memory-limit: image needs 9 bytes, more than 1",
+                             cpu_ms=0, output_sha256=protocol.digest(b""))
+        await self.peer.send("ready")
+
+
+@pytest.fixture
+def lm(tmp_path):
+    m = LoopbackMarket(tmp_path)
+    m.account("buyer", COINS)
+    for name in ("alice", "bob", "carol", "dave", "erin", "frank"):
+        m.account(name)
+    yield m
+    m.close()
+
+
+def test_a_sellers_refusal_is_never_the_tasks_result(lm):
+    """The refusing seller is cheaper, so it is offered the task first; its
+    refusal is paid nothing and the task goes to the other seller."""
+    async def main():
+        await lm.start()
+        refuser = await RefusingSeller.connect(lm.sell("alice", 1000))
+        b, d = await buyer(lm)
+        await b.send("submit", b"abc", ref="r", image=d)
+        await b.expect("accepted")
+        await asyncio.wait_for(refuser.got_task.wait(), TIMEOUT)
+        assert [m.type for m in await b.sync()] == []  # no result: it waits
+        honest = await ScriptedSeller.connect(lm.sell("bob", 2000))
+        done = await b.expect("done")
+        assert done.payload == b"cba" and done["exit_status"] == 0
+        assert len(honest.tasks) == 1 and len(refuser.tasks) == 1
+        await b.send("ack", task=done["task"])
+        await b.sync()
+        for s in (refuser, honest):
+            await s.stop()
+        await lm.stop()
+    run(main())
+    assert lm.balances("alice", "bob")["alice"] == 0
+    assert lm.balances("alice", "bob")["bob"] == cost_milli(1000, 2000)
+    assert_ledger_ok(lm)
+
+
+def test_a_task_no_seller_can_run_fails_with_code_limit(lm, caplog):
+    caplog.set_level(logging.INFO, logger="cpushare.market")
+
+    async def main():
+        await lm.start()
+        sellers = [await RefusingSeller.connect(lm.sell(n, 1000))
+                   for n in ("alice", "bob", "carol", "dave", "erin")]
+        b, d = await buyer(lm)
+        await b.send("submit", b"abc", ref="r", image=d)
+        await b.expect("accepted")
+        f = await b.expect("failed")
+        assert f["code"] == "limit" and "could not run it" in f["message"]
+        for s in sellers:
+            await s.stop()
+        await lm.stop()
+    run(main())
+    assert lm.balance("buyer") == COINS  # refunded whole
+    assert "Traceback" not in caplog.text
+    assert_ledger_ok(lm)
+
+
+def test_under_redundancy_the_lowest_agreeing_claim_is_paid(lm):
+    """Two sellers agree on the output; one claims 99 times the CPU time of
+    the other: both are paid for the lower claim, and `done` reports it."""
+    async def main():
+        await lm.start()
+        honest = await ScriptedSeller.connect(lm.sell("alice", BID), cpu_ms=1000)
+        greedy = await ScriptedSeller.connect(lm.sell("bob", BID), cpu_ms=99_000)
+        b, d = await buyer(lm, redundancy=2, max_cpu_seconds=100)
+        await b.send("submit", b"abc", ref="r", image=d)
+        await b.expect("accepted")
+        done = await b.expect("done")
+        assert done["cpu_ms"] == 1000
+        assert done["cost_milli"] == 2 * cost_milli(1000, BID)
+        for s in (honest, greedy):
+            await s.stop()
+        await lm.stop()
+    run(main())
+    bal = lm.balances("buyer", "alice", "bob")
+    assert bal["alice"] == bal["bob"] == cost_milli(1000, BID)
+    assert bal["buyer"] == COINS - 2 * cost_milli(1000, BID)
+    assert_ledger_ok(lm)
+
+
+def test_the_output_limit_holds_for_a_plain_result(lm):
+    """A seller whose order allows 1 KiB of output returns 4 KiB in one
+    `result`: that is its error (code task), never a paid result; the task
+    goes to another seller."""
+    async def main():
+        await lm.start()
+        liar = await ScriptedSeller.connect(lm.sell("alice", 1000, output=1024),
+                                            answer=lambda data: b"x" * 4096)
+        b, d = await buyer(lm)
+        await b.send("submit", b"abc", ref="r", image=d)
+        await b.expect("accepted")
+        await asyncio.wait_for(liar.got_task.wait(), TIMEOUT)
+        honest = await ScriptedSeller.connect(lm.sell("bob", 2000))
+        done = await b.expect("done")
+        assert done.payload == b"cba"
+        await honest.stop()
+        await liar.stop()
+        await lm.stop()
+    run(main())
+    assert lm.balance("alice") == 0
+    assert_ledger_ok(lm)
