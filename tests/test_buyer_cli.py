@@ -50,6 +50,32 @@ def test_help_says_where_outputs_go():
     assert "Exit status" in p.stdout
 
 
+HUGE = "1" + "0" * 30  # 10**30
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--redundancy", "0", "must be 1..16, not 0"),
+    ("--redundancy", "17", "must be 1..16, not 17"),
+    ("--redundancy", HUGE, f"must be 1..16, not {HUGE}"),
+    ("--redundancy", "two", "'two' is not an integer"),
+    ("--timeout", "0", "must be more than 0 and at most 31536000 seconds, not 0"),
+    ("--timeout", "-1", "not -1"),
+    ("--timeout", "31536001", "not 31536001"),
+    ("--timeout", HUGE, f"not {HUGE}"),
+    ("--timeout", "inf", "not inf"),
+    ("--timeout", "nan", "not nan"),
+])
+def test_numbers_out_of_range_are_usage_errors(tmp_path, option, value, says):
+    # Checked before anything is read or made: no order file is needed and
+    # no output directory appears.
+    out = tmp_path / "out"
+    p = buy("--order", tmp_path / "none.buy", option, value, tmp_path / "job.bin",
+            tmp_path / "in", "--output-dir", out)
+    assert p.returncode == 2, p
+    assert f"argument {option}: " in p.stderr and says in p.stderr, p.stderr
+    assert not out.exists() and "Traceback" not in p.stderr
+
+
 def test_usage_errors_exit_2(tmp_path, files, market):
     echo, _, ins = files
     order = market.buy_order("buyer")

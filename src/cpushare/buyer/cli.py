@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import asyncio
 import sys
 import time
@@ -13,7 +14,7 @@ from typing import Iterable
 
 from .. import bytecode
 from ..fileutil import atomic_write
-from ..order import OrderError, format_coins, load_buy
+from ..order import MAX_SECONDS, RANGES, OrderError, format_coins, load_buy
 from . import Market, MarketError, TaskResult
 
 EPILOG = """\
@@ -32,17 +33,42 @@ an unusable file, 130 after an interrupt.
 """
 
 
+def _redundancy(text: str) -> int:
+    """--redundancy K: in the range of a buy order's redundancy."""
+    r = RANGES["redundancy"]
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value not in r:
+        raise argparse.ArgumentTypeError(f"must be {r}, not {text}")
+    return value
+
+
+def _timeout(text: str) -> float:
+    """--timeout SECONDS: more than 0, at most a year."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most {MAX_SECONDS} seconds, not {text}")
+    return value
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     parser.add_argument("--order", required=True, metavar="FILE.buy", type=Path,
                         help="buyer credentials and buy order (from cpushare-server buy-order add)")
-    parser.add_argument("--redundancy", type=int, metavar="K",
+    parser.add_argument("--redundancy", type=_redundancy, metavar="K",
                         help="run each task on K sellers of different accounts and accept "
-                             "agreeing outputs (default: the buy order's)")
+                             f"agreeing outputs ({RANGES['redundancy']}; default: the "
+                             "buy order's)")
     parser.add_argument("--output-dir", required=True, metavar="DIR", type=Path,
                         help="where to write INPUT's output as DIR/<basename of INPUT>.out")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_timeout, metavar="SECONDS",
                         help="cancel the tasks that have no result after this long "
                              "(their escrow is refunded)")
     parser.add_argument("job", metavar="JOB.bin", type=Path, help="the bytecode image to run")
@@ -93,12 +119,14 @@ def _why(r: TaskResult) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.redundancy is not None and not 1 <= args.redundancy <= 16:
-        _err(f"--redundancy {args.redundancy}: must be 1..16")
-        return 2
-    if args.timeout is not None and not args.timeout > 0:
-        _err(f"--timeout {args.timeout:g}: must be a positive number of seconds")
-        return 2
+    for option, check, value in (("--redundancy", _redundancy, args.redundancy),
+                                 ("--timeout", _timeout, args.timeout)):
+        try:  # a namespace made without the parser
+            if value is not None:
+                check(str(value))
+        except argparse.ArgumentTypeError as e:
+            _err(f"argument {option}: {e}")
+            return 2
     try:
         order = load_buy(args.order)
     except OrderError as e:
