@@ -326,10 +326,12 @@ FAULTING = _cpuid_faulting()
 
 
 @pytest.mark.skipif(not FAULTING, reason="this CPU cannot make CPUID fault (no cpuid_fault in "
-                    "/proc/cpuinfo): arch_prctl(ARCH_SET_CPUID, 0) says ENODEV, CPUID stays allowed")
+                    "/proc/cpuinfo): arch_prctl(ARCH_SET_CPUID, 0) says ENODEV, so CPUID "
+                    "stays allowed")
 def test_cpuid_faults_by_default():
     result = sandbox.run(cpuid(), limits=QUICK)
-    assert (result.exit_status, result.signal, result.reason) == (None, signal.SIGSEGV, "fault"), result
+    assert (result.exit_status, result.signal, result.reason) == (None, signal.SIGSEGV,
+                                                                  "fault"), result
     assert result.describe() == "killed: fault (SIGSEGV)"
 
 

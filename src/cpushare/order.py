@@ -415,7 +415,8 @@ def write_sell(path: str | os.PathLike, *, host: str, port: int, price_milli: in
         f"wall_seconds = {wall_seconds}\n"
         f"memory = {format_size(memory)}\n"
         f"output = {format_size(output)}\n"
-        f"allow_cpuid = {'true' if allow_cpuid else 'false'}     # else CPUID faults, where the CPU can\n"
+        f"allow_cpuid = {'true' if allow_cpuid else 'false'}"
+        "      # else CPUID faults, where the CPU can\n"
         f"\n[credentials]            # secret: keep this file mode 0600\n"
         + _pem_block("ca", ca_pem) + _pem_block("certificate", cert_pem)
         + _pem_block("key", key_pem))
