@@ -78,7 +78,31 @@ class _Running:
     job: object | None = None  # sandbox.Job once started
     aborted: str = ""  # why we killed it ourselves ('' if we did not)
     stream_in: asyncio.Queue | None = None  # session input chunks (None = EOF)
+    stream_bytes: int = 0  # ... and their bytes, at most about SESSION_INPUT_BUDGET
+    _room: asyncio.Event | None = None
     started: float = dataclasses.field(default_factory=time.monotonic)
+
+
+    def took_input(self, n: int) -> None:
+        """The job took `n` bytes of its queued input."""
+        self.stream_bytes -= n
+        if self._room is not None and self.stream_bytes <= SESSION_INPUT_BUDGET:
+            self._room.set()
+
+    async def input_room(self, running) -> None:
+        """Until the queued input is back within its budget, or the job is no
+        longer the one `running()` names (it ended, or was aborted)."""
+        while self.stream_bytes > SESSION_INPUT_BUDGET and running() is self:
+            self._room = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._room.wait(), 0.25)
+            except asyncio.TimeoutError:
+                pass
+
+
+# Session input queued for a job that has not read it yet; past it the seller
+# stops reading from the market.
+SESSION_INPUT_BUDGET = 1 << 20
 
 
 def _min_nonzero(*values: int) -> int:
@@ -414,6 +438,12 @@ class Seller:
                         raise _Lost("the market closed the connection")
                     self._last_rx = time.monotonic()
                     self._dispatch(msg)
+                    r = self._running
+                    if r is not None and r.stream_bytes > SESSION_INPUT_BUDGET:
+                        # the job does not read its input: neither do we, so the
+                        # market (and the buyer behind it) waits
+                        await r.input_room(lambda: self._running)
+                        self._last_rx = time.monotonic()
             finally:
                 watchdog.cancel()
         except ProtocolError as e:
@@ -561,6 +591,7 @@ class Seller:
             if r.stream_in is not None:
                 if msg.payload:
                     r.stream_in.put_nowait(msg.payload)
+                    r.stream_bytes += len(msg.payload)
                 if msg.get("eof"):
                     r.stream_in.put_nowait(None)
         elif t == "settled":
@@ -797,6 +828,7 @@ class Seller:
                 chunk = await r.stream_in.get()
                 if chunk is None:
                     break
+                r.took_input(len(chunk))
                 try:
                     await loop.run_in_executor(None, job.write, chunk)
                 except (OSError, ValueError):
