@@ -2,10 +2,11 @@
 
 One container for the module (see nspawn.py for how it boots and how the
 tests reach inside).  The tests run in file order and build on each other
-the way an administrator would: install the packages, run a market, drop
-two sell orders into /etc/cpushare, start cpushare.target, buy work, look at
-it with cpusharectl, pause and resume, check the hardening, break seccomp on
-purpose, run the sysvinit script, purge.  Each test leaves the machine as it
+the way an administrator would: install the packages, make a market and
+start cpushare-server.service, drop two sell orders into /etc/cpushare,
+start cpushare.target, buy work, look at it with cpusharectl, pause and
+resume, check the hardening, break seccomp on purpose, run the sysvinit
+script, purge.  Each test leaves the machine as it
 found it, except the last.
 """
 
@@ -26,9 +27,12 @@ import nspawn
 pytestmark = pytest.mark.system
 
 ROOT = Path(__file__).resolve().parents[2]
-# "systemd-analyze security" must rate cpushare@.service at most this
-# (systemd 252 rates it 1.2: see the comment at the top of the unit).
+# "systemd-analyze security" must rate cpushare@.service and
+# cpushare-server.service at most this (systemd 252 rates them 1.2 and 1.1:
+# see the comments at the top of the units).
 EXPOSURE_BOUND = 2.0
+MARKET = "cpushare-server.service"
+MARKET_DB = "/var/lib/cpushare-server/market.db"
 ORDERS = ("cpu0", "cpu1")
 MARKET_PORT = 7300
 
@@ -141,6 +145,14 @@ def test_install_creates_the_user_and_wires_the_units(machine):
     assert int(passwd[2]) < 1000, passwd  # a system user
     assert passwd[6] in ("/usr/sbin/nologin", "/sbin/nologin"), passwd
     c.run("getent group cpushare-admin")
+    passwd = c.out("getent passwd cpushare-server").strip().split(":")
+    assert int(passwd[2]) < 1000, passwd
+    assert passwd[5] == "/var/lib/cpushare-server", passwd
+    assert passwd[6] in ("/usr/sbin/nologin", "/sbin/nologin"), passwd
+    # Enabled, and started by the install, but with no market yet it did not run.
+    assert c.out(f"systemctl is-enabled {MARKET}").strip() == "enabled"
+    st = unit_show(c, MARKET, "ActiveState", "ConditionResult", "Result")
+    assert st == {"ActiveState": "inactive", "ConditionResult": "no", "Result": "success"}, st
     # The sysv generator must not make a unit of /etc/init.d/cpushare.
     assert unit_show(c, "cpushare.service", "LoadState")["LoadState"] == "masked"
     assert c.out("systemctl is-enabled cpushare.target").strip() == "enabled"
@@ -148,7 +160,8 @@ def test_install_creates_the_user_and_wires_the_units(machine):
     for path in ("/lib/systemd/system-generators/cpushare-generator",
                  "/usr/share/dbus-1/system.d/org.cpushare.Seller1.conf",
                  "/etc/init.d/cpushare", "/usr/bin/cpushared", "/usr/bin/cpusharectl",
-                 "/usr/bin/cpushare", "/usr/bin/cpushare-server"):
+                 "/usr/bin/cpushare", "/usr/bin/cpushare-server",
+                 "/lib/systemd/system/cpushare-server.service", "/etc/default/cpushare-server"):
         c.run(f"test -e {path}")
     c.run("cpusharectl check")
 
@@ -176,14 +189,16 @@ def test_generator_wants_one_instance_per_order_file(machine):
 
 @pytest.fixture(scope="module")
 def market(machine):
-    """A market in the container, two sell orders in /etc/cpushare, the target up."""
+    """A market in the container (made by root with "cpushare-server init", served by
+    cpushare-server.service), two sell orders in /etc/cpushare, the target up."""
     c = machine
-    db = "/root/market/market.db"
-    srv = f"cpushare-server --db {db}"
-    c.run(f"mkdir -p /root/market && {srv} init --listen 127.0.0.1:{MARKET_PORT}")
-    c.run(f"systemd-run --unit=cpushare-market --property=Type=exec {srv} serve")
-    c.wait_for("python3 -c 'import socket; socket.create_connection"
-               f"((\"127.0.0.1\", {MARKET_PORT}), 1)'", timeout=60)
+    srv = "cpushare-server"  # the default database, the unit's
+    c.run(f"{srv} init --listen 127.0.0.1:{MARKET_PORT}")
+    # Type=notify: start returns once the market said READY=1, so it listens.
+    r = c.run(f"systemctl start {MARKET}", check=False, timeout=180)
+    assert r.returncode == 0, (r.stderr, c.journal(MARKET))
+    c.run("python3 -c 'import socket; socket.create_connection"
+          f"((\"127.0.0.1\", {MARKET_PORT}), 1)'")
     c.run(f"{srv} account add seller && {srv} account add buyer --coins 1000")
     # One sell order, copied once per CPU: the copies sell side by side.
     first = f"/etc/cpushare/{ORDERS[0]}.cpu"
@@ -196,6 +211,61 @@ def market(machine):
     wait_connected(c)
     yield c
     c.run("systemctl stop cpushare.target 'cpushare@*.service'", check=False)
+
+
+def test_market_runs_as_its_own_user_and_tells_systemd(market):
+    c = market
+    st = unit_show(c, MARKET, "ActiveState", "SubState", "Type", "StatusText", "WatchdogUSec",
+                   "LimitNOFILE")
+    assert st["ActiveState"] == "active" and st["SubState"] == "running", (st, c.journal(MARKET))
+    assert st["Type"] == "notify"
+    assert st["StatusText"] == f"Serving the market on 127.0.0.1:{MARKET_PORT}", st
+    assert st["WatchdogUSec"] == "1min", st
+    assert st["LimitNOFILE"] == str(1 << 20), st
+    pid = main_pid(c, MARKET)
+    status = c.path(f"/proc/{pid}/status").read_text()
+    uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
+    assert uid == int(c.out("id -u cpushare-server")), status
+    assert re.search(r"^NoNewPrivs:\s+1", status, re.M), status
+    assert re.search(r"^CapEff:\s+0+$", status, re.M), status
+    assert re.search(r"^Seccomp:\s+2", status, re.M), status
+    # LimitNOFILE=1048576, or as close as this machine lets systemd go (a host
+    # without CAP_SYS_RESOURCE caps every hard limit at the one it was given).
+    def nofile(pid: int) -> tuple[int, int]:
+        limits = c.path(f"/proc/{pid}/limits").read_text()
+        soft, hard = re.search(r"^Max open files\s+(\d+)\s+(\d+)\s", limits, re.M).groups()
+        return int(soft), int(hard)
+    want = min(1 << 20, nofile(1)[1])
+    assert nofile(pid) == (want, want), (nofile(pid), nofile(1))
+    # root made the market with init; the unit's StateDirectory= gave it to the user.
+    listing = c.out("stat -c '%U %a %n' /var/lib/cpushare-server /var/lib/cpushare-server/*")
+    for line in listing.splitlines():
+        user, mode, path = line.split(" ", 2)
+        assert user == "cpushare-server" and mode in ("700", "600"), listing
+    # A stop is clean (STOPPING=1, exit 0), and a start serves the same market.
+    c.run(f"systemctl stop {MARKET}")
+    st = unit_show(c, MARKET, "ActiveState", "Result", "ExecMainStatus")
+    assert st == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, st
+    assert "market stopped" in c.journal(MARKET)
+    # The watchdog is fed: with WatchdogSec=2 (a drop-in) the pings come every
+    # second, and seconds later the same process still serves.
+    dropin = f"/run/systemd/system/{MARKET}.d"
+    c.run(f"mkdir -p {dropin} && printf '%s\\n' '[Service]' 'WatchdogSec=2' "
+          f"> {dropin}/watchdog.conf && systemctl daemon-reload && systemctl start {MARKET}")
+    try:
+        pid = main_pid(c, MARKET)
+        first = int(unit_show(c, MARKET, "WatchdogTimestampMonotonic")
+                    ["WatchdogTimestampMonotonic"])
+        time.sleep(5)
+        st = unit_show(c, MARKET, "ActiveState", "MainPID", "NRestarts",
+                       "WatchdogTimestampMonotonic")
+        assert (st["ActiveState"], st["MainPID"], st["NRestarts"]) == ("active", str(pid), "0"), \
+            (st, c.journal(MARKET))
+        assert int(st["WatchdogTimestampMonotonic"]) > first, st
+    finally:
+        c.run(f"rm -rf {dropin} && systemctl daemon-reload && systemctl restart {MARKET}")
+    assert main_pid(c, MARKET) not in (0, pid)
+    wait_connected(c)
 
 
 def test_target_starts_every_order_at_idle_priority(market):
@@ -243,10 +313,10 @@ def test_a_buyer_gets_work_done(market):
     r = c.run("cd /root/job && cpushare buy --order /root/buyer.buy --output-dir out upper.bin "
               + " ".join(inputs), check=False, timeout=300)
     assert r.returncode == 0, (r.stdout, r.stderr, c.journal("cpushare@cpu0.service"),
-                               c.journal("cpushare-market.service"))
+                               c.journal(MARKET))
     for name, text in inputs.items():
         assert c.path(f"/root/job/out/{name}.out").read_text() == text.upper()
-    c.run("cpushare-server --db /root/market/market.db ledger check")
+    c.run("cpushare-server ledger check")
     # Every sold task is a journal entry with structured fields.
     entries = [json.loads(line) for line in
                c.out("journalctl -o json --no-pager -u 'cpushare@*'").splitlines()]
@@ -318,19 +388,37 @@ def _wait_state(c: nspawn.Container, name: str, done, timeout: float = 15) -> st
         time.sleep(0.2)
 
 
-def test_hardening_is_held_to_its_bound(market, capsys):
+@pytest.mark.parametrize("unit", ["cpushare@cpu0.service", MARKET])
+def test_hardening_is_held_to_its_bound(market, capsys, unit):
     c = market
-    out = c.out("systemd-analyze security --no-pager cpushare@cpu0.service")
+    out = c.out(f"systemd-analyze security --no-pager {unit}")
     print(out)  # the whole table, shown when the test fails
-    m = re.search(r"Overall exposure level for cpushare@cpu0\.service:\s+([\d.]+)", out)
+    m = re.search(rf"Overall exposure level for {re.escape(unit)}:\s+([\d.]+)", out)
     assert m, out
     with capsys.disabled():  # the number, in every run's output
-        print(f"\n[systemd-analyze security] cpushare@cpu0.service exposure {m.group(1)}"
+        print(f"\n[systemd-analyze security] {unit} exposure {m.group(1)}"
               f" (bound {EXPOSURE_BOUND})")
     assert float(m.group(1)) <= EXPOSURE_BOUND, out
-    for must in ("MemoryDenyWriteExecute=", "SystemCallFilter=~@privileged", "PrivateDevices="):
+    for must in ("MemoryDenyWriteExecute=", "SystemCallFilter=~@privileged", "PrivateDevices=",
+                 "CapabilityBoundingSet=~CAP_SYS_ADMIN", "ProtectSystem=", "PrivateUsers="):
         line = next(l for l in out.splitlines() if must in l)
         assert line.lstrip().startswith("✓"), line
+
+
+def test_seller_memory_is_capped_by_a_backstop(market):
+    """MemoryMax= of cpushare@.service (cpushared(8)): the property the unit
+    sets, and a drop-in raises it."""
+    c = market
+    unit = "cpushare@cpu0.service"
+    assert unit_show(c, unit, "MemoryMax")["MemoryMax"] == str(3 << 30)
+    dropin = "/run/systemd/system/cpushare@cpu0.service.d"
+    c.run(f"mkdir -p {dropin} && printf '%s\\n' '[Service]' 'MemoryMax=6G' "
+          f"> {dropin}/memory.conf && systemctl daemon-reload")
+    try:
+        assert unit_show(c, unit, "MemoryMax")["MemoryMax"] == str(6 << 30)
+    finally:
+        c.run(f"rm -rf {dropin} && systemctl daemon-reload")
+    assert unit_show(c, unit, "MemoryMax")["MemoryMax"] == str(3 << 30)
 
 
 def test_a_kernel_without_seccomp_is_refused_with_the_reason(market):
@@ -415,7 +503,10 @@ def test_upgrade_restarts_every_seller(market):
     carries the restart to the instances: they run the new code."""
     c = market
     before = {n: main_pid(c, f"cpushare@{n}.service") for n in ORDERS}
+    market_before = main_pid(c, MARKET)
     c.run("dpkg -i /root/debs/cpushare_*.deb /root/debs/cpushare-server_*.deb", timeout=300)
+    c.wait_for(f"systemctl is-active --quiet {MARKET}", timeout=90)
+    assert main_pid(c, MARKET) not in (0, market_before), c.journal(MARKET)
     for name in ORDERS:
         unit = f"cpushare@{name}.service"
         c.wait_for(f"systemctl is-active --quiet {unit}", timeout=90)
@@ -445,10 +536,12 @@ def test_autopkgtest(machine, name):
 
 def test_purge_leaves_only_the_admins_order_files(machine):
     c = machine
-    c.run("systemctl stop cpushare-market.service", check=False)
     c.run("apt-get purge -y -q cpushare-server cpushare", timeout=300)
     c.run("systemctl daemon-reload")
     for gone in ("getent passwd cpushare", "getent group cpushare", "getent group cpushare-admin",
+                 "test -e /lib/systemd/system/cpushare-server.service",
+                 "test -e /etc/default/cpushare-server",
+                 "test -e /etc/systemd/system/multi-user.target.wants/cpushare-server.service",
                  "test -e /var/lib/cpushare", "test -e /var/cache/cpushare",
                  "test -e /run/cpushare", "test -e /lib/systemd/system/cpushare@.service",
                  "test -e /lib/systemd/system/cpushare.service",
@@ -464,3 +557,6 @@ def test_purge_leaves_only_the_admins_order_files(machine):
     left = sorted(c.out("ls -A /etc/cpushare").split())
     assert left == sorted(f"{n}.cpu" for n in ORDERS), left
     assert c.out("stat -c %G /etc/cpushare/cpu0.cpu").strip() == "root"
+    # The market stays too (its CA and ledger), and the user that owns it.
+    assert c.out(f"stat -c '%U %G' {MARKET_DB}").strip() == "cpushare-server cpushare-server"
+    c.run("cpushare-server ledger check")
