@@ -39,8 +39,8 @@ ERROR_CODES = frozenset(
 _LENGTHS = struct.Struct(">II")
 
 
-class ProtocolError(Exception):
-    """A peer broke the protocol; `code` is the error code sent back."""
+class CodedError(Exception):
+    """An error with one of ERROR_CODES and a message, as sent to a peer."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -49,6 +49,11 @@ class ProtocolError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+class ProtocolError(CodedError):
+    """A peer broke the protocol; `code` is the error code sent back, and
+    the connection ends."""
 
 
 # --- message schema ---------------------------------------------------------

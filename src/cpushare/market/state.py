@@ -11,22 +11,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from ..protocol import CodedError
+
 MAX_REDUNDANCY = 16
 MAX_LOST = 5  # attempts lost (disconnect, deadline) before a task fails
 
 
-class Rejection(Exception):
+class Rejection(CodedError):
     """A request the market refuses: `code` is the protocol's error code
     (docs/protocol.md), `message` says why.  The handler answers it with an
     `error` or `failed` frame; the connection stays."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
 
 
 class ResultKey(NamedTuple):
