@@ -559,4 +559,3 @@ def test_purge_leaves_only_the_admins_order_files(machine):
     assert c.out("stat -c %G /etc/cpushare/cpu0.cpu").strip() == "root"
     # The market stays too (its CA and ledger), and the user that owns it.
     assert c.out(f"stat -c '%U %G' {MARKET_DB}").strip() == "cpushare-server cpushare-server"
-    c.run("cpushare-server ledger check")
