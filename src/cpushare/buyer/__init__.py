@@ -9,14 +9,27 @@
 
 `map` submits one task per input and yields each `TaskResult` as it
 completes (not in input order; `TaskResult.index` says which input it
-was).  A lost connection is re-established with backoff, the image is
-uploaded again and every task without a result is submitted again under
-its old `ref`, so the market can tell a resubmission from new work.
+was).  A connection lost at any moment, also before the market's
+`welcome` (a market restarting, or its listener too busy), is tried again
+with exponential backoff and full jitter for up to `RECONNECT_FOR`
+seconds; only the market's `error` of code `auth` or `version` is a
+refusal that stops at once.  After a reconnection the image is uploaded
+again and every task without a result is submitted again under its old
+`ref`, so the market can tell a resubmission from new work.
+
+A market whose `welcome` says `acks: true` keeps each result until the
+buyer sends `ack {task}`, and sends every result not acked yet again to a
+buyer that reconnects.  `map` acks a result once the caller has taken it
+(when it asks for the next one, or closes the iteration); with
+`map(..., ack=False)` the caller acks with `Market.ack(result)` once it
+has stored the result itself.  A result that comes again (after a
+reconnection) is acked again, never yielded twice.
 
 Leaving `map` early (a `break` and then closing the generator, an
 exception, a cancellation, a timeout) cancels the tasks that have no result
 yet: the market fails them ("cancelled") and refunds their escrow;
-`await m.cancelled()` waits for it to say so.
+`await m.cancelled()` waits for it to say so.  Results of such tasks that
+come anyway are acked and dropped.
 
 `run_tasks(order, image, inputs)` is the synchronous convenience: it
 returns the results in input order.
@@ -37,7 +50,7 @@ import logging
 import random
 import secrets
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterable
 
 from .. import __version__, bytecode, protocol
@@ -46,7 +59,8 @@ from ..protocol import Message, ProtocolError
 
 log = logging.getLogger("cpushare.buyer")
 
-__all__ = ["Market", "MarketError", "Session", "TaskResult", "run_tasks"]
+__all__ = ["Backoff", "Clock", "Market", "MarketError", "Session", "TaskResult",
+           "run_tasks"]
 
 
 class MarketError(Exception):
@@ -56,6 +70,72 @@ class MarketError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class _Unreachable(MarketError):
+    """No TCP connection to the market at all (nothing listens, no route,
+    no such host, no answer): the first try of a first connection gives up
+    at once, any other tries again."""
+
+    def __init__(self, message: str):
+        super().__init__("connect", message)
+
+
+# Only these answers of the market stop the connecting; anything else that
+# ends a connection before or after `welcome` is a lost connection.
+REFUSALS = ("auth", "version")
+
+
+class Clock:
+    """The time and the sleeps of reconnecting: the event loop's.  Tests
+    pass a clock of their own, so that backoff runs without real waits."""
+
+    def time(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter: the wait before retry n
+    (from 0) is uniform in [0, min(cap, base x 2^n)]."""
+
+    base: float = 0.1
+    cap: float = 10.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def delay(self, n: int) -> float:
+        return self.rng.uniform(0.0, min(self.cap, self.base * 2.0 ** min(n, 64)))
+
+
+def certificate_problem(ca_pem: str, cert_pem: str, key_pem: str) -> str | None:
+    """Why a market of this CA would refuse this certificate in the TLS
+    handshake (it has expired, is not yet valid, or is not of this CA), or
+    None.  Found by a handshake in memory in which our own certificate is
+    checked the way the market checks it: the market drops such a
+    connection without a word, which a client cannot tell from a market
+    that restarts."""
+    server = protocol.server_context(ca_pem, cert_pem, key_pem)
+    client = protocol.client_context(ca_pem, cert_pem, key_pem)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE  # the other end is ourselves
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(4):  # TLS 1.3 takes two turns
+        for end, out, into in ((c, c_out, s_in), (s, s_out, c_in)):
+            try:
+                end.do_handshake()
+                if end is s:
+                    return None
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLCertVerificationError as e:
+                return e.verify_message or str(e)
+            into.write(out.read())
+    raise RuntimeError("certificate_problem: the handshake in memory did not end")
 
 
 @dataclass(frozen=True)
@@ -90,27 +170,34 @@ _LOST = object()  # put in result queues when the connection drops
 
 
 class Market:
-    """One buyer connection to the market of a buy order."""
+    """One buyer connection to the market of a buy order.
+
+    `clock` and `backoff` set how reconnecting waits (see Clock, Backoff)."""
 
     WINDOW = 512  # tasks submitted and not yet answered, per map()
     WINDOW_BYTES = 256 << 20  # and their inputs' bytes (at least one task is always out)
-    CONNECT_TIMEOUT = 20.0
-    RECONNECT_FOR = 300.0  # give up reconnecting after this long
-    BACKOFF_BASE = 0.25
-    BACKOFF_CAP = 10.0
+    CONNECT_TIMEOUT = 20.0  # each of: TCP connect, TLS handshake, waiting for `welcome`
+    RECONNECT_FOR = 300.0  # give up (re)connecting after this long without a connection
 
-    def __init__(self, order: BuyOrder, *, reconnect: bool = True):
+    def __init__(self, order: BuyOrder, *, reconnect: bool = True, clock: Clock | None = None,
+                 backoff: Backoff | None = None):
         self.order = order
         self.reconnect = reconnect
+        self.clock = clock or Clock()
+        self.backoff = backoff or Backoff()
         self.account: str | None = None
         self.resubmitted = 0  # tasks submitted again after a reconnection
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._read_task: asyncio.Task | None = None
         self._max_payload = protocol.DEFAULT_MAX_PAYLOAD
+        self._acks = False  # this connection's market keeps results until acked
         self._uploads: dict[str, asyncio.Future] = {}
         self._uploaded: set[str] = set()
         self._sinks: dict[str, asyncio.Queue] = {}  # ref -> the queue of its map()
+        # ref -> task of the results received and not acked yet (a copy of one
+        # of them, sent again after a reconnection, is dropped)
+        self._unacked: dict[str, int] = {}
         # ref -> the output of its task so far, sent ahead of `done` in `output` frames
         self._ahead: dict[str, bytearray] = {}
         self._queues: set[asyncio.Queue] = set()
@@ -139,45 +226,96 @@ class Market:
         return self._writer is not None and not self._writer.is_closing()
 
     async def connect(self) -> None:
-        """Connect and authenticate; raise MarketError if refused."""
+        """Connect and authenticate.
+
+        Once the TCP connection is made, a connection lost on the way (closed
+        or reset in the TLS handshake or before `welcome`, no `welcome` in
+        time, an `error` other than a refusal) is tried again with backoff
+        for up to RECONNECT_FOR seconds (unless `reconnect` is off).  Raises
+        MarketError: code `auth` or `version` when refused, `connect` when
+        no TCP connection can be made or it gives up."""
+        async with self._conn_lock:
+            await self._connect_retrying(first=True)
+
+    async def _connect_retrying(self, first: bool) -> None:
+        """Connect, trying again after a lost connection with backoff (full
+        jitter) until RECONNECT_FOR seconds have passed.  A `first`
+        connection tries at once, and gives up at once if that first try
+        makes no TCP connection; a reconnection waits before it tries, so
+        that the buyers of a market that restarts do not all come back in
+        the same instant."""
+        clock = self.clock
+        deadline = clock.time() + self.RECONNECT_FOR
+        attempt = 0
+        while True:
+            if attempt or not first:
+                n = attempt - 1 if first else attempt
+                await clock.sleep(min(self.backoff.delay(n), max(0.0, deadline - clock.time())))
+            try:
+                await self._connect_once()
+                return
+            except MarketError as e:
+                if (e.code in REFUSALS or not self.reconnect or self._closed
+                        or (first and attempt == 0 and isinstance(e, _Unreachable))):
+                    raise
+                if clock.time() >= deadline:
+                    raise MarketError("connect", f"{e.message}; gave up after trying for "
+                                                 f"{self.RECONNECT_FOR:g} s") from None
+                (log.warning if attempt == 0 else log.info)(
+                    "%s; trying again (for up to %g s)", e.message, self.RECONNECT_FOR)
+            attempt += 1
+
+    async def _connect_once(self) -> None:
+        """One attempt: TCP, TLS, hello, welcome."""
         o = self.order
         try:
             ctx = protocol.client_context(o.ca_pem, o.cert_pem, o.key_pem)
+            problem = certificate_problem(o.ca_pem, o.cert_pem, o.key_pem)
         except ValueError as e:
             raise MarketError("auth", f"{o.path}: {e}") from None
+        if problem is not None:
+            raise MarketError("auth", f"{o.path}: the market would refuse its certificate: "
+                                      f"{problem}")
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(o.host, o.port, ssl=ctx, server_hostname=o.host,
-                                        limit=1 << 20), self.CONNECT_TIMEOUT)
+                asyncio.open_connection(o.host, o.port, limit=1 << 20), self.CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise _Unreachable(f"{o.server}: cannot connect: {_describe(e)}") from None
+        try:
+            await asyncio.wait_for(writer.start_tls(ctx, server_hostname=o.host),
+                                   self.CONNECT_TIMEOUT)
         except ssl.SSLCertVerificationError as e:
+            writer.transport.abort()
             raise MarketError("auth", f"{o.server}: the market's certificate does not verify "
                                       f"against the CA in {o.path}: {e.verify_message}") from None
-        except (OSError, asyncio.TimeoutError) as e:
-            raise MarketError("connect", f"{o.server}: cannot connect: "
-                                         f"{e.strerror if isinstance(e, OSError) and e.strerror else e!r}") from None
+        except (OSError, asyncio.TimeoutError) as e:  # (ssl.SSLError is an OSError)
+            writer.transport.abort()
+            raise MarketError("connect", f"{o.server}: the connection was lost in the TLS "
+                                         f"handshake: {_describe(e)}") from None
         try:
             await protocol.send(writer, "hello", version=protocol.VERSION, role="buyer",
-                                software=f"cpushare/{__version__}", output_frames=True)
+                                software=f"cpushare/{__version__}", output_frames=True,
+                                acks=True)
             msg = await asyncio.wait_for(protocol.read_message(reader), self.CONNECT_TIMEOUT)
-        except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as e:
-            writer.close()
-            raise MarketError("auth", f"{o.server}: the market refused us during the TLS "
-                                      f"handshake ({e}); is the certificate in {o.path} issued "
-                                      f"by this market and still valid?") from None
-        except (ProtocolError, asyncio.TimeoutError, OSError) as e:
-            writer.close()
-            raise MarketError("connect", f"{o.server}: handshake failed: {e!r}") from None
+        except (OSError, ProtocolError, asyncio.TimeoutError) as e:
+            writer.transport.abort()
+            raise MarketError("connect", f"{o.server}: the connection was lost before the "
+                                         f"market's welcome: {_describe(e)}") from None
         if msg is None or msg.type != "welcome":
             writer.close()
-            if msg is not None and msg.type == "error":
-                raise MarketError(msg["code"], f"{o.server}: the market refused us: {msg['message']}")
-            if msg is None:  # TLS 1.3: a refused client certificate ends the stream here
-                raise MarketError("auth", f"{o.server}: the market refused us: it closed the "
-                                          f"connection during the handshake; is the certificate "
-                                          f"in {o.path} issued by this market and still valid?")
+            if msg is None:
+                raise MarketError("connect", f"{o.server}: the market closed the connection "
+                                             f"before its welcome")
+            if msg.type == "error" and msg["code"] in REFUSALS:
+                raise MarketError(msg["code"], f"{o.server}: the market refused us: "
+                                               f"{msg['message']}")
+            if msg.type == "error":
+                raise MarketError("connect", f"{o.server}: the market answered hello with "
+                                             f"{msg['code']}: {msg['message']}")
             raise MarketError("connect", f"{o.server}: expected welcome, got {msg.type}")
         self.account = msg["account"]
         self._max_payload = msg["max_payload"]
+        self._acks = msg.get("acks") is True
         self._out = protocol.FrameWriter(writer)
         self._reader, self._writer = reader, writer
         self._generation += 1
@@ -208,21 +346,8 @@ class Market:
                 return
             if not self.reconnect or self._closed:
                 raise MarketError("connect", f"{self.order.server}: connection lost")
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.RECONNECT_FOR
-            n = 0
-            while True:
-                delay = min(self.BACKOFF_CAP, self.BACKOFF_BASE * 2 ** n) * random.uniform(0.5, 1)
-                await asyncio.sleep(delay)
-                try:
-                    await self.connect()
-                    log.info("reconnected to %s", self.order.server)
-                    return
-                except MarketError as e:
-                    if e.code not in ("connect",) or loop.time() > deadline:
-                        raise
-                    log.info("reconnecting to %s: %s", self.order.server, e.message)
-                n += 1
+            await self._connect_retrying(first=False)
+            log.info("reconnected to %s", self.order.server)
 
     def _send(self, type_: str, payload: bytes = b"", **fields) -> None:
         """Queue a frame (see protocol.FrameWriter)."""
@@ -294,15 +419,7 @@ class Market:
                                                  f"{0 if ahead is None else len(ahead)} came")
                 ahead += msg.payload
                 msg.payload = ahead
-            q = self._sinks.pop(msg["ref"], None)
-            fut = self._cancelling.get(msg["ref"])
-            if q is not None:
-                q.put_nowait(msg)
-            elif fut is not None:
-                if not fut.done():
-                    fut.set_result(msg)
-            else:
-                log.debug("result for unknown ref %s ignored", msg["ref"])
+            self._on_result(msg)
         elif t == "accepted":
             pass
         elif t == "opened":
@@ -323,6 +440,40 @@ class Market:
             pass
         else:
             raise ProtocolError("frame", f"a buyer does not expect {t!r} messages")
+
+    def _on_result(self, msg: Message) -> None:
+        """A `done` or `failed`: to the map() waiting for it, or acked."""
+        ref, task = msg["ref"], msg.get("task")
+        if ref in self._unacked:
+            return  # a copy (sent again after a reconnection) of one we hold
+        q = self._sinks.pop(ref, None)
+        fut = self._cancelling.get(ref)
+        if q is not None:
+            if task is not None:
+                self._unacked[ref] = task
+            q.put_nowait(msg)
+        elif fut is not None:  # (a map() left early): the market's answer to its cancel
+            if not fut.done():
+                fut.set_result(msg)
+            self._ack(ref, task)
+        elif ref.startswith(self._prefix + "-"):
+            self._ack(ref, task)  # ours and handed over already: a copy
+        else:
+            log.debug("result for unknown ref %s ignored", ref)
+
+    def _ack(self, ref: str, task: int | None) -> None:
+        self._unacked.pop(ref, None)
+        if task is None or not self._acks:
+            return
+        try:
+            self._send("ack", task=task)
+        except ConnectionError:
+            pass  # the market sends the result again after a reconnection: acked then
+
+    def ack(self, result: TaskResult) -> None:
+        """Tell the market that `result` (of map(..., ack=False)) is stored
+        and that it may drop its copy."""
+        self._ack(result.ref, result.task)
 
     def _error(self, msg: Message) -> None:
         ref = msg.get("ref")
@@ -375,9 +526,15 @@ class Market:
         return f"{self._prefix}-{self._seq}"
 
     async def map(self, image: bytecode.Image | bytes, inputs: Iterable[bytes], *,
-                  redundancy: int | None = None,
-                  cpu_ms: int | None = None) -> AsyncIterator[TaskResult]:
-        """Run one task per input; yield each TaskResult as it completes."""
+                  redundancy: int | None = None, cpu_ms: int | None = None,
+                  ack: bool = True) -> AsyncIterator[TaskResult]:
+        """Run one task per input; yield each TaskResult as it completes.
+
+        A result is acked to the market once the caller has taken it: when
+        it asks for the next one or closes the iteration.  With ack=False
+        the caller acks each result itself (Market.ack) once it has stored
+        it; the market sends the results not acked again after a
+        reconnection (they are not yielded again)."""
         digest, blob = _pack(image)
         q: asyncio.Queue = asyncio.Queue()
         self._queues.add(q)
@@ -429,13 +586,24 @@ class Market:
                         pass  # the read loop notices and puts _LOST in q
                     continue
                 ref = item["ref"]
+                self._sinks.pop(ref, None)  # (set again if it was resubmitted meanwhile)
                 entry = pending.pop(ref, None)
-                if entry is None:
+                if entry is None:  # yielded already
+                    self._ack(ref, item.get("task"))
                     continue
                 pending_bytes -= len(entry[1])
-                yield _result(item, entry[0])
+                r = _result(item, entry[0])
+                try:
+                    yield r
+                finally:
+                    if ack:
+                        self._ack(r.ref, r.task)
         finally:
             self._queues.discard(q)
+            while not q.empty():  # results in that the caller did not take: finished anyway
+                item = q.get_nowait()
+                if item is not _LOST and pending.pop(item["ref"], None) is not None:
+                    self._finished_anyway(item)
             for ref in pending:
                 self._sinks.pop(ref, None)
             self._cancel(list(pending))
@@ -452,6 +620,17 @@ class Market:
                     raise
                 await self._reconnect(generation)
                 generation = self._generation
+
+    def _finished_anyway(self, msg: Message) -> None:
+        """The result of a task of a map() left early, not yielded: counted
+        by cancelled() and acked, like a result that crossed its cancel."""
+        try:
+            fut = asyncio.get_running_loop().create_future()
+        except RuntimeError:  # (a generator finalized after its loop ended)
+            return
+        fut.set_result(msg)
+        self._cancelling[msg["ref"]] = fut
+        self._ack(msg["ref"], msg.get("task"))
 
     def _cancel(self, refs: list[str]) -> None:
         """Ask the market to cancel these tasks (see cancelled())."""
@@ -511,6 +690,14 @@ class Market:
     def session(self, image: bytecode.Image | bytes, *, cpu_ms: int | None = None) -> "Session":
         """An interactive job: ``async with m.session(image) as s: ...``."""
         return Session(self, image, cpu_ms)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and not isinstance(e, ssl.SSLError):
+        return e.strerror
+    if isinstance(e, asyncio.TimeoutError):
+        return "timed out"
+    return str(e) or type(e).__name__
 
 
 def _result(msg: Message, index: int) -> TaskResult:

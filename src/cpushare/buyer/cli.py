@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import math
-import asyncio
+import os
 import sys
 import time
 from contextlib import aclosing
@@ -22,6 +23,13 @@ Each INPUT file is the standard input of one task.  The output of the task
 for INPUT is written to DIR/<basename of INPUT>.out (so input names must be
 distinct).  On a terminal a progress bar is shown; otherwise one line per
 finished task.
+
+An output is on disk (written to a temporary file, synced and renamed)
+before the market is told it may drop its copy.  A connection lost at any
+moment (the market restarting, or too busy to take it) is made again with
+backoff for up to 5 minutes, and the tasks without a result are sent
+again; a result that comes twice is written once.  Only the market's
+refusal (the certificate or the protocol version) stops at once.
 
 With --timeout, or on an interrupt (Ctrl-C), the tasks without a result
 are cancelled: the market refunds their escrow, and the summary counts
@@ -167,7 +175,8 @@ def main(args: argparse.Namespace) -> int:
                                 args.redundancy, args.timeout))
     except MarketError as e:
         _err(e.message if e.message.startswith(order.server) else f"{order.server}: {e}")
-        return 1 if e.code == "funds" else 2 if e.code in ("auth", "order", "image") else 1
+        return 1 if e.code == "funds" else 2 if e.code in ("auth", "version", "order", "image") \
+            else 1
     except KeyboardInterrupt:
         return 130
 
@@ -183,16 +192,21 @@ async def _buy(order, image, paths: list[Path], datas: Iterable[bytes], out_dir:
 
     async def collect(m: Market) -> None:
         nonlocal cpu_ms, cost, retries
-        async with aclosing(m.map(image, datas, redundancy=redundancy)) as results:
+        async with aclosing(m.map(image, datas, redundancy=redundancy, ack=False)) as results:
             async for r in results:
                 path = paths[r.index]
+                stored = True
                 if r.code is None:
                     target = out_dir / (path.name + ".out")
                     try:
-                        atomic_write(target, r.output, fsync=False)
+                        atomic_write(target, r.output)
+                        _sync_dir(out_dir)
                     except OSError as e:
+                        stored = False  # the market keeps it
                         r = dataclasses.replace(r, code="output",
                                                 reason=f"cannot write {target}: {e.strerror}")
+                if stored:
+                    m.ack(r)
                 cpu_ms += r.cpu_ms
                 cost += r.cost_milli
                 retries += max(0, r.attempts - k)
@@ -200,9 +214,11 @@ async def _buy(order, image, paths: list[Path], datas: Iterable[bytes], out_dir:
                     failed.append((path, r))
                 progress.update(path.name, r)
 
-    async with Market(order) as m:
+    m = Market(order)
+    try:
         try:
             async with asyncio.timeout(timeout):
+                await m.connect()
                 await collect(m)
         except TimeoutError:
             stopped = f"not finished within {timeout:g} s"
@@ -213,6 +229,8 @@ async def _buy(order, image, paths: list[Path], datas: Iterable[bytes], out_dir:
                 sys.stderr.write("\n")
             cancelled = await m.cancelled()
         retries += m.resubmitted
+    finally:
+        await m.close()
     for path, r in failed:
         _err(f"{path}: task {r.task if r.task is not None else '-'} failed: {_why(r)}")
     unfinished = len(paths) - progress.done
@@ -228,3 +246,12 @@ async def _buy(order, image, paths: list[Path], datas: Iterable[bytes], out_dir:
     if stopped == "interrupted":
         raise KeyboardInterrupt
     return 1 if failed or stopped else 0
+
+
+def _sync_dir(path: Path) -> None:
+    """Put the directory's entries (a rename into it) on disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
