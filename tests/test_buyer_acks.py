@@ -404,12 +404,12 @@ def test_an_auth_or_version_error_stops_at_once(code):
     assert sleeps == [] and connections == 1
 
 
-def test_a_certificate_the_market_would_drop_is_refused_before_connecting():
+def test_a_certificate_the_market_drops_without_a_word_is_a_refusal():
     """The market drops an expired certificate, or one of another CA, in the
-    TLS handshake without a word, which looks like a restart: the buyer
-    checks its own certificate first and stops."""
+    TLS handshake without a word, which looks like a restart: when it does,
+    the buyer checks its own certificate, and stops."""
     async def script(c: Conn, n: int) -> None:
-        raise AssertionError("connected")
+        raise AssertionError("the handshake passed")
 
     async def main(which):
         async with ScriptedMarket(script) as sm:
@@ -419,14 +419,16 @@ def test_a_certificate_the_market_would_drop_is_refused_before_connecting():
             else:
                 other = ca.make_ca()
                 cert = ca.issue(other.cert_pem, other.key_pem, "stranger")
+            clock = FakeClock()
             with pytest.raises(MarketError) as e:
-                await Market(sm.order(cert), clock=FakeClock()).connect()
-            return e.value, sm.connections
+                await Market(sm.order(cert), clock=clock).connect()
+            return e.value, sm.connections, clock.sleeps
     for which, why in [("expired", "certificate has expired"),
                        ("foreign", "unable to get local issuer certificate")]:
-        e, connections = arun(main(which))
-        assert e.code == "auth" and e.message.startswith("/test/buyer.buy: ") and why in e.message
-        assert connections == 0
+        e, connections, sleeps = arun(main(which))
+        assert e.code == "auth" and e.message.startswith("127.0.0.1:") and why in e.message
+        assert "the market refused us: the certificate in /test/buyer.buy" in e.message
+        assert connections == 1 and sleeps == []
 
 
 def test_certificate_problem_passes_a_good_certificate():

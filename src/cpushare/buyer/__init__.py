@@ -10,12 +10,14 @@
 `map` submits one task per input and yields each `TaskResult` as it
 completes (not in input order; `TaskResult.index` says which input it
 was).  A connection lost at any moment, also before the market's
-`welcome` (a market restarting, or its listener too busy), is tried again
-with exponential backoff and full jitter for up to `RECONNECT_FOR`
-seconds; only the market's `error` of code `auth` or `version` is a
-refusal that stops at once.  After a reconnection the image is uploaded
-again and every task without a result is submitted again under its old
-`ref`, so the market can tell a resubmission from new work.
+`welcome` (a market restarting, or its listener too busy), is tried
+again with exponential backoff and full jitter for up to `RECONNECT_FOR`
+seconds.  A refusal stops at once: the market's `error` of code `auth` or
+`version`, or a connection dropped in the handshake when the buyer's own
+certificate is one the market drops there (expired, or not of the
+order's CA: see certificate_problem).  After a reconnection the image is
+uploaded again and every task without a result is submitted again under
+its old `ref`, so the market can tell a resubmission from new work.
 
 A market whose `welcome` says `acks: true` keeps each result until the
 buyer sends `ack {task}`, and sends every result not acked yet again to a
@@ -270,12 +272,8 @@ class Market:
         o = self.order
         try:
             ctx = protocol.client_context(o.ca_pem, o.cert_pem, o.key_pem)
-            problem = certificate_problem(o.ca_pem, o.cert_pem, o.key_pem)
         except ValueError as e:
             raise MarketError("auth", f"{o.path}: {e}") from None
-        if problem is not None:
-            raise MarketError("auth", f"{o.path}: the market would refuse its certificate: "
-                                      f"{problem}")
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(o.host, o.port, limit=1 << 20), self.CONNECT_TIMEOUT)
@@ -290,8 +288,8 @@ class Market:
                                       f"against the CA in {o.path}: {e.verify_message}") from None
         except (OSError, asyncio.TimeoutError) as e:  # (ssl.SSLError is an OSError)
             writer.transport.abort()
-            raise MarketError("connect", f"{o.server}: the connection was lost in the TLS "
-                                         f"handshake: {_describe(e)}") from None
+            raise self._dropped(f"{o.server}: the connection was lost in the TLS handshake: "
+                                f"{_describe(e)}") from None
         try:
             await protocol.send(writer, "hello", version=protocol.VERSION, role="buyer",
                                 software=f"cpushare/{__version__}", output_frames=True,
@@ -299,13 +297,13 @@ class Market:
             msg = await asyncio.wait_for(protocol.read_message(reader), self.CONNECT_TIMEOUT)
         except (OSError, ProtocolError, asyncio.TimeoutError) as e:
             writer.transport.abort()
-            raise MarketError("connect", f"{o.server}: the connection was lost before the "
-                                         f"market's welcome: {_describe(e)}") from None
+            raise self._dropped(f"{o.server}: the connection was lost before the market's "
+                                f"welcome: {_describe(e)}") from None
         if msg is None or msg.type != "welcome":
             writer.close()
             if msg is None:
-                raise MarketError("connect", f"{o.server}: the market closed the connection "
-                                             f"before its welcome")
+                raise self._dropped(f"{o.server}: the market closed the connection before "
+                                    f"its welcome")
             if msg.type == "error" and msg["code"] in REFUSALS:
                 raise MarketError(msg["code"], f"{o.server}: the market refused us: "
                                                f"{msg['message']}")
@@ -321,6 +319,18 @@ class Market:
         self._generation += 1
         self._uploaded.clear()
         self._read_task = asyncio.create_task(self._read_loop(reader, writer))
+
+    def _dropped(self, text: str) -> MarketError:
+        """The error for a connection lost in the TLS handshake or before
+        `welcome`: a lost connection (`text`), unless our certificate is
+        one that the market drops there without a word (see
+        certificate_problem)."""
+        o = self.order
+        problem = certificate_problem(o.ca_pem, o.cert_pem, o.key_pem)
+        if problem is not None:
+            return MarketError("auth", f"{o.server}: the market refused us: the certificate in "
+                                       f"{o.path} does not verify against its CA: {problem}")
+        return MarketError("connect", text)
 
     async def close(self) -> None:
         self._closed = True
