@@ -62,7 +62,7 @@ from ..protocol import Message, ProtocolError
 log = logging.getLogger("cpushare.buyer")
 
 __all__ = ["Backoff", "Clock", "Market", "MarketError", "Session", "TaskResult",
-           "run_tasks"]
+           "certificate_problem", "run_tasks"]
 
 
 class MarketError(Exception):
