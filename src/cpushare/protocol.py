@@ -109,7 +109,7 @@ def _check(tag, value: Any) -> bool:
 R, O = True, False
 SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
     "hello": {"version": (Int(0, 2**31), R), "role": (STR, R), "software": (STR, O),
-              "instance": (STR, O), "output_frames": (BOOL, O)},
+              "instance": (STR, O), "output_frames": (BOOL, O), "acks": (BOOL, O)},
     "welcome": {"version": (Int(0, 2**31), R), "account": (STR, R), "order": (OPT_ID, O),
                 "max_payload": (Int(1, 1 << 32), R), "heartbeat": (Int(1, 86_400), R),
                 "prefetch": (Int(0, 16), O), "output_chunks": (Int(1, 1 << 32), O),
