@@ -126,7 +126,8 @@ class Peer:
             o.host, o.port, ssl=ctx, server_hostname=o.host), TIMEOUT)
         p = cls(r, w, role)
         if hello:
-            await p.send("hello", version=version, role=role, software="test-peer")
+            await p.send("hello", version=version, role=role, software="test-peer",
+                         **({"acks": True} if role == "buyer" else {}))
             p.welcome = await p.recv()
         return p
 

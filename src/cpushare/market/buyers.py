@@ -212,6 +212,8 @@ class BuyerHandlers:
             frame_ = self._result_frame(self.store.result(tid))
         b.unacked.add(tid)
         b.write(frame_)
+        if not b.acks:  # a buyer that does not ack: delivered once sent, as before acks
+            self._on_ack(b, tid)
 
     @staticmethod
     def _result_frame(r: Result):
@@ -238,6 +240,8 @@ class BuyerHandlers:
                 if tid in self.pending_tasks and tid not in b.unacked:
                     b.unacked.add(tid)
                     b.write_now(self._result_frame(self.store.result(tid)))
+                    if not b.acks:
+                        self._on_ack(b, tid)
         except (ConnectionError, OSError, RuntimeError) as e:
             log.info("%s: sending owed results ended: %r", b, e)
         finally:

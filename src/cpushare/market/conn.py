@@ -125,3 +125,4 @@ class BuyerConn(Conn):
         self.feeder = None  # the task sending them
         self.sessions: dict[int, object] = {}  # its open sessions: id -> TaskState
         self.output_frames = False  # it takes a result's output ahead in `output` frames
+        self.acks = False  # it acks results (hello's acks); else delivered once sent

@@ -163,6 +163,7 @@ class Listener:
         conn.fingerprint = fingerprint
         if role == "buyer":
             conn.output_frames = m.get("output_frames") is True
+            conn.acks = m.get("acks") is True
         if role == "seller":
             conn.order = self.store.sell_order(cert.order_id)
             conn.instance = instance
