@@ -278,3 +278,16 @@ def test_copies_of_one_order_file_sell_one_cpu_each(market, tmp_path):
     assert sum(done) == 6 and min(done) >= 1, done
     for st in sts:
         st.stop()
+
+
+def test_the_orders_allow_cpuid_reaches_the_sandbox(market, tmp_path):  # noqa: F811
+    """allow_cpuid in the sell order is carried to every task's limits."""
+    from cpushare.protocol import Message
+    path = market.sell_order("alice", "alice-cpu0")
+    conf = ConfigObj(str(path))
+    task = Message("task", {"cpu_ms": 1000, "wall_ms": 5000, "memory": 1 << 20,
+                            "output_limit": -1})
+    assert Seller(load_sell(path), cache_dir=tmp_path)._limits(task).allow_cpuid is False
+    conf["limits"]["allow_cpuid"] = "true"
+    conf.write()
+    assert Seller(load_sell(path), cache_dir=tmp_path)._limits(task).allow_cpuid is True

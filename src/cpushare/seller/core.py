@@ -649,7 +649,8 @@ class Seller:
             cpu_seconds=cpu_ms / 1000, wall_seconds=wall_ms / 1000,
             memory=_min_nonzero(lim.memory, msg["memory"]),
             output=min(lim.output, msg["output_limit"]) if msg["output_limit"] >= 0
-            else lim.output)
+            else lim.output,
+            allow_cpuid=lim.allow_cpuid)
 
     async def _image(self, digest: str):
         image = self._cache.get(digest)
