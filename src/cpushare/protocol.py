@@ -170,6 +170,13 @@ def validate(type_: str, fields: dict) -> None:
         if not _check(tag, fields[name]):
             raise ProtocolError(
                 "frame", f"{type_}: field {name!r} must be {tag}, not {fields[name]!r:.40}")
+        v = fields[name]
+        if type(v) is str and not v.isascii():
+            try:  # JSON may escape a lone surrogate, which is not UTF-8
+                v.encode()
+            except UnicodeEncodeError:
+                raise ProtocolError("frame", f"{type_}: field {name!r} is not valid "
+                                             f"Unicode (a lone surrogate)") from None
     ref = fields.get("ref")
     if isinstance(ref, str) and len(ref) > MAX_REF:
         raise ProtocolError("frame", f"{type_}: ref longer than {MAX_REF} characters")

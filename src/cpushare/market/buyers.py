@@ -265,5 +265,6 @@ class BuyerHandlers:
         del self.pending_tasks[tid]
         self.pending_refs.pop(where, None)
         self.open_tasks[b.account_id, False] -= 1
-        self._delivered.append(tid)
-        self._tx()
+        # written now, in the group transaction: a resubmission of its ref in the
+        # same group must see it (store.delivered_task)
+        self._tx().mark_delivered([tid])

@@ -119,13 +119,11 @@ class GroupCommit:
                 return
         self._files_since = 0.0
         try:
-            self._before_commit()
             if self.store.in_transaction:
                 self.store.commit()
         except BaseException as e:  # the store is unusable: stop, restart recovers
             self._die("store commit failed", e)
             return
-        self._committed()
         after, self._after = self._after, []
         for fn in after:
             try:
@@ -158,9 +156,5 @@ class GroupCommit:
     def _pump(self) -> None: ...
 
     def _after_pump(self) -> None: ...
-
-    def _before_commit(self) -> None: ...
-
-    def _committed(self) -> None: ...
 
     def stop(self) -> None: ...

@@ -34,6 +34,9 @@ MAX_BUYER_CONNS = 16  # connections of one buy order at once
 # before a seller takes the session.
 CONN_BUDGET = 1 << 20
 STREAM_BUDGET = 1 << 20
+# Bytes a connection's reader holds before the market stops reading the socket
+# (asyncio pauses at twice this): part of each connection's memory budget.
+READ_BUFFER = 1 << 20
 PAUSE_POLL = 0.02  # seconds between looks at a peer that another one waits for
 
 
@@ -219,6 +222,7 @@ class Listener:
         buyer).  A paused peer is not silent: it is not read."""
         while not conn.closed and not conn.gone:
             if conn.buffered > CONN_BUDGET:
+                conn.send_out()  # (its outbox is sent at the end of a turn anyway)
                 wait = conn.out_frames.drain()
             elif self._feeds_a_full_peer(conn):
                 wait = asyncio.sleep(PAUSE_POLL)
@@ -227,6 +231,7 @@ class Listener:
             conn.paused = True
             try:
                 await wait
+                await asyncio.sleep(0)  # (a drain with nothing to wait for does not yield)
             finally:
                 conn.paused = False
                 conn.last_seen = time.monotonic()
@@ -329,7 +334,7 @@ class Listener:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
         server = await asyncio.start_server(
-            lambda r, w: self.handle(r, w, ssl_ctx), host, port, limit=8 << 20,
+            lambda r, w: self.handle(r, w, ssl_ctx), host, port, limit=READ_BUFFER,
             backlog=4096)
         addrs = ", ".join(f"{a[0]}:{a[1]}" for a in (s.getsockname() for s in server.sockets))
         log.info("cpushare-server %s (pid %d) listening on %s", __version__, os.getpid(), addrs)

@@ -70,7 +70,6 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         self._input_bytes = 0  # of small inputs kept in memory (buyers.INPUT_BUDGET)
         self._big_inputs: list[TaskState] = []  # tasks whose big input is still in memory
         self.instances: Counter = Counter()  # sell order id -> its connections
-        self._delivered: list[int] = []  # results acknowledged, to mark delivered
         # tasks whose result the buyer has not acknowledged (queued ones too):
         # (buy order, ref) -> task, and task -> (buy order, ref)
         self.pending_refs: dict[tuple[int, str], int] = {}
@@ -159,15 +158,6 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
             for t in self._big_inputs:
                 t.input = None
             self._big_inputs = []
-
-    def _before_commit(self) -> None:
-        if self._delivered:
-            if not self.store.in_transaction:
-                self.store.begin()
-            self.store.mark_delivered(self._delivered)
-
-    def _committed(self) -> None:
-        self._delivered = []
 
     # --- attempts -----------------------------------------------------------
 
