@@ -94,9 +94,9 @@ def proc_state(pid: int) -> tuple[str, int]:
 
 def test_hundreds_of_tasks_redundancy_2_via_cli_and_balances_add_up(market, tmp_path):
     m = market
-    for name in ("alice", "bob", "carol"):
-        m.seller(m.sell_order(name, f"{name}-cpu0", price="0.010"))
-    buy = m.buy_order("buyer", redundancy=2, price="1.000")
+    for name in ("alice", "bob", "carol"):  # (10 milli per CPU-second: each earns some)
+        m.seller(m.sell_order(name, f"{name}-cpu0", price="36.000"))
+    buy = m.buy_order("buyer", redundancy=2, price="72.000")
     before = balances(m)
     jobfile = tmp_path / "echo.bin"
     jobfile.write_bytes(job("echo").pack())

@@ -50,6 +50,12 @@ async def buyer(lm, *, redundancy=1, max_cpu_seconds=10, price=BID, account="buy
     return b, d
 
 
+def paid(cpu_ms: int, ask_milli: int, carry: int = 0) -> int:
+    """What a seller is paid for `cpu_ms` at its ask, with the buyer's carry
+    to its account (0 at their first settlement): exact, rounded down."""
+    return (cpu_ms * ask_milli + carry) // 3_600_000
+
+
 def assert_ledger_ok(lm):
     assert lm.check() == []
 
@@ -178,7 +184,7 @@ def test_redundancy_disagreeing_seller_is_not_paid_and_recorded(lm):
         done = await b.expect("done")
         assert done.payload == b"hturt"
         assert done["attempts"] == 3
-        assert done["cost_milli"] == cost_milli(1000, 36_000) + cost_milli(1000, 36_002)
+        assert done["cost_milli"] == paid(1000, 36_000) + paid(1000, 36_002)
         for x in (a, liar, c):
             await asyncio.wait_for(x.got_settled.wait(), TIMEOUT)
         assert liar.settled[0]["paid_milli"] == 0 and liar.settled[0]["accepted"] is False
@@ -189,8 +195,8 @@ def test_redundancy_disagreeing_seller_is_not_paid_and_recorded(lm):
         return acc["task"]
     task = run(main())
     assert lm.balance("bob") == 0
-    assert lm.balance("alice") == 10 and lm.balance("carol") == 11
-    assert lm.balance("buyer") == COINS - 21
+    assert lm.balance("alice") == 10 and lm.balance("carol") == 10  # (10.0005: 0.0005 carried)
+    assert lm.balance("buyer") == COINS - 20
     disputes = lm.admin.disputes(task)
     assert [(x[2], x[3]) for x in disputes] == [("bob", protocol.digest(b"lie"))]
     assert disputes[0][4] == protocol.digest(b"hturt")
@@ -394,13 +400,14 @@ def test_a_held_task_handed_back_unstarted_is_requeued_without_counting_as_lost(
         await holder.send("result", b"1", attempt=t1["attempt"], exit_status=0, signal=None,
                           reason="", cpu_ms=5, output_sha256=protocol.digest(b"1"))
         m = await b.expect("done")
-        assert (m["ref"], m["attempts"], m["cost_milli"]) == ("1", 1, 1), m
+        assert (m["ref"], m["attempts"], m["cost_milli"]) == ("1", 1, paid(5, 36_000)), m
         assert (await holder.expect("settled"))["accepted"] is True
         await s.stop()
         await holder.close()
         await lm.stop()
     run(main())
-    assert lm.balances("alice", "bob") == {"alice": 1, "bob": 10}
+    # alice's 5-ms task is worth 0.05 milli: carried to her next settlement
+    assert lm.balances("alice", "bob") == {"alice": paid(5, 36_000), "bob": 10}
     assert_ledger_ok(lm)
 
 
@@ -440,14 +447,15 @@ def test_a_held_task_is_taken_back_for_a_seller_that_becomes_idle(lm):
         await holder.send("result", b"1", attempt=t1["attempt"], exit_status=0, signal=None,
                           reason="", cpu_ms=5, output_sha256=protocol.digest(b"1"))
         m = await b.expect("done")
-        assert (m["ref"], m["attempts"], m["cost_milli"]) == ("1", 1, 1), m
+        assert (m["ref"], m["attempts"], m["cost_milli"]) == ("1", 1, paid(5, 36_000)), m
         assert (await holder.expect("settled"))["accepted"] is True
         assert await holder.sync() == [], "one revoke only"
         await idle.stop()
         await holder.close()
         await lm.stop()
     run(main())
-    assert lm.balances("alice", "bob") == {"alice": 1, "bob": 10}
+    # alice's 5-ms task is worth 0.05 milli: carried to her next settlement
+    assert lm.balances("alice", "bob") == {"alice": paid(5, 36_000), "bob": 10}
     assert_ledger_ok(lm)
 
 
@@ -484,12 +492,13 @@ def test_a_revoked_task_that_started_meanwhile_is_settled_as_usual(lm):
         for _ in range(2):
             m = await b.expect("done")
             got[m["ref"]] = (m["attempts"], m["cost_milli"], m.payload)
-        assert got == {"1": (1, 1, b"1"), "2": (1, 1, b"2")}, got
+        cost = paid(5, 36_000)  # (0: carried to their next settlement)
+        assert got == {"1": (1, cost, b"1"), "2": (1, cost, b"2")}, got
         await idle.stop()
         await holder.close()
         await lm.stop()
     run(main())
-    assert lm.balances("alice", "bob") == {"alice": 2, "bob": 0}
+    assert lm.balances("alice", "bob") == {"alice": 2 * paid(5, 36_000), "bob": 0}
     assert_ledger_ok(lm)
 
 

@@ -62,7 +62,7 @@ def test_a_sellers_refusal_is_never_the_tasks_result(lm):
         await lm.stop()
     run(main())
     assert lm.balances("alice", "bob")["alice"] == 0
-    assert lm.balances("alice", "bob")["bob"] == cost_milli(1000, 2000)
+    assert lm.balances("alice", "bob")["bob"] == 1000 * 2000 // 3_600_000
     assert_ledger_ok(lm)
 
 
@@ -130,4 +130,34 @@ def test_the_output_limit_holds_for_a_plain_result(lm):
         await lm.stop()
     run(main())
     assert lm.balance("alice") == 0
+    assert_ledger_ok(lm)
+
+
+def test_one_ms_tasks_pay_their_price_not_a_milli_each(lm):
+    """250 tasks of 1 ms at an ask of 36 CPUCoins per CPU-hour are worth 2.5
+    milli-CPUCoins: the buyer pays 2 (half a milli is carried to the next
+    settlement with that seller), where rounding each up once made it 250."""
+    async def main():
+        await lm.start()
+        s = await ScriptedSeller.connect(lm.sell("alice", 36_000), cpu_ms=1)
+        b, d = await buyer(lm)
+        n = 250
+        for i in range(n):
+            await b.send("submit", b"x", ref=f"r{i}", image=d)
+        costs = []
+        while len(costs) < n:
+            m = await b.recv(TIMEOUT)
+            assert m is not None
+            if m.type == "done":
+                costs.append(m["cost_milli"])
+                await b.send("ack", task=m["task"])
+        await b.sync()
+        await s.stop()
+        await lm.stop()
+        return costs
+    costs = run(main())
+    assert sum(costs) == 2
+    assert lm.balances("buyer", "alice") == {"buyer": COINS - 2, "alice": 2}
+    assert lm.admin.carry(lm.admin.account("buyer").id, lm.admin.account("alice").id) \
+        == 250 * 36_000 - 2 * 3_600_000
     assert_ledger_ok(lm)

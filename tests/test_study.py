@@ -353,9 +353,9 @@ def test_study_through_the_market(tmp_path):
         market.serve()
         for i in (1, 2):
             market.account(f"seller{i}")
-            market.seller(market.sell_order(f"seller{i}", f"seller{i}", price="0.010"))
+            market.seller(market.sell_order(f"seller{i}", f"seller{i}", price="36.000"))
         market.account("lab", 100)
-        order = market.buy_order("lab", price="1.000", redundancy=2, max_cpu_seconds=10)
+        order = market.buy_order("lab", price="72.000", redundancy=2, max_cpu_seconds=10)
         out = tmp_path / "out"
         p = subprocess.run([PYTHON, str(FS_DIR / "study.py"), "--order", str(order), "--images",
                             "20", "--out", str(out), "--check", "5", "--quiet"],

@@ -2,11 +2,18 @@
 and telling the sellers and the buyer once it is committed.
 
 Money.  At `submit` the buyer's maximum cost, redundancy x
-cost_milli(cpu_ms, bid), moves to escrow.  When k results agree, each of
-the k sellers gets cost_milli(min(measured, cpu_ms), its ask) and the
-buyer gets the rest back, in one transaction; a task that fails is
-refunded whole.  The ask never exceeds the bid, so escrow always covers
-the payments.
+cost_milli(cpu_ms, bid) (rounded up), moves to escrow.  When k results
+agree, each of the k sellers is paid the agreed CPU time at its ask, and
+the buyer gets the rest back, in one transaction; a task that fails is
+refunded whole.
+
+Rounding never sets the price: a payment is exact in milli x ms per
+CPU-hour, and what falls below one milli-CPUCoin is carried, per buyer
+and seller account, into their next settlement (store.carry).  So a
+buyer of a million 1-ms tasks pays what they cost, within one
+milli-CPUCoin per seller, not a milli-CPUCoin a task.  A payment is at most
+the attempt's escrow (ceil(x / M) bounds floor((x + carry) / M) for
+carry < M), and the ask never exceeds the bid, so escrow always covers it.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
-from ..protocol import cost_milli, encode, frame
+from ..protocol import MS_PER_HOUR, encode, frame
 from .state import Final, ResultKey, TaskState
 
 log = logging.getLogger("cpushare.market")
@@ -33,19 +40,24 @@ def agreed_cpu_ms(t: TaskState, key: ResultKey) -> int:
     return min(min(r.cpu_ms for r in winners), t.cpu_ms)
 
 
-def payments(t: TaskState, key: ResultKey) -> list[Payment]:
+def payments(t: TaskState, key: ResultKey, carry) -> tuple[list[Payment], dict[int, int]]:
     """What each of the first k attempts that returned `key` is paid: the
-    agreed CPU time at its own ask."""
+    agreed CPU time at its own ask, with what the buyer owed that seller's
+    account below one milli (`carry(seller account)`).  Also the new carries:
+    seller account -> rest."""
     winners = [aid for aid, r in t.results.items() if r.key == key][:t.redundancy]
     cpu_ms = agreed_cpu_ms(t, key)
     pays = []
+    rests = {}
     for aid in winners:
         r = t.results[aid]
-        pays.append(Payment(aid, r.seller_account_id, cost_milli(cpu_ms, r.ask_milli)))
+        owed = cpu_ms * r.ask_milli + carry(r.seller_account_id)
+        pays.append(Payment(aid, r.seller_account_id, owed // MS_PER_HOUR))
+        rests[r.seller_account_id] = owed % MS_PER_HOUR
     total = sum(p.amount_milli for p in pays)
     if total > t.escrow_milli:  # cannot happen while ask <= bid; refuse rather than overdraw
         raise AssertionError(f"task {t.id}: payments {total} exceed escrow {t.escrow_milli}")
-    return pays
+    return pays, rests
 
 
 class Settlement:
@@ -57,7 +69,8 @@ class Settlement:
 
         `ahead`: (buyer connection, n) when the first n bytes of the output already
         went to that connection in `output` frames."""
-        pays = payments(t, key)
+        pays, rests = payments(t, key,
+                               lambda acct: self.store.carry(t.buyer_account_id, acct))
         total = sum(p.amount_milli for p in pays)
         refund = t.escrow_milli - total
         first = t.results[pays[0].attempt_id]
@@ -65,6 +78,8 @@ class Settlement:
             store.transfer("settle", [(store.escrow_id, -t.escrow_milli),
                                       *[(p.seller_account_id, p.amount_milli) for p in pays],
                                       (t.buyer_account_id, refund)], task_id=t.id)
+            for acct, rest in rests.items():
+                store.set_carry(t.buyer_account_id, acct, rest)
             paid = {p.attempt_id: p.amount_milli for p in pays}
             for aid, r in t.results.items():
                 got = ((r.cpu_ms, r.key.output_sha256, r.exit_status, r.signal, r.reason)

@@ -38,7 +38,7 @@ from typing import Iterable, Iterator
 
 MINT = "@mint"
 ESCROW = "@escrow"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BIG = 64 << 10  # inputs and outputs larger than this live in files beside the database
 IN_FILE = "file"  # what their column holds then
 BACKGROUND_WRITE = 1 << 20  # files this big are written by a thread (see SQLiteStore._put)
@@ -202,11 +202,24 @@ class Store(abc.ABC):
 
     # images
     @abc.abstractmethod
-    def put_image(self, digest: str, data: bytes) -> None: ...
+    def put_image(self, digest: str, data: bytes, account_id: int = 0) -> None: ...
     @abc.abstractmethod
     def has_image(self, digest: str) -> bool: ...
     @abc.abstractmethod
     def image(self, digest: str) -> bytes | None: ...
+    @abc.abstractmethod
+    def image_usage(self, account_id: int) -> tuple[int, int]:
+        """(images, bytes) an account has stored."""
+    @abc.abstractmethod
+    def touch_images(self, digests: Iterable[str]) -> None:
+        """Mark the images used now (a task of theirs was accepted)."""
+    @abc.abstractmethod
+    def collect_images(self, unused_for: float) -> int: ...
+    @abc.abstractmethod
+    def carry(self, buyer_account_id: int, seller_account_id: int) -> int:
+        """What the buyer owes the seller below one milli (see settlement)."""
+    @abc.abstractmethod
+    def set_carry(self, buyer_account_id: int, seller_account_id: int, rest: int) -> None: ...
 
     # tasks and attempts
     @abc.abstractmethod
@@ -297,7 +310,13 @@ CREATE TABLE IF NOT EXISTS certs (
     role TEXT NOT NULL CHECK (role IN ('seller', 'buyer')), order_id INTEGER NOT NULL,
     not_after REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0, common_name TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS images (digest TEXT PRIMARY KEY, data BLOB NOT NULL,
-    created REAL NOT NULL);
+    created REAL NOT NULL, account_id INTEGER NOT NULL DEFAULT 0,
+    size INTEGER NOT NULL DEFAULT 0, used REAL NOT NULL DEFAULT 0);
+-- What a buyer owes a seller below one milli-CPUCoin, in milli x ms per
+-- CPU-hour (0 .. 3 599 999): carried into their next settlement.
+CREATE TABLE IF NOT EXISTS carries (buyer_account_id INTEGER NOT NULL,
+    seller_account_id INTEGER NOT NULL, rest INTEGER NOT NULL,
+    PRIMARY KEY (buyer_account_id, seller_account_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tasks (
     id INTEGER PRIMARY KEY, buy_order_id INTEGER NOT NULL, buyer_account_id INTEGER NOT NULL,
     ref TEXT NOT NULL, image TEXT NOT NULL, input BLOB,
@@ -386,6 +405,18 @@ class SQLiteStore(Store):
                     self.db.execute("INSERT OR IGNORE INTO accounts (name, system, created) "
                                     "VALUES (?, 1, ?)", (name, time.time()))
         version = self.get_meta("schema_version")
+        if version == "1":  # schema 2 adds carries and who stored each image
+            with self.transaction():
+                self.db.execute("CREATE TABLE IF NOT EXISTS carries (buyer_account_id INTEGER "
+                                "NOT NULL, seller_account_id INTEGER NOT NULL, rest INTEGER "
+                                "NOT NULL, PRIMARY KEY (buyer_account_id, seller_account_id))"
+                                " WITHOUT ROWID")
+                for col in ("account_id INTEGER NOT NULL DEFAULT 0",
+                            "size INTEGER NOT NULL DEFAULT 0", "used REAL NOT NULL DEFAULT 0"):
+                    self.db.execute(f"ALTER TABLE images ADD COLUMN {col}")
+                self.db.execute("UPDATE images SET size = length(data), used = created")
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
+            version = str(SCHEMA_VERSION)
         if version != str(SCHEMA_VERSION):
             raise StoreError(f"{path}: not a CPUShare market database of schema "
                              f"{SCHEMA_VERSION} (found {version!r})")
@@ -677,9 +708,37 @@ class SQLiteStore(Store):
 
     # --- images -----------------------------------------------------------
 
-    def put_image(self, digest: str, data: bytes) -> None:
-        self.db.execute("INSERT OR IGNORE INTO images (digest, data, created) VALUES (?, ?, ?)",
-                        (digest, data, time.time()))
+    def put_image(self, digest: str, data: bytes, account_id: int = 0) -> None:
+        now = time.time()
+        self.db.execute("INSERT OR IGNORE INTO images (digest, data, created, account_id, size, "
+                        "used) VALUES (?, ?, ?, ?, ?, ?)",
+                        (digest, data, now, account_id, len(data), now))
+
+    def image_usage(self, account_id: int) -> tuple[int, int]:
+        return self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM images "
+                               "WHERE account_id = ?", (account_id,)).fetchone()
+
+    def touch_images(self, digests: Iterable[str]) -> None:
+        self.db.executemany("UPDATE images SET used = ? WHERE digest = ?",
+                            [(time.time(), d) for d in digests])
+
+    def collect_images(self, unused_for: float) -> int:
+        """Drop the images no open or unacknowledged task refers to and none
+        has used for `unused_for` seconds; how many."""
+        return self.db.execute(
+            "DELETE FROM images WHERE used < ? AND digest NOT IN (SELECT image FROM tasks "
+            "WHERE state = 'queued' OR (delivered = 0 AND session = 0))",
+            (time.time() - unused_for,)).rowcount
+
+    def carry(self, buyer_account_id: int, seller_account_id: int) -> int:
+        row = self.db.execute("SELECT rest FROM carries WHERE buyer_account_id = ? AND "
+                              "seller_account_id = ?",
+                              (buyer_account_id, seller_account_id)).fetchone()
+        return row[0] if row else 0
+
+    def set_carry(self, buyer_account_id: int, seller_account_id: int, rest: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO carries (buyer_account_id, seller_account_id, "
+                        "rest) VALUES (?, ?, ?)", (buyer_account_id, seller_account_id, rest))
 
     def has_image(self, digest: str) -> bool:
         return self.db.execute("SELECT 1 FROM images WHERE digest = ?",
@@ -947,6 +1006,10 @@ class SQLiteStore(Store):
             for name, bal in q("SELECT name, balance FROM accounts WHERE system = 0 "
                                "AND balance < 0"):
                 problems.append(f"account {name} is negative: {bal}")
+            for b, sl, rest in q("SELECT buyer_account_id, seller_account_id, rest FROM carries "
+                                 "WHERE rest < 0 OR rest >= 3600000"):
+                problems.append(f"carry of buyer {b} to seller {sl} is {rest}, outside "
+                                f"0..3599999")
             esc_neg = q("SELECT balance FROM accounts WHERE id = ? AND balance < 0",
                         (self.escrow_id,)).fetchone()
             if esc_neg:
