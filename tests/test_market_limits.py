@@ -161,3 +161,38 @@ def test_one_ms_tasks_pay_their_price_not_a_milli_each(lm):
     assert lm.admin.carry(lm.admin.account("buyer").id, lm.admin.account("alice").id) \
         == 250 * 36_000 - 2 * 3_600_000
     assert_ledger_ok(lm)
+
+
+def test_stored_images_have_a_quota_and_unused_ones_are_collected(lm, monkeypatch):
+    from cpushare.market import buyers
+    from test_market_peers import image_digest, tiny_image
+    monkeypatch.setattr(buyers, "MAX_IMAGES", 3)
+
+    async def main():
+        m = await lm.start(image_ttl=0.0)
+        s = await ScriptedSeller.connect(lm.sell("alice", BID))
+        b, d = await buyer(lm)  # its first image
+        for n in (1, 2):
+            img = tiny_image(n)
+            await b.send("image", img, image=image_digest(img))
+            await b.expect("image_ok")
+        img = tiny_image(3)
+        await b.send("image", img, image=image_digest(img))
+        e = await b.expect("error")
+        assert e["code"] == "limit" and "at most 3" in e["message"]
+        await b.send("submit", b"x", ref="r", image=d)
+        await b.expect("accepted")
+        done = await b.expect("done")
+        # the image of a result not acknowledged yet stays; the others go
+        assert m.collect_images() == 2
+        await b.send("ack", task=done["task"])
+        await b.sync()
+        assert m.collect_images() == 1
+        m.commit_now()
+        assert lm.admin.image_usage(lm.admin.account("buyer").id) == (0, 0)
+        await b.send("image", img, image=image_digest(img))  # room again
+        await b.expect("image_ok")
+        await s.stop()
+        await lm.stop()
+    run(main())
+    assert_ledger_ok(lm)

@@ -31,6 +31,11 @@ MAX_OPEN_TASKS = 10_000
 MAX_SESSIONS = 16
 RESULT_BUDGET = 4 << 20  # bytes queued to a buyer before its results wait in the store
 INPUT_BUDGET = 16 << 20  # small inputs of queued tasks kept in memory, in all
+# Stored images: per account at most MAX_IMAGES or IMAGE_QUOTA bytes; an image
+# no queued or unacknowledged task uses is removed IMAGE_TTL after its last use.
+MAX_IMAGES = 256
+IMAGE_QUOTA = 1 << 30
+IMAGE_TTL = 7 * 86400
 
 
 class BuyerHandlers:
@@ -82,7 +87,15 @@ class BuyerHandlers:
                                message=f"image {d[:16]}: the image sent has digest "
                                        f"{image.digest[:16]}"))
                 return
-            self._tx().put_image(d, m.payload)
+            n, size = self.store.image_usage(b.account_id)
+            if n >= MAX_IMAGES or size + len(m.payload) > IMAGE_QUOTA:
+                b.write(encode("error", code="limit", ref=None,
+                               message=f"image {d[:16]}: account {b.account} stores {n} "
+                                       f"images of {size} bytes; the market keeps at most "
+                                       f"{MAX_IMAGES} or {IMAGE_QUOTA} bytes an account (images "
+                                       f"no task uses go after {IMAGE_TTL // 86400} days)"))
+                return
+            self._tx().put_image(d, m.payload, b.account_id)
             self.images[d] = image.memory_size
         else:
             self._image_memory(d)
@@ -131,6 +144,7 @@ class BuyerHandlers:
                                  o.price_milli, escrow, session)
             store.transfer("escrow", [(b.account_id, -escrow), (store.escrow_id, escrow)],
                            task_id=tid)
+        self.images_used.add(image)
         t = TaskState(tid, o.id, b.account_id, ref, image, k, cpu_ms, o.price_milli, escrow,
                       memory=self.images[image], session=session,
                       buyer=b if session else None, input=payload)
@@ -187,6 +201,17 @@ class BuyerHandlers:
         t = self._new_task(b, ref, m["image"], m.payload, k, cpu_ms, escrow, False)
         self._after_commit(lambda: b.write(encode("accepted", ref=ref, task=t.id,
                                                   escrow_milli=escrow)))
+
+    def collect_images(self) -> int:
+        """Remove the images no task uses and none used for IMAGE_TTL."""
+        store = self._tx()
+        store.touch_images(self.images_used)
+        self.images_used = set()
+        n = store.collect_images(self.image_ttl)
+        if n:
+            self.images.clear()  # (the others are read again when used)
+            log.info("removed %d images no task used for %g s", n, self.image_ttl)
+        return n
 
     def _check_open(self, b: BuyerConn, session: bool) -> None:
         n = self.open_tasks[b.account_id, session]

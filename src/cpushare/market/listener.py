@@ -37,6 +37,7 @@ STREAM_BUDGET = 1 << 20
 # Bytes a connection's reader holds before the market stops reading the socket
 # (asyncio pauses at twice this): part of each connection's memory budget.
 READ_BUFFER = 1 << 20
+COLLECT_EVERY = 3600.0  # seconds between collections of unused images
 PAUSE_POLL = 0.02  # seconds between looks at a peer that another one waits for
 
 
@@ -287,7 +288,7 @@ class Listener:
 
     async def _sweep(self) -> None:
         """Deadlines every second; pings and silent peers every heartbeat."""
-        last_ping = time.monotonic()
+        last_ping = last_collect = time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, self.heartbeat))
             now = time.monotonic()
@@ -296,6 +297,9 @@ class Listener:
                     self._lose(s, "deadline passed")
             if self.max_wait > 0:
                 self._expire(now)
+            if now - last_collect >= COLLECT_EVERY:
+                last_collect = now
+                self.collect_images()
             if now - last_ping >= self.heartbeat:
                 last_ping = now
                 self._recheck_certificates()

@@ -31,7 +31,8 @@ import time
 from collections import Counter
 
 from ..protocol import DEFAULT_HEARTBEAT, DEFAULT_MAX_PAYLOAD, encode, frame
-from .buyers import MAX_OPEN_TASKS, MAX_SESSIONS, RESULT_BUDGET, BuyerHandlers
+from .buyers import (IMAGE_TTL, MAX_OPEN_TASKS, MAX_SESSIONS, RESULT_BUDGET,
+                     BuyerHandlers)
 from .commit import COMMIT_DELAY, GroupCommit
 from .conn import BuyerConn, Conn, SellerConn
 from .listener import Listener
@@ -53,7 +54,7 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
                  max_payload: int = DEFAULT_MAX_PAYLOAD, grace_ms: int = GRACE_MS,
                  commit_delay: float = COMMIT_DELAY, max_wait: float = 0.0,
                  max_open_tasks: int = MAX_OPEN_TASKS, max_sessions: int = MAX_SESSIONS,
-                 result_budget: int = RESULT_BUDGET):
+                 result_budget: int = RESULT_BUDGET, image_ttl: float = IMAGE_TTL):
         self._init_commit(store, commit_delay)
         self.heartbeat = heartbeat
         self.max_wait = max_wait  # seconds a task may wait for a seller (0: for ever)
@@ -67,6 +68,8 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         self.sellers: dict[tuple[int, str], SellerConn] = {}
         self.buyers: dict[int, list[BuyerConn]] = {}  # buy order id -> connections
         self.images: dict[str, int] = {}  # image digest -> the memory a run needs
+        self.images_used: set[str] = set()  # used by tasks since the last collection
+        self.image_ttl = image_ttl
         self._input_bytes = 0  # of small inputs kept in memory (buyers.INPUT_BUDGET)
         self._big_inputs: list[TaskState] = []  # tasks whose big input is still in memory
         self.instances: Counter = Counter()  # sell order id -> its connections
@@ -103,10 +106,13 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         store.begin()
         try:
             n = store.lose_running_attempts()
+            images = store.collect_images(self.image_ttl)
             store.commit()
         except BaseException:
             store.rollback()
             raise
+        if images:
+            log.info("removed %d images no task used for %g s", images, self.image_ttl)
         stale = store.collect_garbage()
         if stale:
             log.info("removed %d files of inputs and outputs no task needs", stale)
