@@ -48,6 +48,7 @@ HOSTPORT = _arg(orders.split_hostport, "HOST:PORT")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    opt = admin.option_type  # (the order files' ranges; out of range: exit 2)
     p = argparse.ArgumentParser(prog=PROG, description="The CPUShare market server and its "
                                 "administration (see cpushare-server(8)).")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -92,16 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help=("ask" if kind == "sell" else "bid") + ", CPUCoins per CPU-hour")
         if kind == "sell":
             s.add_argument("--model", choices=("seccomp", "kvm"), default="seccomp")
-            s.add_argument("--cpu-seconds", type=int, default=3600, help="per task (3600)")
-            s.add_argument("--wall-seconds", type=int, default=7200, help="per task (7200)")
-            s.add_argument("--memory", type=SIZE, default=256 << 20, help="per task (256M)")
-            s.add_argument("--output-limit", type=SIZE, default=64 << 20,
+            s.add_argument("--cpu-seconds", type=opt("--cpu-seconds"), default=3600,
+                           help="per task (3600)")
+            s.add_argument("--wall-seconds", type=opt("--wall-seconds"), default=7200,
+                           help="per task (7200)")
+            s.add_argument("--memory", type=opt("--memory"), default=256 << 20,
+                           help="per task (256M)")
+            s.add_argument("--output-limit", type=opt("--output-limit"), default=64 << 20,
                            help="output bytes per task (64M)")
+            s.add_argument("--allow-cpuid", action="store_true",
+                           help="let jobs run CPUID (by default it faults where the CPU "
+                                "can make it)")
         else:
-            s.add_argument("--redundancy", type=int, default=1,
+            s.add_argument("--redundancy", type=opt("--redundancy"), default=1,
                            help="sellers of different accounts that must agree (1)")
-            s.add_argument("--max-cpu-seconds", type=int, default=60, help="per task (60)")
-        s.add_argument("--days", type=int, default=DEFAULT_CERT_DAYS,
+            s.add_argument("--max-cpu-seconds", type=opt("--max-cpu-seconds"), default=60,
+                           help="per task (60)")
+        s.add_argument("--days", type=opt("--days"), default=DEFAULT_CERT_DAYS,
                        help=f"validity of the order's certificate ({DEFAULT_CERT_DAYS})")
         s.add_argument("--output", required=True, metavar="FILE",
                        help="the order file to write (mode 0600)")
@@ -228,7 +236,7 @@ def cmd_order(args) -> int:
         oid = admin.add_sell_order(
             store, args.account, args.price, args.output, model=args.model,
             cpu_seconds=args.cpu_seconds, wall_seconds=args.wall_seconds, memory=args.memory,
-            output=args.output_limit, days=args.days)
+            output=args.output_limit, allow_cpuid=args.allow_cpuid, days=args.days)
     else:
         oid = admin.add_buy_order(
             store, args.account, args.price, args.output, redundancy=args.redundancy,
