@@ -87,10 +87,10 @@ class Streamed:
 
     __slots__ = ("pieces", "n", "sha256", "buyer")
 
-    def __init__(self, buyer):
+    def __init__(self, buyer, hashed: bool = True):
         self.pieces: list = []
         self.n = 0
-        self.sha256 = hashlib.sha256()
+        self.sha256 = hashlib.sha256() if hashed else None
         self.buyer = buyer
 
 

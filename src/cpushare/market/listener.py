@@ -225,10 +225,11 @@ class Listener:
             if conn.buffered > CONN_BUDGET:
                 conn.send_out()  # (its outbox is sent at the end of a turn anyway)
                 wait = conn.out_frames.drain()
-            elif self._feeds_a_full_peer(conn):
-                wait = asyncio.sleep(PAUSE_POLL)
             else:
-                return
+                full = self._full_peer(conn)
+                if full is None:
+                    return
+                wait = self._drained(full) if full is not conn else asyncio.sleep(PAUSE_POLL)
             conn.paused = True
             try:
                 await wait
@@ -237,23 +238,35 @@ class Listener:
                 conn.paused = False
                 conn.last_seen = time.monotonic()
 
-    def _feeds_a_full_peer(self, conn: Conn) -> bool:
+    @staticmethod
+    async def _drained(peer: Conn) -> None:
+        """Until what is queued to `peer` is written (or `peer` is gone)."""
+        try:
+            peer.send_out()
+            await peer.out_frames.drain()
+        except (ConnectionError, OSError, RuntimeError, AttributeError):
+            pass  # (its own read loop ends it)
+
+    def _full_peer(self, conn: Conn) -> Conn | None:
+        """The peer `conn` feeds whose queue is over budget (`conn` itself: its
+        session's input waits for a seller), or None."""
         if isinstance(conn, BuyerConn):
             for t in conn.sessions.values():
                 if t.streamed_bytes > STREAM_BUDGET:
-                    return True
+                    return conn
                 s = next((x for x in t.running.values() if x is not None), None)
                 if s is not None and not s.gone and s.buffered > CONN_BUDGET:
-                    return True
-            return False
+                    return s
+            return None
         if conn.attempts:
             t = next(iter(conn.attempts.values()))[0]
             b = t.buyer if t.session else None
             if b is None:
                 got = conn.outputs.get(next(iter(conn.attempts)))
                 b = got.buyer if got is not None else None
-            return b is not None and not b.gone and b.buffered > CONN_BUDGET
-        return False
+            if b is not None and not b.gone and b.buffered > CONN_BUDGET:
+                return b
+        return None
 
     def _gone(self, conn: Conn) -> None:
         """Forget a connection (idempotent); its running attempt is lost."""
