@@ -105,6 +105,13 @@ def _note_conn(r):
     return f"{_num(_get(r, 'memory_per_connection_kib'), '{:.0f}')} KiB per connection (server RSS)"
 
 
+def _note_attack(r):
+    parts = [f"{k} +{_num(v.get('rss_growth_mib'), '{:.1f}')}"
+             for k, v in (_get(r, "attacks") or {}).items()]
+    served = _get(r, "honest_served")
+    return ", ".join(parts) + ("; honest buyer served" if served else "; HONEST BUYER FAILED")
+
+
 ROWS = (
     Row("compute", "sandbox compute overhead vs native (FS kernel)", ("measured",), "<=", 1.02,
         "x", _note_compute),
@@ -118,6 +125,8 @@ ROWS = (
         _note_study),
     Row("connections", "seller connections held, heartbeats", ("measured",), ">=", 1000.0, "",
         _note_conn),
+    Row("attack_rss", "market RSS growth under the worst attack", ("measured",), "<=", 64.0,
+        " MiB", _note_attack),
 )
 
 

@@ -196,3 +196,26 @@ def test_stored_images_have_a_quota_and_unused_ones_are_collected(lm, monkeypatc
         await lm.stop()
     run(main())
     assert_ledger_ok(lm)
+
+
+def test_results_never_acknowledged_are_dropped_after_their_ttl(lm):
+    """A result no one acks (its buyer process is gone) stops counting
+    against the account's cap once RESULT_TTL has passed: dropped, logged,
+    and the ledger untouched."""
+    async def main():
+        m = await lm.start(result_ttl=0.0, max_open_tasks=1)
+        s = await ScriptedSeller.connect(lm.sell("alice", BID))
+        b, d = await buyer(lm)
+        await b.send("submit", b"x", ref="r1", image=d)
+        await b.expect("accepted")
+        await b.expect("done")  # never acked
+        await b.send("submit", b"y", ref="r2", image=d)
+        assert (await b.expect("failed"))["code"] == "limit"
+        assert m.collect() == (1, 0)
+        await b.send("submit", b"y", ref="r3", image=d)
+        await b.expect("accepted")
+        assert (await b.expect("done")).payload == b"y"
+        await s.stop()
+        await lm.stop()
+    run(main())
+    assert_ledger_ok(lm)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from .. import bytecode
 from ..protocol import Message, ProtocolError, cost_milli, encode, frame
@@ -36,6 +37,10 @@ INPUT_BUDGET = 16 << 20  # small inputs of queued tasks kept in memory, in all
 MAX_IMAGES = 256
 IMAGE_QUOTA = 1 << 30
 IMAGE_TTL = 7 * 86400
+# A result no connection of its buy order acknowledged is dropped this long
+# after its task was submitted (refs of a process that is gone would otherwise
+# hold the account's MAX_OPEN_TASKS for ever).
+RESULT_TTL = 30 * 86400
 
 
 class BuyerHandlers:
@@ -201,6 +206,22 @@ class BuyerHandlers:
         t = self._new_task(b, ref, m["image"], m.payload, k, cpu_ms, escrow, False)
         self._after_commit(lambda: b.write(encode("accepted", ref=ref, task=t.id,
                                                   escrow_milli=escrow)))
+
+    def collect(self) -> tuple[int, int]:
+        """Hourly: drop results no one acknowledged for RESULT_TTL, then images
+        no task uses and none used for IMAGE_TTL.  (results, images) removed."""
+        stale = self.store.stale_results(time.time() - self.result_ttl)
+        for tid in stale:
+            order_id, ref = self.pending_tasks.pop(tid, (None, None))
+            if order_id is not None:
+                self.pending_refs.pop((order_id, ref), None)
+                acct = self.store.buy_order(order_id).account_id
+                self.open_tasks[acct, False] -= 1
+        if stale:
+            self._tx().mark_delivered(stale)
+            log.warning("dropped %d results their buyers did not acknowledge within %g s",
+                        len(stale), self.result_ttl)
+        return len(stale), self.collect_images()
 
     def collect_images(self) -> int:
         """Remove the images no task uses and none used for IMAGE_TTL."""

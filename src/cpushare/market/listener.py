@@ -312,7 +312,7 @@ class Listener:
                 self._expire(now)
             if now - last_collect >= COLLECT_EVERY:
                 last_collect = now
-                self.collect_images()
+                self.collect()
             if now - last_ping >= self.heartbeat:
                 last_ping = now
                 self._recheck_certificates()

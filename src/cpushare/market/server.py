@@ -31,7 +31,7 @@ import time
 from collections import Counter
 
 from ..protocol import DEFAULT_HEARTBEAT, DEFAULT_MAX_PAYLOAD, encode, frame
-from .buyers import (IMAGE_TTL, MAX_OPEN_TASKS, MAX_SESSIONS, RESULT_BUDGET,
+from .buyers import (IMAGE_TTL, MAX_OPEN_TASKS, MAX_SESSIONS, RESULT_BUDGET, RESULT_TTL,
                      BuyerHandlers)
 from .commit import COMMIT_DELAY, GroupCommit
 from .conn import BuyerConn, Conn, SellerConn
@@ -54,7 +54,8 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
                  max_payload: int = DEFAULT_MAX_PAYLOAD, grace_ms: int = GRACE_MS,
                  commit_delay: float = COMMIT_DELAY, max_wait: float = 0.0,
                  max_open_tasks: int = MAX_OPEN_TASKS, max_sessions: int = MAX_SESSIONS,
-                 result_budget: int = RESULT_BUDGET, image_ttl: float = IMAGE_TTL):
+                 result_budget: int = RESULT_BUDGET, image_ttl: float = IMAGE_TTL,
+                 result_ttl: float = RESULT_TTL):
         self._init_commit(store, commit_delay)
         self.heartbeat = heartbeat
         self.max_wait = max_wait  # seconds a task may wait for a seller (0: for ever)
@@ -70,6 +71,7 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         self.images: dict[str, int] = {}  # image digest -> the memory a run needs
         self.images_used: set[str] = set()  # used by tasks since the last collection
         self.image_ttl = image_ttl
+        self.result_ttl = result_ttl
         self._input_bytes = 0  # of small inputs kept in memory (buyers.INPUT_BUDGET)
         self._big_inputs: list[TaskState] = []  # tasks whose big input is still in memory
         self.instances: Counter = Counter()  # sell order id -> its connections

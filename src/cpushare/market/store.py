@@ -264,6 +264,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def delivered_task(self, buy_order_id: int, ref: str) -> int | None: ...
     @abc.abstractmethod
+    def stale_results(self, before: float) -> list[int]: ...
+    @abc.abstractmethod
     def result(self, task_id: int) -> Result: ...
     @abc.abstractmethod
     def mark_delivered(self, task_ids: Iterable[int]) -> None: ...
@@ -863,6 +865,12 @@ class SQLiteStore(Store):
         return [r[0] for r in self.db.execute(
             "SELECT id FROM tasks WHERE buy_order_id = ? AND delivered = 0 "
             "AND state != 'queued' AND session = 0 ORDER BY id", (buy_order_id,))]
+
+    def stale_results(self, before: float) -> list[int]:
+        """Tasks created before `before` whose result is still not acknowledged."""
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM tasks WHERE delivered = 0 AND state != 'queued' AND session = 0 "
+            "AND created < ?", (before,))]
 
     def delivered_task(self, buy_order_id: int, ref: str) -> int | None:
         """The task of a buy order under `ref` whose result the buyer acknowledged."""
