@@ -1,0 +1,69 @@
+"""Session input to a job that does not read it: bounded in the seller
+daemon and in the market, the buyer paused, nothing lost (real processes)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from cpushare.buyer import Market
+from cpushare.order import load_buy
+
+from test_e2e_support import job, market, spin_count_for, spin_input  # noqa: F401
+
+MIB = 1 << 20
+SIZE = 48 * MIB
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_input_a_spinning_job_does_not_read_waits_for_it(market):  # noqa: F811
+    """The spin job reads its count, then spins for about 3 s without reading
+    while the buyer streams 48 MiB: the seller daemon's memory grows by a
+    fraction of that, the buyer's writes wait, and once the job reads again
+    every byte comes back through it, in order."""
+    m = market
+    seller = m.seller(m.sell_order("alice", "alice-cpu0"))
+    order = load_buy(m.buy_order("buyer", max_cpu_seconds=60))
+    count = spin_count_for(3.0)
+    data = bytes(range(256)) * (SIZE // 256)
+
+    async def go():
+        async with Market(order) as mk:
+            async with mk.session(job("spin"), cpu_ms=60_000) as s:
+                base = rss_kib(seller.pid)
+                peak = base
+                await s.write(spin_input(count))
+                written = 0
+
+                async def feed():
+                    nonlocal written
+                    for i in range(0, SIZE, MIB):
+                        await s.write(data[i:i + MIB])
+                        written += MIB
+                    await s.close_input()
+                feeder = asyncio.create_task(feed())
+                for _ in range(40):  # about 2 s, while the job spins
+                    await asyncio.sleep(0.05)
+                    peak = max(peak, rss_kib(seller.pid))
+                stalled_at = written
+                out = b""
+                while len(out) < 8 + SIZE:
+                    chunk = await s.read()
+                    if not chunk:
+                        break
+                    out += chunk
+                    peak = max(peak, rss_kib(seller.pid))
+                await feeder
+            return base, peak, stalled_at, out, s.result
+    base, peak, stalled_at, out, result = asyncio.run(asyncio.wait_for(go(), 120))
+    assert result.exit_status == 0, result
+    assert out[8:] == data  # nothing lost, in order
+    assert stalled_at < SIZE // 2, stalled_at  # the buyer waited while the job spun
+    growth_mib = (peak - base) / 1024
+    assert growth_mib < 16, f"the seller daemon grew by {growth_mib:.1f} MiB"
