@@ -324,3 +324,31 @@ def test_frame_writer_coalesces_small_frames_and_pieces_big_ones():
         peer_writer.close()
 
     asyncio.run(main())
+
+
+def test_a_byte_budget_makes_big_payloads_wait_their_turn():
+    """Two readers of 3 MiB payloads under a 4 MiB budget: the second reads
+    only once the first gives its bytes back."""
+    async def main():
+        budget = protocol.ByteBudget(4 << 20)
+        frames = [encode("image", b"x" * (3 << 20), image="a" * 64) for _ in range(2)]
+        readers = []
+        for f in frames:
+            r = asyncio.StreamReader(limit=1 << 22)
+            r.feed_data(f)
+            r.feed_eof()
+            readers.append(r)
+        first = await protocol.read_message(readers[0], 8 << 20, budget)
+        assert first.held == 3 << 20 and budget.free == 1 << 20
+        second = asyncio.ensure_future(protocol.read_message(readers[1], 8 << 20, budget))
+        await asyncio.sleep(0.01)
+        assert not second.done()
+        budget.give(first.held)
+        m = await asyncio.wait_for(second, 1)
+        assert m.held == 3 << 20 and len(m.payload) == 3 << 20
+        budget.give(m.held)
+        assert budget.free == budget.total
+        third = asyncio.ensure_future(budget.take(4 << 20))
+        await asyncio.sleep(0)
+        assert third.done()  # (nothing held)
+    asyncio.run(main())

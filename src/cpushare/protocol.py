@@ -200,6 +200,7 @@ class Message:
     type: str
     fields: dict = field(default_factory=dict)
     payload: bytes = b""
+    held: int = 0  # bytes of a ByteBudget its payload holds (see read_message)
 
     def __getitem__(self, key: str) -> Any:
         return self.fields[key]
@@ -391,12 +392,51 @@ def decode_header(header: bytes) -> tuple[str, dict]:
     return type_, obj
 
 
+class ByteBudget:
+    """Bytes that many readers share: a reader takes what a big payload needs
+    before it reads it, and waits (reading nothing) while the budget is
+    spent; first come, first served."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.free = total
+        self._waiters: list[tuple[int, asyncio.Future]] = []
+
+    async def take(self, n: int) -> int:
+        n = min(n, self.total)
+        if self._waiters or self.free < n:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append((n, fut))
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self.give(n)  # (granted as it was cancelled)
+                else:
+                    self._waiters.remove((n, fut))
+                raise
+            return n
+        self.free -= n
+        return n
+
+    def give(self, n: int) -> None:
+        self.free += n
+        while self._waiters and self._waiters[0][0] <= self.free:
+            want, fut = self._waiters.pop(0)
+            if not fut.cancelled():
+                self.free -= want
+                fut.set_result(None)
+
+
 async def read_message(reader: asyncio.StreamReader,
-                       max_payload: int = DEFAULT_MAX_PAYLOAD) -> Message | None:
+                       max_payload: int = DEFAULT_MAX_PAYLOAD,
+                       budget: ByteBudget | None = None) -> Message | None:
     """The next message, or None at a clean end of stream (between frames).
 
     Raises ProtocolError('frame') for a truncated, oversized or malformed
-    frame.
+    frame.  With `budget`, a payload of more than 1 MiB is read only once its
+    bytes are taken from it; the message's `held` says how many, for the
+    caller to give back once it has handled the message.
     """
     try:
         head = await reader.readexactly(8)
@@ -409,17 +449,26 @@ async def read_message(reader: asyncio.StreamReader,
         raise ProtocolError("frame", f"header length {hlen} outside 1..{MAX_HEADER}")
     if plen > max_payload:
         raise ProtocolError("frame", f"payload length {plen} exceeds the limit {max_payload}")
+    held = 0
     try:
         header = await reader.readexactly(hlen)
         if plen > _READ_PIECE:
+            if budget is not None:
+                held = await budget.take(plen)
             payload = await _read_big(reader, plen)
         else:
             payload = await reader.readexactly(plen) if plen else b""
+        type_, fields = decode_header(header)
     except asyncio.IncompleteReadError as e:
+        if held:
+            budget.give(held)
         raise ProtocolError("frame", f"truncated frame: stream ended after "
                                      f"{len(e.partial)} of {e.expected} bytes") from None
-    type_, fields = decode_header(header)
-    return Message(type_, fields, payload)
+    except BaseException:
+        if held:
+            budget.give(held)
+        raise
+    return Message(type_, fields, payload, held)
 
 
 _READ_PIECE = 1 << 20

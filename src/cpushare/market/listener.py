@@ -12,7 +12,8 @@ import time
 from collections import Counter
 
 from .. import __version__
-from ..protocol import VERSION, ProtocolError, encode, peer_identity, read_message
+from ..protocol import (VERSION, ByteBudget, ProtocolError, encode, peer_identity,
+                        read_message)
 from .conn import BuyerConn, Conn, SellerConn
 from .sellers import OUTPUT_CHUNK, PREFETCH
 
@@ -37,6 +38,9 @@ STREAM_BUDGET = 1 << 20
 # Bytes a connection's reader holds before the market stops reading the socket
 # (asyncio pauses at twice this): part of each connection's memory budget.
 READ_BUFFER = 1 << 20
+# Payloads of more than 1 MiB being read, from all peers at once; past it a
+# peer with a big frame waits (is not read) until others are handled.
+PAYLOAD_BUDGET = 512 << 20
 COLLECT_EVERY = 3600.0  # seconds between collections of unused images
 PAUSE_POLL = 0.02  # seconds between looks at a peer that another one waits for
 
@@ -201,18 +205,22 @@ class Listener:
     async def _serve_conn(self, conn: Conn) -> None:
         on = self._on_seller if conn.role == "seller" else self._on_buyer
         while not conn.closed:
-            m = await read_message(conn.reader, self.max_payload)
+            m = await read_message(conn.reader, self.max_payload, self.payload_budget)
             if m is None:
                 log.info("%s disconnected", conn)
                 return
             conn.last_seen = time.monotonic()
-            if m.type == "ping":
-                conn.write(encode("pong", t=m.get("t", 0)))
-            elif m.type in ("pong", "error"):
-                if m.type == "error":
-                    log.warning("%s reports: %s: %s", conn, m["code"], m["message"])
-            else:
-                on(conn, m)
+            try:
+                if m.type == "ping":
+                    conn.write(encode("pong", t=m.get("t", 0)))
+                elif m.type in ("pong", "error"):
+                    if m.type == "error":
+                        log.warning("%s reports: %s: %s", conn, m["code"], m["message"])
+                else:
+                    on(conn, m)
+            finally:
+                if m.held:  # (what it keeps of the payload is counted elsewhere)
+                    self.payload_budget.give(m.held)
             await self._backpressure(conn)
 
     async def _backpressure(self, conn: Conn) -> None:

@@ -30,12 +30,12 @@ import logging
 import time
 from collections import Counter
 
-from ..protocol import DEFAULT_HEARTBEAT, DEFAULT_MAX_PAYLOAD, encode, frame
+from ..protocol import DEFAULT_HEARTBEAT, DEFAULT_MAX_PAYLOAD, ByteBudget, encode, frame
 from .buyers import (IMAGE_TTL, MAX_OPEN_TASKS, MAX_SESSIONS, RESULT_BUDGET, RESULT_TTL,
                      BuyerHandlers)
 from .commit import COMMIT_DELAY, GroupCommit
 from .conn import BuyerConn, Conn, SellerConn
-from .listener import Listener
+from .listener import PAYLOAD_BUDGET, Listener
 from .matching import Matcher
 from .sellers import SellerHandlers
 from .settlement import Settlement
@@ -87,6 +87,7 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         self._conns: set[Conn] = set()
         self._recovered = False
         self._handlers: set[asyncio.Task] = set()
+        self.payload_budget = ByteBudget(PAYLOAD_BUDGET)
         self._unauthenticated = 0  # connections in the TLS handshake or before hello
         self._unauthenticated_from: Counter = Counter()  # ... per source address
         self._refused_early = 0  # refused at those caps since the last log line
