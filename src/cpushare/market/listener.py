@@ -313,8 +313,8 @@ class Listener:
         while True:
             await asyncio.sleep(min(1.0, self.heartbeat))
             now = time.monotonic()
-            for s in list(self.sellers.values()):
-                if s.attempts and now > s.deadline:
+            for s in [s for s in self.busy if now > s.deadline]:  # (only sellers with work)
+                if s.attempts:
                     self._lose(s, "deadline passed")
             if self.max_wait > 0:
                 self._expire(now)

@@ -67,6 +67,7 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         # (sell order id, instance) -> connection: copies of one order file
         # (instances cpu0, cpu1, ...) each sell one CPU under the same order
         self.sellers: dict[tuple[int, str], SellerConn] = {}
+        self.busy: dict[SellerConn, None] = {}  # sellers with attempts (the sweeper's)
         self.buyers: dict[int, list[BuyerConn]] = {}  # buy order id -> connections
         self.images: dict[str, int] = {}  # image digest -> the memory a run needs
         self.images_used: set[str] = set()  # used by tasks since the last collection
@@ -185,6 +186,7 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
             s.head_since = time.monotonic()
             s.deadline = s.head_since + (wall_ms + self.grace_ms) / 1000
         s.attempts[aid] = (t, wall_ms)
+        self.busy[s] = None
         self.matcher.holds(s, len(s.attempts))
         task = frame("task", payload, task=t.id, attempt=aid, image=t.image, cpu_ms=t.cpu_ms,
                      wall_ms=wall_ms, memory=s.order.memory, output_limit=s.order.output,
@@ -213,6 +215,8 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         self.matcher.changed(s)  # (it may be idle now)
         started = next(iter(s.attempts)) == aid
         t, _ = s.attempts.pop(aid)
+        if not s.attempts:
+            self.busy.pop(s, None)
         self.matcher.holds(s, len(s.attempts))
         if started and s.attempts:  # the next one starts now on the seller
             _, wall_ms = next(iter(s.attempts.values()))
