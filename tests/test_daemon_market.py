@@ -43,7 +43,7 @@ def ctl(env, *args) -> None:
 def test_sells_pauses_resumes_and_reports_earnings(market, system_bus, tmp_path,  # noqa: F811
                                                    notify_socket):
     m = market
-    order = m.sell_order("alice", "cpu0")
+    order = m.sell_order("alice", "cpu0", price="36.000")  # 10 milli-CPUCoins a CPU-second
     env = daemon_env(NOTIFY_SOCKET=notify_socket.path, DBUS_SYSTEM_BUS_ADDRESS=system_bus.address)
     proc = start_daemon(["--cache-dir", str(tmp_path / "cache"), str(order)], env=env)
     try:
@@ -53,7 +53,8 @@ def test_sells_pauses_resumes_and_reports_earnings(market, system_bus, tmp_path,
         assert abs(rec["connected_since"] - time.time()) < 600
 
         payload = spin_input(spin_count_for(1.5), b"kept")
-        buyer = BuyerThread(m.buy_order("buyer", max_cpu_seconds=30), job("spin"), [payload])
+        buyer = BuyerThread(m.buy_order("buyer", price="72.000", max_cpu_seconds=30),
+                            job("spin"), [payload])
         [kid] = wait_for(lambda: jobs_of(proc.pid), 30, "the job to start under cpushared")
         running = wait_for(lambda: (lambda r: r if r["state"] == "running" else None)(status(env)),
                            10, "State=running")
