@@ -12,7 +12,7 @@ from cpushare.order import load_buy
 from test_e2e_support import job, market, spin_count_for, spin_input  # noqa: F401
 
 MIB = 1 << 20
-SIZE = 48 * MIB
+SIZE = 96 * MIB  # (loopback's socket buffers hold some 20 MiB of it in the kernel)
 
 
 def rss_kib(pid: int) -> int:
@@ -23,19 +23,19 @@ def rss_kib(pid: int) -> int:
 
 
 def test_input_a_spinning_job_does_not_read_waits_for_it(market):  # noqa: F811
-    """The spin job reads its count, then spins for about 3 s without reading
-    while the buyer streams 48 MiB: the seller daemon's memory grows by a
+    """The spin job reads its count, then spins for about 8 s without reading
+    while the buyer streams 96 MiB: the seller daemon's memory grows by a
     fraction of that, the buyer's writes wait, and once the job reads again
     every byte comes back through it, in order."""
     m = market
-    seller = m.seller(m.sell_order("alice", "alice-cpu0"))
-    order = load_buy(m.buy_order("buyer", max_cpu_seconds=60))
-    count = spin_count_for(3.0)
+    seller = m.seller(m.sell_order("alice", "alice-cpu0", output_limit="128M"))
+    order = load_buy(m.buy_order("buyer", max_cpu_seconds=120))
+    count = spin_count_for(8.0)  # (CPU seconds: on a busy machine longer, never shorter)
     data = bytes(range(256)) * (SIZE // 256)
 
     async def go():
         async with Market(order) as mk:
-            async with mk.session(job("spin"), cpu_ms=60_000) as s:
+            async with mk.session(job("spin"), cpu_ms=120_000) as s:
                 base = rss_kib(seller.pid)
                 peak = base
                 await s.write(spin_input(count))
@@ -48,7 +48,7 @@ def test_input_a_spinning_job_does_not_read_waits_for_it(market):  # noqa: F811
                         written += MIB
                     await s.close_input()
                 feeder = asyncio.create_task(feed())
-                for _ in range(40):  # about 2 s, while the job spins
+                for _ in range(60):  # about 3 s, while the job spins
                     await asyncio.sleep(0.05)
                     peak = max(peak, rss_kib(seller.pid))
                 stalled_at = written

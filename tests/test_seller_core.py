@@ -73,12 +73,15 @@ def test_status_lifecycle_counters_and_stop_from_another_thread(market, tmp_path
     level = logger.level
     logger.setLevel(logging.DEBUG)
     logger.addHandler(records)
-    order = load_sell(m.sell_order("alice", "alice-cpu0"))
+    # 3600 CPUCoins per CPU-hour: 1 milli-CPUCoin per CPU-millisecond, so even
+    # these tiny tasks earn whole milli-CPUCoins (payments are exact)
+    order = load_sell(m.sell_order("alice", "alice-cpu0", price="3600.000"))
     st = SellerThread(order, tmp_path / "cache")
     s = st.wait_state("idle")
     assert (s.order, s.model, s.server) == ("alice-cpu0", "seccomp", f"127.0.0.1:{m.port}")
     assert s.connected_since is not None and s.current_task is None and s.last_error == ""
-    results = run_tasks(load_buy(m.buy_order("buyer")), job("echo"), [b"a", b"bb", b"ccc"])
+    results = run_tasks(load_buy(m.buy_order("buyer", price="7200.000")), job("echo"),
+                        [b"a", b"bb", b"ccc"])
     assert [r.output for r in results] == [b"a", b"bb", b"ccc"]
     wait_for(lambda: st.seller.status().coins_earned_milli == sum(r.cost_milli for r in results),
              10, "the seller to see every settlement")
