@@ -191,6 +191,18 @@ def test_a_bad_order_is_refused_naming_file_line_and_key(tmp_path, order_file, n
     assert not any("READY" in m for m in notify_socket.messages)
 
 
+def test_an_order_of_a_model_not_built_yet_is_refused(tmp_path, order_file, notify_socket):
+    """model = kvm is a valid order, but this version cannot sell it: cpushared
+    refuses in one line instead of connecting and idling for ever."""
+    order_file.write_text(order_file.read_text().replace("model = seccomp", "model = kvm"))
+    env = daemon_env(NOTIFY_SOCKET=notify_socket.path)
+    r = run_daemon(["--no-dbus", "--cache-dir", str(tmp_path / "c"), str(order_file)], env=env)
+    assert r.returncode == daemon.EXIT_CONFIG
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "model = kvm" in err[0] and "not available" in err[0], r.stderr
+    assert not any("READY" in m for m in notify_socket.messages)
+
+
 def test_a_missing_instance_is_refused_naming_its_file(tmp_path):
     r = run_daemon(["--no-dbus", "no-such-instance"], env=daemon_env())
     assert r.returncode == daemon.EXIT_CONFIG

@@ -187,12 +187,23 @@ def load_order(arg: str) -> SellOrder:
         raise StartupError(EXIT_CONFIG, f"{path}: cannot read the order: {e.strerror}") from e
 
 
-def check_kernel() -> None:
-    from . import kernel
+def model_of(order):
+    """The computation model the order sells; refused when this version has none."""
+    from . import models
 
     try:
-        kernel.require_seccomp()
-    except kernel.KernelError as e:
+        return models.get(order.model)
+    except models.ModelError as e:
+        raise StartupError(EXIT_CONFIG, f"{order.path}: model = {order.model}: {e}") from e
+
+
+def check_kernel(model) -> None:
+    """This machine can run the model (for seccomp: CONFIG_SECCOMP)."""
+    from . import models
+
+    try:
+        model.check_host()
+    except models.HostError as e:
         raise StartupError(EXIT_NO_SECCOMP, str(e)) from e
 
 
@@ -229,13 +240,13 @@ def idle_priority() -> None:
         log.warning("ioprio_set(IOPRIO_CLASS_IDLE): %s", os.strerror(ctypes.get_errno()))
 
 
-def check_sandbox() -> str:
-    from . import sandbox
+def check_sandbox(model) -> str:
+    from . import models
 
     try:
-        return sandbox.self_test()
-    except sandbox.SandboxError as e:
-        raise StartupError(EXIT_SANDBOX, f"sandbox self-test failed, refusing to sell: {e}") from e
+        return model.self_test()
+    except models.HostError as e:
+        raise StartupError(EXIT_SANDBOX, str(e)) from e
 
 
 def cache_dir_for(order: SellOrder, arg: str | None) -> Path:
@@ -551,9 +562,10 @@ def main(argv: list[str] | None = None) -> int:
     # sees their status and reason on the terminal.
     try:
         order = load_order(args.order)
-        check_kernel()
+        model = model_of(order)
+        check_kernel(model)
         idle_priority()
-        mode = check_sandbox()
+        mode = check_sandbox(model)
         log.info("sandbox self-test passed (mode %s)", mode, extra={"ORDER": order.name})
         cache_dir = cache_dir_for(order, args.cache_dir)
     except StartupError as e:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 
-from .. import bytecode
+from .. import models
 from ..protocol import Message, ProtocolError, cost_milli, encode, frame
 from .conn import BuyerConn
 from .state import MAX_REDUNDANCY, Rejection, TaskState
@@ -82,15 +82,16 @@ class BuyerHandlers:
     def _on_image(self, b: BuyerConn, m: Message) -> None:
         d = m["image"]
         if d not in self.images and not self.store.has_image(d):
+            model = self._model_of(b)
             try:
-                image = bytecode.parse(m.payload, where=f"image {d[:16]}")
-            except bytecode.BytecodeError as e:
+                info = model.info(model.parse(m.payload, where=f"image {d[:16]}"))
+            except models.ImageError as e:
                 b.write(encode("error", code="image", ref=None, message=str(e)))
                 return
-            if image.digest != d:
+            if info.digest != d:
                 b.write(encode("error", code="image", ref=None,
                                message=f"image {d[:16]}: the image sent has digest "
-                                       f"{image.digest[:16]}"))
+                                       f"{info.digest[:16]}"))
                 return
             n, size = self.store.image_usage(b.account_id)
             if n >= MAX_IMAGES or size + len(m.payload) > IMAGE_QUOTA:
@@ -101,7 +102,7 @@ class BuyerHandlers:
                                        f"no task uses go after {IMAGE_TTL // 86400} days)"))
                 return
             self._tx().put_image(d, m.payload, b.account_id)
-            self.images[d] = image.memory_size
+            self.images[d] = info.memory
         else:
             self._image_memory(d)
         self._after_commit(lambda: b.write(encode("image_ok", image=d)))
@@ -127,8 +128,15 @@ class BuyerHandlers:
             data = self.store.image(digest)
             if data is None:
                 return None
-            memory = self.images[digest] = bytecode.parse(data).memory_size
+            model = models.get("seccomp")  # (stored images carry no model yet: all seccomp)
+            memory = self.images[digest] = model.info(model.parse(data)).memory
         return memory
+
+    @staticmethod
+    def _model_of(b: BuyerConn) -> models.Model:
+        """The computation model of a buyer's work: its buy order's (buy orders
+        carry no model yet: every one is seccomp)."""
+        return models.get(getattr(b.order, "model", "seccomp"))
 
     def _escrow(self, b: BuyerConn, k: int, cpu_ms: int) -> int:
         """The escrow a task needs; raises Rejection('funds') if the account lacks it."""

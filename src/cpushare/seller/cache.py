@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from .. import bytecode
+from .. import bytecode, models
 from ..fileutil import atomic_write
 from ..protocol import is_digest
 
@@ -31,7 +31,8 @@ class CacheError(ValueError):
 
 
 class ImageCache:
-    def __init__(self, directory: Path, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, directory: Path, max_bytes: int = DEFAULT_MAX_BYTES, *, model=None):
+        self.model = model or models.get("seccomp")  # parses and checks what is cached
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -60,11 +61,12 @@ class ImageCache:
         except FileNotFoundError:
             return None
         try:
-            image = bytecode.parse(blob, where=str(path))
-            if image.digest != digest:
-                raise bytecode.BytecodeError(
-                    f"{path}: content has digest {image.digest}, not the {digest} it is filed under")
-        except bytecode.BytecodeError as e:
+            image = self.model.parse(blob, where=str(path))
+            if self.model.info(image).digest != digest:
+                raise models.ImageError(
+                    f"{path}: content has digest {self.model.info(image).digest}, not the "
+                    f"{digest} it is filed under")
+        except models.ImageError as e:
             log.warning("image cache: dropping a bad file: %s", e)
             path.unlink(missing_ok=True)
             return None
@@ -80,12 +82,13 @@ class ImageCache:
         """
         path = self._path(digest)
         try:
-            image = bytecode.parse(blob, where=f"image {digest[:16]}")
-        except bytecode.BytecodeError as e:
+            image = self.model.parse(blob, where=f"image {digest[:16]}")
+        except models.ImageError as e:
             raise CacheError(str(e)) from None
-        if image.digest != digest:
+        got = self.model.info(image).digest
+        if got != digest:
             raise CacheError(
-                f"image {digest[:16]}: the received image has digest {image.digest}, "
+                f"image {digest[:16]}: the received image has digest {got}, "
                 f"not the {digest} it was sent as")
         if len(blob) > self.max_bytes:
             raise CacheError(

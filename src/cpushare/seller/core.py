@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__, protocol, sandbox
+from .. import __version__, models, protocol, sandbox
 from ..order import SellOrder
 from ..protocol import Message, ProtocolError
 from ..sandbox import MemoryLimitError, SandboxError
@@ -150,7 +150,8 @@ class Seller:
     def __init__(self, order: SellOrder, *, cache_dir: Path,
                  on_change: Callable[[Status], None] | None = None):
         self._order = order
-        self._cache = ImageCache(Path(cache_dir))
+        self._model = models.get(order.model)  # ModelError: not one this version runs
+        self._cache = ImageCache(Path(cache_dir), model=self._model)
         self._on_change = on_change
         self._status = Status(
             state="starting", order=order.name, model=order.model, server=order.server,
@@ -774,7 +775,7 @@ class Seller:
         job is set up) takes a fraction of a millisecond and blocks the loop
         that long; the job's pipes and its end are then watched by the loop,
         so no thread is handed each task."""
-        job = sandbox.start(image, limits)
+        job = self._model.start(image, limits)
         r.job = job
         if r.aborted:
             job.kill()
@@ -793,7 +794,7 @@ class Seller:
         enforces the output and wall-clock limits itself.
         """
         loop = self._loop
-        job = await loop.run_in_executor(None, sandbox.start, image, limits)
+        job = await loop.run_in_executor(None, self._model.start, image, limits)
         r.job = job
         if r.aborted:
             job.kill()

@@ -1,0 +1,85 @@
+"""Computation models: one module per model behind one interface.
+
+The seller core, the daemon and the market ask a model (never `if model ==`)
+what an image is, whether this host can run it, and to start a run:
+
+    model = models.get(order.model)     # ModelError: unknown, or not built yet
+    image = model.parse(blob, where)    # ImageError naming what and where
+    model.info(image)                   # ImageInfo: digest, memory a run needs
+    model.check_host()                  # HostError: this machine cannot sell it
+    model.self_test()                   # HostError: its confinement does not hold
+    run = model.start(image, limits)    # the run: pause, resume, kill, meter
+
+`seccomp` is the one built; `kvm` is named (orders may say it) and refused
+here with a clear message until its module exists.  This package imports
+neither D-Bus nor the market.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+__all__ = ["Model", "ModelError", "ImageError", "HostError", "ImageInfo", "get", "NAMES"]
+
+NAMES = ("seccomp", "kvm")  # what an order may name (order.py's configspec)
+
+
+class ModelError(Exception):
+    """No such model, or not one this software can run yet."""
+
+
+class ImageError(ValueError):
+    """An image that is not one of the model's: the message names what and where."""
+
+
+class HostError(RuntimeError):
+    """This machine cannot run the model, or its self-test failed."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    digest: str  # the SHA-256 (hex) the protocol names the image by
+    memory: int  # bytes of memory a run of it needs
+
+
+class Model(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def parse(self, blob: bytes, where: str = "image"):
+        """The image in `blob`, checked; raises ImageError."""
+
+    @abc.abstractmethod
+    def info(self, image) -> ImageInfo: ...
+
+    @abc.abstractmethod
+    def check_host(self) -> str:
+        """What this machine offers the model (one line); raises HostError."""
+
+    @abc.abstractmethod
+    def self_test(self) -> str:
+        """Prove the confinement holds (one line); raises HostError."""
+
+    @abc.abstractmethod
+    def start(self, image, limits):
+        """Start a run of `image` under `limits`: an object with pause(),
+        resume(), kill() and feed_async(data, sink)."""
+
+
+_BUILT: dict[str, Model] = {}
+
+
+def get(name: str) -> Model:
+    """The model called `name`; ModelError if unknown or not built yet."""
+    model = _BUILT.get(name)
+    if model is not None:
+        return model
+    if name == "seccomp":
+        from .seccomp import SeccompModel
+        model = _BUILT[name] = SeccompModel()
+        return model
+    if name in NAMES:
+        raise ModelError(f"the {name} computation model is not available in this version "
+                         f"of CPUShare yet; only seccomp is")
+    raise ModelError(f"unknown computation model {name!r} (known: {', '.join(NAMES)})")

@@ -1,0 +1,49 @@
+"""The computation models behind one interface."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from cpushare import models
+from cpushare.bytecode import Image, DEFAULT_TEXT_ADDRESS
+
+SRC = Path(models.__file__).parent
+
+
+def test_seccomp_parses_checks_and_runs_its_images():
+    m = models.get("seccomp")
+    assert m.name == "seccomp" and models.get("seccomp") is m
+    img = Image(text=b"\x31\xff\xb8\x3c\x00\x00\x00\x0f\x05", entry=DEFAULT_TEXT_ADDRESS)
+    parsed = m.parse(img.pack(), where="test")
+    info = m.info(parsed)
+    assert info.digest == img.digest and info.memory == img.memory_size
+    assert "seccomp: yes" in m.check_host()
+    assert m.self_test()
+
+
+def test_a_bad_image_is_an_image_error_naming_where():
+    with pytest.raises(models.ImageError, match="upload.bin"):
+        models.get("seccomp").parse(b"not an image", where="upload.bin")
+
+
+def test_kvm_is_named_but_refused_until_it_is_built():
+    assert "kvm" in models.NAMES
+    with pytest.raises(models.ModelError, match="kvm computation model is not available"):
+        models.get("kvm")
+    with pytest.raises(models.ModelError, match="unknown computation model 'vax'"):
+        models.get("vax")
+
+
+def test_models_import_neither_dbus_nor_the_market():
+    for path in SRC.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [(node.module or "")] + [a.name for a in node.names]
+            for n in names:
+                assert "dbus" not in n and "market" not in n and "systemd" not in n, (path, n)
