@@ -219,3 +219,43 @@ def test_results_never_acknowledged_are_dropped_after_their_ttl(lm):
         await lm.stop()
     run(main())
     assert_ledger_ok(lm)
+
+
+def test_work_of_a_model_the_market_does_not_serve_is_refused(lm):
+    """A buy order of model kvm (named, not built yet): its image and its
+    tasks are refused with code order, naming why; nothing moves."""
+    from test_market_peers import Peer, image_digest, tiny_image
+
+    async def main():
+        await lm.start()
+        o = lm.buy("buyer", BID, model="kvm")
+        assert o.model == "kvm"
+        b = await Peer.open(o, "buyer")
+        img = tiny_image()
+        await b.send("image", img, image=image_digest(img))
+        e = await b.expect("error")
+        assert e["code"] == "order" and "kvm computation model is not available" in e["message"]
+        await b.send("submit", b"x", ref="r", image=image_digest(img))
+        f = await b.expect("failed")
+        assert f["code"] == "order" and f["task"] is None
+        await b.close()
+        await lm.stop()
+    run(main())
+    assert lm.balance("buyer") == COINS
+    assert lm.admin.db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 0
+    assert_ledger_ok(lm)
+
+
+def test_tasks_carry_their_model_to_the_seller_and_the_store(lm):
+    async def main():
+        await lm.start()
+        s = await ScriptedSeller.connect(lm.sell("alice", BID))
+        b, d = await buyer(lm)
+        await b.send("submit", b"x", ref="r", image=d)
+        await b.expect("accepted")
+        await b.expect("done")
+        assert s.tasks[0]["model"] == "seccomp"
+        await s.stop()
+        await lm.stop()
+    run(main())
+    assert lm.admin.db.execute("SELECT model FROM tasks").fetchall() == [("seccomp",)]

@@ -123,6 +123,25 @@ def test_image_not_matching_its_digest_fails_the_task_and_is_not_cached(run, tmp
     run(scenario)
 
 
+def test_a_task_of_another_model_is_refused_not_run(run):
+    """The market matches by model; a task of another model anyway is the
+    seller's refusal (a `seller error` result the market never accepts)."""
+    echo = job("echo")
+
+    async def scenario(peer, seller):
+        reader, writer = await peer.accept()
+        await protocol.send(writer, "task", b"in", model="kvm", **task_fields(1, echo.digest))
+        m = await read(reader)
+        assert m.type == "result" and m["exit_status"] is None and m["signal"] is None, m
+        assert m["reason"].startswith("seller error: a task of model kvm"), m
+        await protocol.send(writer, "task", b"ok", model="seccomp", **task_fields(2, echo.digest))
+        assert (await read(reader)).type == "need_image"
+        await protocol.send(writer, "image", echo.pack(), image=echo.digest)
+        m = await read(reader)
+        assert m.type == "result" and m["exit_status"] == 0 and m.payload == b"ok", m
+    run(scenario)
+
+
 def test_ping_is_answered_and_a_malformed_frame_means_reconnect(run):
     async def scenario(peer, seller):
         reader, writer = await peer.accept()

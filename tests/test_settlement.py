@@ -52,6 +52,7 @@ def test_redundancy_pays_every_agreeing_seller_the_lowest_claim():
 
 
 def test_carries_are_stored_checked_and_an_old_store_is_migrated(tmp_path):
+    """Schema 1 (no carries, images without owner, no model) is brought to 3."""
     path = str(tmp_path / "m.db")
     st = SQLiteStore(path, create=True)
     with st.transaction():
@@ -64,9 +65,11 @@ def test_carries_are_stored_checked_and_an_old_store_is_migrated(tmp_path):
     db = sqlite3.connect(path)  # back to schema 1: no carries, images without owner
     db.executescript("DROP TABLE carries; ALTER TABLE images DROP COLUMN account_id; "
                      "ALTER TABLE images DROP COLUMN size; ALTER TABLE images DROP COLUMN used; "
-                     "UPDATE meta SET value = '1' WHERE key = 'schema_version';")
+                     "ALTER TABLE buy_orders DROP COLUMN model; ALTER TABLE tasks DROP COLUMN "
+                     "model; UPDATE meta SET value = '1' WHERE key = 'schema_version';")
     db.close()
     st = SQLiteStore(path)
-    assert st.get_meta("schema_version") == "2" and st.carry(3, 4) == 0
+    assert st.get_meta("schema_version") == "3" and st.carry(3, 4) == 0
+    assert [r[0] for r in st.db.execute("SELECT model FROM buy_orders")] == []
     assert st.image_usage(1) == (0, 0)
     st.close()

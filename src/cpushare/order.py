@@ -106,6 +106,7 @@ class BuyOrder:
     ca_pem: str
     cert_pem: str
     key_pem: str
+    model: str = "seccomp"  # the computation model of its work
 
     @property
     def server(self) -> str:
@@ -235,6 +236,7 @@ allow_cpuid = boolean(default=False)
 
 BUY_SPEC = f"""
 server = hostport()
+model = option('seccomp', 'kvm', default='seccomp')
 price = price()
 redundancy = integer({_R["redundancy"].spec()}, default=1)
 max_cpu_seconds = integer({_R["max_cpu_seconds"].spec()}, default=60)
@@ -380,7 +382,8 @@ def load_buy(path: str | os.PathLike) -> BuyOrder:
         name=Path(path).stem, path=str(path), host=host, port=port,
         price_milli=conf["price"], redundancy=conf["redundancy"],
         max_cpu_seconds=conf["max_cpu_seconds"], ca_pem=conf["credentials"]["ca"],
-        cert_pem=conf["credentials"]["certificate"], key_pem=conf["credentials"]["key"])
+        cert_pem=conf["credentials"]["certificate"], key_pem=conf["credentials"]["key"],
+        model=conf["model"])
 
 
 # --- writing ----------------------------------------------------------------
@@ -425,8 +428,10 @@ def write_sell(path: str | os.PathLike, *, host: str, port: int, price_milli: in
 
 def write_buy(path: str | os.PathLike, *, host: str, port: int, price_milli: int,
               ca_pem: str, cert_pem: str, key_pem: str, redundancy: int = 1,
-              max_cpu_seconds: int = 60, comment: str = "") -> None:
+              max_cpu_seconds: int = 60, model: str = "seccomp", comment: str = "") -> None:
     """Write a buy order; ValueError (and no file) for a value out of RANGES."""
+    if model not in ("seccomp", "kvm"):
+        raise ValueError(f"model {model!r}: must be seccomp or kvm")
     check_range("redundancy", redundancy)
     check_range("max_cpu_seconds", max_cpu_seconds)
     _check_written(host, port, price_milli)
@@ -434,6 +439,7 @@ def write_buy(path: str | os.PathLike, *, host: str, port: int, price_milli: int
     text = (
         f"# CPUShare buyer credentials and buy order, see cpushare.cpu(5).\n{head}"
         f"server = {join_hostport(host, port)}\n"
+        f"model = {model}\n"
         f"price = {format_coins(price_milli)}          # bid, CPUCoins per CPU-hour\n"
         f"redundancy = {redundancy}\n"
         f"max_cpu_seconds = {max_cpu_seconds}\n"

@@ -119,7 +119,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
     "pong": {"t": (TIME, O)},
     # seller
     "ready": {"slots": (Int(1, 16), O)},
-    "task": {"task": (ID, R), "attempt": (ID, R), "image": (STR, R), "cpu_ms": (MS, R),
+    "task": {"task": (ID, R), "attempt": (ID, R), "model": (STR, O), "image": (STR, R),
+             "cpu_ms": (MS, R),
              "wall_ms": (MS, R), "memory": (BYTES, R), "output_limit": (Int(-1, MAX_BYTES), R),
              "session": (OPT_ID, O), "buyer_order": (OPT_ID, O)},
     "need_image": {"image": (STR, R)},

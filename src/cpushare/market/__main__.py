@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("account")
         s.add_argument("--price", type=COINS, required=True,
                        help=("ask" if kind == "sell" else "bid") + ", CPUCoins per CPU-hour")
+        s.add_argument("--model", choices=("seccomp", "kvm"), default="seccomp",
+                       help="the computation model (seccomp; kvm is not served yet)")
         if kind == "sell":
-            s.add_argument("--model", choices=("seccomp", "kvm"), default="seccomp")
             s.add_argument("--cpu-seconds", type=opt("--cpu-seconds"), default=3600,
                            help="per task (3600)")
             s.add_argument("--wall-seconds", type=opt("--wall-seconds"), default=7200,
@@ -240,7 +241,7 @@ def cmd_order(args) -> int:
     else:
         oid = admin.add_buy_order(
             store, args.account, args.price, args.output, redundancy=args.redundancy,
-            max_cpu_seconds=args.max_cpu_seconds, days=args.days)
+            max_cpu_seconds=args.max_cpu_seconds, model=args.model, days=args.days)
     print(f"{args.cmd} {oid} for {args.account} written to {args.output}")
     return 0
 

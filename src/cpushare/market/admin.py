@@ -223,17 +223,19 @@ def add_sell_order(store: Store, account: str, price_milli: int, path: str, *,
 
 
 def add_buy_order(store: Store, account: str, price_milli: int, path: str, *,
-                  redundancy: int = 1, max_cpu_seconds: int = 60,
+                  redundancy: int = 1, max_cpu_seconds: int = 60, model: str = "seccomp",
                   days: int = ca.DEFAULT_CERT_DAYS,
                   not_before: dt.datetime | None = None) -> int:
     _check_price(price_milli)
+    if model not in ("seccomp", "kvm"):
+        raise AdminError(f"--model must be seccomp or kvm, not {model!r}")
     for option, value in (("--redundancy", redundancy), ("--max-cpu-seconds", max_cpu_seconds),
                           ("--days", days)):
         check_option(option, value)
     acct = _account(store, account)
     host, port = _public(store)
     with store.transaction():
-        oid = store.add_buy_order(acct.id, price_milli, redundancy, max_cpu_seconds)
+        oid = store.add_buy_order(acct.id, price_milli, redundancy, max_cpu_seconds, model)
         cert = _issue(store, f"{account} buy order {oid}", days, not_before)
         store.add_cert(cert.fingerprint, acct.id, "buyer", oid,
                        dt.datetime.fromisoformat(cert.not_after).timestamp(),
@@ -241,7 +243,7 @@ def add_buy_order(store: Store, account: str, price_milli: int, path: str, *,
         orders.write_buy(path, host=host, port=port, price_milli=price_milli,
                          ca_pem=store.get_meta("ca_cert"), cert_pem=cert.cert_pem,
                          key_pem=cert.key_pem, redundancy=redundancy,
-                         max_cpu_seconds=max_cpu_seconds,
+                         max_cpu_seconds=max_cpu_seconds, model=model,
                          comment=f"account {account}, buy order {oid}, certificate "
                                  f"valid until {cert.not_after[:10]}")
     return oid

@@ -82,9 +82,12 @@ class BuyerHandlers:
     def _on_image(self, b: BuyerConn, m: Message) -> None:
         d = m["image"]
         if d not in self.images and not self.store.has_image(d):
-            model = self._model_of(b)
             try:
+                model = self._model_of(b)
                 info = model.info(model.parse(m.payload, where=f"image {d[:16]}"))
+            except Rejection as e:
+                b.write(encode("error", code=e.code, ref=None, message=e.message))
+                return
             except models.ImageError as e:
                 b.write(encode("error", code="image", ref=None, message=str(e)))
                 return
@@ -104,7 +107,7 @@ class BuyerHandlers:
             self._tx().put_image(d, m.payload, b.account_id)
             self.images[d] = info.memory
         else:
-            self._image_memory(d)
+            self._image_memory(d, b.order.model)
         self._after_commit(lambda: b.write(encode("image_ok", image=d)))
 
     def _check_request(self, b: BuyerConn, m: Message, k: int) -> int:
@@ -117,26 +120,33 @@ class BuyerHandlers:
         if not 1 <= cpu_ms <= max_ms:
             raise Rejection("order", f"cpu_ms {cpu_ms} is outside 1..{max_ms} (the buy "
                                      f"order's max_cpu_seconds)")
-        if self._image_memory(m["image"]) is None:
+        self._model_of(b)
+        if self._image_memory(m["image"], o.model) is None:
             raise Rejection("image", f"image {m['image']} is unknown: send it first")
         return cpu_ms
 
-    def _image_memory(self, digest: str) -> int | None:
+    def _image_memory(self, digest: str, model: str) -> int | None:
         """The memory a run of a stored image needs (None: no such image)."""
         memory = self.images.get(digest)
         if memory is None:
             data = self.store.image(digest)
             if data is None:
                 return None
-            model = models.get("seccomp")  # (stored images carry no model yet: all seccomp)
-            memory = self.images[digest] = model.info(model.parse(data)).memory
+            m = models.get(model)
+            try:
+                memory = self.images[digest] = m.info(m.parse(data)).memory
+            except models.ImageError:
+                return None  # (an image of another model under that digest)
         return memory
 
     @staticmethod
     def _model_of(b: BuyerConn) -> models.Model:
-        """The computation model of a buyer's work: its buy order's (buy orders
-        carry no model yet: every one is seccomp)."""
-        return models.get(getattr(b.order, "model", "seccomp"))
+        """The computation model of a buyer's work: its buy order's; Rejection
+        ('order') when this market cannot serve it."""
+        try:
+            return models.get(b.order.model)
+        except models.ModelError as e:
+            raise Rejection("order", f"buy order {b.order_id}: {e}") from None
 
     def _escrow(self, b: BuyerConn, k: int, cpu_ms: int) -> int:
         """The escrow a task needs; raises Rejection('funds') if the account lacks it."""
@@ -154,12 +164,12 @@ class BuyerHandlers:
         o = b.order
         with self._op() as store:
             tid = store.add_task(o.id, b.account_id, ref, image, payload, k, cpu_ms,
-                                 o.price_milli, escrow, session)
+                                 o.price_milli, escrow, session, o.model)
             store.transfer("escrow", [(b.account_id, -escrow), (store.escrow_id, escrow)],
                            task_id=tid)
         self.images_used.add(image)
         t = TaskState(tid, o.id, b.account_id, ref, image, k, cpu_ms, o.price_milli, escrow,
-                      memory=self.images[image], session=session,
+                      model=o.model, memory=self.images[image], session=session,
                       buyer=b if session else None, input=payload)
         if len(payload) > SMALL_INPUT or self._input_bytes + len(payload) > INPUT_BUDGET:
             # kept in memory only for the matching round that follows (a seller

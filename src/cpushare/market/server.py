@@ -130,7 +130,8 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         for row in store.queued_tasks():
             t = TaskState(row.id, row.buy_order_id, row.buyer_account_id, row.ref, row.image,
                           row.redundancy, row.cpu_ms, row.bid_milli, row.escrow_milli,
-                          session=row.session, memory=self._image_memory(row.image))
+                          session=row.session, model=row.model,
+                          memory=self._image_memory(row.image, row.model) or 0)
             for a in store.attempts(row.id):
                 t.started += 1
                 if a.state == "returned":
@@ -188,7 +189,8 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         s.attempts[aid] = (t, wall_ms)
         self.busy[s] = None
         self.matcher.holds(s, len(s.attempts))
-        task = frame("task", payload, task=t.id, attempt=aid, image=t.image, cpu_ms=t.cpu_ms,
+        task = frame("task", payload, task=t.id, attempt=aid, model=t.model, image=t.image,
+                     cpu_ms=t.cpu_ms,
                      wall_ms=wall_ms, memory=s.order.memory, output_limit=s.order.output,
                      buyer_order=t.buy_order_id, session=t.id if t.session else None)
         if t.session:

@@ -38,7 +38,7 @@ from typing import Iterable, Iterator
 
 MINT = "@mint"
 ESCROW = "@escrow"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BIG = 64 << 10  # inputs and outputs larger than this live in files beside the database
 IN_FILE = "file"  # what their column holds then
 BACKGROUND_WRITE = 1 << 20  # files this big are written by a thread (see SQLiteStore._put)
@@ -86,6 +86,7 @@ class BuyOrderRow:
     price_milli: int
     redundancy: int
     max_cpu_seconds: int
+    model: str = "seccomp"
 
 
 @dataclass
@@ -101,6 +102,7 @@ class TaskRow:
     escrow_milli: int  # still held for this task
     state: str  # 'queued' | 'done' | 'failed'
     session: bool = False  # an interactive session (never requeued, never redundant)
+    model: str = "seccomp"
 
 
 @dataclass
@@ -196,7 +198,7 @@ class Store(abc.ABC):
     def sell_order(self, order_id: int) -> SellOrderRow: ...
     @abc.abstractmethod
     def add_buy_order(self, account_id: int, price_milli: int, redundancy: int,
-                      max_cpu_seconds: int) -> int: ...
+                      max_cpu_seconds: int, model: str = "seccomp") -> int: ...
     @abc.abstractmethod
     def buy_order(self, order_id: int) -> BuyOrderRow: ...
 
@@ -225,7 +227,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def add_task(self, buy_order_id: int, buyer_account_id: int, ref: str, image: str,
                  input_: bytes, redundancy: int, cpu_ms: int, bid_milli: int,
-                 escrow_milli: int = 0, session: bool = False) -> int: ...
+                 escrow_milli: int = 0, session: bool = False,
+                 model: str = "seccomp") -> int: ...
     @abc.abstractmethod
     def undelivered_refs(self) -> list[tuple[int, str, int]]: ...
     @abc.abstractmethod
@@ -306,7 +309,8 @@ CREATE TABLE IF NOT EXISTS sell_orders (
 CREATE TABLE IF NOT EXISTS buy_orders (
     id INTEGER PRIMARY KEY, account_id INTEGER NOT NULL REFERENCES accounts(id),
     price_milli INTEGER NOT NULL, redundancy INTEGER NOT NULL,
-    max_cpu_seconds INTEGER NOT NULL, created REAL NOT NULL);
+    max_cpu_seconds INTEGER NOT NULL, created REAL NOT NULL,
+    model TEXT NOT NULL DEFAULT 'seccomp');
 CREATE TABLE IF NOT EXISTS certs (
     fingerprint TEXT PRIMARY KEY, account_id INTEGER NOT NULL REFERENCES accounts(id),
     role TEXT NOT NULL CHECK (role IN ('seller', 'buyer')), order_id INTEGER NOT NULL,
@@ -328,7 +332,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     exit_status INTEGER, signal INTEGER, reason TEXT, used_cpu_ms INTEGER,
     cost_milli INTEGER, attempts INTEGER, output BLOB, fail_code TEXT, fail_message TEXT,
     session INTEGER NOT NULL DEFAULT 0,
-    delivered INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
+    delivered INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL,
+    model TEXT NOT NULL DEFAULT 'seccomp');
 CREATE INDEX IF NOT EXISTS tasks_pending ON tasks (buy_order_id, delivered, ref);
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL REFERENCES tasks(id),
@@ -407,8 +412,19 @@ class SQLiteStore(Store):
                     self.db.execute("INSERT OR IGNORE INTO accounts (name, system, created) "
                                     "VALUES (?, 1, ?)", (name, time.time()))
         version = self.get_meta("schema_version")
-        if version == "1":  # schema 2 adds carries and who stored each image
-            with self.transaction():
+        if version in ("1", "2"):
+            self._migrate(int(version))
+            version = str(SCHEMA_VERSION)
+        if version != str(SCHEMA_VERSION):
+            raise StoreError(f"{path}: not a CPUShare market database of schema "
+                             f"{SCHEMA_VERSION} (found {version!r})")
+        self.mint_id = self._id(MINT)
+        self.escrow_id = self._id(ESCROW)
+
+    def _migrate(self, version: int) -> None:
+        """Bring a store of an older schema up to SCHEMA_VERSION, in one transaction."""
+        with self.transaction():
+            if version < 2:  # carries, and who stored each image
                 self.db.execute("CREATE TABLE IF NOT EXISTS carries (buyer_account_id INTEGER "
                                 "NOT NULL, seller_account_id INTEGER NOT NULL, rest INTEGER "
                                 "NOT NULL, PRIMARY KEY (buyer_account_id, seller_account_id))"
@@ -417,13 +433,11 @@ class SQLiteStore(Store):
                             "size INTEGER NOT NULL DEFAULT 0", "used REAL NOT NULL DEFAULT 0"):
                     self.db.execute(f"ALTER TABLE images ADD COLUMN {col}")
                 self.db.execute("UPDATE images SET size = length(data), used = created")
-                self.set_meta("schema_version", str(SCHEMA_VERSION))
-            version = str(SCHEMA_VERSION)
-        if version != str(SCHEMA_VERSION):
-            raise StoreError(f"{path}: not a CPUShare market database of schema "
-                             f"{SCHEMA_VERSION} (found {version!r})")
-        self.mint_id = self._id(MINT)
-        self.escrow_id = self._id(ESCROW)
+            if version < 3:  # the computation model of buy orders and tasks
+                for table in ("buy_orders", "tasks"):
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN model TEXT NOT NULL "
+                                    f"DEFAULT 'seccomp'")
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
 
     def _id(self, name: str) -> int:
         row = self.db.execute("SELECT id FROM accounts WHERE name = ?", (name,)).fetchone()
@@ -695,15 +709,17 @@ class SQLiteStore(Store):
             raise StoreError(f"no sell order {order_id}")
         return SellOrderRow(*row)
 
-    def add_buy_order(self, account_id, price_milli, redundancy, max_cpu_seconds) -> int:
+    def add_buy_order(self, account_id, price_milli, redundancy, max_cpu_seconds,
+                      model="seccomp") -> int:
         return self.db.execute(
             "INSERT INTO buy_orders (account_id, price_milli, redundancy, max_cpu_seconds, "
-            "created) VALUES (?, ?, ?, ?, ?)",
-            (account_id, price_milli, redundancy, max_cpu_seconds, time.time())).lastrowid
+            "created, model) VALUES (?, ?, ?, ?, ?, ?)",
+            (account_id, price_milli, redundancy, max_cpu_seconds, time.time(),
+             model)).lastrowid
 
     def buy_order(self, order_id: int) -> BuyOrderRow:
-        row = self.db.execute("SELECT id, account_id, price_milli, redundancy, max_cpu_seconds "
-                              "FROM buy_orders WHERE id = ?", (order_id,)).fetchone()
+        row = self.db.execute("SELECT id, account_id, price_milli, redundancy, max_cpu_seconds, "
+                              "model FROM buy_orders WHERE id = ?", (order_id,)).fetchone()
         if row is None:
             raise StoreError(f"no buy order {order_id}")
         return BuyOrderRow(*row)
@@ -753,18 +769,19 @@ class SQLiteStore(Store):
     # --- tasks and attempts -----------------------------------------------
 
     _TASK = ("SELECT id, buy_order_id, buyer_account_id, ref, image, redundancy, cpu_ms, "
-             "bid_milli, escrow_milli, state, session FROM tasks ")
+             "bid_milli, escrow_milli, state, session, model FROM tasks ")
 
     def add_task(self, buy_order_id, buyer_account_id, ref, image, input_, redundancy,
-                 cpu_ms, bid_milli, escrow_milli=0, session=False) -> int:
+                 cpu_ms, bid_milli, escrow_milli=0, session=False, model="seccomp") -> int:
         """A queued task; `escrow_milli` must be moved to escrow in the same transaction."""
         big = len(input_) > BIG
         tid = self.db.execute(
             "INSERT INTO tasks (buy_order_id, buyer_account_id, ref, image, input, redundancy,"
-            " cpu_ms, bid_milli, escrow_milli, session, created) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " cpu_ms, bid_milli, escrow_milli, session, created, model) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (buy_order_id, buyer_account_id, ref, image, IN_FILE if big else input_,
-             redundancy, cpu_ms, bid_milli, escrow_milli, int(session), time.time())).lastrowid
+             redundancy, cpu_ms, bid_milli, escrow_milli, int(session), time.time(),
+             model)).lastrowid
         if big:
             self._put(f"t{tid}.in", input_)
         return tid

@@ -673,6 +673,16 @@ class Seller:
         fields = {"ORDER": name, "TASK": tag, "BUYER_ORDER": r.buyer_order or ""}
         outcome = "ok"
         try:
+            model = msg.get("model") or self._model.name
+            if model != self._model.name:  # (the market matches by model: a bug if so)
+                outcome = "wrong-model"
+                log.warning("task %s: of model %s; this order sells %s", tag, model,
+                            self._model.name, extra={**fields, "OUTCOME": outcome})
+                self._send("result", attempt=r.attempt, exit_status=None, signal=None,
+                           reason=f"seller error: a task of model {model:.20}, this order "
+                                  f"sells {self._model.name}", cpu_ms=0,
+                           output_sha256=protocol.digest(b""))
+                return
             try:
                 image = await self._image(msg["image"])
             except CacheError as e:
