@@ -9,7 +9,9 @@ from pathlib import Path
 from cpushare.buyer import Market
 from cpushare.order import load_buy
 
-from test_e2e_support import job, market, spin_count_for, spin_input  # noqa: F401
+import pytest
+
+from test_e2e_support import LocalMarket, job, spin_count_for, spin_input
 
 MIB = 1 << 20
 SIZE = 96 * MIB  # (loopback's socket buffers hold some 20 MiB of it in the kernel)
@@ -22,7 +24,19 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def test_input_a_spinning_job_does_not_read_waits_for_it(market):  # noqa: F811
+@pytest.fixture
+def market(tmp_path):
+    """A market pinging every second: a seller that waits for its job must
+    still not look silent (3 heartbeats), nor find the market silent."""
+    m = LocalMarket(tmp_path / "market")
+    m.account("buyer", 1000)
+    m.account("alice")
+    m.serve("--heartbeat", "1")
+    yield m
+    m.close()
+
+
+def test_input_a_spinning_job_does_not_read_waits_for_it(market):
     """The spin job reads its count, then spins for about 8 s without reading
     while the buyer streams 96 MiB: the seller daemon's memory grows by a
     fraction of that, the buyer's writes wait, and once the job reads again

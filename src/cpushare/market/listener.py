@@ -230,7 +230,11 @@ class Listener:
         frames past CONN_BUDGET to the peer it feeds (a session's seller or
         buyer).  A paused peer is not silent: it is not read."""
         while not conn.closed and not conn.gone:
-            if conn.buffered > CONN_BUDGET:
+            # (a seller running a session: what is queued to it is the buyer's
+            # input, paused at CONN_BUDGET on the buyer's side; the seller is
+            # still read, for the output that lets its job take more input)
+            own = CONN_BUDGET if not self._runs_session(conn) else 4 * CONN_BUDGET
+            if conn.buffered > own:
                 conn.send_out()  # (its outbox is sent at the end of a turn anyway)
                 wait = conn.out_frames.drain()
             else:
@@ -245,6 +249,12 @@ class Listener:
             finally:
                 conn.paused = False
                 conn.last_seen = time.monotonic()
+
+    @staticmethod
+    def _runs_session(conn: Conn) -> bool:
+        if not isinstance(conn, SellerConn) or not conn.attempts:
+            return False
+        return next(iter(conn.attempts.values()))[0].session
 
     @staticmethod
     async def _drained(peer: Conn) -> None:

@@ -89,15 +89,18 @@ class _Running:
         if self._room is not None and self.stream_bytes <= SESSION_INPUT_BUDGET:
             self._room.set()
 
-    async def input_room(self, running) -> None:
+    async def input_room(self, running, alive) -> None:
         """Until the queued input is back within its budget, or the job is no
-        longer the one `running()` names (it ended, or was aborted)."""
+        longer the one `running()` names (it ended, or was aborted).
+        `alive()` is called every quarter second meanwhile (not reading is
+        not silence: the caller keeps the link alive)."""
         while self.stream_bytes > SESSION_INPUT_BUDGET and running() is self:
             self._room = asyncio.Event()
             try:
                 await asyncio.wait_for(self._room.wait(), 0.25)
             except asyncio.TimeoutError:
                 pass
+            alive()
 
 
 # Session input queued for a job that has not read it yet; past it the seller
@@ -176,6 +179,7 @@ class Seller:
         self._queued: Message | None = None  # the task held, prefetched
         self._image_waiters: dict[str, asyncio.Future] = {}
         self._last_rx = 0.0
+        self._last_keepalive = 0.0  # (see _keep_alive)
         self._welcomed = False
         self._out: protocol.FrameWriter | None = None  # frames out, while _writer is set
 
@@ -443,7 +447,8 @@ class Seller:
                     if r is not None and r.stream_bytes > SESSION_INPUT_BUDGET:
                         # the job does not read its input: neither do we, so the
                         # market (and the buyer behind it) waits
-                        await r.input_room(lambda: self._running)
+                        await r.input_room(lambda: self._running,
+                                           lambda: self._keep_alive(heartbeat))
                         self._last_rx = time.monotonic()
             finally:
                 watchdog.cancel()
@@ -480,6 +485,16 @@ class Seller:
         a cancel that arrives as the awaited thing completes."""
         if self._stopping:
             raise asyncio.CancelledError()
+
+    def _keep_alive(self, heartbeat: int) -> None:
+        """While the seller chooses not to read (a session's job does not take
+        its input): the market is not silent, and it must not find us silent
+        either: a ping every heartbeat (its pong waits unread)."""
+        now = time.monotonic()
+        self._last_rx = now
+        if now - self._last_keepalive >= heartbeat:
+            self._last_keepalive = now
+            self._send("ping", t=int(time.time()))
 
     async def _watchdog(self, writer: asyncio.StreamWriter, heartbeat: int) -> None:
         """Drop a connection on which the market has been silent too long."""
@@ -832,6 +847,11 @@ class Seller:
                     produced += len(chunk)
                     digest.update(chunk)
                     loop.call_soon_threadsafe(self._send_stream, r.session, chunk)
+                    # the job's output waits (in its pipe) while the market is
+                    # not taking it: the daemon holds at most about this much
+                    while (not r.aborted and self._running is r and self._out is not None
+                           and self._out.buffered > SESSION_INPUT_BUDGET):
+                        time.sleep(0.005)
                 if killed_for:
                     return
 
