@@ -47,3 +47,17 @@ def test_models_import_neither_dbus_nor_the_market():
                 names = [(node.module or "")] + [a.name for a in node.names]
             for n in names:
                 assert "dbus" not in n and "market" not in n and "systemd" not in n, (path, n)
+
+
+def test_seccomp_limits_are_the_tasks_within_the_orders_and_refusals_are_typed():
+    from types import SimpleNamespace
+    m = models.get("seccomp")
+    order = SimpleNamespace(cpu_seconds=10, wall_seconds=20, memory=64 << 20, output=1 << 20,
+                            allow_cpuid=False)
+    lim = m.limits(order, cpu_ms=2500, wall_ms=0, memory=1 << 40, output=-1)
+    assert (lim.cpu_seconds, lim.wall_seconds, lim.memory, lim.output) == \
+        (2.5, 20, 64 << 20, 1 << 20)
+    big = Image(text=b"\x90", entry=DEFAULT_TEXT_ADDRESS, stack_size=128 << 20)
+    with pytest.raises(models.RunRefused, match="more than the limit") as e:
+        m.start(big, lim)
+    assert e.value.reason == "memory-limit"

@@ -8,7 +8,9 @@ what an image is, whether this host can run it, and to start a run:
     model.info(image)                   # ImageInfo: digest, memory a run needs
     model.check_host()                  # HostError: this machine cannot sell it
     model.self_test()                   # HostError: its confinement does not hold
+    limits = model.limits(order.limits, cpu_ms=, wall_ms=, memory=, output=)
     run = model.start(image, limits)    # the run: pause, resume, kill, meter
+                                        # RunRefused: this host cannot run it
 
 `seccomp` is the one built; `kvm` is named (orders may say it) and refused
 here with a clear message until its module exists.  This package imports
@@ -20,7 +22,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-__all__ = ["Model", "ModelError", "ImageError", "HostError", "ImageInfo", "get", "NAMES"]
+__all__ = ["Model", "ModelError", "ImageError", "HostError", "RunRefused", "ImageInfo", "get",
+           "NAMES"]
 
 NAMES = ("seccomp", "kvm")  # what an order may name (order.py's configspec)
 
@@ -35,6 +38,16 @@ class ImageError(ValueError):
 
 class HostError(RuntimeError):
     """This machine cannot run the model, or its self-test failed."""
+
+
+class RunRefused(Exception):
+    """The seller cannot run this image under these limits (not the job's
+    fault): `reason` is the refusal's code, the prefix of the `result`'s
+    reason the market never takes as a result (memory-limit, sandbox)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -62,9 +75,15 @@ class Model(abc.ABC):
         """Prove the confinement holds (one line); raises HostError."""
 
     @abc.abstractmethod
+    def limits(self, order_limits, *, cpu_ms: int, wall_ms: int, memory: int, output: int):
+        """The limits of one run: the task's (0 or -1: none asked) within the
+        sell order's."""
+
+    @abc.abstractmethod
     def start(self, image, limits):
         """Start a run of `image` under `limits`: an object with pause(),
-        resume(), kill() and feed_async(data, sink)."""
+        resume(), kill() and feed_async(data, sink); RunRefused when this host
+        cannot run it."""
 
 
 _BUILT: dict[str, Model] = {}

@@ -2,8 +2,8 @@
 
 `Seller.run()` connects to the market over TLS, authenticates with the
 order's client certificate, says `ready`, takes one `task` at a time, runs
-it in `cpushare.sandbox` (in a worker thread, so that the event loop keeps
-answering heartbeats), and sends back the `result`.  A lost connection is
+it through its computation model (`cpushare.models`: for seccomp, a
+sandbox job the event loop watches), and sends back the `result`.  A lost connection is
 retried with exponential backoff and jitter.  The object has no D-Bus and
 no systemd in it: `cpushare.daemon` adapts it, `python -m cpushare.seller`
 runs it in the foreground.
@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__, models, protocol, sandbox
+from .. import __version__, models, protocol
 from ..order import SellOrder
 from ..protocol import Message, ProtocolError
-from ..sandbox import MemoryLimitError, SandboxError
 from .cache import CacheError, ImageCache
 
 log = logging.getLogger("cpushare.seller")
@@ -75,7 +74,7 @@ class _Running:
     attempt: int
     buyer_order: str | None
     session: int | None = None
-    job: object | None = None  # sandbox.Job once started
+    job: object | None = None  # the model's run once started
     aborted: str = ""  # why we killed it ourselves ('' if we did not)
     stream_in: asyncio.Queue | None = None  # session input chunks (None = EOF)
     stream_bytes: int = 0  # ... and their bytes, at most about SESSION_INPUT_BUDGET
@@ -106,11 +105,6 @@ class _Running:
 # Session input queued for a job that has not read it yet; past it the seller
 # stops reading from the market.
 SESSION_INPUT_BUDGET = 1 << 20
-
-
-def _min_nonzero(*values: int) -> int:
-    vals = [v for v in values if v and v > 0]
-    return min(vals) if vals else 0
 
 
 class _OutputSink:
@@ -657,16 +651,11 @@ class Seller:
                   buyer_order=r.buyer_order)
         self._task_coro = asyncio.create_task(self._run_task(r, msg))
 
-    def _limits(self, msg: Message) -> sandbox.Limits:
-        lim = self._order.limits
-        cpu_ms = _min_nonzero(lim.cpu_seconds * 1000, msg["cpu_ms"])
-        wall_ms = _min_nonzero(lim.wall_seconds * 1000, msg["wall_ms"])
-        return sandbox.Limits(
-            cpu_seconds=cpu_ms / 1000, wall_seconds=wall_ms / 1000,
-            memory=_min_nonzero(lim.memory, msg["memory"]),
-            output=min(lim.output, msg["output_limit"]) if msg["output_limit"] >= 0
-            else lim.output,
-            allow_cpuid=lim.allow_cpuid)
+    def _limits(self, msg: Message):
+        """The run's limits: the task's within the order's (the model's own kind)."""
+        return self._model.limits(self._order.limits, cpu_ms=msg["cpu_ms"],
+                                  wall_ms=msg["wall_ms"], memory=msg["memory"],
+                                  output=msg["output_limit"])
 
     async def _image(self, digest: str):
         image = self._cache.get(digest)
@@ -757,9 +746,9 @@ class Seller:
         except asyncio.CancelledError:
             outcome = "lost"
             raise
-        except (MemoryLimitError, SandboxError) as e:  # this job cannot run here
+        except models.RunRefused as e:  # this job cannot run here
             outcome = "refused"
-            why = "memory-limit" if isinstance(e, MemoryLimitError) else "sandbox"
+            why = e.reason
             log.warning("task %s: %s: %s", tag, why, e, extra={**fields, "OUTCOME": outcome})
             self._send("result", attempt=r.attempt, exit_status=None, signal=None,
                        reason=f"{why}: {e}", cpu_ms=0, output_sha256=protocol.digest(b""))
@@ -812,7 +801,7 @@ class Seller:
         if self._running is r and not r.aborted:
             self._queue(protocol.encode("output", piece, attempt=r.attempt))
 
-    async def _execute_session(self, r: _Running, image, limits: sandbox.Limits):
+    async def _execute_session(self, r: _Running, image, limits):
         """Run an interactive job: relay `stream` frames both ways.
 
         The job's output goes to the buyer as it comes, so this side
