@@ -19,7 +19,7 @@ import time
 from .. import models
 from ..protocol import Message, ProtocolError, cost_milli, encode, frame
 from .conn import BuyerConn
-from .state import MAX_REDUNDANCY, Rejection, TaskState
+from .state import MAX_REDUNDANCY, Pending, Rejection, TaskState
 from .store import Result
 
 log = logging.getLogger("cpushare.market")
@@ -70,7 +70,7 @@ class BuyerHandlers:
                                message=f"no open session {m['session']} on this connection"))
                 return
             f = encode("stream", m.payload, session=t.id, eof=bool(m.get("eof")))
-            s = next((x for x in t.running.values() if x is not None), None)
+            s = t.session_seller()
             if s is not None and not s.gone:
                 s.write(f)
             else:  # (bounded: the buyer is not read past STREAM_BUDGET of them)
@@ -182,7 +182,7 @@ class BuyerHandlers:
             b.sessions[tid] = t
         if not session:
             self.pending_refs[o.id, ref] = tid
-            self.pending_tasks[tid] = (o.id, ref)
+            self.pending_tasks[tid] = Pending(o.id, ref, b.account_id)
         self.open_tasks[b.account_id, session] += 1
         self.tasks[tid] = t
         self.matcher.enqueue(t)
@@ -230,11 +230,7 @@ class BuyerHandlers:
         no task uses and none used for IMAGE_TTL.  (results, images) removed."""
         stale = self.store.stale_results(time.time() - self.result_ttl)
         for tid in stale:
-            order_id, ref = self.pending_tasks.pop(tid, (None, None))
-            if order_id is not None:
-                self.pending_refs.pop((order_id, ref), None)
-                acct = self.store.buy_order(order_id).account_id
-                self.open_tasks[acct, False] -= 1
+            self._forget_pending(tid)
         if stale:
             self._tx().mark_delivered(stale)
             log.warning("dropped %d results their buyers did not acknowledge within %g s",
@@ -272,10 +268,12 @@ class BuyerHandlers:
             b.owed[tid] = None
             self._feed(b)
             return
-        if frame_ is None:
-            frame_ = self._result_frame(self.store.result(tid))
+        self._hand(b, tid, frame_ or self._result_frame(self.store.result(tid)), b.write)
+
+    def _hand(self, b: BuyerConn, tid: int, frame_, write) -> None:
+        """Send a result on `b` with `write` (b.write: after the commit; b.write_now)."""
         b.unacked.add(tid)
-        b.write(frame_)
+        write(frame_)
         if not b.acks:  # a buyer that does not ack: delivered once sent, as before acks
             self._on_ack(b, tid)
 
@@ -297,15 +295,14 @@ class BuyerHandlers:
         try:
             while b.owed and not b.gone and not self._stopping:
                 if b.buffered >= self.result_budget // 2:
-                    await b.out_frames.drain()
+                    await b.drained()
+                    await asyncio.sleep(0)
                     continue
                 tid = next(iter(b.owed))
                 del b.owed[tid]
                 if tid in self.pending_tasks and tid not in b.unacked:
-                    b.unacked.add(tid)
-                    b.write_now(self._result_frame(self.store.result(tid)))
-                    if not b.acks:
-                        self._on_ack(b, tid)
+                    self._hand(b, tid, self._result_frame(self.store.result(tid)),
+                               b.write_now)
         except (ConnectionError, OSError, RuntimeError) as e:
             log.info("%s: sending owed results ended: %r", b, e)
         finally:
@@ -324,11 +321,16 @@ class BuyerHandlers:
         b.unacked.discard(tid)
         b.owed.pop(tid, None)
         where = self.pending_tasks.get(tid)
-        if where is None or where[0] != b.order_id or tid in self.tasks:
+        if where is None or where.buy_order_id != b.order_id or tid in self.tasks:
             return  # not a result of this buy order waiting for its ack: nothing to do
-        del self.pending_tasks[tid]
-        self.pending_refs.pop(where, None)
-        self.open_tasks[b.account_id, False] -= 1
+        self._forget_pending(tid)
         # written now, in the group transaction: a resubmission of its ref in the
         # same group must see it (store.delivered_task)
         self._tx().mark_delivered([tid])
+
+    def _forget_pending(self, tid: int) -> None:
+        """Task `tid`'s result is no longer waiting for its ack (acked, or dropped)."""
+        where = self.pending_tasks.pop(tid, None)
+        if where is not None:
+            self.pending_refs.pop(where.key, None)
+            self.open_tasks[where.buyer_account_id, False] -= 1

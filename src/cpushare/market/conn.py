@@ -64,6 +64,15 @@ class Conn:
         if not self.closed and self.out_frames.queue(data):
             self.out_frames.flush()
 
+    async def drained(self) -> None:
+        """Until what is queued to this peer is written (its outbox too: a
+        drain alone may return at once), or the peer is gone."""
+        try:
+            self.send_out()
+            await self.out_frames.drain()
+        except (ConnectionError, OSError, RuntimeError, AttributeError):
+            pass  # (its own read loop ends it)
+
     @property
     def buffered(self) -> int:
         """Bytes on their way to this peer and not yet in the kernel."""
@@ -112,6 +121,10 @@ class SellerConn(Conn):
         self.returned: set[int] = set()  # attempts it returned, until settled
         self.revoking: set[int] = set()  # held attempts it was asked to give back
         self.outputs: dict[int, Streamed] = {}  # attempt -> its output so far
+
+    def running_task(self):
+        """The task of the attempt it runs (the first it holds), or None."""
+        return next(iter(self.attempts.values()))[0] if self.attempts else None
 
 
 class BuyerConn(Conn):

@@ -235,13 +235,12 @@ class Listener:
             # still read, for the output that lets its job take more input)
             own = CONN_BUDGET if not self._runs_session(conn) else 4 * CONN_BUDGET
             if conn.buffered > own:
-                conn.send_out()  # (its outbox is sent at the end of a turn anyway)
-                wait = conn.out_frames.drain()
+                wait = conn.drained()
             else:
                 full = self._full_peer(conn)
                 if full is None:
                     return
-                wait = self._drained(full) if full is not conn else asyncio.sleep(PAUSE_POLL)
+                wait = full.drained() if full is not conn else asyncio.sleep(PAUSE_POLL)
             conn.paused = True
             try:
                 await wait
@@ -252,18 +251,8 @@ class Listener:
 
     @staticmethod
     def _runs_session(conn: Conn) -> bool:
-        if not isinstance(conn, SellerConn) or not conn.attempts:
-            return False
-        return next(iter(conn.attempts.values()))[0].session
-
-    @staticmethod
-    async def _drained(peer: Conn) -> None:
-        """Until what is queued to `peer` is written (or `peer` is gone)."""
-        try:
-            peer.send_out()
-            await peer.out_frames.drain()
-        except (ConnectionError, OSError, RuntimeError, AttributeError):
-            pass  # (its own read loop ends it)
+        t = conn.running_task() if isinstance(conn, SellerConn) else None
+        return t is not None and t.session
 
     def _full_peer(self, conn: Conn) -> Conn | None:
         """The peer `conn` feeds whose queue is over budget (`conn` itself: its
@@ -272,12 +261,12 @@ class Listener:
             for t in conn.sessions.values():
                 if t.streamed_bytes > STREAM_BUDGET:
                     return conn
-                s = next((x for x in t.running.values() if x is not None), None)
+                s = t.session_seller()
                 if s is not None and not s.gone and s.buffered > CONN_BUDGET:
                     return s
             return None
-        if conn.attempts:
-            t = next(iter(conn.attempts.values()))[0]
+        t = conn.running_task()
+        if t is not None:
             b = t.buyer if t.session else None
             if b is None:
                 got = conn.outputs.get(next(iter(conn.attempts)))

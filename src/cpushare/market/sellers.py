@@ -57,7 +57,7 @@ class SellerHandlers:
                            m["attempt"], unstarted=m.get("unstarted") is True)
                 s.stale.discard(m["attempt"])  # (no result follows a handback)
         elif m.type == "stream":
-            t = next(iter(s.attempts.values()))[0] if s.attempts else None
+            t = s.running_task()
             if t is None or not t.session or t.id != m["session"]:
                 raise ProtocolError("task", f"stream for session {m['session']}, which this "
                                             f"seller is not running")

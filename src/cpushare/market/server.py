@@ -39,7 +39,7 @@ from .listener import PAYLOAD_BUDGET, Listener
 from .matching import Matcher
 from .sellers import SellerHandlers
 from .settlement import Settlement
-from .state import MAX_LOST, ResultKey, Returned, TaskState, wall_ms_for
+from .state import MAX_LOST, Pending, ResultKey, Returned, TaskState, wall_ms_for
 from .store import Store
 
 __all__ = ["Market", "Conn", "SellerConn", "BuyerConn", "TaskState"]
@@ -77,9 +77,9 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         self._big_inputs: list[TaskState] = []  # tasks whose big input is still in memory
         self.instances: Counter = Counter()  # sell order id -> its connections
         # tasks whose result the buyer has not acknowledged (queued ones too):
-        # (buy order, ref) -> task, and task -> (buy order, ref)
+        # (buy order, ref) -> task, and task -> Pending
         self.pending_refs: dict[tuple[int, str], int] = {}
-        self.pending_tasks: dict[int, tuple[int, str]] = {}
+        self.pending_tasks: dict[int, Pending] = {}
         self.open_tasks: Counter = Counter()  # (buyer account, session) -> unacked tasks
         self.max_open_tasks = max_open_tasks
         self.max_sessions = max_sessions
@@ -120,13 +120,10 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         stale = store.collect_garbage()
         if stale:
             log.info("removed %d files of inputs and outputs no task needs", stale)
-        accounts = {}
-        for order_id, ref, tid in store.undelivered_refs():
+        for order_id, ref, tid, account_id in store.undelivered_refs():
             self.pending_refs[order_id, ref] = tid
-            self.pending_tasks[tid] = (order_id, ref)
-            if order_id not in accounts:
-                accounts[order_id] = store.buy_order(order_id).account_id
-            self.open_tasks[accounts[order_id], False] += 1
+            self.pending_tasks[tid] = Pending(order_id, ref, account_id)
+            self.open_tasks[account_id, False] += 1
         for row in store.queued_tasks():
             t = TaskState(row.id, row.buy_order_id, row.buyer_account_id, row.ref, row.image,
                           row.redundancy, row.cpu_ms, row.bid_milli, row.escrow_milli,

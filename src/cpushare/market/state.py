@@ -47,6 +47,18 @@ class Returned(NamedTuple):
         return self.key.signal
 
 
+class Pending(NamedTuple):
+    """A task whose result its buyer has not acknowledged yet."""
+    buy_order_id: int
+    ref: str
+    buyer_account_id: int
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """Its key in Market.pending_refs."""
+        return self.buy_order_id, self.ref
+
+
 class Final(NamedTuple):
     """How a task closed, for the announcement after the commit."""
     state: str  # "done" or "failed"
@@ -89,6 +101,10 @@ class TaskState:
             return None, 0
         key, n = Counter(r.key for r in self.results.values()).most_common(1)[0]
         return key, n
+
+    def session_seller(self):
+        """A session's seller (the SellerConn running it), or None."""
+        return next((s for s in self.running.values() if s is not None), None)
 
     def need(self) -> int:
         """Attempts to start now so that k results may agree."""

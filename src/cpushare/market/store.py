@@ -230,7 +230,7 @@ class Store(abc.ABC):
                  escrow_milli: int = 0, session: bool = False,
                  model: str = "seccomp") -> int: ...
     @abc.abstractmethod
-    def undelivered_refs(self) -> list[tuple[int, str, int]]: ...
+    def undelivered_refs(self) -> list[tuple[int, str, int, int]]: ...
     @abc.abstractmethod
     def pending_task(self, buy_order_id: int, ref: str) -> TaskRow | None: ...
     @abc.abstractmethod
@@ -786,9 +786,10 @@ class SQLiteStore(Store):
             self._put(f"t{tid}.in", input_)
         return tid
 
-    def undelivered_refs(self) -> list[tuple[int, str, int]]:
-        """(buy order, ref, task) of every task whose result the buyer has not had."""
-        return list(self.db.execute("SELECT buy_order_id, ref, id FROM tasks "
+    def undelivered_refs(self) -> list[tuple[int, str, int, int]]:
+        """(buy order, ref, task, buyer account) of every task whose result the
+        buyer has not acknowledged."""
+        return list(self.db.execute("SELECT buy_order_id, ref, id, buyer_account_id FROM tasks "
                                     "WHERE delivered = 0 AND session = 0"))
 
     def pending_task(self, buy_order_id: int, ref: str) -> TaskRow | None:
