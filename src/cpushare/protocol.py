@@ -254,7 +254,6 @@ class FrameWriter:
         self._pieces: list = []  # buffers behind a big one, written by _write_pieces
         self._pieced = 0
         self._piece_task: asyncio.Task | None = None
-        self._big = False  # send_big() is writing a frame in pieces
         self._close_after = False
 
     @property
@@ -285,33 +284,21 @@ class FrameWriter:
         return self.queue(frame(type, payload, **fields))
 
     async def send_big(self, type: str, payload, **fields: Any) -> bool:  # noqa: A002
-        """Like send(), but waits until the frame is written; False when the
-        connection closed before the whole frame was written."""
-        w = self.writer
-        if len(payload) <= BIG_FRAME or self._big or w.is_closing():
+        """Like send(), but a big payload is waited for until it is written (in
+        pieces, by flush); False when the connection closed before that."""
+        if len(payload) <= BIG_FRAME or self.writer.is_closing():
             return self.send(type, payload, **fields)
+        if not self.send(type, payload, **fields):
+            return False
         self.flush()
-        while self._piece_task is not None:  # (earlier big frames go first)
+        while self._piece_task is not None:
             await asyncio.shield(self._piece_task)
-        head = encode_head(type, len(payload), **fields)
-        self._big = True
-        try:
-            w.write(head)
-            view = memoryview(payload)
-            for i in range(0, len(view), BIG_FRAME):
-                if w.is_closing():
-                    return False
-                w.write(view[i:i + BIG_FRAME])
-                await w.drain()
-            return True
-        finally:
-            self._big = False
-            self.flush()
+        return not self.writer.is_closing()
 
     def flush(self) -> None:
         """Hand what is queued to the transport; buffers behind a big one go
         out in pieces, paced by drain()."""
-        if not self._queue or self._big:
+        if not self._queue:
             return
         bufs, self._queue = self._queue, []
         n, self._queued = self._queued, 0
