@@ -67,8 +67,17 @@ class SellerHandlers:
         else:
             raise ProtocolError("frame", f"a seller may not send {m.type!r}")
 
-    def _output_limit(self, s: SellerConn) -> int:
-        return s.order.output if s.order.output >= 0 else self.max_payload
+    def _check_output(self, s: SellerConn, aid: int, n: int) -> None:
+        """An attempt's whole output (`output` frames and `result`) is `n` bytes:
+        within the seller's order, or that seller's error."""
+        limit = s.order.output if s.order.output >= 0 else self.max_payload
+        if n > limit:
+            raise ProtocolError("task", f"attempt {aid}: output of {n} bytes over the limit "
+                                        f"of {limit} bytes")
+
+    @staticmethod
+    def _paid_nothing(s: SellerConn, aid: int) -> None:
+        s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
 
     def _on_output(self, s: SellerConn, m: Message) -> None:
         """A piece of an attempt's output, ahead of its `result` (which carries the rest)."""
@@ -91,10 +100,7 @@ class SellerHandlers:
             got = s.outputs[aid] = Streamed(b, hashed=t.redundancy > 1)
         elif got.buyer is not b:
             got.buyer = None  # it missed a piece: it gets the whole output with `done`
-        limit = self._output_limit(s)
-        if got.n + len(m.payload) > limit:
-            raise ProtocolError("task", f"attempt {aid}: output over the limit of "
-                                        f"{limit} bytes")
+        self._check_output(s, aid, got.n + len(m.payload))
         if got.buyer is not None:
             got.buyer.write(frame("output", m.payload, ref=t.ref, task=t.id,
                                   offset=got.n))
@@ -115,14 +121,14 @@ class SellerHandlers:
             else:
                 log.info("%s returned attempt %d, which it is not running: paid nothing",
                          s, aid)
-            s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
+            self._paid_nothing(s, aid)
             return
         t = entry[0]
         if self.tasks.get(t.id) is not t:
             # Its task closed while this attempt ran (the others agreed, or it
             # failed): the attempt is void and paid nothing.
             self._pop_attempt(s, aid)
-            s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
+            self._paid_nothing(s, aid)
             return
         if (m["exit_status"] is None and m["signal"] is None
                 and m["reason"].startswith(REFUSALS) and not t.session):
@@ -133,7 +139,7 @@ class SellerHandlers:
             t.running.pop(aid, None)
             t.refused += 1
             self._tx().set_attempt_state(aid, "void")
-            s.write(encode("settled", attempt=aid, paid_milli=0, accepted=False))
+            self._paid_nothing(s, aid)
             log.info("%s could not run attempt %d of task %d: %s", s, aid, t.id,
                      m["reason"][:200])
             if t.refused >= MAX_LOST:
@@ -144,16 +150,10 @@ class SellerHandlers:
             return
         # (a session's output went to the buyer as a stream; the result carries none)
         output = m.payload
-        if len(output) > self._output_limit(s):
-            raise ProtocolError("task", f"attempt {aid}: output of {len(output)} bytes over "
-                                        f"the limit of {self._output_limit(s)} bytes")
         streamed = s.outputs.pop(aid, None)
+        self._check_output(s, aid, (streamed.n if streamed is not None else 0) + len(output))
         if streamed is not None:  # the output came in `output` frames; the result has the rest
             h = streamed.sha256
-            limit = self._output_limit(s)
-            if streamed.n + len(m.payload) > limit:
-                raise ProtocolError("task", f"attempt {aid}: output over the limit of "
-                                            f"{limit} bytes")
             streamed.pieces.append(m.payload)
             output = b"".join(streamed.pieces)
             streamed.pieces = []
