@@ -671,6 +671,12 @@ class Seller:
                 del self._image_waiters[digest]
         return self._cache.put(digest, blob)
 
+    def _refuse(self, r: _Running, reason: str) -> None:
+        """Answer the task with no result: the seller could not run it (`reason`
+        starts with the refusal's code, which the market never takes as a result)."""
+        self._send("result", attempt=r.attempt, exit_status=None, signal=None, reason=reason,
+                   cpu_ms=0, output_sha256=protocol.digest(b""))
+
     async def _run_task(self, r: _Running, msg: Message) -> None:
         name = self._order.name
         tag = f"{r.task}/{r.attempt}"
@@ -682,19 +688,15 @@ class Seller:
                 outcome = "wrong-model"
                 log.warning("task %s: of model %s; this order sells %s", tag, model,
                             self._model.name, extra={**fields, "OUTCOME": outcome})
-                self._send("result", attempt=r.attempt, exit_status=None, signal=None,
-                           reason=f"seller error: a task of model {model:.20}, this order "
-                                  f"sells {self._model.name}", cpu_ms=0,
-                           output_sha256=protocol.digest(b""))
+                self._refuse(r, f"seller error: a task of model {model:.20}, this order "
+                                f"sells {self._model.name}")
                 return
             try:
                 image = await self._image(msg["image"])
             except CacheError as e:
                 outcome = "bad-image"
                 log.warning("task %s: bad image: %s", tag, e, extra={**fields, "OUTCOME": outcome})
-                self._send("result", attempt=r.attempt, exit_status=None, signal=None,
-                           reason=f"bad image: {e}", cpu_ms=0,
-                           output_sha256=protocol.digest(b""))
+                self._refuse(r, f"bad image: {e}")
                 return
             except asyncio.TimeoutError:
                 outcome = "handback"
@@ -750,14 +752,11 @@ class Seller:
             outcome = "refused"
             why = e.reason
             log.warning("task %s: %s: %s", tag, why, e, extra={**fields, "OUTCOME": outcome})
-            self._send("result", attempt=r.attempt, exit_status=None, signal=None,
-                       reason=f"{why}: {e}", cpu_ms=0, output_sha256=protocol.digest(b""))
+            self._refuse(r, f"{why}: {e}")
         except Exception as e:  # a bad job fails that task only
             outcome = "error"
             log.exception("task %s failed in the seller", tag, extra={**fields, "OUTCOME": outcome})
-            self._send("result", attempt=r.attempt, exit_status=None, signal=None,
-                       reason=f"seller error: {type(e).__name__}: {e}", cpu_ms=0,
-                       output_sha256=protocol.digest(b""))
+            self._refuse(r, f"seller error: {type(e).__name__}: {e}")
         finally:
             if self._running is r:
                 self._running = None
