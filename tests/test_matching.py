@@ -191,8 +191,10 @@ def test_dequeue_removes_every_trace():
     ts = [w.task(bid=b) for b in (100, 200, 100)]
     for t in ts:
         w.m.dequeue(t.id)
-    assert w.m.queue == {} and w.m._where == {} and w.m._bids == {"seccomp": []}
+    assert w.m.queue == {} and w.m._where == {}
+    assert list(w.m._tasks["seccomp"].levels()) == [] and w.m._tasks["seccomp"].classes == {}
     s = seller(5, 1)
     w.ready(s)
     w.m.seller_gone(s)
-    assert w.m.ready == {} and w.m._asks == {"seccomp": []}
+    assert w.m.ready == {}
+    assert list(w.m._sellers["seccomp"].levels()) == [] and w.m._sellers["seccomp"].classes == {}

@@ -49,11 +49,44 @@ def _task_key(t) -> tuple:
 
 def _seller_key(s) -> tuple:
     o = s.order
-    return (o.price_milli, bucket(o.cpu_seconds * 1000), _memory_bucket(o.memory))
+    return (bucket(o.cpu_seconds * 1000), _memory_bucket(o.memory))
 
 
 def _memory_bucket(memory: int) -> int:
     return bucket(memory) if memory > 0 else 1 << 30  # (0: no limit)
+
+
+class _Levels:
+    """Members in classes under ordered levels (bids highest first, or asks
+    cheapest first): level -> class key -> {member: None}, and the levels in
+    order, kept sorted as levels come and go."""
+
+    def __init__(self, highest_first: bool):
+        self.classes: dict[int, dict[tuple, dict]] = {}
+        self._sign = -1 if highest_first else 1
+        self._order: list[int] = []  # sign x level, ascending
+
+    def add(self, level: int, key: tuple, member) -> None:
+        if level not in self.classes:
+            self.classes[level] = {}
+            bisect.insort(self._order, self._sign * level)
+        self.classes[level].setdefault(key, {})[member] = None
+
+    def remove(self, level: int, key: tuple, member) -> None:
+        classes = self.classes.get(level)
+        cls = classes.get(key) if classes is not None else None
+        if cls is None or member not in cls:
+            return
+        del cls[member]
+        if not cls:
+            del classes[key]
+            if not classes:
+                del self.classes[level]
+                self._order.pop(bisect.bisect_left(self._order, self._sign * level))
+
+    def levels(self):
+        """The levels in order."""
+        return (self._sign * x for x in self._order)
 
 
 class Matcher:
@@ -78,16 +111,14 @@ class Matcher:
         self.steal_due = False  # something changed that may allow a steal
         self.retry_in: float | None = None  # (see steal)
         self._seq = 0
-        # model -> bid -> class key -> {task id: None}; bids of each model, highest first
-        self._tasks: dict[str, dict[int, dict[tuple, dict[int, None]]]] = {}
-        self._bids: dict[str, list[int]] = {}
+        # model -> task ids by bid (highest first) and class
+        self._tasks: dict[str, _Levels] = {}
         self._where: dict[int, tuple] = {}  # task id -> (model, bid, key)
-        # model -> ask -> class key -> {seller: None}; asks of each model, cheapest first
-        self._sellers: dict[str, dict[int, dict[tuple, dict]]] = {}
-        self._asks: dict[str, list[int]] = {}
+        # model -> ready sellers by ask (cheapest first) and class
+        self._sellers: dict[str, _Levels] = {}
         self._fresh_tasks: dict[int, None] = {}  # queued since the last pump
         self._fresh_sellers: dict = {}  # ready since the last pump
-        self.looked = 0  # index members examined (for tests and the benchmark)
+        self.looked = 0  # index members examined (for the tests)
 
     # --- what changes -------------------------------------------------------
 
@@ -99,12 +130,7 @@ class Matcher:
         self.queue[t.id] = None
         model, bid, key = where = (t.model, t.bid_milli, _task_key(t))
         self._where[t.id] = where
-        levels = self._tasks.setdefault(model, {})
-        if bid not in levels:
-            levels[bid] = {}
-            bids = self._bids.setdefault(model, [])
-            bisect.insort(bids, -bid)
-        levels[bid].setdefault(key, {})[t.id] = None
+        self._tasks.setdefault(model, _Levels(highest_first=True)).add(bid, key, t.id)
 
     def dequeue(self, tid: int) -> None:
         self.queue.pop(tid, None)
@@ -113,15 +139,7 @@ class Matcher:
         if where is None:
             return
         model, bid, key = where
-        levels = self._tasks[model]
-        cls = levels[bid][key]
-        del cls[tid]
-        if not cls:
-            del levels[bid][key]
-            if not levels[bid]:
-                del levels[bid]
-                bids = self._bids[model]
-                bids.pop(bisect.bisect_left(bids, -bid))
+        self._tasks[model].remove(bid, key, tid)
 
     def seller_ready(self, s) -> bool:
         """`s` asked for work; True if it was not waiting already."""
@@ -131,11 +149,8 @@ class Matcher:
         s.ready_seq = self._seq
         self.ready[s] = None
         o = s.order
-        asks = self._sellers.setdefault(o.model, {})
-        if o.price_milli not in asks:
-            asks[o.price_milli] = {}
-            bisect.insort(self._asks.setdefault(o.model, []), o.price_milli)
-        asks[o.price_milli].setdefault(_seller_key(s)[1:], {})[s] = None
+        self._sellers.setdefault(o.model, _Levels(highest_first=False)).add(
+            o.price_milli, _seller_key(s), s)
         self._fresh_sellers[s] = None
         self.steal_due = True
         return True
@@ -145,16 +160,9 @@ class Matcher:
         self.ready.pop(s, None)
         self._fresh_sellers.pop(s, None)
         o = s.order
-        asks = self._sellers.get(o.model, {})
-        cls = asks.get(o.price_milli, {}).get(_seller_key(s)[1:])
-        if cls is not None and s in cls:
-            del cls[s]
-            if not cls:
-                del asks[o.price_milli][_seller_key(s)[1:]]
-                if not asks[o.price_milli]:
-                    del asks[o.price_milli]
-                    lst = self._asks[o.model]
-                    lst.pop(bisect.bisect_left(lst, o.price_milli))
+        asks = self._sellers.get(o.model)
+        if asks is not None:
+            asks.remove(o.price_milli, _seller_key(s), s)
 
     def changed(self, s) -> None:
         """A ready seller's attempts changed: it may fit other tasks now."""
@@ -182,15 +190,15 @@ class Matcher:
         take, the oldest that fits.  Classes that cannot fit are skipped
         whole; within a class at most CLASS_SCAN unfit tasks are passed."""
         o = s.order
-        levels = self._tasks.get(o.model)
-        if not levels:
+        index = self._tasks.get(o.model)
+        if index is None:
             return None
         cpu_b, mem_b = bucket(o.cpu_seconds * 1000), _memory_bucket(o.memory)
-        for nbid in self._bids[o.model]:
-            if -nbid < o.price_milli:
+        for bid in index.levels():
+            if bid < o.price_milli:
                 return None  # (every lower bid too)
             best = None
-            for (session, acct, tcpu_b, tmem_b), cls in levels[-nbid].items():
+            for (session, acct, tcpu_b, tmem_b), cls in index.classes[bid].items():
                 if (tcpu_b > cpu_b or tmem_b > mem_b or acct == s.account_id
                         or (session and s.attempts)):
                     continue
@@ -210,15 +218,15 @@ class Matcher:
     def seller_for(self, t):
         """The ready seller that should run `t`: an idle one of the cheapest
         ask, failing one the cheapest busy one with a free prefetch slot."""
-        asks = self._sellers.get(t.model)
-        if not asks:
+        index = self._sellers.get(t.model)
+        if index is None:
             return None
         cpu_b, mem_b = bucket(t.cpu_ms), bucket(t.memory)
         busy = None
-        for ask in self._asks[t.model]:
+        for ask in index.levels():
             if ask > t.bid_milli:
                 break
-            for (scpu_b, smem_b), cls in asks[ask].items():
+            for (scpu_b, smem_b), cls in index.classes[ask].items():
                 if scpu_b < cpu_b or smem_b < mem_b:
                     continue
                 n = 0
