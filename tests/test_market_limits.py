@@ -259,3 +259,36 @@ def test_tasks_carry_their_model_to_the_seller_and_the_store(lm):
         await lm.stop()
     run(main())
     assert lm.admin.db.execute("SELECT model FROM tasks").fetchall() == [("seccomp",)]
+
+
+def test_an_ack_for_another_buy_orders_task_changes_nothing(lm):
+    """Mallory acks alice's task id: ignored; alice's result stays in the store
+    and comes again when she reconnects."""
+    from test_market_peers import Peer, image_digest, tiny_image
+
+    async def main():
+        await lm.start()
+        s = await ScriptedSeller.connect(lm.sell("alice", BID))
+        o = lm.buy("buyer", BID)
+        b = await Peer.open(o, "buyer")
+        img = tiny_image()
+        await b.send("image", img, image=image_digest(img))
+        await b.expect("image_ok")
+        await b.send("submit", b"x", ref="r", image=image_digest(img))
+        await b.expect("accepted")
+        done = await b.expect("done")
+        await b.close()
+        lm.account("mallory", COINS)
+        mal, _ = await buyer(lm, account="mallory")
+        await mal.send("ack", task=done["task"])
+        assert await mal.sync() == []
+        b = await Peer.open(o, "buyer")
+        again = await b.expect("done")
+        assert again["task"] == done["task"] and again.payload == done.payload
+        await b.close()
+        await mal.close()
+        await s.stop()
+        await lm.stop()
+    run(main())
+    assert lm.admin.db.execute("SELECT delivered FROM tasks").fetchall() == [(0,)]
+    assert_ledger_ok(lm)
