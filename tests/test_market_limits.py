@@ -13,6 +13,7 @@ from cpushare.protocol import cost_milli
 
 from test_market import BID, COINS, assert_ledger_ok, buyer, run
 from test_market_peers import LoopbackMarket, ScriptedSeller, TIMEOUT
+from cpushare.market import images
 
 
 class RefusingSeller(ScriptedSeller):
@@ -166,7 +167,7 @@ def test_one_ms_tasks_pay_their_price_not_a_milli_each(lm):
 def test_stored_images_have_a_quota_and_unused_ones_are_collected(lm, monkeypatch):
     from cpushare.market import buyers
     from test_market_peers import image_digest, tiny_image
-    monkeypatch.setattr(buyers, "MAX_IMAGES", 3)
+    monkeypatch.setattr(images, "MAX_IMAGES", 3)
 
     async def main():
         m = await lm.start(image_ttl=0.0)
@@ -221,9 +222,9 @@ def test_results_never_acknowledged_are_dropped_after_their_ttl(lm):
     assert_ledger_ok(lm)
 
 
-def test_work_of_a_model_the_market_does_not_serve_is_refused(lm):
-    """A buy order of model kvm (named, not built yet): its image and its
-    tasks are refused with code order, naming why; nothing moves."""
+def test_a_kvm_buy_order_sends_isos_in_chunks_and_opens_leases_only(lm):
+    """A buy order of model kvm: an image sent whole, and a task submitted,
+    are refused naming why; nothing moves."""
     from test_market_peers import Peer, image_digest, tiny_image
 
     async def main():
@@ -234,10 +235,11 @@ def test_work_of_a_model_the_market_does_not_serve_is_refused(lm):
         img = tiny_image()
         await b.send("image", img, image=image_digest(img))
         e = await b.expect("error")
-        assert e["code"] == "order" and "kvm computation model is not available" in e["message"]
+        assert e["code"] == "image" and "are offered (image_offer) and sent in chunks" \
+            in e["message"], e
         await b.send("submit", b"x", ref="r", image=image_digest(img))
         f = await b.expect("failed")
-        assert f["code"] == "order" and f["task"] is None
+        assert f["code"] == "order" and "opens leases" in f["message"] and f["task"] is None
         await b.close()
         await lm.stop()
     run(main())

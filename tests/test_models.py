@@ -29,12 +29,50 @@ def test_a_bad_image_is_an_image_error_naming_where():
         models.get("seccomp").parse(b"not an image", where="upload.bin")
 
 
-def test_kvm_is_named_but_refused_until_it_is_built():
-    assert "kvm" in models.NAMES
-    with pytest.raises(models.ModelError, match="kvm computation model is not available"):
-        models.get("kvm")
+def test_unknown_models_and_accelerators_are_refused():
+    assert models.get("kvm").name == "kvm" and models.get("kvm", "tcg") is models.get("kvm", "tcg")
     with pytest.raises(models.ModelError, match="unknown computation model 'vax'"):
         models.get("vax")
+    with pytest.raises(models.ModelError, match="accel 'hvf'"):
+        models.get("kvm", "hvf")
+
+
+def _descriptor(kind: int, body: bytes = b"") -> bytes:
+    return (bytes([kind]) + b"CD001\x01" + body).ljust(2048, b"\0")
+
+
+def _iso(*descriptors: bytes) -> bytes:
+    return b"\0" * 16 * 2048 + b"".join(descriptors) + b"\0" * 2048
+
+
+BOOT = _descriptor(0, b"EL TORITO SPECIFICATION")
+
+
+@pytest.mark.parametrize("blob, error", [
+    (b"x" * 100, "too small for an ISO 9660 image"),
+    (b"\0" * 40000, "not an ISO 9660 image (no CD001 volume descriptor at byte 32768)"),
+    (_iso(_descriptor(1), _descriptor(255)), "not bootable (no El Torito boot record)"),
+    (_iso(BOOT, _descriptor(255)), "without a primary volume descriptor"),
+    (_iso(_descriptor(1), BOOT, b"\0" * 2048), "volume descriptor 2 is not ISO 9660"),
+])
+def test_kvm_images_are_bootable_iso9660_files(tmp_path, blob, error):
+    from cpushare.models.kvm import check_iso
+    path = tmp_path / "upload.iso"
+    path.write_bytes(blob)
+    with pytest.raises(models.ImageError) as e:
+        check_iso(path, str(path))
+    assert str(e.value).startswith(f"{path}: ") and error in str(e.value)
+
+
+def test_kvm_parses_a_bootable_iso_by_file_and_by_blob(tmp_path):
+    from cpushare.protocol import digest
+    blob = _iso(_descriptor(1), BOOT, _descriptor(255))
+    path = tmp_path / "ok.iso"
+    path.write_bytes(blob)
+    m = models.get("kvm")
+    img = m.parse_file(path, digest(blob), "ok.iso")
+    assert (img.size, m.info(img).digest, m.info(img).memory) == (len(blob), digest(blob), 0)
+    assert m.info(m.parse(blob)).digest == digest(blob)
 
 
 def test_models_import_neither_dbus_nor_the_market():

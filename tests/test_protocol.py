@@ -153,7 +153,7 @@ def test_out_of_range_integers_are_frame_errors(type_, n):
     for name, (tag, _) in protocol.SCHEMA[type_].items():
         if type(tag) is not protocol.Int:
             continue
-        fields = {f: 1 if type(t) is protocol.Int else "0" * 64 if t == protocol.STR else True
+        fields = {f: 1 if type(t) is protocol.Int else "0" * 64 if t in (protocol.STR, protocol.OPT_STR) else True
                   for f, (t, _) in protocol.SCHEMA[type_].items()}
         fields[name] = n
         if tag.lo <= n <= tag.hi:

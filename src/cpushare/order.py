@@ -60,7 +60,15 @@ RANGES = {
     "output": Range(0, MAX_BYTES, size=True),
     "redundancy": Range(1, MAX_REDUNDANCY),
     "max_cpu_seconds": Range(1, MAX_SECONDS),
+    "cpus": Range(1, 64),
+    "cache": Range(0, MAX_BYTES, size=True),
+    "max_nodes": Range(1, 4096),
+    "boot_seconds": Range(1, 86400),
 }
+# Keys that only a kvm order may set (a seccomp order saying one is refused:
+# it would be accepted and do nothing).
+KVM_SELL_KEYS = ("accel", "cache", "limits.cpus")
+KVM_BUY_KEYS = ("accel", "memory", "max_nodes", "boot_seconds")
 
 
 class OrderError(ValueError):
@@ -74,6 +82,7 @@ class Limits:
     memory: int  # bytes
     output: int  # bytes
     allow_cpuid: bool = False  # else CPUID faults, where the CPU can make it
+    cpus: int = 1  # a kvm guest's vCPUs
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,8 @@ class SellOrder:
     cert_pem: str
     key_pem: str
     limits: Limits
+    accel: str = "auto"  # kvm: auto | kvm | tcg
+    cache: int = 20 << 30  # kvm: bytes of ISOs the seller keeps
 
     @property
     def server(self) -> str:
@@ -107,6 +118,10 @@ class BuyOrder:
     cert_pem: str
     key_pem: str
     model: str = "seccomp"  # the computation model of its work
+    memory: int = 1 << 30  # kvm: RAM per node
+    max_nodes: int = 16  # kvm: nodes at once
+    accel: str = "any"  # kvm: any | kvm (TCG is much slower for the same CPU time)
+    boot_seconds: int = 300  # kvm: a node silent on its console this long has not booted
 
     @property
     def server(self) -> str:
@@ -226,12 +241,15 @@ SELL_SPEC = f"""
 server = hostport()
 model = option('seccomp', 'kvm', default='seccomp')
 price = price()
+accel = option('auto', 'kvm', 'tcg', default='auto')
+cache = size({_R["cache"].spec()}, default=20G)
 [limits]
 cpu_seconds = integer({_R["cpu_seconds"].spec()}, default=3600)
 wall_seconds = integer({_R["wall_seconds"].spec()}, default=7200)
 memory = size({_R["memory"].spec()}, default=256M)
 output = size({_R["output"].spec()}, default=64M)
 allow_cpuid = boolean(default=False)
+cpus = integer({_R["cpus"].spec()}, default=1)
 """ + _CREDENTIALS_SPEC
 
 BUY_SPEC = f"""
@@ -240,6 +258,10 @@ model = option('seccomp', 'kvm', default='seccomp')
 price = price()
 redundancy = integer({_R["redundancy"].spec()}, default=1)
 max_cpu_seconds = integer({_R["max_cpu_seconds"].spec()}, default=60)
+memory = size({_R["memory"].spec()}, default=1G)
+max_nodes = integer({_R["max_nodes"].spec()}, default=16)
+accel = option('any', 'kvm', default='any')
+boot_seconds = integer({_R["boot_seconds"].spec()}, default=300)
 """ + _CREDENTIALS_SPEC
 
 
@@ -360,9 +382,25 @@ def _check_pair(path: str, lines: list[str], creds) -> None:
                          f"credentials.certificate")
 
 
+def _kvm_only(path, lines, conf, keys) -> None:
+    """A seccomp order may not set a key of the kvm model."""
+    if conf["model"] == "kvm":
+        return
+    for dotted in keys:
+        *sections, key = dotted.split(".")
+        sec = conf
+        for name in sections:
+            sec = sec[name]
+        if key not in sec.defaults:
+            line = _key_line(lines, tuple(sections), key)
+            raise OrderError(f"{path}:{line}: {dotted}: only an order of model = kvm may set it "
+                             f"(this one is model = {conf['model']})")
+
+
 def load_sell(path: str | os.PathLike) -> SellOrder:
     conf, lines = _load(path, SELL_SPEC, "sell order")
     _check_pair(str(path), lines, conf["credentials"])
+    _kvm_only(path, lines, conf, KVM_SELL_KEYS)
     lim = conf["limits"]
     host, port = conf["server"]
     return SellOrder(
@@ -371,19 +409,22 @@ def load_sell(path: str | os.PathLike) -> SellOrder:
         cert_pem=conf["credentials"]["certificate"], key_pem=conf["credentials"]["key"],
         limits=Limits(cpu_seconds=lim["cpu_seconds"], wall_seconds=lim["wall_seconds"],
                       memory=lim["memory"], output=lim["output"],
-                      allow_cpuid=lim["allow_cpuid"]))
+                      allow_cpuid=lim["allow_cpuid"], cpus=lim["cpus"]),
+        accel=conf["accel"], cache=conf["cache"])
 
 
 def load_buy(path: str | os.PathLike) -> BuyOrder:
     conf, lines = _load(path, BUY_SPEC, "buy order")
     _check_pair(str(path), lines, conf["credentials"])
+    _kvm_only(path, lines, conf, KVM_BUY_KEYS)
     host, port = conf["server"]
     return BuyOrder(
         name=Path(path).stem, path=str(path), host=host, port=port,
         price_milli=conf["price"], redundancy=conf["redundancy"],
         max_cpu_seconds=conf["max_cpu_seconds"], ca_pem=conf["credentials"]["ca"],
         cert_pem=conf["credentials"]["certificate"], key_pem=conf["credentials"]["key"],
-        model=conf["model"])
+        model=conf["model"], memory=conf["memory"], max_nodes=conf["max_nodes"],
+        accel=conf["accel"], boot_seconds=conf["boot_seconds"])
 
 
 # --- writing ----------------------------------------------------------------
@@ -401,11 +442,23 @@ def write_sell(path: str | os.PathLike, *, host: str, port: int, price_milli: in
                ca_pem: str, cert_pem: str, key_pem: str, model: str = "seccomp",
                cpu_seconds: int = 3600, wall_seconds: int = 7200,
                memory: int = 256 << 20, output: int = 64 << 20, allow_cpuid: bool = False,
+               accel: str = "auto", cpus: int = 1, cache: int = 20 << 30,
                comment: str = "") -> None:
     """Write a sell order; ValueError (and no file) for a value out of RANGES."""
     for key, value in (("cpu_seconds", cpu_seconds), ("wall_seconds", wall_seconds),
-                       ("memory", memory), ("output", output)):
+                       ("memory", memory), ("output", output), ("cpus", cpus),
+                       ("cache", cache)):
         check_range(key, value)
+    if model not in ("seccomp", "kvm"):
+        raise ValueError(f"model {model!r}: must be seccomp or kvm")
+    if accel not in ("auto", "kvm", "tcg"):
+        raise ValueError(f"accel {accel!r}: must be auto, kvm or tcg")
+    kvm = ""
+    if model == "kvm":
+        kvm = (f"accel = {accel}             # auto measures KVM and falls back to TCG\n"
+               f"cache = {format_size(cache)}            # ISOs kept, least recently used go\n")
+    elif (accel, cpus, cache) != ("auto", 1, 20 << 30):
+        raise ValueError("accel, cpus and cache are settings of model kvm only")
     _check_written(host, port, price_milli)
     head = f"# {comment}\n" if comment else ""
     text = (
@@ -413,6 +466,7 @@ def write_sell(path: str | os.PathLike, *, host: str, port: int, price_milli: in
         f"server = {join_hostport(host, port)}\n"
         f"model = {model}\n"
         f"price = {format_coins(price_milli)}          # ask, CPUCoins per CPU-hour\n"
+        + kvm +
         f"\n[limits]                 # per task\n"
         f"cpu_seconds = {cpu_seconds}\n"
         f"wall_seconds = {wall_seconds}\n"
@@ -420,7 +474,8 @@ def write_sell(path: str | os.PathLike, *, host: str, port: int, price_milli: in
         f"output = {format_size(output)}\n"
         f"allow_cpuid = {'true' if allow_cpuid else 'false'}"
         "      # else CPUID faults, where the CPU can\n"
-        f"\n[credentials]            # secret: keep this file mode 0600\n"
+        + (f"cpus = {cpus}                # vCPUs of a guest\n" if model == "kvm" else "")
+        + f"\n[credentials]            # secret: keep this file mode 0600\n"
         + _pem_block("ca", ca_pem) + _pem_block("certificate", cert_pem)
         + _pem_block("key", key_pem))
     _write_private(path, text)
@@ -428,10 +483,26 @@ def write_sell(path: str | os.PathLike, *, host: str, port: int, price_milli: in
 
 def write_buy(path: str | os.PathLike, *, host: str, port: int, price_milli: int,
               ca_pem: str, cert_pem: str, key_pem: str, redundancy: int = 1,
-              max_cpu_seconds: int = 60, model: str = "seccomp", comment: str = "") -> None:
+              max_cpu_seconds: int = 60, model: str = "seccomp", memory: int = 1 << 30,
+              max_nodes: int = 16, accel: str = "any", boot_seconds: int = 300,
+              comment: str = "") -> None:
     """Write a buy order; ValueError (and no file) for a value out of RANGES."""
     if model not in ("seccomp", "kvm"):
         raise ValueError(f"model {model!r}: must be seccomp or kvm")
+    if accel not in ("any", "kvm"):
+        raise ValueError(f"accel {accel!r}: must be any or kvm")
+    for key, value in (("memory", memory), ("max_nodes", max_nodes),
+                       ("boot_seconds", boot_seconds)):
+        check_range(key, value)
+    kvm = ""
+    if model == "kvm":
+        kvm = (f"memory = {format_size(memory)}           # RAM per node\n"
+               f"max_nodes = {max_nodes}\n"
+               f"accel = {accel}              # kvm: only sellers whose KVM works\n"
+               f"boot_seconds = {boot_seconds}       # a node silent this long did not boot\n")
+    elif (memory, max_nodes, accel, boot_seconds) != (1 << 30, 16, "any", 300):
+        raise ValueError("memory, max_nodes, accel and boot_seconds are settings of "
+                         "model kvm only")
     check_range("redundancy", redundancy)
     check_range("max_cpu_seconds", max_cpu_seconds)
     _check_written(host, port, price_milli)
@@ -443,7 +514,8 @@ def write_buy(path: str | os.PathLike, *, host: str, port: int, price_milli: int
         f"price = {format_coins(price_milli)}          # bid, CPUCoins per CPU-hour\n"
         f"redundancy = {redundancy}\n"
         f"max_cpu_seconds = {max_cpu_seconds}\n"
-        f"\n[credentials]            # secret: keep this file mode 0600\n"
+        + kvm
+        + f"\n[credentials]            # secret: keep this file mode 0600\n"
         + _pem_block("ca", ca_pem) + _pem_block("certificate", cert_pem)
         + _pem_block("key", key_pem))
     _write_private(path, text)

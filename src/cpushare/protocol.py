@@ -109,7 +109,8 @@ def _check(tag, value: Any) -> bool:
 R, O = True, False
 SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
     "hello": {"version": (Int(0, 2**31), R), "role": (STR, R), "software": (STR, O),
-              "instance": (STR, O), "output_frames": (BOOL, O), "acks": (BOOL, O)},
+              "instance": (STR, O), "output_frames": (BOOL, O), "acks": (BOOL, O),
+              "accel": (STR, O), "cache": (BYTES, O)},
     "welcome": {"version": (Int(0, 2**31), R), "account": (STR, R), "order": (OPT_ID, O),
                 "max_payload": (Int(1, 1 << 32), R), "heartbeat": (Int(1, 86_400), R),
                 "prefetch": (Int(0, 16), O), "output_chunks": (Int(1, 1 << 32), O),
@@ -123,8 +124,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
              "cpu_ms": (MS, R),
              "wall_ms": (MS, R), "memory": (BYTES, R), "output_limit": (Int(-1, MAX_BYTES), R),
              "session": (OPT_ID, O), "buyer_order": (OPT_ID, O)},
-    "need_image": {"image": (STR, R)},
-    "image": {"image": (STR, R)},
+    # images: whole in one `image` frame, or (with `size`) in chunks at `offset`
+    "need_image": {"image": (STR, R), "offset": (BYTES, O)},
+    "image": {"image": (STR, R), "offset": (BYTES, O), "size": (Int(1, MAX_BYTES), O)},
+    "image_offer": {"image": (STR, R), "size": (Int(1, MAX_BYTES), R)},
+    "image_want": {"image": (STR, R), "offset": (BYTES, R)},
     "result": {"attempt": (ID, R), "exit_status": (EXIT, R), "signal": (SIGNAL, R),
                "reason": (STR, R), "cpu_ms": (MS, R), "output_sha256": (STR, R)},
     # seller -> market: {attempt}; market -> buyer: {ref, task, offset}
@@ -133,6 +137,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
     "handback": {"attempt": (ID, R), "reason": (STR, O), "unstarted": (BOOL, O)},
     "revoke": {"attempt": (ID, R)},
     "stop": {"attempt": (ID, R)},
+    # a lease (a session of the kvm model) is paid as it runs: the seller
+    # reports the CPU time used so far, the market settles it and tells the buyer
+    "meter": {"attempt": (ID, R), "cpu_ms": (MS, R), "state": (STR, O)},
+    "lease": {"session": (ID, R), "state": (STR, R), "cpu_ms": (MS, R),
+              "cost_milli": (MONEY, R), "seller": (OPT_STR, O), "message": (OPT_STR, O)},
     "cancel": {"ref": (STR, R)},
     # buyer
     "image_ok": {"image": (STR, R)},
@@ -147,6 +156,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
     "ack": {"task": (ID, R)},
     # interactive sessions
     "open": {"ref": (STR, R), "image": (STR, R), "cpu_ms": (OPT_MS, O)},
+    "close": {"session": (ID, R)},
     "opened": {"ref": (STR, R), "session": (ID, R)},
     "stream": {"session": (ID, R), "eof": (BOOL, O)},
     "closed": {"session": (ID, R), "exit_status": (EXIT, O), "signal": (SIGNAL, O),

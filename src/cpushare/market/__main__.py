@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--price", type=COINS, required=True,
                        help=("ask" if kind == "sell" else "bid") + ", CPUCoins per CPU-hour")
         s.add_argument("--model", choices=("seccomp", "kvm"), default="seccomp",
-                       help="the computation model (seccomp; kvm is not served yet)")
+                       help="the computation model: seccomp bytecode, or kvm (a bootable "
+                            "ISO under qemu)")
         if kind == "sell":
             s.add_argument("--cpu-seconds", type=opt("--cpu-seconds"), default=3600,
                            help="per task (3600)")
@@ -105,11 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--allow-cpuid", action="store_true",
                            help="let jobs run CPUID (by default it faults where the CPU "
                                 "can make it)")
+            s.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=None,
+                           help="kvm: the accelerator (auto measures KVM, else TCG)")
+            s.add_argument("--cpus", type=opt("--cpus"), default=None,
+                           help="kvm: vCPUs of each guest (1)")
+            s.add_argument("--cache", type=opt("--cache"), default=None,
+                           help="kvm: bytes of ISOs the seller keeps (20G)")
         else:
             s.add_argument("--redundancy", type=opt("--redundancy"), default=1,
                            help="sellers of different accounts that must agree (1)")
             s.add_argument("--max-cpu-seconds", type=opt("--max-cpu-seconds"), default=60,
-                           help="per task (60)")
+                           help="per task, or per node of a kvm lease (60)")
+            s.add_argument("--memory", type=opt("--memory"), default=None,
+                           help="kvm: RAM per node (1G)")
+            s.add_argument("--max-nodes", type=opt("--max-nodes"), default=None,
+                           help="kvm: nodes at once (16)")
+            s.add_argument("--accel", choices=("any", "kvm"), default=None,
+                           help="kvm: any, or only sellers whose KVM works")
+            s.add_argument("--boot-seconds", type=opt("--boot-seconds"), default=None,
+                           help="kvm: a node silent on its console this long did not boot "
+                                "(300)")
         s.add_argument("--days", type=opt("--days"), default=DEFAULT_CERT_DAYS,
                        help=f"validity of the order's certificate ({DEFAULT_CERT_DAYS})")
         s.add_argument("--output", required=True, metavar="FILE",
@@ -237,11 +253,14 @@ def cmd_order(args) -> int:
         oid = admin.add_sell_order(
             store, args.account, args.price, args.output, model=args.model,
             cpu_seconds=args.cpu_seconds, wall_seconds=args.wall_seconds, memory=args.memory,
-            output=args.output_limit, allow_cpuid=args.allow_cpuid, days=args.days)
+            output=args.output_limit, allow_cpuid=args.allow_cpuid, accel=args.accel,
+            cpus=args.cpus, cache=args.cache, days=args.days)
     else:
         oid = admin.add_buy_order(
             store, args.account, args.price, args.output, redundancy=args.redundancy,
-            max_cpu_seconds=args.max_cpu_seconds, model=args.model, days=args.days)
+            max_cpu_seconds=args.max_cpu_seconds, model=args.model, memory=args.memory,
+            max_nodes=args.max_nodes, accel=args.accel, boot_seconds=args.boot_seconds,
+            days=args.days)
     print(f"{args.cmd} {oid} for {args.account} written to {args.output}")
     return 0
 

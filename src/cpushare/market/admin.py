@@ -40,6 +40,10 @@ OPTIONS: dict[str, orders.Range] = {
     "--output-limit": orders.RANGES["output"],
     "--redundancy": orders.RANGES["redundancy"],
     "--max-cpu-seconds": orders.RANGES["max_cpu_seconds"],
+    "--cpus": orders.RANGES["cpus"],
+    "--cache": orders.RANGES["cache"],
+    "--max-nodes": orders.RANGES["max_nodes"],
+    "--boot-seconds": orders.RANGES["boot_seconds"],
     "--days": orders.Range(1, MAX_DAYS),
 }
 
@@ -191,17 +195,32 @@ def _public(store: Store) -> tuple[str, int]:
     return orders.split_hostport(store.get_meta("public") or store.get_meta("listen"))
 
 
+def _kvm_only(model: str, *given: tuple[str, object]) -> None:
+    """Options of the kvm model: refused for another (they would do nothing)."""
+    if model != "kvm":
+        for option, value in given:
+            if value is not None:
+                raise AdminError(f"{option} is an option of --model kvm only")
+
+
 def add_sell_order(store: Store, account: str, price_milli: int, path: str, *,
                    model: str = "seccomp", cpu_seconds: int = 3600, wall_seconds: int = 7200,
                    memory: int = 256 << 20, output: int = 64 << 20,
-                   allow_cpuid: bool = False, days: int = ca.DEFAULT_CERT_DAYS,
+                   allow_cpuid: bool = False, accel: str | None = None, cpus: int | None = None,
+                   cache: int | None = None, days: int = ca.DEFAULT_CERT_DAYS,
                    not_before: dt.datetime | None = None) -> int:
-    """A sell order with its own client certificate, written whole to `path`."""
+    """A sell order with its own client certificate, written whole to `path`.
+    `accel`, `cpus` and `cache` (None: their defaults) are for model kvm only."""
     if model not in ("seccomp", "kvm"):
         raise AdminError(f"--model must be seccomp or kvm, not {model!r}")
+    _kvm_only(model, ("--accel", accel), ("--cpus", cpus), ("--cache", cache))
+    accel, cpus, cache = accel or "auto", cpus or 1, 20 << 30 if cache is None else cache
+    if accel not in ("auto", "kvm", "tcg"):
+        raise AdminError(f"--accel must be auto, kvm or tcg, not {accel!r}")
     _check_price(price_milli)
     for option, value in (("--cpu-seconds", cpu_seconds), ("--wall-seconds", wall_seconds),
-                          ("--memory", memory), ("--output-limit", output), ("--days", days)):
+                          ("--memory", memory), ("--output-limit", output), ("--days", days),
+                          ("--cpus", cpus), ("--cache", cache)):
         check_option(option, value)
     acct = _account(store, account)
     host, port = _public(store)
@@ -216,7 +235,7 @@ def add_sell_order(store: Store, account: str, price_milli: int, path: str, *,
                           ca_pem=store.get_meta("ca_cert"), cert_pem=cert.cert_pem,
                           key_pem=cert.key_pem, model=model, cpu_seconds=cpu_seconds,
                           wall_seconds=wall_seconds, memory=memory, output=output,
-                          allow_cpuid=allow_cpuid,
+                          allow_cpuid=allow_cpuid, accel=accel, cpus=cpus, cache=cache,
                           comment=f"account {account}, sell order {oid}, certificate "
                                   f"valid until {cert.not_after[:10]}")
     return oid
@@ -224,18 +243,34 @@ def add_sell_order(store: Store, account: str, price_milli: int, path: str, *,
 
 def add_buy_order(store: Store, account: str, price_milli: int, path: str, *,
                   redundancy: int = 1, max_cpu_seconds: int = 60, model: str = "seccomp",
+                  memory: int | None = None, max_nodes: int | None = None,
+                  accel: str | None = None, boot_seconds: int | None = None,
                   days: int = ca.DEFAULT_CERT_DAYS,
                   not_before: dt.datetime | None = None) -> int:
+    """A buy order with its own client certificate, written whole to `path`.
+    `memory`, `max_nodes`, `accel` and `boot_seconds` (None: their defaults)
+    are for model kvm only."""
     _check_price(price_milli)
     if model not in ("seccomp", "kvm"):
         raise AdminError(f"--model must be seccomp or kvm, not {model!r}")
+    _kvm_only(model, ("--memory", memory), ("--max-nodes", max_nodes), ("--accel", accel),
+              ("--boot-seconds", boot_seconds))
+    memory = 1 << 30 if memory is None else memory
+    max_nodes, accel, boot_seconds = max_nodes or 16, accel or "any", boot_seconds or 300
+    if accel not in ("any", "kvm"):
+        raise AdminError(f"--accel must be any or kvm, not {accel!r}")
     for option, value in (("--redundancy", redundancy), ("--max-cpu-seconds", max_cpu_seconds),
-                          ("--days", days)):
+                          ("--days", days), ("--memory", memory), ("--max-nodes", max_nodes),
+                          ("--boot-seconds", boot_seconds)):
         check_option(option, value)
     acct = _account(store, account)
     host, port = _public(store)
     with store.transaction():
-        oid = store.add_buy_order(acct.id, price_milli, redundancy, max_cpu_seconds, model)
+        if model == "kvm":
+            oid = store.add_buy_order(acct.id, price_milli, redundancy, max_cpu_seconds, model,
+                                      memory, max_nodes, accel, boot_seconds)
+        else:
+            oid = store.add_buy_order(acct.id, price_milli, redundancy, max_cpu_seconds, model)
         cert = _issue(store, f"{account} buy order {oid}", days, not_before)
         store.add_cert(cert.fingerprint, acct.id, "buyer", oid,
                        dt.datetime.fromisoformat(cert.not_after).timestamp(),
@@ -243,7 +278,8 @@ def add_buy_order(store: Store, account: str, price_milli: int, path: str, *,
         orders.write_buy(path, host=host, port=port, price_milli=price_milli,
                          ca_pem=store.get_meta("ca_cert"), cert_pem=cert.cert_pem,
                          key_pem=cert.key_pem, redundancy=redundancy,
-                         max_cpu_seconds=max_cpu_seconds, model=model,
+                         max_cpu_seconds=max_cpu_seconds, model=model, memory=memory,
+                         max_nodes=max_nodes, accel=accel, boot_seconds=boot_seconds,
                          comment=f"account {account}, buy order {oid}, certificate "
                                  f"valid until {cert.not_after[:10]}")
     return oid

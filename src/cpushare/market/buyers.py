@@ -32,11 +32,6 @@ MAX_OPEN_TASKS = 10_000
 MAX_SESSIONS = 16
 RESULT_BUDGET = 4 << 20  # bytes queued to a buyer before its results wait in the store
 INPUT_BUDGET = 16 << 20  # small inputs of queued tasks kept in memory, in all
-# Stored images: per account at most MAX_IMAGES or IMAGE_QUOTA bytes; an image
-# no queued or unacknowledged task uses is removed IMAGE_TTL after its last use.
-MAX_IMAGES = 256
-IMAGE_QUOTA = 1 << 30
-IMAGE_TTL = 7 * 86400
 # A result no connection of its buy order acknowledged is dropped this long
 # after its task was submitted (refs of a process that is gone would otherwise
 # hold the account's MAX_OPEN_TASKS for ever).
@@ -51,6 +46,8 @@ class BuyerHandlers:
             self._on_submit(b, m)
         elif m.type == "image":
             self._on_image(b, m)
+        elif m.type == "image_offer":
+            self._on_image_offer(b, m)
         elif m.type == "open":
             self._on_open(b, m)
         elif m.type == "cancel":
@@ -79,37 +76,6 @@ class BuyerHandlers:
         else:
             raise ProtocolError("frame", f"a buyer may not send {m.type!r}")
 
-    def _on_image(self, b: BuyerConn, m: Message) -> None:
-        d = m["image"]
-        if d not in self.images and not self.store.has_image(d):
-            try:
-                model = self._model_of(b)
-                info = model.info(model.parse(m.payload, where=f"image {d[:16]}"))
-            except Rejection as e:
-                b.write(encode("error", code=e.code, ref=None, message=e.message))
-                return
-            except models.ImageError as e:
-                b.write(encode("error", code="image", ref=None, message=str(e)))
-                return
-            if info.digest != d:
-                b.write(encode("error", code="image", ref=None,
-                               message=f"image {d[:16]}: the image sent has digest "
-                                       f"{info.digest[:16]}"))
-                return
-            n, size = self.store.image_usage(b.account_id)
-            if n >= MAX_IMAGES or size + len(m.payload) > IMAGE_QUOTA:
-                b.write(encode("error", code="limit", ref=None,
-                               message=f"image {d[:16]}: account {b.account} stores {n} "
-                                       f"images of {size} bytes; the market keeps at most "
-                                       f"{MAX_IMAGES} or {IMAGE_QUOTA} bytes an account (images "
-                                       f"no task uses go after {IMAGE_TTL // 86400} days)"))
-                return
-            self._tx().put_image(d, m.payload, b.account_id)
-            self.images[d] = info.memory
-        else:
-            self._image_memory(d, b.order.model)
-        self._after_commit(lambda: b.write(encode("image_ok", image=d)))
-
     def _check_request(self, b: BuyerConn, m: Message, k: int) -> int:
         """The CPU time of a valid submit/open; raises Rejection."""
         o = b.order
@@ -120,24 +86,13 @@ class BuyerHandlers:
         if not 1 <= cpu_ms <= max_ms:
             raise Rejection("order", f"cpu_ms {cpu_ms} is outside 1..{max_ms} (the buy "
                                      f"order's max_cpu_seconds)")
-        self._model_of(b)
+        model = self._model_of(b)
+        if model.leases and m.type == "submit":
+            raise Rejection("order", f"buy order {o.id} is of model {model.name}: it opens "
+                                     f"leases on nodes (open), it does not submit tasks")
         if self._image_memory(m["image"], o.model) is None:
             raise Rejection("image", f"image {m['image']} is unknown: send it first")
         return cpu_ms
-
-    def _image_memory(self, digest: str, model: str) -> int | None:
-        """The memory a run of a stored image needs (None: no such image)."""
-        memory = self.images.get(digest)
-        if memory is None:
-            data = self.store.image(digest)
-            if data is None:
-                return None
-            m = models.get(model)
-            try:
-                memory = self.images[digest] = m.info(m.parse(data)).memory
-            except models.ImageError:
-                return None  # (an image of another model under that digest)
-        return memory
 
     @staticmethod
     def _model_of(b: BuyerConn) -> models.Model:
@@ -236,17 +191,6 @@ class BuyerHandlers:
             log.warning("dropped %d results their buyers did not acknowledge within %g s",
                         len(stale), self.result_ttl)
         return len(stale), self.collect_images()
-
-    def collect_images(self) -> int:
-        """Remove the images no task uses and none used for IMAGE_TTL."""
-        store = self._tx()
-        store.touch_images(self.images_used)
-        self.images_used = set()
-        n = store.collect_images(self.image_ttl)
-        if n:
-            self.images.clear()  # (the others are read again when used)
-            log.info("removed %d images no task used for %g s", n, self.image_ttl)
-        return n
 
     def _check_open(self, b: BuyerConn, session: bool) -> None:
         n = self.open_tasks[b.account_id, session]

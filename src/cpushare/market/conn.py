@@ -121,6 +121,9 @@ class SellerConn(Conn):
         self.returned: set[int] = set()  # attempts it returned, until settled
         self.revoking: set[int] = set()  # held attempts it was asked to give back
         self.outputs: dict[int, Streamed] = {}  # attempt -> its output so far
+        self.image_sends: dict[str, object] = {}  # image -> the task sending it in chunks
+        self.accel = ""  # kvm: the accelerator it measured (hello), kvm | tcg
+        self.cache = 0  # kvm: bytes of images its cache may hold (hello)
 
     def running_task(self):
         """The task of the attempt it runs (the first it holds), or None."""

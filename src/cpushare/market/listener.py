@@ -175,6 +175,12 @@ class Listener:
         if role == "seller":
             conn.order = self.store.sell_order(cert.order_id)
             conn.instance = instance
+            if conn.order.model == "kvm":
+                conn.accel = m.get("accel") or ""
+                if conn.accel not in ("kvm", "tcg"):
+                    raise ProtocolError("frame", "hello: a seller of the kvm model must say the "
+                                                 "accelerator it measured (accel: kvm or tcg)")
+                conn.cache = m.get("cache") or 0
             key = (cert.order_id, instance)
             old = self.sellers.get(key)
             if old is not None:  # the same copy reconnecting: its old link is dead
@@ -286,6 +292,8 @@ class Listener:
             if self.sellers.get((conn.order_id, conn.instance)) is conn:
                 del self.sellers[conn.order_id, conn.instance]
                 self.instances[conn.order_id] -= 1
+            for task in conn.image_sends.values():
+                task.cancel()
             self._lose_all(conn, "the seller disconnected")
         else:
             lst = self.buyers.get(conn.order_id, [])

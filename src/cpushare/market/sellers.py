@@ -37,13 +37,7 @@ class SellerHandlers:
             if s.credit and self.matcher.seller_ready(s):
                 self._schedule()
         elif m.type == "need_image":
-            if not any(t.image == m["image"] for t, _ in s.attempts.values()):
-                raise ProtocolError("image", f"image {m['image']} is not that of an attempt "
-                                             f"the seller holds")
-            data = self.store.image(m["image"])
-            if data is None:
-                raise ProtocolError("internal", f"image {m['image']} missing from the store")
-            s.write(frame("image", data, image=m["image"]))
+            self._on_need_image(s, m)
         elif m.type == "output":
             self._on_output(s, m)
         elif m.type == "result":

@@ -13,6 +13,7 @@ running when it stopped are lost and requeued (their escrow stays held).
     matching.py    which seller takes which task; work stealing (no I/O)
     settlement.py  paying agreeing results, refunding failed tasks
     sellers.py     seller messages          buyers.py   buyer messages
+    images.py      images: whole, or in chunks from files (imagefiles.py)
     state.py       TaskState, the named shapes, Rejection
     server.py      this: the attempts of tasks on sellers, recovery
 
@@ -31,10 +32,11 @@ import time
 from collections import Counter
 
 from ..protocol import DEFAULT_HEARTBEAT, DEFAULT_MAX_PAYLOAD, ByteBudget, encode, frame
-from .buyers import (IMAGE_TTL, MAX_OPEN_TASKS, MAX_SESSIONS, RESULT_BUDGET, RESULT_TTL,
-                     BuyerHandlers)
+from .buyers import MAX_OPEN_TASKS, MAX_SESSIONS, RESULT_BUDGET, RESULT_TTL, BuyerHandlers
 from .commit import COMMIT_DELAY, GroupCommit
 from .conn import BuyerConn, Conn, SellerConn
+from .imagefiles import ImageFiles
+from .images import IMAGE_TTL, ImageHandlers
 from .listener import PAYLOAD_BUDGET, Listener
 from .matching import Matcher
 from .sellers import SellerHandlers
@@ -49,7 +51,7 @@ log = logging.getLogger("cpushare.market")
 GRACE_MS = 5000  # a seller's deadline is wall_ms + this
 
 
-class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
+class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Settlement, GroupCommit):
     def __init__(self, store: Store, *, heartbeat: int = DEFAULT_HEARTBEAT,
                  max_payload: int = DEFAULT_MAX_PAYLOAD, grace_ms: int = GRACE_MS,
                  commit_delay: float = COMMIT_DELAY, max_wait: float = 0.0,
@@ -71,6 +73,8 @@ class Market(Listener, SellerHandlers, BuyerHandlers, Settlement, GroupCommit):
         self.buyers: dict[int, list[BuyerConn]] = {}  # buy order id -> connections
         self.images: dict[str, int] = {}  # image digest -> the memory a run needs
         self.images_used: set[str] = set()  # used by tasks since the last collection
+        self.image_files = ImageFiles(store.image_dir)  # images of chunked models (ISOs)
+        self.image_bytes_sent = 0  # ... sent to sellers, in all
         self.image_ttl = image_ttl
         self.result_ttl = result_ttl
         self._input_bytes = 0  # of small inputs kept in memory (buyers.INPUT_BUDGET)

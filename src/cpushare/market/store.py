@@ -38,7 +38,7 @@ from typing import Iterable, Iterator
 
 MINT = "@mint"
 ESCROW = "@escrow"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BIG = 64 << 10  # inputs and outputs larger than this live in files beside the database
 IN_FILE = "file"  # what their column holds then
 BACKGROUND_WRITE = 1 << 20  # files this big are written by a thread (see SQLiteStore._put)
@@ -87,6 +87,10 @@ class BuyOrderRow:
     redundancy: int
     max_cpu_seconds: int
     model: str = "seccomp"
+    memory: int = 0  # kvm: RAM per node
+    max_nodes: int = 0  # kvm: nodes at once
+    accel: str = "any"  # kvm: any | kvm
+    boot_seconds: int = 0  # kvm: the console must print within this
 
 
 @dataclass
@@ -198,7 +202,8 @@ class Store(abc.ABC):
     def sell_order(self, order_id: int) -> SellOrderRow: ...
     @abc.abstractmethod
     def add_buy_order(self, account_id: int, price_milli: int, redundancy: int,
-                      max_cpu_seconds: int, model: str = "seccomp") -> int: ...
+                      max_cpu_seconds: int, model: str = "seccomp", memory: int = 0,
+                      max_nodes: int = 0, accel: str = "any", boot_seconds: int = 0) -> int: ...
     @abc.abstractmethod
     def buy_order(self, order_id: int) -> BuyOrderRow: ...
 
@@ -208,7 +213,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def has_image(self, digest: str) -> bool: ...
     @abc.abstractmethod
-    def image(self, digest: str) -> bytes | None: ...
+    def image(self, digest: str) -> bytes | None:
+        """The bytes of an image kept in the store (None for one in a file)."""
+    @abc.abstractmethod
+    def put_image_file(self, digest: str, size: int, account_id: int) -> None:
+        """Record an image whose bytes are the file ImageFiles keeps."""
+    @abc.abstractmethod
+    def image_size(self, digest: str) -> int | None: ...
+    @abc.abstractmethod
+    def image_file_digests(self) -> set[str]:
+        """The images whose bytes are files."""
     @abc.abstractmethod
     def image_usage(self, account_id: int) -> tuple[int, int]:
         """(images, bytes) an account has stored."""
@@ -292,6 +306,7 @@ class Store(abc.ABC):
     # the system accounts' ids
     mint_id: int
     escrow_id: int
+    image_dir: str  # where the images of chunked models are files (market.imagefiles)
 
 
 _SCHEMA = """
@@ -310,7 +325,9 @@ CREATE TABLE IF NOT EXISTS buy_orders (
     id INTEGER PRIMARY KEY, account_id INTEGER NOT NULL REFERENCES accounts(id),
     price_milli INTEGER NOT NULL, redundancy INTEGER NOT NULL,
     max_cpu_seconds INTEGER NOT NULL, created REAL NOT NULL,
-    model TEXT NOT NULL DEFAULT 'seccomp');
+    model TEXT NOT NULL DEFAULT 'seccomp', memory INTEGER NOT NULL DEFAULT 0,
+    max_nodes INTEGER NOT NULL DEFAULT 0, accel TEXT NOT NULL DEFAULT 'any',
+    boot_seconds INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS certs (
     fingerprint TEXT PRIMARY KEY, account_id INTEGER NOT NULL REFERENCES accounts(id),
     role TEXT NOT NULL CHECK (role IN ('seller', 'buyer')), order_id INTEGER NOT NULL,
@@ -391,6 +408,7 @@ class SQLiteStore(Store):
         # Large inputs and outputs: one file each in PATH.d/, written before the
         # commit that refers to them and removed after the commit that drops them.
         self.blob_dir = path + ".d"
+        self.image_dir = path + ".images"  # images of chunked models (market.imagefiles)
         self._unlink: list[str] = []
         self._checkpointer: threading.Thread | None = None
         self._entries: list[tuple[int, int, int]] = []  # ledger entries not yet written
@@ -412,7 +430,7 @@ class SQLiteStore(Store):
                     self.db.execute("INSERT OR IGNORE INTO accounts (name, system, created) "
                                     "VALUES (?, 1, ?)", (name, time.time()))
         version = self.get_meta("schema_version")
-        if version in ("1", "2"):
+        if version in ("1", "2", "3"):
             self._migrate(int(version))
             version = str(SCHEMA_VERSION)
         if version != str(SCHEMA_VERSION):
@@ -437,6 +455,12 @@ class SQLiteStore(Store):
                 for table in ("buy_orders", "tasks"):
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN model TEXT NOT NULL "
                                     f"DEFAULT 'seccomp'")
+            if version < 4:  # the kvm model's buy order settings
+                for col in ("memory INTEGER NOT NULL DEFAULT 0",
+                            "max_nodes INTEGER NOT NULL DEFAULT 0",
+                            "accel TEXT NOT NULL DEFAULT 'any'",
+                            "boot_seconds INTEGER NOT NULL DEFAULT 0"):
+                    self.db.execute(f"ALTER TABLE buy_orders ADD COLUMN {col}")
             self.set_meta("schema_version", str(SCHEMA_VERSION))
 
     def _id(self, name: str) -> int:
@@ -710,16 +734,19 @@ class SQLiteStore(Store):
         return SellOrderRow(*row)
 
     def add_buy_order(self, account_id, price_milli, redundancy, max_cpu_seconds,
-                      model="seccomp") -> int:
+                      model="seccomp", memory=0, max_nodes=0, accel="any",
+                      boot_seconds=0) -> int:
         return self.db.execute(
             "INSERT INTO buy_orders (account_id, price_milli, redundancy, max_cpu_seconds, "
-            "created, model) VALUES (?, ?, ?, ?, ?, ?)",
+            "created, model, memory, max_nodes, accel, boot_seconds) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (account_id, price_milli, redundancy, max_cpu_seconds, time.time(),
-             model)).lastrowid
+             model, memory, max_nodes, accel, boot_seconds)).lastrowid
 
     def buy_order(self, order_id: int) -> BuyOrderRow:
         row = self.db.execute("SELECT id, account_id, price_milli, redundancy, max_cpu_seconds, "
-                              "model FROM buy_orders WHERE id = ?", (order_id,)).fetchone()
+                              "model, memory, max_nodes, accel, boot_seconds FROM buy_orders "
+                              "WHERE id = ?", (order_id,)).fetchone()
         if row is None:
             raise StoreError(f"no buy order {order_id}")
         return BuyOrderRow(*row)
@@ -764,7 +791,21 @@ class SQLiteStore(Store):
 
     def image(self, digest: str) -> bytes | None:
         row = self.db.execute("SELECT data FROM images WHERE digest = ?", (digest,)).fetchone()
+        return row[0] if row and row[0] != IN_FILE else None
+
+    def put_image_file(self, digest: str, size: int, account_id: int) -> None:
+        now = time.time()
+        self.db.execute("INSERT OR IGNORE INTO images (digest, data, created, account_id, size, "
+                        "used) VALUES (?, ?, ?, ?, ?, ?)",
+                        (digest, IN_FILE, now, account_id, size, now))
+
+    def image_size(self, digest: str) -> int | None:
+        row = self.db.execute("SELECT size FROM images WHERE digest = ?", (digest,)).fetchone()
         return row[0] if row else None
+
+    def image_file_digests(self) -> set[str]:
+        return {d for d, in self.db.execute("SELECT digest FROM images WHERE data = ?",
+                                            (IN_FILE,))}
 
     # --- tasks and attempts -----------------------------------------------
 

@@ -12,9 +12,11 @@ what an image is, whether this host can run it, and to start a run:
     run = model.start(image, limits)    # the run: pause, resume, kill, meter
                                         # RunRefused: this host cannot run it
 
-`seccomp` is the one built; `kvm` is named (orders may say it) and refused
-here with a clear message until its module exists.  This package imports
-neither D-Bus nor the market.
+`seccomp` runs bytecode under seccomp strict mode; `kvm` boots a bootable
+ISO under qemu.  A model whose `chunked` is true has images too big for
+memory: they travel in chunks, live in files (`parse_file`), and the market
+and the seller stream them.  This package imports neither D-Bus nor the
+market.
 """
 
 from __future__ import annotations
@@ -58,10 +60,21 @@ class ImageInfo:
 
 class Model(abc.ABC):
     name: str
+    chunked = False  # images travel in chunks and live in files (parse_file)
+    leases = False  # its work is leased nodes (`open`, paid as they run), never `submit`
 
     @abc.abstractmethod
     def parse(self, blob: bytes, where: str = "image"):
         """The image in `blob`, checked; raises ImageError."""
+
+    def parse_file(self, path, digest: str, where: str = "image"):
+        """The image in the file at `path`, checked (its content was verified
+        to have `digest`); raises ImageError."""
+        try:
+            blob = open(path, "rb").read()
+        except OSError as e:
+            raise ImageError(f"{where}: {e.strerror or e}") from None
+        return self.parse(blob, where)
 
     @abc.abstractmethod
     def info(self, image) -> ImageInfo: ...
@@ -86,19 +99,24 @@ class Model(abc.ABC):
         cannot run it."""
 
 
-_BUILT: dict[str, Model] = {}
+_BUILT: dict[tuple, Model] = {}
 
 
-def get(name: str) -> Model:
-    """The model called `name`; ModelError if unknown or not built yet."""
-    model = _BUILT.get(name)
+def get(name: str, accel: str = "auto") -> Model:
+    """The model called `name` (`accel`: the kvm model's accelerator setting,
+    auto | kvm | tcg); ModelError if unknown."""
+    key = (name, accel if name == "kvm" else "")
+    model = _BUILT.get(key)
     if model is not None:
         return model
     if name == "seccomp":
         from .seccomp import SeccompModel
-        model = _BUILT[name] = SeccompModel()
+        model = _BUILT[key] = SeccompModel()
         return model
-    if name in NAMES:
-        raise ModelError(f"the {name} computation model is not available in this version "
-                         f"of CPUShare yet; only seccomp is")
+    if name == "kvm":
+        from .kvm import KvmModel
+        if accel not in ("auto", "kvm", "tcg"):
+            raise ModelError(f"accel {accel!r}: must be auto, kvm or tcg")
+        model = _BUILT[key] = KvmModel(accel)
+        return model
     raise ModelError(f"unknown computation model {name!r} (known: {', '.join(NAMES)})")
