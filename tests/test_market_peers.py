@@ -120,14 +120,14 @@ class Peer:
 
     @classmethod
     async def open(cls, o, role: str, *, hello: bool = True, version: int = protocol.VERSION,
-                   ctx: ssl.SSLContext | None = None) -> "Peer":
+                   ctx: ssl.SSLContext | None = None, **extra) -> "Peer":
         ctx = ctx or protocol.client_context(o.ca_pem, o.cert_pem, o.key_pem)
         r, w = await asyncio.wait_for(asyncio.open_connection(
             o.host, o.port, ssl=ctx, server_hostname=o.host), TIMEOUT)
         p = cls(r, w, role)
         if hello:
             await p.send("hello", version=version, role=role, software="test-peer",
-                         **({"acks": True} if role == "buyer" else {}))
+                         **({"acks": True} if role == "buyer" else {}), **extra)
             p.welcome = await p.recv()
         return p
 

@@ -66,10 +66,13 @@ def test_carries_are_stored_checked_and_an_old_store_is_migrated(tmp_path):
     db.executescript("DROP TABLE carries; ALTER TABLE images DROP COLUMN account_id; "
                      "ALTER TABLE images DROP COLUMN size; ALTER TABLE images DROP COLUMN used; "
                      "ALTER TABLE buy_orders DROP COLUMN model; ALTER TABLE tasks DROP COLUMN "
-                     "model; UPDATE meta SET value = '1' WHERE key = 'schema_version';")
+                     "model; ALTER TABLE buy_orders DROP COLUMN memory; ALTER TABLE buy_orders "
+                     "DROP COLUMN max_nodes; ALTER TABLE buy_orders DROP COLUMN accel; "
+                     "ALTER TABLE buy_orders DROP COLUMN boot_seconds; "
+                     "UPDATE meta SET value = '1' WHERE key = 'schema_version';")
     db.close()
     st = SQLiteStore(path)
-    assert st.get_meta("schema_version") == "3" and st.carry(3, 4) == 0
+    assert st.get_meta("schema_version") == "4" and st.carry(3, 4) == 0
     assert [r[0] for r in st.db.execute("SELECT model FROM buy_orders")] == []
     assert st.image_usage(1) == (0, 0)
     st.close()

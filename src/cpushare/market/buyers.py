@@ -60,6 +60,8 @@ class BuyerHandlers:
                 self._fail(t, "cancelled", "cancelled by the buyer")
         elif m.type == "ack":
             self._on_ack(b, m["task"])
+        elif m.type == "close":
+            self._on_close(b, m["session"])
         elif m.type == "stream":
             t = self.tasks.get(m["session"])
             if t is None or not t.session or t.buyer is not b:
@@ -145,6 +147,9 @@ class BuyerHandlers:
 
     def _on_open(self, b: BuyerConn, m: Message) -> None:
         ref = m["ref"]
+        if b.order.model == "kvm":  # (models whose work is leases: leases.py)
+            self._open_lease(b, m)
+            return
         try:
             cpu_ms = self._check_request(b, m, 1)
             self._check_open(b, True)

@@ -178,6 +178,8 @@ class ImageHandlers:
         if offset >= size:
             raise ProtocolError("image", f"need_image: offset {offset} is not below the "
                                          f"image's size {size}")
+        if t.lease:
+            self._tell(t, "image", seller=s.account)
         old = s.image_sends.pop(d, None)
         if old is not None:
             old.cancel()

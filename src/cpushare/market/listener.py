@@ -199,6 +199,7 @@ class Listener:
                                              f"{MAX_BUYER_CONNS} connections")
             conn.order = self.store.buy_order(cert.order_id)
             conns.append(conn)
+            self._adopt_leases(conn)
         extra = {"output_chunks": OUTPUT_CHUNK} if role == "seller" else {"acks": True}
         conn.write(encode("welcome", version=VERSION, account=cert.account,
                           order=cert.order_id, max_payload=self.max_payload,
@@ -325,6 +326,8 @@ class Listener:
                     self._lose(s, "deadline passed")
             if self.max_wait > 0:
                 self._expire(now)
+            if self.leases:
+                self._check_leases(now)
             if now - last_collect >= COLLECT_EVERY:
                 last_collect = now
                 self.collect()

@@ -40,7 +40,9 @@ def fits(s, t, freed: int = 0) -> bool:
     return (o.price_milli <= t.bid_milli and s.account_id != t.buyer_account_id
             and (s.account_id == freed or s.account_id not in t.used_accounts)
             and o.model == t.model and o.cpu_seconds * 1000 >= t.cpu_ms
-            and (o.memory <= 0 or o.memory >= t.memory) and not (t.session and s.attempts))
+            and (o.memory <= 0 or o.memory >= t.memory) and not (t.session and s.attempts)
+            and (not t.image_size or s.cache >= t.image_size)
+            and (t.accel != "kvm" or s.accel == "kvm"))
 
 
 def _task_key(t) -> tuple:

@@ -40,6 +40,8 @@ class SellerHandlers:
             self._on_need_image(s, m)
         elif m.type == "output":
             self._on_output(s, m)
+        elif m.type == "meter":
+            self._on_meter(s, m)
         elif m.type == "result":
             self._on_result(s, m)
         elif m.type == "handback":
@@ -55,6 +57,8 @@ class SellerHandlers:
             if t is None or not t.session or t.id != m["session"]:
                 raise ProtocolError("task", f"stream for session {m['session']}, which this "
                                             f"seller is not running")
+            if t.lease and m.payload:
+                self._lease_console(t)
             if t.buyer is not None and not t.buyer.gone:
                 t.buyer.write(encode("stream", m.payload, session=t.id,
                                      eof=bool(m.get("eof"))))
@@ -118,6 +122,9 @@ class SellerHandlers:
             self._paid_nothing(s, aid)
             return
         t = entry[0]
+        if t.lease and self.tasks.get(t.id) is t:
+            self._lease_result(s, aid, t, m)
+            return
         if self.tasks.get(t.id) is not t:
             # Its task closed while this attempt ran (the others agreed, or it
             # failed): the attempt is void and paid nothing.

@@ -14,6 +14,7 @@ running when it stopped are lost and requeued (their escrow stays held).
     settlement.py  paying agreeing results, refunding failed tasks
     sellers.py     seller messages          buyers.py   buyer messages
     images.py      images: whole, or in chunks from files (imagefiles.py)
+    leases.py      kvm nodes: sessions paid as they run
     state.py       TaskState, the named shapes, Rejection
     server.py      this: the attempts of tasks on sellers, recovery
 
@@ -37,6 +38,7 @@ from .commit import COMMIT_DELAY, GroupCommit
 from .conn import BuyerConn, Conn, SellerConn
 from .imagefiles import ImageFiles
 from .images import IMAGE_TTL, ImageHandlers
+from .leases import Leases
 from .listener import PAYLOAD_BUDGET, Listener
 from .matching import Matcher
 from .sellers import SellerHandlers
@@ -51,7 +53,8 @@ log = logging.getLogger("cpushare.market")
 GRACE_MS = 5000  # a seller's deadline is wall_ms + this
 
 
-class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Settlement, GroupCommit):
+class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Settlement,
+             GroupCommit):
     def __init__(self, store: Store, *, heartbeat: int = DEFAULT_HEARTBEAT,
                  max_payload: int = DEFAULT_MAX_PAYLOAD, grace_ms: int = GRACE_MS,
                  commit_delay: float = COMMIT_DELAY, max_wait: float = 0.0,
@@ -75,6 +78,8 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Settlement,
         self.images_used: set[str] = set()  # used by tasks since the last collection
         self.image_files = ImageFiles(store.image_dir)  # images of chunked models (ISOs)
         self.image_bytes_sent = 0  # ... sent to sellers, in all
+        self.leases: dict[int, TaskState] = {}  # open leases (leases.py), by task id
+        self.open_leases: Counter = Counter()  # buy order -> its open leases
         self.image_ttl = image_ttl
         self.result_ttl = result_ttl
         self._input_bytes = 0  # of small inputs kept in memory (buyers.INPUT_BUDGET)
@@ -192,7 +197,8 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Settlement,
         self.matcher.holds(s, len(s.attempts))
         task = frame("task", payload, task=t.id, attempt=aid, model=t.model, image=t.image,
                      cpu_ms=t.cpu_ms,
-                     wall_ms=wall_ms, memory=s.order.memory, output_limit=s.order.output,
+                     wall_ms=wall_ms, memory=t.memory if t.lease else s.order.memory,
+                     output_limit=s.order.output,
                      buyer_order=t.buy_order_id, session=t.id if t.session else None)
         if t.session:
             def start() -> None:
@@ -252,15 +258,18 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Settlement,
             return
         log.info("attempt %d of task %d %s by %s: %s", aid, t.id,
                  "lost" if started else "given back unstarted", s, why)
-        self._tx().set_attempt_state(aid, "lost" if started else "void")
+        self._tx().set_attempt_state(aid, "lost" if started else "void", t.paid_milli)
         t.running.pop(aid, None)
         if started:
             t.lost += 1
         else:
             t.started -= 1
         t.used_accounts.discard(s.account_id)  # another of its CPUs may take it again
-        if t.session:
-            self._fail(t, "task", f"the seller running the session was lost: {why}")
+        if t.lease and t.ending and not started:
+            self._fail(t, "cancelled", t.ending)
+        elif t.session:
+            what = "lease" if t.lease else "session"
+            self._fail(t, "task", f"the seller running the {what} was lost: {why}")
         elif t.lost >= MAX_LOST:
             self._fail(t, "task", f"{t.lost} attempts were lost (sellers disconnected or "
                                   f"overran their deadline); last: {why}")

@@ -113,10 +113,11 @@ class Settlement:
                 if code == "dispute":
                     store.add_dispute(t.id, aid, r.seller_account_id, r.key.output_sha256,
                                       None)
-            for aid in t.running:
-                store.set_attempt_state(aid, "void")
+            for aid in t.running:  # (a lease keeps what its reports were paid)
+                store.set_attempt_state(aid, "void", t.paid_milli)
             store.finish_task(t.id, "failed", attempts=t.started, fail_code=code,
-                              fail_message=message)
+                              fail_message=message, cpu_ms=t.metered_ms,
+                              cost_milli=t.paid_milli)
             if t.session:
                 store.mark_delivered([t.id])
         t.escrow_milli = 0
@@ -131,6 +132,8 @@ class Settlement:
             self.open_tasks[t.buyer_account_id, True] -= 1
             if t.buyer is not None:
                 t.buyer.sessions.pop(t.id, None)
+        if t.lease and self.leases.pop(t.id, None) is not None:
+            self.open_leases[t.buy_order_id] -= 1
         self._input_bytes -= t.input_in_memory
         t.input_in_memory = 0
         t.input = None
@@ -164,8 +167,9 @@ class Settlement:
                 if state == "done":
                     f = {k: fields[k] for k in ("exit_status", "signal", "reason", "cpu_ms",
                                                 "cost_milli")}
-                else:
-                    f = dict(exit_status=None, signal=None, cpu_ms=0, cost_milli=0,
+                else:  # (a lease paid its reports before it was lost)
+                    f = dict(exit_status=None, signal=None, cpu_ms=t.metered_ms,
+                             cost_milli=t.paid_milli,
                              reason=f"{fields['code']}: {fields['message']}")
                 t.buyer.write(encode("closed", session=t.id, **f))
             return

@@ -94,6 +94,17 @@ class TaskState:
     streamed_bytes: int = 0  # ... and their bytes
     # since when it has waited for a seller (accepted, or its last attempt lost)
     waiting_since: float = field(default_factory=time.monotonic)
+    # leases (market/leases.py): a session of a model of leased nodes (kvm)
+    lease: bool = False
+    accel: str = "any"  # any | kvm: the sellers it may go to
+    image_size: int = 0  # bytes the seller's cache must hold
+    boot_seconds: int = 0  # its console must print within this of the guest's start
+    metered_ms: int = 0  # CPU time paid for so far
+    paid_milli: int = 0  # ... and what it cost
+    lease_state: str = "waiting"
+    started_at: float | None = None  # (monotonic) when its guest started
+    console_seen: bool = False
+    ending: str = ""  # why it is being powered off
 
     def best(self) -> tuple[ResultKey | None, int]:
         """The result most attempts agree on, and how many."""

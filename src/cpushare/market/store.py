@@ -268,6 +268,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def attempt_output(self, attempt_id: int) -> bytes: ...
     @abc.abstractmethod
+    def metered(self, attempt_id: int, cpu_ms: int, paid_milli: int) -> None:
+        """A running lease's attempt: its CPU time and what it was paid so far."""
+    @abc.abstractmethod
     def lose_running_attempts(self) -> int: ...
     @abc.abstractmethod
     def finish_task(self, task_id: int, state: str, *,  # also releases its escrow field exit_status: int | None = None,
@@ -887,6 +890,10 @@ class SQLiteStore(Store):
                             "cpu_ms = ?, output_sha256 = ?, exit_status = ?, signal = ?, "
                             "reason = ? WHERE id = ?",
                             (state, paid_milli, *result, attempt_id))
+
+    def metered(self, attempt_id: int, cpu_ms: int, paid_milli: int) -> None:
+        self.db.execute("UPDATE attempts SET cpu_ms = ?, paid_milli = ? WHERE id = ?",
+                        (cpu_ms, paid_milli, attempt_id))
 
     def attempt_output(self, attempt_id: int) -> bytes:
         row = self.db.execute("SELECT output FROM attempts WHERE id = ?", (attempt_id,)).fetchone()

@@ -1,0 +1,246 @@
+"""Leases: nodes of the kvm model, paid as they run.
+
+A lease is a session (`open`) of a model whose work is leased nodes
+(`models.Model.leases`): one seller boots the buyer's ISO and relays its
+serial console as the session's stream.  Escrow holds the cost at the bid
+of the next LEASE_AHEAD_MS of CPU time; each `meter` from the seller pays
+the CPU time used since the last one at the seller's ask (exactly: the
+per buyer and seller carry of settlement.py) and tops the escrow up again.
+When the buyer cannot pay the next interval, the lease's CPU time is
+spent, the buyer closes it, or the guest stays silent past the buy order's
+boot_seconds, the seller is told to `stop` (it powers the guest off and
+sends its `result`, the last report).  A lost seller ends its lease, paid
+up to its last report.  The buyer hears each change as `lease` frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..protocol import MS_PER_HOUR, Message, ProtocolError, cost_milli, encode
+from .conn import BuyerConn, SellerConn
+from .state import Final, Rejection, TaskState
+
+log = logging.getLogger("cpushare.market")
+
+LEASE_AHEAD_MS = 60_000  # CPU time held in escrow ahead of a lease's use
+STATES = ("booting", "running", "paused")  # what a seller's `meter` may say
+
+
+class Leases:
+    """Mixed into Market."""
+
+    # --- opening --------------------------------------------------------------
+
+    def _open_lease(self, b: BuyerConn, m: Message) -> None:
+        o = b.order
+        ref = m["ref"]
+        try:
+            cpu_ms = self._check_request(b, m, 1)
+            n = self.open_leases[o.id]
+            if n >= o.max_nodes:
+                raise Rejection("limit", f"buy order {o.id} has {n} nodes leased or waiting; "
+                                         f"its max_nodes is {o.max_nodes}")
+            escrow = self._escrow(b, 1, min(cpu_ms, LEASE_AHEAD_MS))
+        except Rejection as e:
+            b.write(encode("error", code=e.code, ref=ref, message=e.message))
+            return
+        t = self._new_task(b, ref, m["image"], b"", 1, cpu_ms, escrow, True)
+        t.lease = True
+        t.memory = o.memory
+        t.accel = o.accel
+        t.image_size = self.store.image_size(t.image) or 0
+        t.boot_seconds = o.boot_seconds
+        self.open_leases[o.id] += 1
+        self.leases[t.id] = t
+        why = self._unfit(t)
+        log.info("lease %d of %s: %d ms of CPU at most, %d bytes of memory%s", t.id, b, cpu_ms,
+                 t.memory, f"; waits: {why}" if why else "")
+
+        def opened() -> None:
+            b.write(encode("opened", ref=ref, session=t.id))
+            if t.lease_state == "waiting":
+                self._tell(t, "waiting", why)
+        self._after_commit(opened)
+
+    def _adopt_leases(self, b: BuyerConn) -> None:
+        """A buyer connection takes over the leases of its buy order whose
+        connection is gone (they ran on meanwhile): it hears their state."""
+        for t in self.leases.values():
+            if t.buy_order_id == b.order_id and (t.buyer is None or t.buyer.gone):
+                t.buyer = b
+                b.sessions[t.id] = t
+                self._after_commit(lambda t=t: self._tell(t, t.lease_state, t.ending or None))
+
+    def _unfit(self, t: TaskState, cap: int = 10_000) -> str | None:
+        """Why no connected seller could ever take lease `t` (None: one could)."""
+        checked = 0
+        reasons = set()
+        for s in self.sellers.values():
+            checked += 1
+            if checked > cap:
+                return None
+            o = s.order
+            if o.model != t.model:
+                continue
+            fails = {r for r, bad in (
+                ("memory", 0 < o.memory < t.memory), ("cache", t.image_size > s.cache),
+                ("accel", t.accel == "kvm" and s.accel != "kvm"),
+                ("price", o.price_milli > t.bid_milli)) if bad}
+            if not fails:
+                return None
+            reasons |= fails
+        if not reasons:
+            return f"no seller of the {t.model} model is connected"
+        said = {"memory": f"{t.memory >> 20} MiB of memory",
+                "cache": f"a cache of {t.image_size} bytes (the ISO's size)",
+                "accel": "working KVM (the buy order says accel = kvm)",
+                "price": f"an ask at most the bid of {t.bid_milli} milli per CPU-hour"}
+        return "no connected seller offers " + " or ".join(said[r] for r in sorted(reasons))
+
+    def _tell(self, t: TaskState, state: str, message: str | None = None,
+              seller: str | None = None) -> None:
+        """A `lease` frame to the buyer of lease `t`, now."""
+        t.lease_state = state
+        b = t.buyer
+        if b is not None and not b.gone:
+            b.write(encode("lease", session=t.id, ref=t.ref, state=state, cpu_ms=t.metered_ms,
+                           cost_milli=t.paid_milli, seller=seller, message=message))
+
+    # --- metering -------------------------------------------------------------
+
+    def _on_meter(self, s: SellerConn, m: Message) -> None:
+        aid = m["attempt"]
+        entry = s.attempts.get(aid)
+        if entry is None or self.tasks.get(entry[0].id) is not entry[0]:
+            return  # a report of an attempt that ended meanwhile: its result settles it
+        t = entry[0]
+        if not t.lease:
+            raise ProtocolError("task", f"meter for attempt {aid}, which is not a lease")
+        state = m.get("state") or "running"
+        if state not in STATES:
+            raise ProtocolError("frame", f"meter: state {state[:20]!r} is not one of "
+                                         f"{', '.join(STATES)}")
+        if t.started_at is None:
+            t.started_at = time.monotonic()
+        self._pay_lease(t, s, aid, m["cpu_ms"])
+        if t.ending:
+            return
+        if state == "running" and not t.console_seen:
+            state = "booting"  # (running means: it has printed on its console)
+        if state != t.lease_state:
+            self._tell(t, state, seller=s.account)
+        if t.metered_ms >= t.cpu_ms:
+            self._end_lease(t, f"the lease's {t.cpu_ms} ms of CPU time are used")
+            return
+        # the next interval, held ahead
+        o = t.buyer_account_id
+        need = cost_milli(min(LEASE_AHEAD_MS, t.cpu_ms - t.metered_ms), t.bid_milli)
+        top = need - t.escrow_milli
+        if top > 0:
+            store = self._tx()
+            balance = store.account_by_id(o).balance_milli
+            if balance < top:
+                self._end_lease(t, f"the account holds {balance} milli-CPUCoins, the next "
+                                   f"{LEASE_AHEAD_MS // 1000} s of CPU time cost {top} more")
+                return
+            store.transfer("escrow", [(o, -top), (store.escrow_id, top)], task_id=t.id)
+            t.escrow_milli += top
+            store.set_task_escrow(t.id, t.escrow_milli)
+
+    def _pay_lease(self, t: TaskState, s: SellerConn, aid: int, cpu_ms: int) -> None:
+        """Pay seller `s` for lease `t`'s CPU time up to `cpu_ms`, from escrow
+        (and, past it, from the buyer's balance, while it lasts)."""
+        cpu_ms = min(cpu_ms, t.cpu_ms)
+        if cpu_ms <= t.metered_ms:
+            return
+        store = self._tx()
+        owed = ((cpu_ms - t.metered_ms) * s.order.price_milli
+                + store.carry(t.buyer_account_id, s.account_id))
+        pay, rest = divmod(owed, MS_PER_HOUR)
+        from_buyer = 0
+        if pay > t.escrow_milli:  # it ran past what was held (a big guest between reports)
+            balance = store.account_by_id(t.buyer_account_id).balance_milli
+            from_buyer = min(pay - t.escrow_milli, balance)
+            if pay > t.escrow_milli + from_buyer:
+                pay, rest = t.escrow_milli + from_buyer, 0  # all there is; the rest is lost
+                self._end_lease(t, "the account cannot pay the CPU time used")
+        from_escrow = pay - from_buyer
+        store.transfer("lease", [(t.buyer_account_id, -from_buyer),
+                                 (store.escrow_id, -from_escrow), (s.account_id, pay)],
+                       task_id=t.id)
+        store.set_carry(t.buyer_account_id, s.account_id, rest)
+        t.escrow_milli -= from_escrow
+        t.paid_milli += pay
+        t.metered_ms = cpu_ms
+        store.set_task_escrow(t.id, t.escrow_milli)
+        store.metered(aid, cpu_ms, t.paid_milli)
+        if not t.ending and t.buyer is not None:
+            self._after_commit(lambda: self._tell(t, t.lease_state))
+
+    def _lease_console(self, t: TaskState) -> None:
+        """The seller relayed console output: the node has booted."""
+        if not t.console_seen:
+            t.console_seen = True
+            if not t.ending:
+                self._tell(t, "running")
+
+    # --- ending ---------------------------------------------------------------
+
+    def _end_lease(self, t: TaskState, why: str) -> None:
+        """Power the node off (its seller sends the final report as `result`);
+        a lease no seller runs yet ends at once, refunded."""
+        if t.ending:
+            return
+        t.ending = why
+        s = t.session_seller()
+        if s is None:
+            self._fail(t, "cancelled", why)
+            return
+        log.info("lease %d ends: %s", t.id, why)
+        self._tell(t, "ending", why)
+        for aid, conn in t.running.items():
+            if conn is not None and not conn.gone:
+                conn.write(encode("stop", attempt=aid))
+
+    def _on_close(self, b: BuyerConn, sid: int) -> None:
+        t = b.sessions.get(sid)
+        if t is None or not t.lease:
+            b.write(encode("error", code="task", ref=None,
+                           message=f"no open lease {sid} on this connection"))
+            return
+        self._end_lease(t, "closed by the buyer")
+
+    def _lease_result(self, s: SellerConn, aid: int, t: TaskState, m: Message) -> None:
+        """The guest is off: the last report, then the lease is closed."""
+        self._pay_lease(t, s, aid, m["cpu_ms"])
+        self._pop_attempt(s, aid)
+        t.running.pop(aid, None)
+        paid, cpu = t.paid_milli, t.metered_ms
+        refund = t.escrow_milli
+        reason = t.ending or m["reason"] or "the guest powered off"
+        with self._op() as store:
+            store.transfer("refund", [(store.escrow_id, -refund), (t.buyer_account_id, refund)],
+                           task_id=t.id)
+            store.set_attempt_state(aid, "accepted", paid,
+                                    (cpu, m["output_sha256"], m["exit_status"], m["signal"],
+                                     m["reason"]))
+            fields = dict(exit_status=m["exit_status"], signal=m["signal"], reason=reason,
+                          cpu_ms=cpu, cost_milli=paid, attempts=t.started)
+            store.finish_task(t.id, "done", **fields)
+            store.mark_delivered([t.id])
+        t.escrow_milli = 0
+        log.info("lease %d on %s ended: %d ms of CPU, paid %d milli (%s)", t.id, s, cpu, paid,
+                 reason)
+        self._close_task(t, {}, Final("done", fields, b""))
+        self._after_commit(lambda: s.write(encode("settled", attempt=aid, paid_milli=paid,
+                                                  accepted=True)))
+
+    def _check_leases(self, now: float) -> None:
+        """Every second: leases whose guest printed nothing within boot_seconds."""
+        for t in list(self.leases.values()):
+            if (not t.console_seen and not t.ending and t.started_at is not None
+                    and now - t.started_at > t.boot_seconds):
+                self._end_lease(t, f"not booting: the node printed nothing on its console "
+                                   f"within {t.boot_seconds} s")
