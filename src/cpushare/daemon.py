@@ -59,6 +59,7 @@ EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: --daemon and the pidfile is locked by a runni
 EXIT_CONFIG = 78  # EX_CONFIG: the order file is missing or invalid
 EXIT_NO_SECCOMP = 79  # the kernel cannot run seccomp jobs (CONFIG_SECCOMP)
 EXIT_SANDBOX = 80  # the sandbox self-test failed: the sandbox does not contain jobs
+EXIT_NO_ACCEL = 81  # kvm: qemu is missing, or accel = kvm and KVM does not work here
 
 ORDER_DIR = Path("/etc/cpushare")
 CACHE_ROOT = Path("/var/cache/cpushare")
@@ -192,7 +193,7 @@ def model_of(order):
     from . import models
 
     try:
-        return models.get(order.model)
+        return models.get(order.model, order.accel)
     except models.ModelError as e:
         raise StartupError(EXIT_CONFIG, f"{order.path}: model = {order.model}: {e}") from e
 
@@ -201,10 +202,17 @@ def check_kernel(model) -> None:
     """This machine can run the model (for seccomp: CONFIG_SECCOMP)."""
     from . import models
 
+    from . import kernel
+
+    try:
+        kernel.require_seccomp()  # every model: qemu's -sandbox is seccomp too
+    except kernel.KernelError as e:
+        raise StartupError(EXIT_NO_SECCOMP, str(e)) from e
     try:
         model.check_host()
     except models.HostError as e:
-        raise StartupError(EXIT_NO_SECCOMP, str(e)) from e
+        raise StartupError(EXIT_NO_SECCOMP if model.name == "seccomp" else EXIT_NO_ACCEL,
+                           str(e)) from e
 
 
 # ioprio_set(2): no libc wrapper; the idle class has no levels.

@@ -33,6 +33,8 @@ from .. import __version__, models, protocol
 from ..order import SellOrder
 from ..protocol import Message, ProtocolError
 from .cache import CacheError, ImageCache
+from .isocache import IsoCache
+from .lease import LeaseRuns
 
 log = logging.getLogger("cpushare.seller")
 
@@ -80,6 +82,8 @@ class _Running:
     stream_bytes: int = 0  # ... and their bytes, at most about SESSION_INPUT_BUDGET
     _room: asyncio.Event | None = None
     started: float = dataclasses.field(default_factory=time.monotonic)
+    ending: str = ""  # a lease: why its guest is being powered off
+    metered: float = 0.0  # a lease: when its last `meter` went
 
 
     def took_input(self, n: int) -> None:
@@ -137,7 +141,7 @@ class _OutputSink:
         pass
 
 
-class Seller:
+class Seller(LeaseRuns):
     BACKOFF_BASE = 0.25  # seconds before the first reconnection attempt
     BACKOFF_CAP = 30.0  # the longest wait between attempts
     CONNECT_TIMEOUT = 20.0
@@ -147,8 +151,11 @@ class Seller:
     def __init__(self, order: SellOrder, *, cache_dir: Path,
                  on_change: Callable[[Status], None] | None = None):
         self._order = order
-        self._model = models.get(order.model)  # ModelError: not one this version runs
-        self._cache = ImageCache(Path(cache_dir), model=self._model)
+        self._model = models.get(order.model, order.accel)  # ModelError: not one it runs
+        if self._model.chunked:
+            self._cache = IsoCache(Path(cache_dir), order.cache, model=self._model)
+        else:
+            self._cache = ImageCache(Path(cache_dir), model=self._model)
         self._on_change = on_change
         self._status = Status(
             state="starting", order=order.name, model=order.model, server=order.server,
@@ -172,6 +179,7 @@ class Seller:
         self._output_chunks = 0
         self._queued: Message | None = None  # the task held, prefetched
         self._image_waiters: dict[str, asyncio.Future] = {}
+        self._image_progress: dict[str, float] = {}  # chunked images: last chunk's time
         self._last_rx = 0.0
         self._last_keepalive = 0.0  # (see _keep_alive)
         self._welcomed = False
@@ -299,7 +307,11 @@ class Seller:
             if self._session_task is not None:
                 self._session_task.cancel()
             return
-        if hand_back:
+        if self._model.leases and r.session is not None:
+            if self._paused:
+                self._paused = False
+            self._stop_lease(r, "the seller is stopping")  # the lease ends, settled
+        elif hand_back:
             self._abort(r, "the seller is stopping")
         elif self._paused:
             self._paused = False
@@ -394,7 +406,7 @@ class Seller:
             self._check_stop()  # the writer is closed by the finally below
             await protocol.send(writer, "hello", version=protocol.VERSION, role="seller",
                                 instance=order.name,
-                                software=f"cpushare/{__version__}")
+                                software=f"cpushare/{__version__}", **self._hello_fields())
             try:
                 msg = await asyncio.wait_for(protocol.read_message(reader), self.CONNECT_TIMEOUT)
             except (ssl.SSLError, ConnectionResetError) as e:
@@ -580,11 +592,16 @@ class Seller:
             r = self._running
             if (not self._give_back_held(msg["attempt"], "its task is closed")
                     and r is not None and r.attempt == msg["attempt"]):
-                self._abort(r, "its task is closed")
+                if self._model.leases and r.session is not None:
+                    self._stop_lease(r, "the market ended the lease")
+                else:
+                    self._abort(r, "its task is closed")
         elif t == "revoke":
             # the market has an idle CPU for the task we hold; one that has
             # started meanwhile (or is unknown) runs on, its result answers
             self._give_back_held(msg["attempt"], "taken back by the market for an idle CPU")
+        elif t == "image" and msg.get("offset") is not None:
+            self._on_image_chunk(msg)
         elif t == "image":
             fut = self._image_waiters.pop(msg["image"], None)
             if fut is not None and not fut.done():
@@ -658,6 +675,8 @@ class Seller:
                                   output=msg["output_limit"])
 
     async def _image(self, digest: str):
+        if self._model.chunked:
+            return await self._fetch_iso(digest)
         image = self._cache.get(digest)
         if image is not None:
             return image
@@ -717,6 +736,8 @@ class Seller:
                 sink = _OutputSink(self, r, self._output_chunks)
             if r.session is None:
                 result = await self._execute(r, image, limits, msg.payload, sink)
+            elif self._model.leases:
+                result, streamed = await self._run_lease(r, image, limits)
             else:
                 result, streamed = await self._execute_session(r, image, limits)
             if r.aborted:

@@ -1,0 +1,157 @@
+"""The seller's cache of big images (the kvm model's ISOs), bounded in size.
+
+``DIR/DIGEST.iso`` files, read-only, each verified against its digest
+before it was moved there; ``DIR/.part-DIGEST`` is an image on its way, in
+chunks from the market, kept across lost connections (the next
+`need_image` asks from its length).  When the last byte is written the
+whole file is hashed (in a thread: gigabytes), checked by the model
+(ISO 9660, bootable), and renamed into place; the least recently used
+images are evicted first to make room (use is the file's mtime, so the
+order survives restarts).  An image bigger than the whole cache is refused
+before a byte of it is fetched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+from .. import models
+from ..protocol import is_digest
+from .cache import CacheError
+
+log = logging.getLogger("cpushare.seller")
+
+PART_TTL = 7 * 86400  # a partial image untouched this long is removed
+
+
+class IsoCache:
+    def __init__(self, directory: Path, max_bytes: int, *, model):
+        self.model = model
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.received = 0  # image bytes written, in all (what `need_image` cost)
+
+    def _path(self, digest: str) -> Path:
+        if not is_digest(digest):
+            raise CacheError(f"image cache: {digest!r:.80} is not a SHA-256 hex digest")
+        return self.directory / f"{digest}.iso"
+
+    def _part(self, digest: str) -> Path:
+        self._path(digest)
+        return self.directory / f".part-{digest}"
+
+    def __contains__(self, digest: str) -> bool:
+        return is_digest(digest) and self._path(digest).exists()
+
+    def get(self, digest: str):
+        """The cached image, or None."""
+        path = self._path(digest)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return None
+        try:
+            return self.model.parse_file(path, digest, where=str(path))
+        except models.ImageError as e:
+            log.warning("image cache: dropping a bad file: %s", e)
+            self._drop(path)
+            return None
+
+    def held(self, digest: str) -> int:
+        """Bytes of `digest` received so far (0: none)."""
+        try:
+            return self._part(digest).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def write(self, digest: str, offset: int, size: int, data: bytes) -> bool:
+        """Append a chunk at `offset` of an image of `size` bytes; True when
+        it is complete (then `finish`).  CacheError for a chunk that does not
+        continue what is held, or an image the cache cannot hold."""
+        if size > self.max_bytes:
+            raise CacheError(f"image {digest[:16]}: {size} bytes exceeds the cache size "
+                             f"{self.max_bytes} (the sell order's cache)")
+        part = self._part(digest)
+        held = self.held(digest)
+        if offset != held or offset + len(data) > size:
+            raise CacheError(f"image {digest[:16]}: a chunk of {len(data)} bytes at {offset}, "
+                             f"but {held} of {size} bytes are held")
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        self.received += len(data)
+        return held + len(data) == size
+
+    def finish(self, digest: str):
+        """Verify the complete part file and move it into the cache (blocking:
+        run it in a thread).  CacheError (and the part removed) if it is not
+        the image `digest` names."""
+        part = self._part(digest)
+        h = hashlib.sha256()
+        with open(part, "rb") as f:
+            while piece := f.read(1 << 20):
+                h.update(piece)
+            os.fsync(f.fileno())
+        if h.hexdigest() != digest:
+            part.unlink(missing_ok=True)
+            raise CacheError(f"image {digest[:16]}: the bytes received have digest "
+                             f"{h.hexdigest()[:16]}")
+        try:
+            self.model.parse_file(part, digest, where=f"image {digest[:16]}")
+        except models.ImageError as e:
+            part.unlink(missing_ok=True)
+            raise CacheError(str(e)) from None
+        size = part.stat().st_size
+        self._evict(need=size)
+        os.chmod(part, 0o444)
+        path = self._path(digest)
+        os.replace(part, path)
+        return self.model.parse_file(path, digest, where=str(path))
+
+    def entries(self) -> list[tuple[float, int, Path]]:
+        """(last use, size, path) of every cached image, oldest first."""
+        out = []
+        for p in self.directory.glob("*.iso"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            out.append((st.st_mtime, st.st_size, p))
+        out.sort()
+        return out
+
+    def size(self) -> int:
+        return sum(size for _, size, _ in self.entries())
+
+    def _drop(self, path: Path) -> None:
+        try:
+            os.chmod(path, 0o600)
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _evict(self, need: int) -> None:
+        entries = self.entries()
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in entries:
+            if total + need <= self.max_bytes:
+                break
+            log.info("image cache: evicting %s (%d bytes, least recently used)", path.name, size)
+            self._drop(path)
+            total -= size
+        now = time.time()
+        for p in self.directory.glob(".part-*"):
+            try:
+                if now - p.stat().st_mtime > PART_TTL:
+                    p.unlink()
+            except FileNotFoundError:
+                pass

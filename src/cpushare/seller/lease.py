@@ -1,0 +1,190 @@
+"""The seller's side of a lease (the kvm model): fetch the ISO in chunks,
+boot it, relay its serial console, meter it, power it off.
+
+Mixed into `Seller` (core.py).  A lease is a session whose job is a qemu
+run (`models.qemu.QemuRun`): its console is the session's stream both
+ways; every METER_INTERVAL the guest's CPU time so far goes to the market
+(`meter`), which pays it as it runs.  `stop` from the market, the daemon's
+SIGTERM and the wall-clock limit power the guest off (ACPI, then a kill
+after POWERDOWN_GRACE); the `result` then carries the final CPU time.
+Pause stops the guest's vCPUs (QMP stop): its CPU time does not grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+
+from ..protocol import Message
+from .cache import CacheError
+
+log = logging.getLogger("cpushare.seller")
+
+METER_INTERVAL = 10.0  # seconds between `meter` reports of a running lease
+POWERDOWN_GRACE = 30.0  # seconds a guest has to power off before it is killed
+# Console output queued to the market past which the guest's console waits
+CONSOLE_BUDGET = 1 << 20
+
+
+class LeaseRuns:
+    """Mixed into Seller."""
+
+    METER_INTERVAL = METER_INTERVAL
+    POWERDOWN_GRACE = POWERDOWN_GRACE
+
+    # --- the image, in chunks -----------------------------------------------
+
+    async def _fetch_iso(self, digest: str):
+        """The image `digest` from the cache, or fetched from the market in
+        chunks from what is held of it.  CacheError for a bad one;
+        asyncio.TimeoutError when no chunk came for IMAGE_TIMEOUT."""
+        image = self._cache.get(digest)
+        if image is not None:
+            return image
+        fut = self._loop.create_future()
+        self._image_waiters[digest] = fut
+        self._image_progress[digest] = time.monotonic()
+        self._send("need_image", image=digest, offset=self._cache.held(digest))
+        try:
+            while True:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(fut), 5)
+                except asyncio.TimeoutError:
+                    if time.monotonic() - self._image_progress[digest] > self.IMAGE_TIMEOUT:
+                        raise
+        finally:
+            if self._image_waiters.get(digest) is fut:
+                del self._image_waiters[digest]
+            if not fut.done():
+                fut.cancel()
+
+    def _on_image_chunk(self, msg: Message) -> None:
+        d = msg["image"]
+        fut = self._image_waiters.get(d)
+        if fut is None or fut.done():
+            log.warning("unrequested image chunk %s ignored", d[:16],
+                        extra={"ORDER": self._order.name})
+            return
+        self._image_progress[d] = time.monotonic()
+        try:
+            done = self._cache.write(d, msg["offset"], msg.get("size") or 0, msg.payload)
+        except (CacheError, OSError) as e:
+            fut.set_exception(CacheError(str(e)))
+            return
+        if done:
+            task = self._loop.run_in_executor(None, self._cache.finish, d)
+
+            def finished(f: asyncio.Future) -> None:
+                if fut.done():
+                    return
+                if f.exception() is not None:
+                    fut.set_exception(CacheError(str(f.exception())))
+                else:
+                    fut.set_result(f.result())
+            task.add_done_callback(finished)
+
+    # --- the run --------------------------------------------------------------
+
+    def _stop_lease(self, r, why: str) -> None:
+        """Power the guest off; its run ends and the result settles the lease."""
+        if r.ending:
+            return
+        r.ending = why
+        job = r.job
+        log.info("lease %s/%s: powering off: %s", r.task, r.attempt, why,
+                 extra={"ORDER": self._order.name})
+        if job is None:  # not started yet (its image is on its way): it never starts
+            self._abort(r, why)
+            return
+        try:
+            job.powerdown(self.POWERDOWN_GRACE)
+        except Exception as e:  # (QMP gone: the guest is ending anyway)
+            log.warning("power-down of lease %s failed (%s); killing it", r.task, e)
+            job.kill()
+
+    async def _run_lease(self, r, image, limits):
+        """Boot `image`, relay its console, meter it until it is off."""
+        loop = self._loop
+        job = await loop.run_in_executor(None, self._model.start, image, limits)
+        r.job = job
+        if r.aborted:
+            job.kill()
+        elif r.ending:
+            job.powerdown(self.POWERDOWN_GRACE)
+        elif self._paused:
+            job.pause()
+        digest = hashlib.sha256()
+
+        def meter(state: str | None = None) -> None:
+            try:
+                cpu = job.cpu_seconds()
+            except OSError:
+                return  # (it has just ended: the result says the rest)
+            state = state or ("paused" if job.paused else "running")
+            self._send("meter", attempt=r.attempt, cpu_ms=-(-round(cpu * 1e6) // 1000),
+                       state=state)
+
+        def pump_out() -> None:
+            while True:
+                try:
+                    chunk = job.read()
+                except (OSError, ValueError):
+                    chunk = b""
+                if not chunk:
+                    return
+                digest.update(chunk)
+                loop.call_soon_threadsafe(self._send_stream, r.session, chunk)
+                while (not r.aborted and self._running is r and self._out is not None
+                       and self._out.buffered > CONSOLE_BUDGET):
+                    time.sleep(0.005)
+
+        async def pump_in() -> None:
+            while True:
+                chunk = await r.stream_in.get()
+                if chunk is None:
+                    return  # (the console stays: a guest needs no EOF)
+                r.took_input(len(chunk))
+                try:
+                    await loop.run_in_executor(None, job.write, chunk)
+                except (OSError, ValueError):
+                    return
+
+        async def clock() -> None:
+            used = 0.0  # seconds not paused
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(min(1.0, self.METER_INTERVAL))
+                now = time.monotonic()
+                if not job.paused:
+                    used += now - last
+                last = now
+                if limits.wall_seconds and used > limits.wall_seconds and not r.ending:
+                    self._stop_lease(r, f"wall-clock limit of {limits.wall_seconds:g} s")
+                if now - r.metered >= self.METER_INTERVAL:
+                    r.metered = now
+                    meter()
+
+        meter("booting")
+        r.metered = time.monotonic()
+        feeder = asyncio.create_task(pump_in())
+        timer = asyncio.create_task(clock())
+        try:
+            await loop.run_in_executor(None, pump_out)
+            result = await loop.run_in_executor(None, job.wait)
+        finally:
+            feeder.cancel()
+            timer.cancel()
+        self._send("stream", session=r.session, eof=True)
+        log.info("lease %s/%s: the guest is off (%s, %.1f s of CPU)", r.task, r.attempt,
+                 r.ending or result.reason, result.cpu_seconds,
+                 extra={"ORDER": self._order.name})
+        return result, digest
+
+    def _hello_fields(self) -> dict:
+        """What a kvm seller says in `hello`: its accelerator and its cache."""
+        if not self._model.chunked:
+            return {}
+        return {"accel": self._model.accel(), "cache": self._cache.max_bytes}
+
