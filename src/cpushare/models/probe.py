@@ -155,13 +155,14 @@ class Choice:
     tcg: Measurement | None = None
 
 
-def measure(accel: str, timeout: float, *, qemu: str = _qemu.QEMU) -> Measurement:
-    """Boot the probe guest under `accel` and time its loop; `timeout`
-    counts from qemu's start."""
+def measure(accel: str, timeout: float, *, qemu: str = _qemu.QEMU,
+            steps: int = STEPS) -> Measurement:
+    """Boot the probe guest (counting `steps` times 2^20) under `accel` and
+    time its loop; `timeout` counts from qemu's start."""
     deadline = time.monotonic() + timeout
     with tempfile.TemporaryDirectory(prefix="cpushare-probe-") as tmp:
         image = Path(tmp) / "probe.img"
-        image.write_bytes(boot_sector())
+        image.write_bytes(boot_sector(steps))
         try:
             run = _qemu.start(image, memory=MEMORY, cpus=1, accel=accel, workdir=Path(tmp),
                               qemu=qemu, media="floppy", console_budget=4096,
@@ -169,13 +170,13 @@ def measure(accel: str, timeout: float, *, qemu: str = _qemu.QEMU) -> Measuremen
         except _qemu.LaunchError as e:
             return Measurement(False, None, str(e))
         try:
-            return _watch(run, deadline, timeout)
+            return _watch(run, deadline, timeout, steps)
         finally:
             run.kill()
             run.wait()
 
 
-def _watch(run: _qemu.QemuRun, deadline: float, timeout: float) -> Measurement:
+def _watch(run: _qemu.QemuRun, deadline: float, timeout: float, steps: int) -> Measurement:
     seen = b""
     began = None
     while True:
@@ -199,10 +200,10 @@ def _watch(run: _qemu.QemuRun, deadline: float, timeout: float) -> Measurement:
     if began is None:
         return Measurement(False, None, f"the probe guest printed nothing within {timeout:g} s "
                                         f"(the firmware did not get to its boot sector)")
-    steps, ran = seen.count(b"."), time.monotonic() - began
-    estimate = ran * STEPS / steps if steps else None
+    done, ran = seen.count(b"."), time.monotonic() - began
+    estimate = ran * steps / done if done else None
     about = f", about {estimate:.1f} s for all of it" if estimate else ""
-    return Measurement(False, None, f"the probe guest ran {steps}/{STEPS} of its loop in "
+    return Measurement(False, None, f"the probe guest ran {done}/{steps} of its loop in "
                                     f"{ran:.2f} s{about} (timed out after {timeout:g} s)",
                        estimate)
 

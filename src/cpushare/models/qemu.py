@@ -431,8 +431,8 @@ class QemuRun:
         self.stderr = self._read_stderr()
         if self._qmp is not None:
             self._qmp.close()
-        _close(self._in, self._dirfd)
-        self._in = self._dirfd = None
+        _close(self._dirfd)  # (the console's pipes are the reader's and the writer's to close)
+        self._dirfd = None
         shutil.rmtree(self.workdir, ignore_errors=True)
         if self._own_workdir:
             shutil.rmtree(self.workdir.parent, ignore_errors=True)
@@ -445,7 +445,7 @@ class QemuRun:
                 self._reap()
             except Exception:
                 pass
-        _close(getattr(self, "_out", None))
+        _close(getattr(self, "_in", None), getattr(self, "_out", None))
 
 
 def start(iso: Path, *, memory: int, cpus: int, accel: str, workdir: Path | None = None,
