@@ -1,0 +1,165 @@
+"""The test guest ISO for the kvm computation model, built once and cached.
+
+``iso_path(kind)`` gives the ISO that ``tests/guest/build-iso`` makes from
+Debian's packages (the kernel of linux-image-amd64, busybox-static, GRUB),
+kept under ``$CPUSHARE_CACHE_DIR/guest/`` (the Makefile's CACHE_DIR,
+/var/cache/cpushare-dev by default) as ``<kind>-<key>.iso``.  The key is a
+digest of build-iso, the guest's init, the kernel package's name and
+version and the build's arguments, so a change to any of them makes a new
+ISO (and removes the old one of that kind).  The kernel .deb is kept in
+``guest/debs/``: a rebuild for the same kernel downloads nothing.  Two test
+processes take turns on ``guest/.lock`` (fcntl.flock): one builds, the other
+then finds the ISO.
+
+Kinds:
+
+- ``"marker"``: prints MARKER on its first serial port when it is up, then
+  ``cpushare-guest: uptime <seconds>`` about every second; a line
+  ``echo X`` read there is answered with ``X``.
+- ``"silent"``: never prints anything on its console.
+
+Both power off on the ACPI power button (QMP ``system_powerdown``) once
+they are up; a press before that (firmware, GRUB, kernel start) is lost, as
+on real hardware.  See tests/guest/README.md.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+MARKER = "CPUSHARE-GUEST-READY"
+UPTIME_PREFIX = "cpushare-guest: uptime "
+KINDS = ("marker", "silent")
+
+GUEST_DIR = Path(__file__).resolve().parent / "guest"
+BUILD_SCRIPT = GUEST_DIR / "build-iso"
+INIT_SCRIPT = GUEST_DIR / "init"
+QEMU = "qemu-system-x86_64"
+# What build-iso runs, and the package that brings it on Debian.
+BUILD_TOOLS = {
+    "bash": "bash",
+    "apt-get": "apt",
+    "apt-cache": "apt",
+    "dpkg-deb": "dpkg",
+    "tar": "tar",
+    "grub-mkrescue": "grub-common",
+    "xorriso": "xorriso",
+    "mformat": "mtools",
+    "cpio": "cpio",
+    "gzip": "gzip",
+}
+BUILD_FILES = {
+    "/usr/lib/grub/i386-pc": "grub-pc-bin",
+    "/bin/busybox": "busybox-static",
+}
+BUILD_TIMEOUT = 900  # s; a download of about 70 MB and a few seconds of work
+
+
+class GuestIsoError(RuntimeError):
+    """The guest ISO cannot be built or found; the message says why."""
+
+
+def cache_dir() -> Path:
+    """Where the guest ISOs and the kernel .deb are kept."""
+    return Path(os.environ.get("CPUSHARE_CACHE_DIR") or "/var/cache/cpushare-dev") / "guest"
+
+
+def missing_build_tools() -> str | None:
+    """Why this machine cannot build the ISO, or None."""
+    missing = [f"{tool} ({pkg})" for tool, pkg in BUILD_TOOLS.items() if shutil.which(tool) is None]
+    missing += [f"{path} ({pkg})" for path, pkg in BUILD_FILES.items() if not os.path.exists(path)]
+    if missing:
+        return "building the guest ISO needs " + ", ".join(missing) + ", which is not installed"
+    return None
+
+
+def missing_qemu() -> str | None:
+    """Why this machine cannot boot the ISO, or None."""
+    if shutil.which(QEMU) is None:
+        return f"booting the guest ISO needs {QEMU} (qemu-system-x86), which is not installed"
+    return None
+
+
+def _build_args(kind: str) -> list[str]:
+    if kind == "marker":
+        return ["--marker", MARKER]
+    if kind == "silent":
+        return ["--silent"]
+    raise ValueError(f"unknown guest ISO kind {kind!r}: one of {', '.join(KINDS)}")
+
+
+def _run_script(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["bash", str(BUILD_SCRIPT), *args], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout, check=True)
+    except subprocess.CalledProcessError as e:
+        raise GuestIsoError(f"{BUILD_SCRIPT.name} {' '.join(args)} failed "
+                            f"(exit {e.returncode}):\n{e.stderr.strip()}") from None
+    except subprocess.TimeoutExpired:
+        raise GuestIsoError(f"{BUILD_SCRIPT.name} {' '.join(args)} took over {timeout} s") from None
+
+
+def kernel_package(deb_dir: Path | None = None) -> tuple[str, str]:
+    """The kernel package the ISO is built from: (name, version), as
+    ``build-iso --print-kernel`` says (apt's candidate of
+    linux-image-amd64's versioned dependency, else the kept .deb)."""
+    deb_dir = cache_dir() / "debs" if deb_dir is None else deb_dir
+    out = _run_script(["--print-kernel", "--deb-dir", str(deb_dir)], timeout=60).stdout.split()
+    if len(out) != 2:
+        raise GuestIsoError(f"build-iso --print-kernel said {' '.join(out)!r}, not NAME VERSION")
+    return out[0], out[1]
+
+
+def iso_key(kind: str, kernel: tuple[str, str]) -> str:
+    h = hashlib.sha256()
+    for part in (BUILD_SCRIPT.read_bytes(), INIT_SCRIPT.read_bytes(),
+                 " ".join(kernel).encode(), "\0".join(_build_args(kind)).encode()):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def iso_path(kind: str = "marker", log=None) -> Path:
+    """The cached ISO of this kind, built first if it is not there yet.
+
+    Raises GuestIsoError (with the reason) when it cannot be built."""
+    args = _build_args(kind)
+    why = missing_build_tools()
+    if why is not None:
+        raise GuestIsoError(why)
+    base = cache_dir()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        lock = open(base / ".lock", "a")
+    except OSError as e:
+        raise GuestIsoError(f"cannot use the cache directory {base} ({e}); "
+                            "set CPUSHARE_CACHE_DIR to a writable directory") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it
+        debs = base / "debs"
+        kernel = kernel_package(debs)
+        iso = base / f"{kind}-{iso_key(kind, kernel)}.iso"
+        if iso.is_file():
+            return iso
+        if log is not None:
+            log(f"building the {kind} guest ISO {iso} ({kernel[0]} {kernel[1]})")
+        started = time.monotonic()
+        debs.mkdir(exist_ok=True)
+        tmp = base / f".{iso.name}.tmp{os.getpid()}"
+        try:
+            _run_script([str(tmp), *args, "--deb-dir", str(debs)], timeout=BUILD_TIMEOUT)
+            tmp.rename(iso)
+        finally:
+            tmp.unlink(missing_ok=True)
+        for old in base.glob(f"{kind}-*.iso"):
+            if old != iso:
+                old.unlink(missing_ok=True)
+        if log is not None:
+            log(f"built {iso} ({iso.stat().st_size} bytes) in {time.monotonic() - started:.0f} s")
+        return iso

@@ -1,0 +1,227 @@
+"""The test guest ISO (tests/guestiso.py, tests/guest/): it is an ISO 9660
+image, it is built once, and under plain qemu (TCG: the nested /dev/kvm of
+a test machine may hang) the marker guest comes up, answers its console
+and powers off on system_powerdown, while the silent one prints nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import guestiso  # noqa: E402
+
+BOOT_TIMEOUT = 90  # s to the marker; about 12 s under TCG here
+SILENT_WATCH = 20  # s the silent guest is watched for output
+POWERDOWN_TIMEOUT = 15  # s from system_powerdown to qemu's exit
+MAX_ISO_SIZE = 15 * 1000 * 1000
+
+
+def _report(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+@pytest.fixture(scope="module")
+def marker_iso() -> Path:
+    return guestiso.iso_path("marker", log=_report)
+
+
+@pytest.fixture(scope="module")
+def silent_iso() -> Path:
+    return guestiso.iso_path("silent", log=_report)
+
+
+def _needs_qemu() -> None:
+    why = guestiso.missing_qemu()
+    if why is not None:
+        pytest.skip(why)
+
+
+class Qemu:
+    """One plain qemu boot of an ISO: its first serial port on stdin and
+    stdout, QMP on a unix socket."""
+
+    def __init__(self, iso: Path) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="cpushare-qemu-", dir="/tmp")
+        self.qmp_path = os.path.join(self._dir.name, "qmp.sock")
+        self.stderr_path = os.path.join(self._dir.name, "stderr")
+        self.output = b""
+        self._cond = threading.Condition()
+        self._eof = False
+        self.started = time.monotonic()
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [guestiso.QEMU, "-nodefaults", "-no-user-config", "-machine", "q35",
+                 "-accel", "tcg", "-m", "256M", "-display", "none", "-no-reboot",
+                 "-cdrom", str(iso), "-serial", "stdio",
+                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._qmp: socket.socket | None = None
+        self._qmp_file = None
+
+    def _read(self) -> None:
+        fd = self.proc.stdout.fileno()
+        while True:
+            data = os.read(fd, 65536)
+            with self._cond:
+                if not data:
+                    self._eof = True
+                    self._cond.notify_all()
+                    return
+                self.output += data
+                self._cond.notify_all()
+
+    def text(self) -> str:
+        with self._cond:
+            return self.output.decode(errors="replace").replace("\r", "")
+
+    def wait_for(self, pattern: str, timeout: float) -> float | None:
+        """Seconds since the start until a line of the console matches the
+        regular expression `pattern` (re.M), or None at the timeout."""
+        rx = re.compile(pattern.encode(), re.M)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while rx.search(self.output.replace(b"\r", b"")) is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._eof:
+                    return None
+                self._cond.wait(min(left, 1.0))
+            return time.monotonic() - self.started
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def qmp(self, command: str) -> dict:
+        if self._qmp is None:
+            self._qmp = socket.socket(socket.AF_UNIX)
+            self._qmp.settimeout(10)
+            self._qmp.connect(self.qmp_path)
+            self._qmp_file = self._qmp.makefile("rwb")
+            json.loads(self._qmp_file.readline())  # the greeting
+            self.qmp("qmp_capabilities")
+        self._qmp_file.write(json.dumps({"execute": command}).encode() + b"\n")
+        self._qmp_file.flush()
+        while True:  # events may come before the answer
+            msg = json.loads(self._qmp_file.readline())
+            if "return" in msg or "error" in msg:
+                return msg
+
+    def stderr(self) -> str:
+        with open(self.stderr_path, errors="replace") as f:
+            return f.read()
+
+    def close(self) -> None:
+        if self._qmp is not None:
+            self._qmp_file.close()
+            self._qmp.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc.stdin.close()
+        self._reader.join(5)
+        self.proc.stdout.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> "Qemu":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def test_build_tools_present():
+    """A machine that can boot the guest must be able to build it: a
+    missing build tool is an error, not a skip."""
+    _needs_qemu()
+    assert guestiso.missing_build_tools() is None, guestiso.missing_build_tools()
+
+
+def test_iso_is_iso9660_and_small(marker_iso, silent_iso):
+    for iso in (marker_iso, silent_iso):
+        with open(iso, "rb") as f:
+            f.seek(0x8001)
+            assert f.read(5) == b"CD001", f"{iso} has no ISO 9660 volume descriptor"
+        size = iso.stat().st_size
+        _report(f"{iso.name}: {size} bytes")
+        assert size <= MAX_ISO_SIZE, f"{iso} is {size} bytes"
+    assert marker_iso != silent_iso
+
+
+def test_iso_is_cached(marker_iso):
+    """A second call finds the same file and builds nothing."""
+    before = marker_iso.stat()
+    started = time.monotonic()
+    again = guestiso.iso_path("marker")
+    assert again == marker_iso
+    assert again.stat().st_mtime_ns == before.st_mtime_ns
+    assert again.stat().st_ino == before.st_ino
+    assert time.monotonic() - started < 30
+    assert list(marker_iso.parent.glob("debs/linux-image-*.deb")), "the kernel .deb is not kept"
+
+
+def test_key_follows_inputs(marker_iso):
+    kernel = guestiso.kernel_package()
+    key = guestiso.iso_key("marker", kernel)
+    assert marker_iso.name == f"marker-{key}.iso"
+    assert guestiso.iso_key("silent", kernel) != key
+    assert guestiso.iso_key("marker", (kernel[0], kernel[1] + "+1")) != key
+    with pytest.raises(ValueError):
+        guestiso.iso_path("no-such-kind")
+
+
+def test_marker_guest_boots_answers_and_powers_off(marker_iso):
+    _needs_qemu()
+    with Qemu(marker_iso) as vm:
+        at = vm.wait_for(rf"^{re.escape(guestiso.MARKER)}$", BOOT_TIMEOUT)
+        assert at is not None, (f"no {guestiso.MARKER} in {BOOT_TIMEOUT} s:\n{vm.text()[-3000:]}"
+                                f"\n{vm.stderr()}")
+        _report(f"marker guest: {guestiso.MARKER} {at:.1f} s after qemu started (TCG)")
+
+        # The console's input reaches the guest: the answer is the line
+        # "hello-42" alone (an echo of the input would be "echo hello-42").
+        vm.send("echo hello-42")
+        assert vm.wait_for(r"^hello-42$", 20) is not None, vm.text()[-3000:]
+        assert vm.wait_for(r"^cpushare-guest: uptime [0-9.]+$", 10) is not None, vm.text()[-3000:]
+
+        assert "return" in vm.qmp("system_powerdown")
+        asked = time.monotonic()
+        try:
+            rc = vm.proc.wait(POWERDOWN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"qemu still runs {POWERDOWN_TIMEOUT} s after system_powerdown:\n"
+                        + vm.text()[-3000:])
+        _report(f"marker guest: powered off {time.monotonic() - asked:.1f} s after system_powerdown")
+        assert rc == 0, vm.stderr()
+        assert "reboot: Power down" in vm.text()
+
+
+def test_silent_guest_prints_nothing(silent_iso):
+    _needs_qemu()
+    with Qemu(silent_iso) as vm:
+        time.sleep(SILENT_WATCH)
+        assert vm.proc.poll() is None, vm.stderr()
+        assert vm.output == b"", f"the silent guest printed {vm.output[:500]!r}"
+        # It is up by now (about 12 s under TCG) and its acpid powers it off;
+        # a press still during its boot is lost, so press again until then.
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while vm.proc.poll() is None and time.monotonic() < deadline:
+            vm.qmp("system_powerdown")
+            try:
+                vm.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        assert vm.proc.poll() == 0, f"qemu still runs after system_powerdown: {vm.stderr()}"
+        assert vm.output == b""
