@@ -49,116 +49,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import secrets
 import ssl
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterable
 
 from .. import __version__, bytecode, protocol
 from ..order import BuyOrder
 from ..protocol import Message, ProtocolError
+from .base import (REFUSALS, Backoff, Clock, MarketError, TaskResult, _describe, _result,
+                   _Unreachable, certificate_problem)
+from .session import Session
 
 log = logging.getLogger("cpushare.buyer")
 
 __all__ = ["Backoff", "Clock", "Market", "MarketError", "Session", "TaskResult",
            "certificate_problem", "run_tasks"]
-
-
-class MarketError(Exception):
-    """The market refused a request or the connection failed for good."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class _Unreachable(MarketError):
-    """No TCP connection to the market at all (nothing listens, no route,
-    no such host, no answer): the first try of a first connection gives up
-    at once, any other tries again."""
-
-    def __init__(self, message: str):
-        super().__init__("connect", message)
-
-
-# Only these answers of the market stop the connecting; anything else that
-# ends a connection before or after `welcome` is a lost connection.
-REFUSALS = ("auth", "version")
-
-
-class Clock:
-    """The time and the sleeps of reconnecting: the event loop's.  Tests
-    pass a clock of their own, so that backoff runs without real waits."""
-
-    def time(self) -> float:
-        return asyncio.get_running_loop().time()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-
-@dataclass
-class Backoff:
-    """Exponential backoff with full jitter: the wait before retry n
-    (from 0) is uniform in [0, min(cap, base x 2^n)]."""
-
-    base: float = 0.1
-    cap: float = 10.0
-    rng: random.Random = field(default_factory=random.Random)
-
-    def delay(self, n: int) -> float:
-        return self.rng.uniform(0.0, min(self.cap, self.base * 2.0 ** min(n, 64)))
-
-
-def certificate_problem(ca_pem: str, cert_pem: str, key_pem: str) -> str | None:
-    """Why a market of this CA would refuse this certificate in the TLS
-    handshake (it has expired, is not yet valid, or is not of this CA), or
-    None.  Found by a handshake in memory in which our own certificate is
-    checked the way the market checks it: the market drops such a
-    connection without a word, which a client cannot tell from a market
-    that restarts."""
-    server = protocol.server_context(ca_pem, cert_pem, key_pem)
-    client = protocol.client_context(ca_pem, cert_pem, key_pem)
-    client.check_hostname = False
-    client.verify_mode = ssl.CERT_NONE  # the other end is ourselves
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    c = client.wrap_bio(c_in, c_out)
-    s = server.wrap_bio(s_in, s_out, server_side=True)
-    for _ in range(4):  # TLS 1.3 takes two turns
-        for end, out, into in ((c, c_out, s_in), (s, s_out, c_in)):
-            try:
-                end.do_handshake()
-                if end is s:
-                    return None
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLCertVerificationError as e:
-                return e.verify_message or str(e)
-            into.write(out.read())
-    raise RuntimeError("certificate_problem: the handshake in memory did not end")
-
-
-@dataclass(frozen=True)
-class TaskResult:
-    ref: str
-    task: int | None
-    exit_status: int | None
-    signal: int | None
-    reason: str
-    cpu_ms: int
-    cost_milli: int
-    attempts: int
-    output: bytes
-    code: str | None = None  # set when the market failed the task (`failed`)
-    index: int = -1  # position of the task's input in what was passed to map()
-
-    @property
-    def ok(self) -> bool:
-        """The market accepted a result and the job exited with status 0."""
-        return self.code is None and self.exit_status == 0 and self.signal is None
-
 
 def _pack(image: bytecode.Image | bytes | bytearray | memoryview) -> tuple[str, bytes]:
     """(digest, packed image) for an Image or an already packed one."""
@@ -700,135 +605,6 @@ class Market:
     def session(self, image: bytecode.Image | bytes, *, cpu_ms: int | None = None) -> "Session":
         """An interactive job: ``async with m.session(image) as s: ...``."""
         return Session(self, image, cpu_ms)
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror and not isinstance(e, ssl.SSLError):
-        return e.strerror
-    if isinstance(e, asyncio.TimeoutError):
-        return "timed out"
-    return str(e) or type(e).__name__
-
-
-def _result(msg: Message, index: int) -> TaskResult:
-    if msg.type == "done":
-        return TaskResult(ref=msg["ref"], task=msg["task"], exit_status=msg["exit_status"],
-                          signal=msg["signal"], reason=msg["reason"], cpu_ms=msg["cpu_ms"],
-                          cost_milli=msg["cost_milli"], attempts=msg["attempts"],
-                          output=msg.payload, index=index)
-    return TaskResult(ref=msg["ref"], task=msg.get("task"), exit_status=None, signal=None,
-                      reason=f"{msg['code']}: {msg['message']}", cpu_ms=0, cost_milli=0,
-                      attempts=0, output=b"", code=msg["code"], index=index)
-
-
-class Session:
-    """One interactive job, its stdin and stdout streamed over the market."""
-
-    def __init__(self, market: Market, image, cpu_ms: int | None):
-        self._market = market
-        self._image = image
-        self._cpu_ms = cpu_ms
-        self.id: int | None = None
-        self.result: TaskResult | None = None
-        self._chunks: asyncio.Queue = asyncio.Queue()
-        self._eof = False
-        self._done = asyncio.get_event_loop().create_future()
-        self._input_closed = False
-
-    async def __aenter__(self) -> "Session":
-        m = self._market
-        digest = await m.upload(self._image)
-        ref = m._new_ref()
-        fut = asyncio.get_running_loop().create_future()
-        m._opens[ref] = fut
-        fields = {"ref": ref, "image": digest}
-        if self._cpu_ms is not None:
-            fields["cpu_ms"] = self._cpu_ms
-        m._send("open", **fields)
-        await m._drain()
-        self.id = await fut
-        m._sessions[self.id] = self
-        return self
-
-    async def __aexit__(self, exc_type, exc, tb) -> None:
-        if self._done.done():
-            return
-        if not self._input_closed:
-            try:
-                await self.close_input()
-            except (MarketError, ConnectionError, OSError):
-                return
-        if exc_type is None:
-            await self.wait()
-
-    async def write(self, data: bytes) -> None:
-        """Send bytes to the job's standard input."""
-        if self._input_closed:
-            raise MarketError("task", f"session {self.id}: input already closed")
-        m = self._market
-        try:
-            # frames no bigger than the market accepts
-            step = max(1, min(m._max_payload, 1 << 20))
-            for i in range(0, len(data), step):
-                m._send("stream", bytes(data[i:i + step]), session=self.id, eof=False)
-                await m._drain()
-        except (ConnectionError, OSError) as e:
-            raise MarketError("connect", f"session {self.id}: {e}") from None
-
-    async def close_input(self) -> None:
-        """End of the job's standard input."""
-        if self._input_closed:
-            return
-        self._input_closed = True
-        try:
-            self._market._send("stream", session=self.id, eof=True)
-            await self._market._drain()
-        except (ConnectionError, OSError) as e:
-            raise MarketError("connect", f"session {self.id}: {e}") from None
-
-    async def read(self) -> bytes:
-        """The next bytes the job wrote to its standard output; b"" at its end."""
-        if self._eof and self._chunks.empty():
-            return b""
-        chunk = await self._chunks.get()
-        if isinstance(chunk, MarketError):
-            raise chunk
-        if chunk == b"":
-            self._eof = True
-        return chunk
-
-    async def read_all(self) -> bytes:
-        out = []
-        while chunk := await self.read():
-            out.append(chunk)
-        return b"".join(out)
-
-    async def wait(self) -> TaskResult:
-        """Wait for the job to end; its result (output is not repeated there)."""
-        return await asyncio.shield(self._done)
-
-    # called by the Market's read loop
-    def _stream(self, payload: bytes, eof: bool) -> None:
-        if payload:
-            self._chunks.put_nowait(payload)
-        if eof and not self._eof:
-            self._chunks.put_nowait(b"")
-
-    def _closed(self, msg: Message) -> None:
-        self._chunks.put_nowait(b"")
-        self.result = TaskResult(
-            ref="", task=self.id, exit_status=msg.get("exit_status"), signal=msg.get("signal"),
-            reason=msg.get("reason") or "", cpu_ms=msg.get("cpu_ms") or 0,
-            cost_milli=msg.get("cost_milli") or 0, attempts=1, output=b"")
-        if not self._done.done():
-            self._done.set_result(self.result)
-
-    def _lost(self, why: str) -> None:
-        err = MarketError("connect", f"session {self.id}: {why}")
-        self._chunks.put_nowait(err)
-        if not self._done.done():
-            self._done.set_exception(err)
-            self._done.exception()  # mark retrieved: wait() may never be called
 
 
 def run_tasks(order: BuyOrder, image: bytecode.Image | bytes, inputs: Iterable[bytes], *,
