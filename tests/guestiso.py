@@ -75,7 +75,8 @@ def missing_build_tools() -> str | None:
     missing = [f"{tool} ({pkg})" for tool, pkg in BUILD_TOOLS.items() if shutil.which(tool) is None]
     missing += [f"{path} ({pkg})" for path, pkg in BUILD_FILES.items() if not os.path.exists(path)]
     if missing:
-        return "building the guest ISO needs " + ", ".join(missing) + ", which is not installed"
+        return ("building the guest ISO needs " + ", ".join(missing)
+                + (", which are" if len(missing) > 1 else ", which is") + " not installed")
     return None
 
 
