@@ -15,6 +15,7 @@ DEB_DEPS = \
 	python3-configobj python3-daemon python3-seccomp \
 	python3-pytest python3-hypothesis python3-numpy python3-matplotlib python3-pil python3-scipy \
 	dbus systemd-container mmdebstrap iproute2 \
+	qemu-system-x86 grub-pc-bin grub-common xorriso mtools busybox-static cpio \
 	debhelper dh-python devscripts lintian fakeroot man-db groff-base
 
 .PHONY: all deps build check test bench demo deb clean

@@ -58,12 +58,13 @@ from ..order import BuyOrder
 from ..protocol import Message, ProtocolError
 from .base import (REFUSALS, Backoff, Clock, MarketError, TaskResult, _describe, _result,
                    _Unreachable, certificate_problem)
+from .cluster import Cluster, LeaseClient, Node, NodeEvent
 from .session import Session
 
 log = logging.getLogger("cpushare.buyer")
 
-__all__ = ["Backoff", "Clock", "Market", "MarketError", "Session", "TaskResult",
-           "certificate_problem", "run_tasks"]
+__all__ = ["Backoff", "Clock", "Cluster", "Market", "MarketError", "Node", "NodeEvent",
+           "Session", "TaskResult", "certificate_problem", "run_tasks"]
 
 def _pack(image: bytecode.Image | bytes | bytearray | memoryview) -> tuple[str, bytes]:
     """(digest, packed image) for an Image or an already packed one."""
@@ -76,7 +77,7 @@ def _pack(image: bytecode.Image | bytes | bytearray | memoryview) -> tuple[str, 
 _LOST = object()  # put in result queues when the connection drops
 
 
-class Market:
+class Market(LeaseClient):
     """One buyer connection to the market of a buy order.
 
     `clock` and `backoff` set how reconnecting waits (see Clock, Backoff)."""
@@ -118,6 +119,7 @@ class Market:
         self._out: protocol.FrameWriter | None = None  # frames out, while _writer is set
         # refs cancelled (map() left early) -> their answer, `failed` (cancelled) or `done`
         self._cancelling: dict[str, asyncio.Future] = {}
+        self._init_leases()
 
     # --- connection ----------------------------------------------------------
 
@@ -313,9 +315,12 @@ class Market:
         for s in list(self._sessions.values()):
             s._lost(why)
         self._sessions.clear()
+        self._leases_lost(why)
 
     def _dispatch(self, msg: Message) -> None:
         t = msg.type
+        if self._on_lease_frame(msg):
+            return
         if t == "ping":
             self._send("pong", **({"t": msg["t"]} if "t" in msg.fields else {}))
         elif t == "image_ok":
@@ -407,6 +412,8 @@ class Market:
             if fut is not None and not fut.done():
                 fut.set_exception(MarketError(code, text))
                 return
+        if code == "image" and self._image_error(text):
+            return
         if code == "image" and self._uploads:
             # an image error without a ref: it answers the oldest upload
             digest = next(iter(self._uploads))

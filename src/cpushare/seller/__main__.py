@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path,
                    help="image cache directory (default ~/.cache/cpushare/images-NAME)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every task (DEBUG)")
+    p.add_argument("--meter-interval", type=float, default=None, metavar="SECONDS",
+                   help="kvm: seconds between the CPU-time reports of a lease (10)")
     p.add_argument("--test-corrupt-outputs", action="store_true",
                    help="TESTS ONLY: report corrupted outputs (a dishonest seller)")
     args = p.parse_args(argv)
@@ -62,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cls = _CorruptingSeller if args.test_corrupt_outputs else Seller
     seller = cls(order, cache_dir=args.cache_dir or _default_cache(order.name))
+    if args.meter_interval is not None:
+        if not 0.1 <= args.meter_interval <= 3600:
+            print("cpushare.seller: --meter-interval must be 0.1..3600 seconds", file=sys.stderr)
+            return 2
+        seller.METER_INTERVAL = args.meter_interval
 
     def reload() -> None:
         try:

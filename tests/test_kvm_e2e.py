@@ -1,0 +1,128 @@
+"""The kvm model end to end, for real: a market server process, kvm sellers
+(`python -m cpushare.seller` processes booting the test ISO under qemu,
+TCG), and the buyer SDK's clusters.  Each node prints its marker on its
+serial console, answers on it, is paid as it runs and is powered off."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import guestiso
+from cpushare.buyer import Market
+from cpushare.order import load_buy
+
+from test_e2e_support import LocalMarket, wait_for
+
+pytestmark = pytest.mark.skipif(guestiso.missing_qemu() is not None,
+                                reason=str(guestiso.missing_qemu()))
+
+MARKER = guestiso.MARKER.encode()
+BOOT = 180  # seconds a TCG boot may take here, loaded (about 15 s alone)
+ASK, BID = "36.000", "72.000"  # CPUCoins per CPU-hour: 10 and 20 milli a CPU-second
+COINS = 100_000
+
+
+@pytest.fixture(scope="module")
+def iso() -> Path:
+    return guestiso.iso_path("marker")
+
+
+@pytest.fixture
+def market(tmp_path):
+    m = LocalMarket(tmp_path / "market")
+    m.account("buyer", COINS)
+    for name in ("alice", "bob"):
+        m.account(name)
+    m.serve()
+    yield m
+    m.close()
+    for pid in _qemus():  # a seller killed with -9 leaves its qemu (a unit's cgroup would not)
+        _kill(pid)
+
+
+def _qemus() -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if cmd and cmd[0].endswith(b"qemu-system-x86_64") and b"cpushare" in b" ".join(cmd):
+                out.append(int(d))
+    return out
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def kvm_seller(m: LocalMarket, account: str, name: str, memory: str = "512M"):
+    path = m.sell_order(account, name, price=ASK, model="kvm", memory=memory, accel="tcg")
+    return m.seller(path, "--meter-interval", "1")
+
+
+def kvm_buy_order(m: LocalMarket, name: str = "buyer", **kw) -> Path:
+    path = m.root / f"{name}.buy"
+    args = ["buy-order", "add", "buyer", "--price", BID, "--model", "kvm", "--memory", "256M",
+            "--max-cpu-seconds", "3600", "--output", str(path)]
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    m.cli(*args)
+    return path
+
+
+def image_bytes_sent(m: LocalMarket) -> int:
+    n = 0
+    for line in m.server.text().splitlines():
+        if "bytes sent to seller" in line:
+            n += int(line.split(": ")[-1].split(" bytes")[0])
+    return n
+
+
+def test_a_cluster_of_two_boots_answers_is_paid_and_powers_off(market, iso):
+    kvm_seller(market, "alice", "a0")
+    kvm_seller(market, "bob", "b0")
+    order = load_buy(kvm_buy_order(market))
+
+    async def main():
+        async with Market(order) as m:
+            c = await m.cluster(iso, nodes=2, name="t")
+            assert m.image_bytes_sent == iso.stat().st_size
+            await asyncio.gather(*(n.wait_for(MARKER, BOOT) for n in c.nodes))
+            assert {n.seller for n in c.nodes} == {"alice", "bob"}
+            assert c.all_running()
+            node = c.nodes[0]
+            await node.write_console(b"echo hello-42\n")
+            await node.wait_for(b"\nhello-42", 60)
+            # paid as it runs: reports come every second
+            t0 = time.monotonic()
+            while not all(n.cost_milli > 0 for n in c.nodes):
+                assert time.monotonic() - t0 < 60, [n.as_dict() for n in c.nodes]
+                await asyncio.sleep(0.2)
+            await c.down()
+            assert all(n.state == "ended" for n in c.nodes), [n.as_dict() for n in c.nodes]
+            spent = c.cost_milli()
+            # the same ISO again: the market and the sellers hold it, no byte moves
+            sent = image_bytes_sent(market)
+            before = m.image_bytes_sent
+            c2 = await m.cluster(iso, nodes=1, name="again")
+            assert m.image_bytes_sent == before
+            await c2.nodes[0].wait_for(MARKER, BOOT)
+            await c2.down()
+            return spent + c2.cost_milli(), sent
+    spent, sent = asyncio.run(main())
+    assert sent == 2 * iso.stat().st_size  # once to each seller
+    assert image_bytes_sent(market) == sent  # and not again
+    earned = market.balance_milli("alice") + market.balance_milli("bob")
+    assert spent > 0 and earned == spent == COINS * 1000 - market.balance_milli("buyer")
+    assert market.ledger_check().returncode == 0, market.ledger_check().stdout
