@@ -3,9 +3,10 @@
 The root is made once by mmdebstrap and kept under $CPUSHARE_CACHE_DIR
 (the Makefile's CACHE_DIR, /var/cache/cpushare-dev by default) as
 ``nspawn/bookworm-<key>``, where the key is a digest of the package list:
-systemd, systemd-sysv and dbus, plus every package the Depends: of
-debian/control name (so that installing our .deb files needs no download:
-the container is offline).
+systemd, systemd-sysv and dbus, plus every package the Depends: and
+Recommends: of debian/control name (so that installing our .deb files needs
+no download: the container is offline; qemu-system-x86, which the kvm model
+needs, is a Recommends:).
 A change to that list makes a new root and removes the old one.
 
 The container has a network namespace of its own (``--private-network``,
@@ -59,14 +60,15 @@ def missing_requirements() -> str | None:
 
 
 def control_dependencies(control: Path) -> list[str]:
-    """The first alternative of every Depends: entry of the binary packages
-    in debian/control, without substitution variables and our own packages."""
+    """The first alternative of every Pre-Depends:, Depends: and Recommends:
+    entry of the binary packages in debian/control, without substitution
+    variables and our own packages."""
     deps: set[str] = set()
     for para in re.split(r"\n\s*\n", control.read_text()):
         fields = dict(re.findall(r"^([\w-]+):(.*(?:\n[ \t].*)*)", para, re.M))
         if "Package" not in fields:
             continue
-        for field in ("Pre-Depends", "Depends"):
+        for field in ("Pre-Depends", "Depends", "Recommends"):
             for entry in fields.get(field, "").split(","):
                 first = entry.split("|")[0].strip()
                 name = re.sub(r"[\s(\[<].*", "", first, flags=re.S)
