@@ -42,11 +42,12 @@ def market(tmp_path):
     m.serve()
     yield m
     m.close()
-    for pid in _qemus():  # a seller killed with -9 leaves its qemu (a unit's cgroup would not)
+    for pid in _qemus(m.root):  # a seller killed with -9 leaves its qemu (a unit's cgroup would not)
         _kill(pid)
 
 
-def _qemus() -> list[int]:
+def _qemus(root: Path) -> list[int]:
+    """qemu processes booting an ISO of a seller cache under `root`."""
     out = []
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -54,7 +55,8 @@ def _qemus() -> list[int]:
                 cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
             except OSError:
                 continue
-            if cmd and cmd[0].endswith(b"qemu-system-x86_64") and b"cpushare" in b" ".join(cmd):
+            if (cmd and cmd[0].endswith(b"qemu-system-x86_64")
+                    and str(root).encode() in b" ".join(cmd)):
                 out.append(int(d))
     return out
 
@@ -125,4 +127,66 @@ def test_a_cluster_of_two_boots_answers_is_paid_and_powers_off(market, iso):
     assert image_bytes_sent(market) == sent  # and not again
     earned = market.balance_milli("alice") + market.balance_milli("bob")
     assert spent > 0 and earned == spent == COINS * 1000 - market.balance_milli("buyer")
+    assert market.ledger_check().returncode == 0, market.ledger_check().stdout
+
+
+def test_kill_9_of_a_seller_mid_lease_tells_the_buyer_and_settles_once(market, iso):
+    p = kvm_seller(market, "alice", "a0")
+    order = load_buy(kvm_buy_order(market))
+
+    async def main():
+        async with Market(order) as m:
+            c = await m.cluster(iso, nodes=1, name="k")
+            node = c.nodes[0]
+            await node.wait_for(MARKER, BOOT)
+            t0 = time.monotonic()
+            while node.cost_milli == 0:
+                assert time.monotonic() - t0 < 60, node.as_dict()
+                await asyncio.sleep(0.2)
+            p.kill9()
+            async for ev in c.events():
+                if ev.node is node and ev.state in ("lost", "ended"):
+                    break
+            assert node.state == "lost" and "seller running the lease was lost" in node.reason
+            return node.cost_milli
+    paid = asyncio.run(main())
+    assert paid > 0
+    assert market.balance_milli("alice") == paid  # paid up to its last report, once
+    assert market.balance_milli("buyer") == COINS * 1000 - paid
+    assert market.ledger_check().returncode == 0, market.ledger_check().stdout
+
+
+def test_kill_9_of_the_market_mid_lease_keeps_the_guest_and_takes_the_lease_back(market, iso):
+    kvm_seller(market, "alice", "a0")
+    order = load_buy(kvm_buy_order(market))
+
+    async def main():
+        async with Market(order) as m:
+            c = await m.cluster(iso, nodes=1, name="r")
+            node = c.nodes[0]
+            await node.wait_for(MARKER, BOOT)
+            qemus = _qemus(market.root)
+            assert len(qemus) == 1
+            market.server.kill9()
+            assert market.ledger_check().returncode == 0  # also at this moment
+            market.serve()
+            market.wait_connected("a0", count=2, timeout=60)  # the seller is back
+            # the buyer's SDK reconnects by itself; the market gives the lease back
+            t0 = time.monotonic()
+            while True:
+                try:
+                    await node.write_console(b"echo after-restart\n")
+                    await node.wait_for(b"\nafter-restart", 5)
+                    break
+                except (ConnectionError, asyncio.TimeoutError):
+                    assert time.monotonic() - t0 < 120, node.as_dict()
+                    await asyncio.sleep(1)
+            assert _qemus(market.root) == qemus  # the same guest, never restarted
+            assert node.state == "running", node.as_dict()
+            await c.down()
+            assert node.state == "ended", node.as_dict()
+            return node.cost_milli
+    paid = asyncio.run(main())
+    assert paid > 0 and market.balance_milli("alice") == paid
+    assert market.balance_milli("buyer") == COINS * 1000 - paid
     assert market.ledger_check().returncode == 0, market.ledger_check().stdout

@@ -110,7 +110,8 @@ R, O = True, False
 SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
     "hello": {"version": (Int(0, 2**31), R), "role": (STR, R), "software": (STR, O),
               "instance": (STR, O), "output_frames": (BOOL, O), "acks": (BOOL, O),
-              "accel": (STR, O), "cache": (BYTES, O)},
+              "accel": (STR, O), "cache": (BYTES, O), "lease_attempt": (ID, O),
+              "lease_cpu_ms": (MS, O)},
     "welcome": {"version": (Int(0, 2**31), R), "account": (STR, R), "order": (OPT_ID, O),
                 "max_payload": (Int(1, 1 << 32), R), "heartbeat": (Int(1, 86_400), R),
                 "prefetch": (Int(0, 16), O), "output_chunks": (Int(1, 1 << 32), O),

@@ -241,6 +241,8 @@ class Market(LeaseClient):
 
     async def close(self) -> None:
         self._closed = True
+        if self._lease_reconnect is not None:
+            self._lease_reconnect.cancel()
         w = self._writer
         self._writer = None
         if self._read_task is not None:

@@ -211,6 +211,7 @@ class LeaseClient:
         self._wants: dict[str, asyncio.Queue] = {}  # chunked uploads: their answers
         self._nodes: dict[int, Node] = {}  # session -> node
         self._node_refs: dict[str, Node] = {}  # ref -> node
+        self._lease_reconnect: asyncio.Task | None = None
 
     async def upload_iso(self, path: str | os.PathLike) -> str:
         """Send the ISO at `path` to the market in chunks from what it holds
@@ -289,3 +290,19 @@ class LeaseClient:
         the nodes run on, the market gives them back on reconnection."""
         for q in self._wants.values():
             q.put_nowait(MarketError("connect", f"upload interrupted: {why}"))
+        live = [n for n in self._nodes.values() if n.state not in END_STATES]
+        if live and self.reconnect and not self._closed and self._lease_reconnect is None:
+            # nothing else may need the connection soon: the nodes do
+            self._lease_reconnect = asyncio.get_running_loop().create_task(
+                self._reconnect(self._generation))
+            self._lease_reconnect.add_done_callback(self._reconnected)
+
+    def _reconnected(self, task: asyncio.Task) -> None:
+        self._lease_reconnect = None
+        if task.cancelled():
+            return
+        e = task.exception()
+        if e is not None:  # the nodes cannot be followed any more: say so on each
+            for n in list(self._nodes.values()):
+                n.reason = f"the connection to the market is lost: {e}"
+                n._set("lost", n.reason)

@@ -20,11 +20,15 @@ import time
 
 from ..protocol import MS_PER_HOUR, Message, ProtocolError, cost_milli, encode
 from .conn import BuyerConn, SellerConn
-from .state import Final, Rejection, TaskState
+from .state import Final, Rejection, TaskState, wall_ms_for
 
 log = logging.getLogger("cpushare.market")
 
 LEASE_AHEAD_MS = 60_000  # CPU time held in escrow ahead of a lease's use
+# After a restart the market waits this long for the seller of each lease that
+# was running (its guest runs on, and it reconnects saying so) before ending it.
+LEASE_GRACE = 120.0
+LEASE_MODELS = ("kvm",)  # models whose work is leases (models.Model.leases)
 STATES = ("booting", "running", "paused")  # what a seller's `meter` may say
 
 
@@ -72,6 +76,64 @@ class Leases:
                 t.buyer = b
                 b.sessions[t.id] = t
                 self._after_commit(lambda t=t: self._tell(t, t.lease_state, t.ending or None))
+
+    # --- a market restart -----------------------------------------------------
+
+    def _recover_lease(self, t: TaskState, attempts) -> None:
+        """A lease of before the restart: it waits for its seller (recover())."""
+        o = self.store.buy_order(t.buy_order_id)
+        t.lease, t.memory, t.accel, t.boot_seconds = True, o.memory, o.accel, o.boot_seconds
+        t.image_size = self.store.image_size(t.image) or 0
+        t.lease_state, t.console_seen = "running", True
+        self.leases[t.id] = t
+        self.open_leases[o.id] += 1
+        running = [a for a in attempts if a.state == "running"]
+        t.paid_milli = sum(a.paid_milli for a in attempts)
+        if not running:  # it had no seller yet: it waits for one again
+            t.lease_state, t.console_seen = "waiting", False
+            self.matcher.enqueue(t)
+            return
+        a = running[-1]
+        t.metered_ms = a.cpu_ms or 0
+        t.started += 1
+        t.orphan = (a.id, a.sell_order_id)
+        self.orphans[a.id] = t
+
+    def _reclaim_lease(self, s: SellerConn, aid: int, cpu_ms: int) -> None:
+        """Seller `s` reconnected running lease attempt `aid` (hello): it is its
+        again, paid for what ran meanwhile; an attempt the market does not
+        hold for it is stopped."""
+        t = self.orphans.get(aid)
+        if t is None or t.orphan[1] != s.order_id or s.attempts:
+            log.info("%s runs lease attempt %d, which is not its: stopping it", s, aid)
+            s.stale.add(aid)
+            s.write(encode("stop", attempt=aid))
+            return
+        del self.orphans[aid]
+        now = time.monotonic()
+        wall_ms = wall_ms_for(t.cpu_ms, s.order.wall_seconds * 1000)
+        s.attempts[aid] = (t, wall_ms)
+        s.head_since, s.deadline = now, now + (wall_ms + self.grace_ms) / 1000
+        s.credit = 0
+        t.running[aid] = s
+        t.used_accounts.add(s.account_id)
+        t.started_at = now
+        self.busy[s] = None
+        self.matcher.holds(s, 1)
+        log.info("lease %d is back on %s", t.id, s)
+        self._pay_lease(t, s, aid, cpu_ms)
+        self._after_commit(lambda: self._tell(t, t.lease_state, seller=s.account))
+
+    def _orphans_expire(self) -> None:
+        """LEASE_GRACE after a restart: the leases whose seller did not come back end."""
+        for aid, t in list(self.orphans.items()):
+            del self.orphans[aid]
+            if self.tasks.get(t.id) is t:
+                self._tx().set_attempt_state(aid, "lost", t.paid_milli)
+                self._fail(t, "task", f"the seller running the lease was lost: it did not "
+                                      f"come back within {self.lease_grace:g} s of the "
+                                      f"market's restart")
+        self._schedule()
 
     def _unfit(self, t: TaskState, cap: int = 10_000) -> str | None:
         """Why no connected seller could ever take lease `t` (None: one could)."""

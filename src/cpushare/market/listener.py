@@ -205,6 +205,8 @@ class Listener:
                           order=cert.order_id, max_payload=self.max_payload,
                           heartbeat=self.heartbeat, prefetch=PREFETCH, **extra))
         log.info("%s connected (%s)", conn, m.get("software") or "unknown software")
+        if role == "seller" and m.get("lease_attempt") is not None:
+            self._reclaim_lease(conn, m["lease_attempt"], m.get("lease_cpu_ms") or 0)
         if role == "buyer":  # what finished while it was away and is not acked, as committed
             self._after_commit(lambda: self._owe_all(conn))
         return conn

@@ -38,7 +38,7 @@ from .commit import COMMIT_DELAY, GroupCommit
 from .conn import BuyerConn, Conn, SellerConn
 from .imagefiles import ImageFiles
 from .images import IMAGE_TTL, ImageHandlers
-from .leases import Leases
+from .leases import LEASE_GRACE, LEASE_MODELS, Leases
 from .listener import PAYLOAD_BUDGET, Listener
 from .matching import Matcher
 from .sellers import SellerHandlers
@@ -60,7 +60,7 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
                  commit_delay: float = COMMIT_DELAY, max_wait: float = 0.0,
                  max_open_tasks: int = MAX_OPEN_TASKS, max_sessions: int = MAX_SESSIONS,
                  result_budget: int = RESULT_BUDGET, image_ttl: float = IMAGE_TTL,
-                 result_ttl: float = RESULT_TTL):
+                 result_ttl: float = RESULT_TTL, lease_grace: float = LEASE_GRACE):
         self._init_commit(store, commit_delay)
         self.heartbeat = heartbeat
         self.max_wait = max_wait  # seconds a task may wait for a seller (0: for ever)
@@ -80,6 +80,8 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
         self.image_bytes_sent = 0  # ... sent to sellers, in all
         self.leases: dict[int, TaskState] = {}  # open leases (leases.py), by task id
         self.open_leases: Counter = Counter()  # buy order -> its open leases
+        self.orphans: dict[int, TaskState] = {}  # attempt -> lease awaiting its seller
+        self.lease_grace = lease_grace
         self.image_ttl = image_ttl
         self.result_ttl = result_ttl
         self._input_bytes = 0  # of small inputs kept in memory (buyers.INPUT_BUDGET)
@@ -112,13 +114,14 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
 
         Runs in the event loop, before the market listens.  Interactive
         sessions cannot resume (their streams are gone): they fail and are
-        refunded.
+        refunded.  Leases wait LEASE_GRACE for their sellers, whose guests
+        run on (leases.py).
         """
         self._recovered = True
         store = self.store
         store.begin()
         try:
-            n = store.lose_running_attempts()
+            n = store.lose_running_attempts(keep_models=LEASE_MODELS)
             images = store.collect_images(self.image_ttl)
             store.commit()
         except BaseException:
@@ -148,7 +151,10 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
                 elif a.state == "lost":
                     t.lost += 1
             self.tasks[t.id] = t
-            if t.session:
+            if t.session and row.model in LEASE_MODELS:
+                self.open_tasks[t.buyer_account_id, True] += 1
+                self._recover_lease(t, store.attempts(row.id))
+            elif t.session:
                 self.open_tasks[t.buyer_account_id, True] += 1
                 self._fail(t, "task", "the market restarted during the session")
             else:
@@ -156,6 +162,10 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
         if n or self.tasks:
             log.info("recovered %d queued tasks; %d attempts running at the last stop "
                      "were lost and are requeued", len(self.tasks), n)
+        if self.orphans:
+            log.info("%d leases wait %g s for their sellers to come back", len(self.orphans),
+                     self.lease_grace)
+            asyncio.get_running_loop().call_later(self.lease_grace, self._orphans_expire)
 
     # --- hooks of the group commit ------------------------------------------
 

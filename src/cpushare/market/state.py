@@ -105,6 +105,7 @@ class TaskState:
     started_at: float | None = None  # (monotonic) when its guest started
     console_seen: bool = False
     ending: str = ""  # why it is being powered off
+    orphan: tuple | None = None  # after a restart: (attempt, sell order) awaiting its seller
 
     def best(self) -> tuple[ResultKey | None, int]:
         """The result most attempts agree on, and how many."""

@@ -122,6 +122,7 @@ class AttemptRow:
     exit_status: int | None
     signal: int | None
     reason: str | None
+    paid_milli: int = 0  # (a lease's attempt is paid as it runs)
 
 
 @dataclass
@@ -271,7 +272,9 @@ class Store(abc.ABC):
     def metered(self, attempt_id: int, cpu_ms: int, paid_milli: int) -> None:
         """A running lease's attempt: its CPU time and what it was paid so far."""
     @abc.abstractmethod
-    def lose_running_attempts(self) -> int: ...
+    def lose_running_attempts(self, keep_models: tuple[str, ...] = ()) -> int:
+        """Mark running attempts lost, but those of open sessions of `keep_models`
+        (leases, whose guests run on while the market restarts)."""
     @abc.abstractmethod
     def finish_task(self, task_id: int, state: str, *,  # also releases its escrow field exit_status: int | None = None,
                     signal: int | None = None, reason: str = "", cpu_ms: int = 0,
@@ -865,7 +868,7 @@ class SQLiteStore(Store):
     def attempts(self, task_id: int) -> list[AttemptRow]:
         return [AttemptRow(*r) for r in self.db.execute(
             "SELECT id, task_id, sell_order_id, seller_account_id, state, ask_milli, cpu_ms, "
-            "output_sha256, exit_status, signal, reason FROM attempts WHERE task_id = ? "
+            "output_sha256, exit_status, signal, reason, paid_milli FROM attempts WHERE task_id = ? "
             "ORDER BY id", (task_id,))]
 
     def attempt_returned(self, attempt_id, cpu_ms, output_sha256, exit_status, signal, reason,
@@ -899,9 +902,12 @@ class SQLiteStore(Store):
         row = self.db.execute("SELECT output FROM attempts WHERE id = ?", (attempt_id,)).fetchone()
         return self._get(f"a{attempt_id}.out", row[0] if row else None)
 
-    def lose_running_attempts(self) -> int:
-        return self.db.execute("UPDATE attempts SET state = 'lost' WHERE state = 'running'"
-                               ).rowcount
+    def lose_running_attempts(self, keep_models: tuple[str, ...] = ()) -> int:
+        marks = ", ".join("?" * len(keep_models)) or "NULL"
+        return self.db.execute(
+            f"UPDATE attempts SET state = 'lost' WHERE state = 'running' AND task_id NOT IN "
+            f"(SELECT id FROM tasks WHERE state = 'queued' AND session = 1 AND model IN "
+            f"({marks}))", keep_models).rowcount
 
     def finish_task(self, task_id, state, *, exit_status=None, signal=None, reason="",
                     cpu_ms=0, cost_milli=0, attempts=0, output=b"", fail_code=None,

@@ -83,6 +83,7 @@ class _Running:
     _room: asyncio.Event | None = None
     started: float = dataclasses.field(default_factory=time.monotonic)
     ending: str = ""  # a lease: why its guest is being powered off
+    detached_at: float | None = None  # a lease: since when the market is away
     metered: float = 0.0  # a lease: when its last `meter` went
 
 
@@ -180,6 +181,7 @@ class Seller(LeaseRuns):
         self._queued: Message | None = None  # the task held, prefetched
         self._image_waiters: dict[str, asyncio.Future] = {}
         self._image_progress: dict[str, float] = {}  # chunked images: last chunk's time
+        self._unsent_result: tuple | None = None  # a lease's, ended while the market was away
         self._last_rx = 0.0
         self._last_keepalive = 0.0  # (see _keep_alive)
         self._welcomed = False
@@ -442,6 +444,7 @@ class Seller(LeaseRuns):
                      msg.get("order"), extra={"ORDER": order.name})
             watchdog = asyncio.create_task(self._watchdog(writer, heartbeat))
             try:
+                self._lease_reattached()
                 self._send_ready()
                 while True:
                     msg = await protocol.read_message(reader, max_payload)
@@ -470,11 +473,14 @@ class Seller(LeaseRuns):
             self._writer = None
             self._queued = None  # the market requeues it
             r = self._running
-            if r is not None:
-                self._abort(r, "the connection to the market was lost")
-            if self._task_coro is not None:
-                self._task_coro.cancel()
-                self._task_coro = None
+            if r is not None and self._lease_detaches(r):
+                pass  # the guest runs on; the next connection says so (lease.py)
+            else:
+                if r is not None:
+                    self._abort(r, "the connection to the market was lost")
+                if self._task_coro is not None:
+                    self._task_coro.cancel()
+                    self._task_coro = None
             for fut in self._image_waiters.values():
                 if not fut.done():
                     fut.cancel()
@@ -755,10 +761,13 @@ class Seller(LeaseRuns):
                 out_sha, out_len = protocol.digest(payload), len(payload)
             else:  # the output went to the buyer as `stream` frames
                 payload, out_sha, out_len = b"", streamed.hexdigest(), -1
-            await self._send_async(
-                "result", payload, attempt=r.attempt, exit_status=result.exit_status,
-                signal=result.signal, reason=result.reason or "", cpu_ms=cpu_ms,
-                output_sha256=out_sha)
+            res = dict(attempt=r.attempt, exit_status=result.exit_status,
+                       signal=result.signal, reason=result.reason or "", cpu_ms=cpu_ms,
+                       output_sha256=out_sha)
+            if r.detached_at is not None and self._writer is None:
+                self._unsent_result = (payload, res)  # sent when the market is back
+            else:
+                await self._send_async("result", payload, **res)
             outcome = "ok" if result.exit_status == 0 else "failed"
             st = self._status
             self._set(tasks_done=st.tasks_done + 1,

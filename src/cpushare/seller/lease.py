@@ -23,6 +23,9 @@ from .cache import CacheError
 log = logging.getLogger("cpushare.seller")
 
 METER_INTERVAL = 10.0  # seconds between `meter` reports of a running lease
+# A lease whose market connection is lost runs on this long (the market may be
+# restarting: it takes the lease back when we reconnect); then it is powered off.
+LEASE_GRACE = 120.0
 POWERDOWN_GRACE = 30.0  # seconds a guest has to power off before it is killed
 # Console output queued to the market past which the guest's console waits
 CONSOLE_BUDGET = 1 << 20
@@ -33,6 +36,46 @@ class LeaseRuns:
 
     METER_INTERVAL = METER_INTERVAL
     POWERDOWN_GRACE = POWERDOWN_GRACE
+    LEASE_GRACE = LEASE_GRACE
+
+    # --- a lost connection ------------------------------------------------------
+
+    def _lease_detaches(self, r) -> bool:
+        """The connection is lost while `r` runs: a lease's guest runs on
+        (for LEASE_GRACE) unless we are stopping; whether it does."""
+        if not (self._model.leases and r.session is not None) or self._stopping or r.aborted:
+            return False
+        if r.detached_at is None:
+            r.detached_at = time.monotonic()
+            log.warning("lease %s/%s: the market connection is lost; the guest runs on for "
+                        "up to %g s", r.task, r.attempt, self.LEASE_GRACE,
+                        extra={"ORDER": self._order.name})
+        return True
+
+    def _lease_reattached(self) -> None:
+        """After `welcome`: the lease (or its result) is ours again."""
+        r = self._running
+        if r is not None and r.detached_at is not None:
+            r.detached_at = None
+            self._set(state="paused" if self._paused else "running",
+                      current_task=f"{r.task}/{r.attempt}")
+        if self._unsent_result is not None:
+            payload, fields = self._unsent_result
+            self._unsent_result = None
+            self._send("result", payload, **fields)
+
+    def _lease_hello(self) -> dict:
+        r = self._running
+        if self._unsent_result is not None:
+            return {"lease_attempt": self._unsent_result[1]["attempt"],
+                    "lease_cpu_ms": self._unsent_result[1]["cpu_ms"]}
+        if r is None or r.session is None or r.job is None:
+            return {}
+        try:
+            cpu = r.job.cpu_seconds()
+        except OSError:
+            cpu = 0.0
+        return {"lease_attempt": r.attempt, "lease_cpu_ms": -(-round(cpu * 1e6) // 1000)}
 
     # --- the image, in chunks -----------------------------------------------
 
@@ -162,6 +205,10 @@ class LeaseRuns:
                 last = now
                 if limits.wall_seconds and used > limits.wall_seconds and not r.ending:
                     self._stop_lease(r, f"wall-clock limit of {limits.wall_seconds:g} s")
+                if (r.detached_at is not None and not r.ending
+                        and now - r.detached_at > self.LEASE_GRACE):
+                    self._stop_lease(r, f"the market did not come back within "
+                                        f"{self.LEASE_GRACE:g} s")
                 if now - r.metered >= self.METER_INTERVAL:
                     r.metered = now
                     meter()
@@ -186,5 +233,6 @@ class LeaseRuns:
         """What a kvm seller says in `hello`: its accelerator and its cache."""
         if not self._model.chunked:
             return {}
-        return {"accel": self._model.accel(), "cache": self._cache.max_bytes}
+        return {"accel": self._model.accel(), "cache": self._cache.max_bytes,
+                **self._lease_hello()}
 
