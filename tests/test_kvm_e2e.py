@@ -190,3 +190,76 @@ def test_kill_9_of_the_market_mid_lease_keeps_the_guest_and_takes_the_lease_back
     assert paid > 0 and market.balance_milli("alice") == paid
     assert market.balance_milli("buyer") == COINS * 1000 - paid
     assert market.ledger_check().returncode == 0, market.ledger_check().stdout
+
+
+def test_bad_clusters_are_told_clearly_and_the_market_serves_on(market, iso, tmp_path):
+    """Each bad request gets a clear answer naming what and where; an honest
+    cluster of the same buyer boots meanwhile, and the ledger holds."""
+    kvm_seller(market, "alice", "a0")  # 512 MiB of memory, a 20 GiB cache, TCG
+    order = load_buy(kvm_buy_order(market))
+    big = load_buy(kvm_buy_order(market, "big", memory="4G"))
+    fast = load_buy(kvm_buy_order(market, "fast", accel="kvm"))
+    not_iso = tmp_path / "notes.iso"
+    not_iso.write_bytes(b"not an ISO\n" * 10_000)
+
+    async def main():
+        async with Market(order) as m, Market(big) as mb, Market(fast) as mf:
+            with pytest.raises(Exception) as e:
+                await m.cluster(not_iso, nodes=1)
+            assert getattr(e.value, "code", None) == "image", e.value
+            assert "not an ISO 9660 image" in str(e.value)
+            # more memory than any seller offers: it waits, and says why
+            cb = await mb.cluster(iso, nodes=1, name="big")
+            ev = await cb._events.get()
+            assert ev.state == "waiting" and "4096 MiB of memory" in ev.message, ev
+            # accel = kvm where no seller's KVM works (TCG here): it waits, saying so
+            cf = await mf.cluster(iso, nodes=1, name="fast")
+            ev = await cf._events.get()
+            assert ev.state == "waiting" and "working KVM" in ev.message, ev
+            c = await m.cluster(iso, nodes=1, name="honest")  # served all the same
+            await c.nodes[0].wait_for(MARKER, BOOT)
+            await c.down()
+            await cb.down()
+            await cf.down()
+            assert cb.nodes[0].state == cf.nodes[0].state == "ended"
+            assert cb.cost_milli() == cf.cost_milli() == 0
+    asyncio.run(main())
+    assert market.ledger_check().returncode == 0, market.ledger_check().stdout
+
+
+def test_an_iso_larger_than_every_sellers_cache_waits_saying_so(market, iso):
+    path = market.sell_order("alice", "tiny", price=ASK, model="kvm", memory="512M",
+                             accel="tcg", cache="1M")
+    market.seller(path, "--meter-interval", "1")
+    order = load_buy(kvm_buy_order(market))
+
+    async def main():
+        async with Market(order) as m:
+            c = await m.cluster(iso, nodes=1)
+            ev = await c._events.get()
+            assert ev.state == "waiting" and "a cache of" in ev.message, ev
+            await c.down()
+    asyncio.run(main())
+    assert market.ledger_check().returncode == 0
+
+
+def test_an_iso_that_never_prints_ends_as_not_booting(market):
+    silent = guestiso.iso_path("silent")
+    path = market.sell_order("alice", "a0", price=ASK, model="kvm", memory="512M", accel="tcg")
+    market.seller(path, "--meter-interval", "1", "--powerdown-grace", "2")
+    order = load_buy(kvm_buy_order(market, boot_seconds=20))
+
+    async def main():
+        async with Market(order) as m:
+            c = await m.cluster(silent, nodes=1)
+            node = c.nodes[0]
+            async for ev in c.events():
+                if ev.state == "ended":
+                    break
+            assert node.reason.startswith("not booting: the node printed nothing on its "
+                                          "console within 20 s"), node.reason
+            assert node.console == b""
+            return node.cost_milli
+    paid = asyncio.run(main())
+    assert market.balance_milli("alice") == paid > 0  # its CPU time was used all the same
+    assert market.ledger_check().returncode == 0

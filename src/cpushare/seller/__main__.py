@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true", help="log every task (DEBUG)")
     p.add_argument("--meter-interval", type=float, default=None, metavar="SECONDS",
                    help="kvm: seconds between the CPU-time reports of a lease (10)")
+    p.add_argument("--powerdown-grace", type=float, default=None, metavar="SECONDS",
+                   help="kvm: seconds a guest has to power off before it is killed (30)")
     p.add_argument("--test-corrupt-outputs", action="store_true",
                    help="TESTS ONLY: report corrupted outputs (a dishonest seller)")
     args = p.parse_args(argv)
@@ -69,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             print("cpushare.seller: --meter-interval must be 0.1..3600 seconds", file=sys.stderr)
             return 2
         seller.METER_INTERVAL = args.meter_interval
+    if args.powerdown_grace is not None:
+        if not 0 <= args.powerdown_grace <= 3600:
+            print("cpushare.seller: --powerdown-grace must be 0..3600 seconds", file=sys.stderr)
+            return 2
+        seller.POWERDOWN_GRACE = args.powerdown_grace
 
     def reload() -> None:
         try:

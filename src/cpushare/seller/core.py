@@ -202,6 +202,12 @@ class Seller(LeaseRuns):
             return
         failures = 0
         try:
+            try:
+                self._model.check_host()  # (kvm: measures the accelerator once)
+            except models.HostError as e:
+                log.error("cannot sell: %s", e, extra={"ORDER": self._order.name})
+                self._set(state="error", last_error=str(e))
+                return
             while not self._stopping:
                 self._set(state="paused" if self._paused else "connecting")
                 self._session_task = asyncio.create_task(self._session())
