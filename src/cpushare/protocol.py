@@ -141,7 +141,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
     # a lease (a session of the kvm model) is paid as it runs: the seller
     # reports the CPU time used so far, the market settles it and tells the buyer
     "meter": {"attempt": (ID, R), "cpu_ms": (MS, R), "state": (STR, O)},
-    "lease": {"session": (ID, R), "state": (STR, R), "cpu_ms": (MS, R),
+    "lease": {"session": (ID, R), "ref": (STR, O), "state": (STR, R), "cpu_ms": (MS, R),
               "cost_milli": (MONEY, R), "seller": (OPT_STR, O), "message": (OPT_STR, O)},
     "cancel": {"ref": (STR, R)},
     # buyer
