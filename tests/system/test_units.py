@@ -25,20 +25,37 @@ UNIT = ROOT / "systemd" / "cpushare@.service"
 SERVER_UNIT = ROOT / "systemd" / "cpushare-server.service"
 INIT = ROOT / "debian" / "cpushare.init"
 EXPOSURE_BOUND = 2.0
+KVM_EXPOSURE_BOUND = 2.5  # a kvm instance: the unit plus the generator's drop-in
 
 # What the daemon and its sandbox call (DESIGN.md, sandbox.py): the unit's
 # filter must let them through, or the daemon dies of SIGSYS/EPERM.
 SANDBOX_SYSCALLS = ("seccomp", "prctl", "memfd_create", "mmap", "munmap", "clone", "clone3",
                     "fork", "vfork", "close_range", "setrlimit", "prlimit64", "wait4",
                     "waitid", "kill", "execve", "socket", "connect", "sendmsg", "recvmsg")
+# What qemu-system-x86_64 7.2 calls for the kvm model (strace -f of the probe
+# guest under TCG and under KVM, and of the test ISO's boot under TCG with
+# -smp 2), and accept4 for its QMP socket: the same filter must let it through.
+QEMU_SYSCALLS = (
+    "access", "accept4", "arch_prctl", "bind", "brk", "clock_nanosleep", "clone", "clone3",
+    "close", "eventfd2", "execve", "exit", "exit_group", "fchdir", "fcntl", "ftruncate",
+    "futex", "get_mempolicy", "getdents64", "getpeername", "getpid", "getrandom",
+    "getsockname", "gettid", "io_uring_setup", "ioctl", "listen", "lseek", "madvise",
+    "memfd_create", "mmap", "mprotect", "munmap", "newfstatat", "openat", "poll", "ppoll",
+    "prctl", "pread64", "prlimit64", "read", "readlink", "readv", "restart_syscall", "rseq",
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sched_getaffinity", "seccomp",
+    "set_mempolicy", "set_robust_list", "set_tid_address", "signalfd4", "socket", "statfs",
+    "sysinfo", "tgkill", "uname", "unlink", "write", "writev")
 
 
 def run_generator(config: Path, out: Path, *extra_env: tuple[str, str]):
     dirs = [out / "normal", out / "early", out / "late"]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
+    groups = out / "group"
+    if not groups.exists():
+        groups.write_text("root:x:0:\nkvm:x:994:\ncpushare:x:996:\n")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CPUSHARE_CONFIG_DIR": str(config),
-           **dict(extra_env)}
+           "CPUSHARE_GROUP_FILE": str(groups), **dict(extra_env)}
     r = subprocess.run(["/bin/sh", str(GENERATOR), *map(str, dirs)], env=env,
                        capture_output=True, text=True, check=True)
     return r, dirs
@@ -94,6 +111,177 @@ def test_generator_unit_dir_can_be_moved(tmp_path):
     assert wants(normal) == {"cpushare@cpu0.service": "/usr/lib/systemd/system/cpushare@.service"}
 
 
+# --- the kvm model's drop-in -------------------------------------------------
+
+MiB = 1 << 20
+DEVICE = {"BindPaths": "-/dev/kvm", "DeviceAllow": "/dev/kvm rw", "SupplementaryGroups": "kvm"}
+
+
+@pytest.fixture(scope="module")
+def pki():
+    from cpushare.market import ca
+
+    auth = ca.make_ca()
+    return auth, ca.issue(auth.cert_pem, auth.key_pem, "o1")
+
+
+def write_order(pki, path: Path, **kw) -> Path:
+    from cpushare import order
+
+    auth, leaf = pki
+    order.write_sell(path, host="market.example.org", port=7300, price_milli=10,
+                     ca_pem=auth.cert_pem, cert_pem=leaf.cert_pem, key_pem=leaf.key_pem, **kw)
+    return path
+
+
+def dropins(normal: Path) -> dict[str, str]:
+    """{instance: its drop-in's text} for every drop-in the generator wrote."""
+    found = {}
+    for d in normal.glob("cpushare@*.service.d"):
+        assert [f.name for f in d.iterdir()] == ["50-kvm.conf"], list(d.iterdir())
+        found[d.name[len("cpushare@"):-len(".service.d")]] = (d / "50-kvm.conf").read_text()
+    return found
+
+
+def settings(text: str) -> dict[str, str]:
+    """The drop-in's assignments (all in [Service]), comments left out."""
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert lines[0] == "[Service]", text
+    return dict(line.split("=", 1) for line in lines[1:])
+
+
+def daemon_share() -> int:
+    """What cpushare@.service's MemoryMax= leaves the daemon beside the
+    largest seccomp job: a kvm instance leaves it the same beside the guest."""
+    from cpushare import bytecode
+    from cpushare.order import parse_size
+
+    (value,) = unit_values("MemoryMax")
+    return parse_size(value) - bytecode.USER_MAX
+
+
+def memory_max(guest_mib: int) -> str:
+    from cpushare.models.kvm import QEMU_OVERHEAD
+
+    return f"{(guest_mib * MiB + QEMU_OVERHEAD + daemon_share()) // MiB}M"
+
+
+@pytest.mark.parametrize("accel, memory", [
+    ("auto", 256 * MiB), ("kvm", 512 * MiB), ("tcg", 1 << 30), ("auto", 1_000_000),
+    ("kvm", 4096), ("tcg", 1 << 40)])
+def test_generator_gives_a_kvm_order_what_qemu_needs(tmp_path, pki, accel, memory):
+    """The drop-in agrees with what the daemon reads from the same file:
+    MemoryMax= is the guest's memory (in MiB, rounded up as qemu's -m is)
+    plus qemu's overhead plus the daemon's share; /dev/kvm only where the
+    order may use KVM."""
+    from cpushare.order import load_sell
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    path = write_order(pki, etc / "vm0.cpu", model="kvm", accel=accel, memory=memory)
+    write_order(pki, etc / "cpu0.cpu")  # seccomp: no drop-in
+    sold = load_sell(path)
+    r, (normal, _, _) = run_generator(etc, tmp_path / "out")
+    assert r.stderr == ""
+    assert set(wants(normal)) == {"cpushare@vm0.service", "cpushare@cpu0.service"}
+    found = dropins(normal)
+    assert list(found) == ["vm0"]
+    got = settings(found["vm0"])
+    assert got.pop("MemoryMax") == memory_max(-(-sold.limits.memory // MiB)), found
+    assert got == (DEVICE if sold.accel in ("auto", "kvm") else {}), found
+    assert f"accel = {sold.accel}" in found["vm0"] and str(path) in found["vm0"]
+
+
+def test_generator_adds_the_kvm_group_only_where_it_exists(tmp_path, pki):
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    write_order(pki, etc / "vm0.cpu", model="kvm")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "group").write_text("root:x:0:\nkvmx:x:5:\ncpushare:x:996:kvm\n")
+    _, (normal, _, _) = run_generator(etc, out)
+    got = settings(dropins(normal)["vm0"])
+    assert got["DeviceAllow"] == "/dev/kvm rw" and "SupplementaryGroups" not in got, got
+
+
+def test_generator_reads_configobj_as_configobj_does(tmp_path):
+    """Quotes, comments, blanks, CRLF, a section header with a comment, and
+    triple-quoted values whose lines look like keys; only the keys of the
+    right section count."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "quoted.cpu").write_text(
+        "# model = seccomp\n  'model' =   \"kvm\"   # a comment\n\taccel='tcg'\n"
+        'note = """\n[limits]\nmemory = 64G\nmodel = seccomp\n"""\n'
+        "[ limits ]   # per task\n memory = 2 GiB \n")
+    (etc / "crlf.cpu").write_bytes(b"model = kvm\r\naccel = kvm\r\n[limits]\r\nmemory = 1g\r\n")
+    (etc / "oneline.cpu").write_text("model = kvm\nca = '''x'''\n[limits]\nmemory = 08M\n")
+    (etc / "section.cpu").write_text("price = 1\n[limits]\nmodel = kvm\n")  # not top level
+    (etc / "upper.cpu").write_text("model = KVM\n")  # configobj's option() is exact
+    (etc / "list.cpu").write_text("model = kvm, seccomp\n")
+    (etc / "later.cpu").write_text("[limits]\nmemory = 1G\n[credentials]\nmemory = 9G\n"
+                                   "model = kvm\n")
+    r, (normal, _, _) = run_generator(etc, tmp_path / "out")
+    assert r.stderr == ""
+    got = {name: settings(text) for name, text in dropins(normal).items()}
+    assert got == {"quoted": {"MemoryMax": memory_max(2048)},
+                   "crlf": {"MemoryMax": memory_max(1024), **DEVICE},
+                   "oneline": {"MemoryMax": memory_max(8), **DEVICE}}, got
+    assert len(wants(normal)) == 7
+
+
+def test_a_bad_order_never_breaks_the_generator(tmp_path):
+    """Garbage, a memory that is no size, an accel that is no accelerator,
+    an unterminated value: every order still gets its instance; a kvm order
+    the default memory (256M) and no device it may not need; a message names
+    the file."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "garbage.cpu").write_bytes(bytes(range(256)) * 8 + b"\nmodel = kvm")
+    (etc / "memory.cpu").write_text("model = kvm\n[limits]\nmemory = lots\n")
+    (etc / "huge.cpu").write_text("model = kvm\n[limits]\nmemory = 99999999999999T\n")
+    (etc / "tiny.cpu").write_text("model = kvm\n[limits]\nmemory = 4095\n")
+    (etc / "accel.cpu").write_text("model = kvm\naccel = fast \\\nDeviceAllow=/dev/sda rw\n")
+    (etc / "empty.cpu").write_text("")
+    (etc / "unterminated.cpu").write_text('model = kvm\nca = """\n[limits]\nmemory = 1T\n')
+    r, (normal, _, _) = run_generator(etc, tmp_path / "out")
+    assert len(wants(normal)) == 7
+    got = {name: settings(text) for name, text in dropins(normal).items()}
+    default = {"MemoryMax": memory_max(256)}
+    # (garbage.cpu's last line, unterminated, says model = kvm: read past the garbage)
+    assert got == {"garbage": {**default, **DEVICE}, "memory": {**default, **DEVICE},
+                   "huge": {**default, **DEVICE}, "tiny": {**default, **DEVICE},
+                   "accel": default, "unterminated": {**default, **DEVICE}}, got
+    for name in ("memory", "huge", "tiny"):
+        assert f"{etc}/{name}.cpu: [limits] memory = " in r.stderr, r.stderr
+    assert "sda" not in "".join(dropins(normal).values())
+
+
+def test_offline_security_exposure_of_a_kvm_instance(tmp_path, pki):
+    """The unit with the generator's drop-in for a kvm order of accel = auto
+    (the most it gives), rated offline from a root that holds both."""
+    analyze = _analyze()
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    write_order(pki, etc / "vm0.cpu", model="kvm", memory=2 << 30)
+    _, (normal, _, _) = run_generator(etc, tmp_path / "out")
+    units = tmp_path / "root" / "etc" / "systemd" / "system"
+    units.mkdir(parents=True)
+    shutil.copy(UNIT, units / UNIT.name)
+    shutil.copytree(normal / "cpushare@vm0.service.d", units / "cpushare@vm0.service.d")
+    r = subprocess.run([analyze, "security", "--offline=true", "--no-pager",
+                        f"--root={tmp_path / 'root'}", "cpushare@vm0.service"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    m = re.search(r"Overall exposure level for cpushare@vm0\.service:\s+([\d.]+)", r.stdout)
+    if m is None:
+        pytest.skip(f"systemd-analyze security --offline does not work here: {r.stderr.strip()}")
+    assert "/dev/kvm:rw" in r.stdout, r.stdout  # the drop-in was read
+    assert float(m.group(1)) <= KVM_EXPOSURE_BOUND, r.stdout
+    for must in ("MemoryDenyWriteExecute=", "PrivateDevices=", "SystemCallFilter=~@privileged"):
+        line = next(line for line in r.stdout.splitlines() if must in line)
+        assert line.lstrip().startswith("✓"), line
+
+
 def unit_values(key: str, unit: Path = UNIT) -> list[str]:
     return re.findall(rf"^{key}=(.*)$", unit.read_text(), re.M)
 
@@ -102,7 +290,8 @@ def test_restart_is_prevented_for_the_daemons_permanent_refusals():
     from cpushare import daemon
 
     prevented = {int(v) for line in unit_values("RestartPreventExitStatus") for v in line.split()}
-    assert prevented == {daemon.EXIT_CONFIG, daemon.EXIT_NO_SECCOMP, daemon.EXIT_SANDBOX}
+    assert prevented == {daemon.EXIT_CONFIG, daemon.EXIT_NO_SECCOMP, daemon.EXIT_SANDBOX,
+                         daemon.EXIT_NO_ACCEL}
 
 
 def test_unit_names_its_documentation_and_its_target():
@@ -145,9 +334,11 @@ def _expand(item: str, groups: dict[str, set[str]]) -> set[str]:
     return out
 
 
-def test_syscall_filter_lets_the_sandbox_work():
+@pytest.mark.parametrize("needs", [SANDBOX_SYSCALLS, QEMU_SYSCALLS], ids=["sandbox", "qemu"])
+def test_syscall_filter_lets_the_sandbox_and_qemu_work(needs):
     """Evaluate the unit's SystemCallFilter= lines the way systemd does: the
-    first (an allow list) sets the list, "~" lines take away, others add."""
+    first (an allow list) sets the list, "~" lines take away, others add.
+    The kvm drop-in adds no filter: qemu runs under the seccomp model's."""
     groups = _group_syscalls(_analyze())
     allowed: set[str] = set()
     for line in unit_values("SystemCallFilter"):
@@ -156,7 +347,7 @@ def test_syscall_filter_lets_the_sandbox_work():
         for item in line.lstrip("~").split():
             items |= _expand(item, groups)
         allowed = allowed - items if deny else allowed | items
-    missing = [s for s in SANDBOX_SYSCALLS if s not in allowed]
+    missing = [s for s in needs if s not in allowed]
     assert not missing, f"cpushare@.service's SystemCallFilter= refuses {missing}"
 
 
