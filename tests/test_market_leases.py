@@ -338,3 +338,68 @@ def test_a_buyer_that_reconnects_takes_its_running_leases_back(lm):
         await lm.stop()
     run(main())
     assert_ledger_ok(lm)
+
+
+def test_a_buyer_cannot_fill_the_markets_disk_with_unfinished_uploads(lm):
+    """Uploads in progress count in the account's quota, and at most a few
+    run at once per account; an honest buyer uploads meanwhile."""
+    from cpushare.market import images
+
+    async def main():
+        await lm.start()
+        lm.account("mallory", COINS)
+        o = lm.buy("mallory", BID, model="kvm", memory=512 << 20)
+        evil = await Peer.open(o, "buyer")
+        for i in range(images.MAX_UPLOADS_PER_ACCOUNT):
+            await evil.send("image_offer", image=f"{i:064x}", size=1 << 30)
+            assert (await evil.expect("image_want"))["offset"] == 0
+        await evil.send("image_offer", image="f" * 64, size=1 << 30)
+        e = await evil.expect("error")
+        assert e["code"] == "limit" and "takes 4 at once" in e["message"], e
+        honest = await kvm_buyer(lm)
+        _, sent = await upload(honest, fake_iso())
+        assert sent > 0
+        # a quota past its bytes: 64 GiB at most, the unfinished ones included
+        await evil.send("image_offer", image="e" * 64, size=images.FILE_QUOTA)
+        assert (await evil.expect("error"))["code"] == "limit"
+        for p in (evil, honest):
+            await p.close()
+        await lm.stop()
+    run(main())
+    assert_ledger_ok(lm)
+
+
+def test_meter_reports_faster_than_the_floor_are_not_paid_each(lm):
+    """A seller that floods `meter` costs the market one ledger write per
+    METER_MIN_INTERVAL, not one per frame; the lease's pay stays exact."""
+    from cpushare.market import leases
+    iso = fake_iso()
+
+    async def main():
+        await lm.start()
+        b = await kvm_buyer(lm)
+        d, _ = await upload(b, iso)
+        s = await kvm_seller(lm)
+        await b.send("open", ref="n", image=d)
+        sid = (await b.expect("opened"))["session"]
+        task = await s.expect("task")
+        await fetch_image(s, d)
+        before = lm.market.store.ledger_summary()["transactions"]
+        for i in range(1, 2001):
+            await s.send("meter", attempt=task["attempt"], cpu_ms=i, state="running")
+        await s.sync()
+        lm.market.commit_now()
+        writes = lm.market.store.ledger_summary()["transactions"] - before
+        assert writes <= 3, writes  # the first report, and at most a couple after the floor
+        await b.send("close", session=sid)
+        await until(s, "stop")
+        await s.send("result", attempt=task["attempt"], exit_status=0, signal=None, reason="",
+                     cpu_ms=2000, output_sha256=protocol.digest(b""))
+        closed = await until(b, "closed", session=sid)
+        assert closed["cpu_ms"] == 2000 and closed["cost_milli"] == 2000 * ASK // MS_PER_HOUR
+        await b.close()
+        await s.close()
+        await lm.stop()
+    assert leases.METER_MIN_INTERVAL > 0
+    run(main())
+    assert_ledger_ok(lm)

@@ -17,6 +17,7 @@ COMMANDS = {
     "cc": ("cpushare.toolchain.cli", "build a bytecode image from C sources"),
     "run": ("cpushare.runjob", "run a bytecode image locally in the seller's sandbox"),
     "buy": ("cpushare.buyer.cli", "buy CPU time: run one task per input file on the market"),
+    "cluster": ("cpushare.buyer.clustercli", "lease nodes that boot an ISO (kvm) and steer them"),
 }
 
 

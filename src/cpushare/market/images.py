@@ -29,6 +29,7 @@ IMAGE_QUOTA = 1 << 30
 FILE_QUOTA = 64 << 30
 IMAGE_TTL = 7 * 86400
 SEND_BUDGET = 4 << 20  # image bytes queued to one seller before the sender waits
+MAX_UPLOADS_PER_ACCOUNT = 4  # big images being received at once, per account
 
 
 class ImageHandlers:
@@ -41,6 +42,14 @@ class ImageHandlers:
 
     def _quota(self, b: BuyerConn, d: str, size: int, quota: int) -> bool:
         n, used = self.store.image_usage(b.account_id)
+        if quota == FILE_QUOTA:  # the images on their way count too
+            ups = [u for u in self.image_files.uploads.values() if u.account_id == b.account_id]
+            if len(ups) >= MAX_UPLOADS_PER_ACCOUNT:
+                self._refuse_image(b, "limit", f"image {d[:16]}: account {b.account} is "
+                                               f"sending {len(ups)} images already; the market "
+                                               f"takes {MAX_UPLOADS_PER_ACCOUNT} at once")
+                return False
+            n, used = n + len(ups), used + sum(u.size for u in ups)
         if n >= MAX_IMAGES or used + size > quota:
             self._refuse_image(b, "limit", f"image {d[:16]}: account {b.account} stores {n} "
                                            f"images of {used} bytes; the market keeps at most "

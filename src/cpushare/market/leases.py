@@ -15,6 +15,7 @@ up to its last report.  The buyer hears each change as `lease` frames.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -30,6 +31,7 @@ LEASE_AHEAD_MS = 60_000  # CPU time held in escrow ahead of a lease's use
 LEASE_GRACE = 120.0
 LEASE_MODELS = ("kvm",)  # models whose work is leases (models.Model.leases)
 STATES = ("booting", "running", "paused")  # what a seller's `meter` may say
+METER_MIN_INTERVAL = 0.5  # reports closer than this are not paid (each is a ledger write)
 
 
 class Leases:
@@ -184,9 +186,18 @@ class Leases:
         if state not in STATES:
             raise ProtocolError("frame", f"meter: state {state[:20]!r} is not one of "
                                          f"{', '.join(STATES)}")
+        now = time.monotonic()
         if t.started_at is None:
-            t.started_at = time.monotonic()
-        self._pay_lease(t, s, aid, m["cpu_ms"])
+            t.started_at = now
+        if now - t.metered_at >= METER_MIN_INTERVAL:
+            t.metered_at = now
+            self._pay_lease(t, s, aid, m["cpu_ms"])
+        else:  # paid once the floor has passed: at most one ledger write per floor
+            t.meter_due = max(t.meter_due, min(m["cpu_ms"], t.cpu_ms))
+            if not t.meter_timer:
+                t.meter_timer = True
+                asyncio.get_running_loop().call_later(
+                    METER_MIN_INTERVAL - (now - t.metered_at), self._meter_later, t, s, aid)
         if t.ending:
             return
         if state == "running" and not t.console_seen:
@@ -210,6 +221,13 @@ class Leases:
             store.transfer("escrow", [(o, -top), (store.escrow_id, top)], task_id=t.id)
             t.escrow_milli += top
             store.set_task_escrow(t.id, t.escrow_milli)
+
+    def _meter_later(self, t: TaskState, s: SellerConn, aid: int) -> None:
+        t.meter_timer = False
+        if self.tasks.get(t.id) is t and aid in s.attempts and t.meter_due > t.metered_ms:
+            t.metered_at = time.monotonic()
+            self._pay_lease(t, s, aid, t.meter_due)
+            self._schedule()
 
     def _pay_lease(self, t: TaskState, s: SellerConn, aid: int, cpu_ms: int) -> None:
         """Pay seller `s` for lease `t`'s CPU time up to `cpu_ms`, from escrow

@@ -103,6 +103,9 @@ class TaskState:
     paid_milli: int = 0  # ... and what it cost
     lease_state: str = "waiting"
     started_at: float | None = None  # (monotonic) when its guest started
+    metered_at: float = 0.0  # (monotonic) its last report paid
+    meter_due: int = 0  # a report that came sooner, paid when the floor has passed
+    meter_timer: bool = False
     console_seen: bool = False
     ending: str = ""  # why it is being powered off
     orphan: tuple | None = None  # after a restart: (attempt, sell order) awaiting its seller
