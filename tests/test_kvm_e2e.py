@@ -263,3 +263,39 @@ def test_an_iso_that_never_prints_ends_as_not_booting(market):
     paid = asyncio.run(main())
     assert market.balance_milli("alice") == paid > 0  # its CPU time was used all the same
     assert market.ledger_check().returncode == 0
+
+
+def test_pause_stops_the_guests_cpu_and_sigterm_powers_it_off_settled(market, iso):
+    p = kvm_seller(market, "alice", "a0")
+    order = load_buy(kvm_buy_order(market))
+
+    async def main():
+        async with Market(order) as m:
+            c = await m.cluster(iso, nodes=1, name="p")
+            node = c.nodes[0]
+            await node.wait_for(MARKER, BOOT)
+            p.signal(signal.SIGUSR1)  # cpusharectl pause: QMP stop
+            async for ev in c.events():
+                if ev.state == "paused":
+                    break
+            await asyncio.sleep(1.5)  # (a report or more while paused)
+            cpu = node.cpu_ms
+            await asyncio.sleep(3)
+            assert node.state == "paused" and node.cpu_ms - cpu < 300, node.as_dict()
+            p.signal(signal.SIGUSR2)  # resume
+            async for ev in c.events():
+                if ev.state == "running":
+                    break
+            await node.write_console(b"echo resumed\n")
+            await node.wait_for(b"\nresumed", 60)
+            p.signal(signal.SIGTERM)  # the daemon stops: ACPI power-down, the lease settled
+            async for ev in c.events():
+                if ev.state in ("ended", "lost"):
+                    break
+            assert node.state == "ended" and node.reason == "the seller is stopping", \
+                node.as_dict()
+            return node.cost_milli
+    paid = asyncio.run(main())
+    assert p.p.wait(60) == 0
+    assert market.balance_milli("alice") == paid > 0
+    assert market.ledger_check().returncode == 0

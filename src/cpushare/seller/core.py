@@ -345,7 +345,11 @@ class Seller(LeaseRuns):
     def _pause_timeout(self, r: _Running) -> None:
         if self._paused and self._running is r and \
                 time.monotonic() - self._paused_at >= self.PAUSE_HANDBACK_SECONDS - 1:
-            self._abort(r, f"paused for more than {self.PAUSE_HANDBACK_SECONDS:.0f} s")
+            why = f"paused for more than {self.PAUSE_HANDBACK_SECONDS:.0f} s"
+            if self._model.leases and r.session is not None:
+                self._stop_lease(r, why)  # (a guest cannot move: its lease ends, settled)
+            else:
+                self._abort(r, why)
 
     def _resume(self) -> None:
         if not self._paused:

@@ -13,6 +13,7 @@ Pause stops the guest's vCPUs (QMP stop): its CPU time does not grow.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -224,10 +225,11 @@ class LeaseRuns:
             feeder.cancel()
             timer.cancel()
         self._send("stream", session=r.session, eof=True)
-        log.info("lease %s/%s: the guest is off (%s, %.1f s of CPU)", r.task, r.attempt,
-                 r.ending or result.reason, result.cpu_seconds,
-                 extra={"ORDER": self._order.name})
-        return result, digest
+        why = r.ending or ("the guest powered off" if result.reason == "exit"
+                           else f"the guest was {result.reason}")
+        log.info("lease %s/%s: the guest is off (%s, %.1f s of CPU)", r.task, r.attempt, why,
+                 result.cpu_seconds, extra={"ORDER": self._order.name})
+        return dataclasses.replace(result, reason=why), digest
 
     def _hello_fields(self) -> dict:
         """What a kvm seller says in `hello`: its accelerator and its cache."""
