@@ -1,17 +1,22 @@
 """cpusharectl status/pause/resume against service objects published on a
 real private bus (the daemon end to end is in test_daemon.py and
-test_dbus_policy.py)."""
+test_dbus_policy.py); the kvm model's lines of cpusharectl check against
+this machine's own measurements."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import threading
 
 import pytest
-from dbus_fixtures import system_bus  # noqa: F401
+from dbus_fixtures import PYTHON, SRC, system_bus  # noqa: F401
 from gi.repository import GLib
 
 from cpushare import ctl, dbus
+from cpushare.models import probe, qemu
 
 
 class Snapshot:
@@ -135,3 +140,51 @@ def test_pause_needs_a_name_or_all(capsys):
     with pytest.raises(SystemExit) as e:
         ctl.main(["pause", "cpu0", "--all"])
     assert e.value.code == 2
+
+
+# --- check: the kvm model's lines ------------------------------------------------
+
+def _check_lines(env_path: str | None = None) -> tuple[int, list[str]]:
+    """cpusharectl check's status and lines, run as a command."""
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    if env_path is not None:
+        env["PATH"] = env_path
+    r = subprocess.run([PYTHON, "-m", "cpushare.ctl", "check"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stdout.splitlines()
+
+
+def test_check_says_what_the_kvm_model_measures_here():
+    """The lines follow this machine's own measurements (models.probe), made
+    again beside them: whatever KVM does here, check says the same."""
+    status, lines = _check_lines()
+    assert status == 0, lines
+    assert lines[0].startswith("seccomp: yes (") and lines[1].startswith("kvm: "), lines
+    binary = shutil.which(qemu.QEMU)
+    if binary is None:
+        assert lines[2:] == [f"qemu: no ({qemu.QEMU} is not installed; the kvm model needs "
+                             f"the Debian package qemu-system-x86)"], lines
+        return
+    assert lines[2].startswith(f"qemu: yes ({binary}, QEMU emulator version "), lines
+    kvm, tcg = lines[3:]
+    assert tcg.startswith("accel tcg: works (probe ") and tcg.endswith(" ms)"), tcg
+    state, why = probe.kvm_device_state()
+    if state == "absent":
+        assert kvm == f"accel kvm: absent ({why})", kvm
+    elif state == "unusable":
+        assert kvm == f"accel kvm: present but unusable: {why}", kvm
+    else:
+        choice = probe.choose("auto")
+        if choice.accel == "kvm":
+            assert kvm.startswith("accel kvm: works (probe "), (kvm, choice)
+        else:
+            assert kvm.startswith("accel kvm: present but unusable: "), (kvm, choice)
+
+
+def test_check_without_qemu_says_so_and_still_succeeds():
+    """No qemu on PATH (a seller of seccomp orders only): one line says so,
+    nothing is measured, and seccomp alone decides the status."""
+    status, lines = _check_lines(env_path="/nonexistent")
+    assert status == 0, lines
+    assert lines[2:] == ["qemu: no (qemu-system-x86_64 is not installed; the kvm model needs "
+                         "the Debian package qemu-system-x86)"], lines

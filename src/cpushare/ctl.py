@@ -2,8 +2,10 @@
 
 Each subcommand is a function ``cmd_NAME(args) -> int`` registered in
 COMMANDS with its help text and a function that adds its arguments.
-`check` asks only the kernel; the commands that talk to a running daemon
-(status, pause, resume) speak D-Bus and never import the seller core.
+`check` asks the kernel, and for the kvm model looks for qemu and boots the
+probe guest under each accelerator (`cpushare.models.probe`); the commands
+that talk to a running daemon (status, pause, resume) speak D-Bus and never
+import the seller core.
 """
 
 from __future__ import annotations
@@ -26,11 +28,43 @@ EXIT_NO_BUS = 69  # EX_UNAVAILABLE: the bus is unreachable
 EXIT_DENIED = 77  # EX_NOPERM: the bus policy refused the call
 
 
+def _qemu_version(binary: str) -> str | None:
+    """The first line of `qemu --version`, or None."""
+    import subprocess
+
+    try:
+        r = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
+                           env={}, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = r.stdout.splitlines()
+    return lines[0].strip() if r.returncode == 0 and lines else None
+
+
+def kvm_model_lines() -> list[str]:
+    """The kvm model's lines of `check`: whether qemu is installed, then what
+    each accelerator does here, measured by booting the probe guest as the
+    user running the command (a second or two)."""
+    import shutil
+
+    from .models import probe, qemu
+
+    binary = shutil.which(qemu.QEMU)
+    if binary is None:
+        return [f"qemu: no ({qemu.QEMU} is not installed; the kvm model needs the Debian "
+                f"package qemu-system-x86)"]
+    version = _qemu_version(binary)
+    lines = [f"qemu: yes ({binary}{', ' + version if version else ''})"]
+    return lines + [f"accel {line}" for line in probe.describe()]
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Print what this machine can sell; 1 when seccomp is missing."""
     report = kernel.probe()
     for line in report.lines():
         print(line)
+    for line in kvm_model_lines():
+        print(line, flush=True)
     try:
         kernel.require_seccomp(report)
     except kernel.KernelError as e:
@@ -262,8 +296,9 @@ def _configure_target(parser: argparse.ArgumentParser) -> None:
 # name -> (function, help, configure(parser))
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str,
                           Callable[[argparse.ArgumentParser], None]]] = {
-    "check": (cmd_check, "show what this machine can sell (seccomp, KVM); "
-                         "exit 1 if the kernel lacks CONFIG_SECCOMP", _no_arguments),
+    "check": (cmd_check, "show what this machine can sell (seccomp; qemu, KVM and TCG "
+                         "for the kvm model); exit 1 if the kernel lacks CONFIG_SECCOMP",
+              _no_arguments),
     "status": (cmd_status, "show the running seller instances", _configure_status),
     "pause": (cmd_pause, "pause an instance: stop its job (SIGSTOP), take no new task",
               _configure_target),
