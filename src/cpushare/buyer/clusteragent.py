@@ -1,0 +1,755 @@
+"""The agent of ``cpushare cluster up``, and the state directory it keeps.
+
+The agent is the process that holds a cluster: one Market connection,
+the nodes of `Market.cluster`, and the directory through which the other
+``cpushare cluster`` commands see and steer it:
+
+    $XDG_STATE_HOME/cpushare/clusters/NAME/     (mode 0700)
+        pid            the agent's pid; the agent holds an flock on it
+                       while it lives (no lock: the agent is gone)
+        status.json    the cluster as the agent last saw it (atomic writes)
+        NODE.console   what the node printed, appended as it comes; past
+        NODE.console.1 CONSOLE_ROTATE bytes it becomes NODE.console.1
+        control        a unix socket: JSON lines, one answer per request
+        agent.log      the detached agent's output
+
+In the foreground (``up`` without --detach) the agent runs in the
+command's own process.  Detached, ``up`` starts ``python -m
+cpushare.buyer.clusteragent`` in a new session; it inherits the lock and
+a pipe on which it reports each node's changes until every node runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import fcntl
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import struct
+import sys
+import time
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from ..fileutil import atomic_write
+from ..order import BuyOrder, OrderError, format_coins, load_buy
+from . import Market, MarketError
+from .base import REFUSALS
+from .cluster import END_STATES, Cluster, Node
+
+log = logging.getLogger("cpushare.cluster")
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+CONSOLE_ROTATE = 8 << 20  # NODE.console past this becomes NODE.console.1: 16 MiB a node
+MAX_REQUEST = 1 << 20  # bytes of one control request line
+MAX_INPUT = 64 << 10  # bytes of console input in one request
+DOWN_TIMEOUT = 180.0  # seconds the nodes have to end once told to
+RECONNECT_FOR = 300.0  # seconds without the market before the agent gives up
+CLUSTER_STATES = ("starting", "image", "leasing", "up", "ending", "ended", "failed")
+FINAL_STATES = ("ended", "failed")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+DESCRIBE = {"waiting": "no seller has taken it yet", "image": "its seller receives the ISO",
+            "booting": "started, nothing on its console yet", "paused": "paused by its seller"}
+
+
+class ClusterError(Exception):
+    """A refusal of a cluster command: its message and exit status."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def clusters_dir() -> Path:
+    """$XDG_STATE_HOME/cpushare/clusters (an XDG_STATE_HOME that is not an
+    absolute path is ignored, as the XDG specification says)."""
+    base = os.environ.get("XDG_STATE_HOME") or ""
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "cpushare" / "clusters"
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        raise ClusterError(f"{name!r} is not a cluster name (1 to 64 of A-Z a-z 0-9 _ . + -, "
+                           f"not starting with a punctuation mark)", 2)
+    return name
+
+
+def market_status(e: MarketError) -> int:
+    """The exit status for the market's refusal `e` (as `cpushare buy`)."""
+    return 1 if e.code == "funds" else 2 if e.code in ("auth", "version", "order", "image") \
+        else 1
+
+
+@contextmanager
+def _socket_path(path: Path):
+    """A name for the socket at `path` that fits sockaddr_un (108 bytes): the
+    path itself, or one through /proc/self/fd of its directory."""
+    if len(os.fsencode(path)) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+class StateDir:
+    """The directory of the cluster NAME (see the module's docstring)."""
+
+    def __init__(self, name: str, root: Path | None = None):
+        self.name = check_name(name)
+        self.path = (root or clusters_dir()) / name
+        self.pid_path = self.path / "pid"
+        self.status_path = self.path / "status.json"
+        self.control_path = self.path / "control"
+        self.log_path = self.path / "agent.log"
+
+    @classmethod
+    def all(cls, root: Path | None = None) -> list["StateDir"]:
+        root = root or clusters_dir()
+        try:
+            names = sorted(p.name for p in root.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise ClusterError(f"{root}: {e.strerror}") from None
+        return [cls(n, root) for n in names if NAME_RE.fullmatch(n)]
+
+    def console_paths(self, node: str) -> tuple[Path, Path]:
+        """(the older part, the current part) of a node's console."""
+        return self.path / f"{node}.console.1", self.path / f"{node}.console"
+
+    def exists(self) -> bool:
+        return self.pid_path.exists() or self.status_path.exists()
+
+    # --- the agent's lock -----------------------------------------------------
+
+    def lock(self) -> int:
+        """Create the directory (0700) and take the agent's lock: the locked
+        pid file's descriptor.  Refused if an agent holds it.  What an
+        earlier cluster of this name left is removed."""
+        try:
+            self.path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for d in (self.path.parent, self.path):
+                d.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(self.path, 0o700)
+            fd = os.open(self.pid_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise ClusterError(f"{e.filename or self.path}: cannot create the cluster's "
+                               f"state: {e.strerror}") from None
+        for attempt in range(5):  # (a `status` may hold a shared lock for an instant)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+        else:
+            os.close(fd)
+            raise ClusterError(f"cluster {self.name} is up already (agent pid "
+                               f"{self.agent_pid() or '?'}): choose another --name, or "
+                               f"cpushare cluster down {self.name}", 1)
+        for p in self.path.iterdir():
+            if p.name.endswith((".console", ".console.1")) or p.name in (
+                    "status.json", "control", "agent.log"):
+                p.unlink(missing_ok=True)
+        return fd
+
+    def agent_alive(self) -> bool:
+        """Whether an agent holds the lock."""
+        try:
+            fd = os.open(self.pid_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def agent_pid(self) -> int | None:
+        try:
+            return int(self.pid_path.read_text().strip() or "0") or None
+        except (OSError, ValueError):
+            return None
+
+    # --- status ---------------------------------------------------------------
+
+    def read_status(self) -> dict | None:
+        """status.json (None: not written yet); ClusterError if unreadable."""
+        try:
+            data = json.loads(self.status_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise ClusterError(f"{self.status_path}: {e.strerror}") from None
+        except ValueError as e:
+            raise ClusterError(f"{self.status_path}: not JSON: {e}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("nodes"), list):
+            raise ClusterError(f"{self.status_path}: not the status of a cluster")
+        return data
+
+    def write_status(self, status: dict) -> None:
+        atomic_write(self.status_path, json.dumps(status, indent=1).encode() + b"\n",
+                     mode=0o600, fsync=False)
+
+    # --- the control socket, client side --------------------------------------
+
+    def request(self, req: dict, timeout: float) -> dict:
+        """One request to the agent; its answer (ClusterError if it has none)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.settimeout(10)
+            try:
+                with _socket_path(self.control_path) as where:
+                    s.connect(where)
+            except OSError as e:
+                raise ClusterError(f"cluster {self.name}: no answer on {self.control_path}: "
+                                   f"{e.strerror}") from None
+            s.settimeout(timeout)
+            s.sendall(json.dumps(req).encode() + b"\n")
+            answer = b""
+            try:
+                while not answer.endswith(b"\n"):
+                    piece = s.recv(65536)
+                    if not piece:
+                        break
+                    answer += piece
+            except socket.timeout:
+                raise ClusterError(f"cluster {self.name}: the agent did not answer within "
+                                   f"{timeout:g} s") from None
+            except OSError as e:
+                raise ClusterError(f"cluster {self.name}: {e.strerror}") from None
+        finally:
+            s.close()
+        if not answer:
+            raise ClusterError(f"cluster {self.name}: the agent closed the connection "
+                               f"without an answer")
+        try:
+            out = json.loads(answer)
+        except ValueError:
+            raise ClusterError(f"cluster {self.name}: the agent's answer is not JSON") from None
+        if not isinstance(out, dict):
+            raise ClusterError(f"cluster {self.name}: the agent's answer is not an object")
+        return out
+
+
+class ConsoleLog:
+    """A node's console file: appended, at most 2 x CONSOLE_ROTATE bytes."""
+
+    def __init__(self, sd: StateDir, node: str):
+        self.old, self.path = sd.console_paths(node)
+        self._f = open(self.path, "ab", buffering=0)
+        os.chmod(self.path, 0o600)
+
+    def append(self, data: bytes) -> None:
+        if self._f.tell() + len(data) > CONSOLE_ROTATE and self._f.tell():
+            self._f.close()
+            os.replace(self.path, self.old)
+            self._f = open(self.path, "ab", buffering=0)
+            os.chmod(self.path, 0o600)
+        self._f.write(data)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# --- what the agent says -------------------------------------------------------
+
+class Report:
+    """In the foreground: lines on stdout, errors on stderr."""
+
+    def line(self, text: str) -> None:
+        print(text, flush=True)
+
+    def error(self, text: str) -> None:
+        print(f"cpushare cluster: {text}", file=sys.stderr, flush=True)
+
+    def ready(self, text: str) -> None:
+        self.line(text)
+
+    def done(self, status: int) -> None:
+        pass
+
+
+class PipeReport(Report):
+    """Detached: to the `up` that started it, on a pipe (JSON lines), until
+    every node runs; always to the log (stderr, agent.log)."""
+
+    def __init__(self, fd: int):
+        self._f = os.fdopen(fd, "w")
+
+    def _send(self, **msg) -> None:
+        if self._f is None:
+            return
+        try:
+            self._f.write(json.dumps(msg) + "\n")
+            self._f.flush()
+        except OSError:  # (the `up` that waited is gone)
+            self._close()
+
+    def _close(self) -> None:
+        if self._f is not None:
+            with suppress(OSError):
+                self._f.close()
+            self._f = None
+
+    def line(self, text: str) -> None:
+        log.info("%s", text)
+        self._send(line=text)
+
+    def error(self, text: str) -> None:
+        log.error("%s", text)
+        self._send(error=text)
+
+    def ready(self, text: str) -> None:
+        log.info("%s", text)
+        self._send(ready=text)
+        self._close()
+
+    def done(self, status: int) -> None:
+        self._send(exit=status)
+        self._close()
+
+
+# --- the agent -------------------------------------------------------------------
+
+class _Stopped(Exception):
+    pass
+
+
+def node_line(node: str, state: str, seller: str | None, message: str | None) -> str:
+    return f"{node}  {state}  {seller or '-'}" + (f"  {message}" if message else
+                                                   f"  ({DESCRIBE[state]})" if state in DESCRIBE
+                                                   else "")
+
+
+def summary_lines(status: dict) -> list[str]:
+    """A table of the nodes (seller, state, CPU seconds, CPUCoins, message)
+    and their total."""
+    rows = [("NODE", "SELLER", "STATE", "CPU-SECONDS", "CPUCOINS", "MESSAGE")]
+    for n in status["nodes"]:
+        rows.append((n["node"], n.get("seller") or "-", n["state"], f"{n['cpu_ms'] / 1000:.3f}",
+                     format_coins(n["cost_milli"]), n.get("message") or ""))
+    rows.append(("total", "", f"{len(status['nodes'])} nodes",
+                 f"{status['cpu_ms'] / 1000:.3f}", format_coins(status["cost_milli"]), ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return [("  ".join(r[i].rjust(widths[i]) if i in (3, 4) else r[i].ljust(widths[i])
+                       for i in range(5)) + "  " + r[5]).rstrip() for r in rows]
+
+
+class Agent:
+    """Holds one cluster until it is brought down or every node ended."""
+
+    def __init__(self, sd: StateDir, order: BuyOrder, iso: Path, nodes: int,
+                 cpu_ms: int | None, timeout: float | None, report: Report):
+        self.sd = sd
+        self.order = order
+        self.iso = iso
+        self.n = nodes
+        self.cpu_ms = cpu_ms
+        self.timeout = timeout
+        self.report = report
+        self.state = "starting"
+        self.digest: str | None = None
+        self.error: str | None = None
+        self.cluster: Cluster | None = None
+        self.market: Market | None = None
+        self.started = time.time()
+        self._stop = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._signal: int | None = None
+        self._shown: dict[str, tuple] = {}  # node -> what its last line said
+        self._written: dict | None = None
+        self._answers: set[asyncio.Task] = set()  # `down` requests waiting for the end
+        self._clients: set[asyncio.StreamWriter] = set()
+
+    # --- status ---------------------------------------------------------------
+
+    def status(self) -> dict:
+        nodes = [] if self.cluster is None else [
+            {k: n.as_dict()[k] for k in ("node", "seller", "state", "cpu_ms", "cost_milli",
+                                         "message")} for n in self.cluster.nodes]
+        return {"name": self.sd.name, "state": self.state,
+                "order": os.path.abspath(self.order.path),
+                "server": self.order.server, "iso": str(self.iso), "image": self.digest,
+                "nodes_wanted": self.n, "pid": os.getpid(), "started": self.started,
+                "error": self.error, "nodes": nodes,
+                "cpu_ms": sum(n["cpu_ms"] for n in nodes),
+                "cost_milli": sum(n["cost_milli"] for n in nodes)}
+
+    def _save(self) -> None:
+        """Write status.json if anything changed (and show each node's change)."""
+        if self.cluster is not None:
+            for n in self.cluster.nodes:
+                self._show(n.name, n.state, n.seller, n.message)
+        status = self.status()
+        if status != self._written:
+            try:
+                self.sd.write_status(dict(status, updated=time.time()))
+                self._written = status
+            except OSError as e:
+                log.error("%s: %s", self.sd.status_path, e.strerror)
+
+    def _show(self, node: str, state: str, seller: str | None, message: str | None) -> None:
+        if self._shown.get(node) != (state, message):
+            self._shown[node] = (state, message)
+            self.report.line(node_line(node, state, seller, message))
+
+    def _set(self, state: str) -> None:
+        self.state = state
+        self._save()
+
+    # --- running -------------------------------------------------------------
+
+    def _on_signal(self, sig: int) -> None:
+        if self._signal is None:
+            self._signal = sig
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._changed.set()
+
+    async def _unless_stopped(self, coro):
+        """`coro`'s result, or _Stopped (it is cancelled) when a stop comes first."""
+        task = asyncio.ensure_future(coro)
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with suppress(asyncio.CancelledError, Exception):
+            await task
+        raise _Stopped
+
+    async def run(self, lock_fd: int) -> int:
+        os.ftruncate(lock_fd, 0)
+        os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self._save()
+        try:
+            with _socket_path(self.sd.control_path) as where:
+                server = await asyncio.start_unix_server(self._serve, where, limit=MAX_REQUEST)
+            os.chmod(self.sd.control_path, 0o600)
+        except OSError as e:
+            self.report.error(f"{self.sd.control_path}: cannot serve the control socket: "
+                              f"{e.strerror}")
+            self._set("failed")
+            self.report.done(1)
+            return 1
+        try:
+            status = await self._hold()
+        finally:
+            self._save()
+            self._finished.set()
+            if self._answers:  # (a `down` waiting for its answer)
+                await asyncio.wait(self._answers, timeout=5)
+            server.close()
+            for w in list(self._clients):
+                w.close()
+            self.sd.control_path.unlink(missing_ok=True)
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+        if self._signal is not None and status == 0:
+            status = 128 + self._signal
+        self.report.done(status)
+        return status
+
+    def _fail(self, text: str, status: int) -> int:
+        self.error = text
+        self.report.error(text)
+        self._set("failed")
+        return status
+
+    async def _hold(self) -> int:
+        o = self.order
+        m = self.market = Market(o)
+        try:
+            try:
+                await self._unless_stopped(m.connect())
+                self._set("image")
+                size = self.iso.stat().st_size
+                self.report.line(f"{self.sd.name}: sending {self.iso} ({size} bytes) to "
+                                 f"{o.server} (only what it does not hold)")
+                self.digest = await self._unless_stopped(m.upload_iso(self.iso))
+                self._set("leasing")
+                # not cancelled by a stop: the leases it opens must be powered off
+                self.cluster = await m.cluster(self.iso, self.n, name=self.sd.name,
+                                               cpu_ms=self.cpu_ms)
+            except _Stopped:
+                self.error = "interrupted before the nodes were leased"
+                self.report.error(self.error)
+                self._set("ended")
+                return 0
+            except MarketError as e:
+                if e.code == "image":
+                    return self._fail(f"{self.iso}: the market refused the ISO: {e.message}", 2)
+                return self._fail(e.message if e.message.startswith(o.server)
+                                  else f"{o.server}: {e}", market_status(e))
+            except OSError as e:
+                return self._fail(f"{self.iso}: {e.strerror}", 2)
+            self.state = "up"
+            self.report.line(f"{self.sd.name}: {self.n} nodes leased (image "
+                             f"{self.digest[:16]})")
+            try:
+                return await self._follow(self.cluster)
+            except BaseException:  # (a bug: still power the nodes off)
+                if not self.cluster.all_ended():
+                    with suppress(Exception):
+                        await self.cluster.down(30)
+                raise
+        finally:
+            await m.close()
+
+    async def _follow(self, c: Cluster) -> int:
+        consoles = [asyncio.create_task(self._console(n)) for n in c.nodes]
+        helpers = [asyncio.create_task(self._events(c)), asyncio.create_task(self._tick()),
+                   asyncio.create_task(self._keep_connected())]
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        status = 0
+        ready = False
+        try:
+            while not self._stop.is_set() and not c.all_ended():
+                if not ready and c.all_running():
+                    ready = True
+                    self._save()
+                    self.report.ready(
+                        f"{self.sd.name}: every node runs ({self.n}); agent pid {os.getpid()}")
+                elif not ready:
+                    gone = next((n for n in c.nodes if n.state in END_STATES), None)
+                    if gone is not None:
+                        status = self._fail(f"{gone.name} {gone.state} before every node "
+                                            f"ran: {gone.reason or gone.message}", 1)
+                        break
+                    if deadline is not None and time.monotonic() > deadline:
+                        waiting = ", ".join(f"{n.name} {n.state}" for n in c.nodes
+                                            if n.state != "running")
+                        status = self._fail(f"not every node runs after {self.timeout:g} s "
+                                            f"({waiting})", 1)
+                        break
+                self._changed.clear()
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), 1)
+                self._save()
+        finally:
+            helpers[0].cancel()  # (down() reads the events from here on)
+        if not c.all_ended() and not self.market.connected:
+            status = self._fail(f"cannot power the nodes off: not connected to "
+                                f"{self.order.server}; they run until their lease's CPU time "
+                                f"is spent", 1)
+        elif not c.all_ended():
+            if self.state != "failed":
+                self.state = "ending"
+            self._save()
+            left = sum(n.state not in END_STATES for n in c.nodes)
+            self.report.line(f"{self.sd.name}: powering {left} nodes off")
+            try:
+                await c.down(DOWN_TIMEOUT)
+            except TimeoutError:
+                status = self._fail("not every node ended within "
+                                    f"{DOWN_TIMEOUT:g} s of being powered off: "
+                                    + ", ".join(f"{n.name} {n.state}" for n in c.nodes
+                                                if n.state not in END_STATES), 1)
+        with suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*consoles, return_exceptions=True), 5)
+        for t in helpers:
+            t.cancel()
+        if self.state != "failed":
+            self.state = "ended"
+            if status == 0 and any(n.state == "lost" for n in c.nodes):
+                status = 1
+        self._save()
+        for text in summary_lines(self.status()):
+            self.report.line(text)
+        return status
+
+    async def _events(self, c: Cluster) -> None:
+        async for ev in c.events():
+            self._show(ev.node.name, ev.state, ev.node.seller, ev.message)
+            self._changed.set()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            self._save()
+
+    async def _console(self, node: Node) -> None:
+        try:
+            out = ConsoleLog(self.sd, node.name)
+        except OSError as e:
+            log.error("%s console: %s", node.name, e.strerror)
+            return
+        try:
+            while data := await node.read_console():
+                try:
+                    out.append(data)
+                except OSError as e:
+                    log.error("%s console: %s", node.name, e.strerror)
+        finally:
+            out.close()
+
+    async def _keep_connected(self) -> None:
+        """Connect again after a lost connection: the market gives the nodes
+        back to the new one."""
+        m = self.market
+        lost_at = None
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            if m.connected:
+                lost_at, delay = None, 1.0
+                continue
+            now = time.monotonic()
+            if lost_at is None:
+                lost_at = now
+                self.report.line(f"{self.sd.name}: lost the connection to {self.order.server}"
+                                 f"; connecting again")
+            try:
+                await m.connect()
+                self.report.line(f"{self.sd.name}: connected to {self.order.server} again")
+                continue
+            except MarketError as e:
+                if e.code in REFUSALS or now - lost_at > RECONNECT_FOR:
+                    self._fail(f"{self.order.server}: {e.message}; the nodes may still run "
+                               f"on the market", 1)
+                    self.stop()
+                    return
+            delay = min(10.0, delay * 2)
+
+    # --- the control socket ---------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._clients.add(writer)
+        try:
+            sock = writer.get_extra_info("socket")
+            _, uid, _ = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            if uid != os.getuid():
+                return
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    writer.write(_answer(error=f"a request is one JSON line of at most "
+                                                f"{MAX_REQUEST} bytes"))
+                    break
+                if not line:
+                    break
+                writer.write(_answer(**await self._answer(line)))
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._clients.discard(writer)
+            writer.close()
+
+    async def _answer(self, line: bytes) -> dict:
+        try:
+            req = json.loads(line)
+        except ValueError:
+            return {"error": "a request is a JSON object on one line"}
+        if not isinstance(req, dict) or not isinstance(req.get("command"), str):
+            return {"error": 'a request is a JSON object with a "command": "down" or "input"'}
+        cmd = req["command"]
+        if cmd == "down":
+            task = asyncio.current_task()
+            self._answers.add(task)
+            try:
+                self.stop()
+                await self._finished.wait()
+            finally:
+                self._answers.discard(task)
+            return {"ok": True, "status": self.status()}
+        if cmd == "input":
+            return await self._input(req)
+        return {"error": f"unknown command {cmd[:40]!r}: down or input"}
+
+    async def _input(self, req: dict) -> dict:
+        c = self.cluster
+        name = req.get("node")
+        if c is None:
+            return {"error": f"cluster {self.sd.name} has no nodes yet ({self.state})"}
+        node = next((n for n in c.nodes if n.name == name), None)
+        if node is None:
+            return {"error": f"no node {str(name)[:40]!r} in cluster {self.sd.name} "
+                             f"(node0 to node{len(c.nodes) - 1})"}
+        text, b64 = req.get("input"), req.get("input_base64")
+        if (text is None) == (b64 is None) or not isinstance(text if b64 is None else b64, str):
+            return {"error": 'console input is a string in "input" (text) or '
+                             '"input_base64" (bytes)'}
+        try:
+            data = text.encode() if b64 is None else base64.b64decode(b64, validate=True)
+        except (UnicodeEncodeError, binascii.Error) as e:
+            return {"error": f"console input: {e}"}
+        if len(data) > MAX_INPUT:
+            return {"error": f"console input of {len(data)} bytes: at most {MAX_INPUT} at once"}
+        if node.state in END_STATES:
+            return {"error": f"{node.name} has {node.state}"}
+        try:
+            await node.write_console(data)
+        except MarketError as e:
+            return {"error": e.message}
+        except (ConnectionError, OSError):
+            return {"error": f"not connected to {self.order.server} (connecting again)"}
+        return {"ok": True}
+
+
+def _answer(**fields) -> bytes:
+    return json.dumps(fields).encode() + b"\n"
+
+
+def run_agent(sd: StateDir, lock_fd: int, order: BuyOrder, iso: Path, nodes: int,
+              cpu_ms: int | None, timeout: float | None, report: Report) -> int:
+    agent = Agent(sd, order, iso, nodes, cpu_ms, timeout, report)
+    return asyncio.run(agent.run(lock_fd))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The detached agent (started by `cpushare cluster up --detach`)."""
+    p = argparse.ArgumentParser(prog="python -m cpushare.buyer.clusteragent",
+                                description="The agent of a detached cpushare cluster.")
+    p.add_argument("--name", required=True)
+    p.add_argument("--order", required=True, type=Path)
+    p.add_argument("--iso", required=True, type=Path)
+    p.add_argument("--nodes", required=True, type=int)
+    p.add_argument("--cpu-ms", type=int)
+    p.add_argument("--timeout", type=float)
+    p.add_argument("--lock-fd", required=True, type=int)
+    p.add_argument("--report-fd", required=True, type=int)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s: %(message)s")
+    report = PipeReport(args.report_fd)
+    try:
+        sd = StateDir(args.name)
+        order = load_buy(args.order)
+    except (ClusterError, OrderError) as e:
+        report.error(str(e))
+        report.done(2)
+        return 2
+    os.set_inheritable(args.lock_fd, False)
+    return run_agent(sd, args.lock_fd, order, args.iso, args.nodes, args.cpu_ms, args.timeout,
+                     report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
