@@ -5,9 +5,10 @@ tests reach inside).  The tests run in file order and build on each other
 the way an administrator would: install the packages, make a market and
 start cpushare-server.service, drop two sell orders into /etc/cpushare,
 start cpushare.target, buy work, look at it with cpusharectl, pause and
-resume, check the hardening, break seccomp on purpose, run the sysvinit
-script, purge.  Each test leaves the machine as it
-found it, except the last.
+resume, check the hardening, sell a kvm order (its drop-in, its hardening,
+a lease that boots the test ISO under qemu inside the unit, /dev/kvm for
+accel = kvm), break seccomp on purpose, run the sysvinit script, purge.
+Each test leaves the machine as it found it, except the last.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import re
 import shlex
 import subprocess
 import time
+from decimal import Decimal
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 import nspawn
+from cpushare.models.kvm import QEMU_OVERHEAD
 
 pytestmark = pytest.mark.system
 
@@ -388,17 +392,20 @@ def _wait_state(c: nspawn.Container, name: str, done, timeout: float = 15) -> st
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("unit", ["cpushare@cpu0.service", MARKET])
-def test_hardening_is_held_to_its_bound(market, capsys, unit):
-    c = market
+def _exposure(c: nspawn.Container, unit: str, bound: float, capsys) -> str:
     out = c.out(f"systemd-analyze security --no-pager {unit}")
     print(out)  # the whole table, shown when the test fails
     m = re.search(rf"Overall exposure level for {re.escape(unit)}:\s+([\d.]+)", out)
     assert m, out
     with capsys.disabled():  # the number, in every run's output
-        print(f"\n[systemd-analyze security] {unit} exposure {m.group(1)}"
-              f" (bound {EXPOSURE_BOUND})")
-    assert float(m.group(1)) <= EXPOSURE_BOUND, out
+        print(f"\n[systemd-analyze security] {unit} exposure {m.group(1)} (bound {bound})")
+    assert float(m.group(1)) <= bound, out
+    return out
+
+
+@pytest.mark.parametrize("unit", ["cpushare@cpu0.service", MARKET])
+def test_hardening_is_held_to_its_bound(market, capsys, unit):
+    out = _exposure(market, unit, EXPOSURE_BOUND, capsys)
     for must in ("MemoryDenyWriteExecute=", "SystemCallFilter=~@privileged", "PrivateDevices=",
                  "CapabilityBoundingSet=~CAP_SYS_ADMIN", "ProtectSystem=", "PrivateUsers="):
         line = next(l for l in out.splitlines() if must in l)
@@ -419,6 +426,207 @@ def test_seller_memory_is_capped_by_a_backstop(market):
     finally:
         c.run(f"rm -rf {dropin} && systemctl daemon-reload")
     assert unit_show(c, unit, "MemoryMax")["MemoryMax"] == str(3 << 30)
+
+
+# --- the kvm model ----------------------------------------------------------
+
+KVM_ORDER = "vm0"
+KVM_UNIT = f"cpushare@{KVM_ORDER}.service"
+KVM_MEMORY = 512  # MiB of guest RAM
+KVM_EXPOSURE_BOUND = 2.5  # the unit plus cpushare-generator's drop-in
+KVM_ASK, KVM_BID = "36.000", "72.000"  # 10 and 20 milli-CPUCoins a CPU-second
+
+# A buyer of one kvm node: boot the ISO, answer on the console, look at the
+# qemu processes while the guest runs (as root, from outside the unit),
+# power it off; one JSON line.
+CLUSTER_PY = r"""
+import asyncio, json, sys, time
+from pathlib import Path
+from cpushare.buyer import Market
+from cpushare.order import load_buy
+
+
+def qemus():
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+            if not d.name.isdigit() or not argv[0].endswith(b"qemu-system-x86_64"):
+                continue
+            status = dict(line.split(":", 1) for line in (d / "status").read_text().splitlines())
+            found.append({"argv": [a.decode() for a in argv if a],
+                          "cgroup": (d / "cgroup").read_text().strip(),
+                          **{k: status[k].split()[0] for k in
+                             ("Uid", "Seccomp", "Seccomp_filters", "NoNewPrivs", "CapEff")}})
+        except (OSError, KeyError, IndexError):
+            continue
+    return found
+
+
+async def main(buy, iso, marker):
+    t0 = time.monotonic()
+    async with Market(load_buy(buy)) as m:
+        c = await m.cluster(Path(iso), nodes=1, name="system-test")
+        node = c.nodes[0]
+        await node.wait_for(marker.encode(), 180)
+        booted = time.monotonic() - t0
+        await node.write_console(b"echo hello-42\n")
+        await node.wait_for(b"\nhello-42", 60)
+        seen = qemus()
+        await c.down()
+        print(json.dumps({"booted": booted, "seller": node.seller, "state": node.state,
+                          "cost_milli": node.cost_milli, "qemus": seen}))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+class KvmInstance(NamedTuple):
+    c: nspawn.Container
+    started_in: float  # seconds from systemctl start to idle and connected
+
+
+def _coins(text: str) -> Decimal:
+    """The balance of "cpushare-server balance ACCOUNT"."""
+    return Decimal(text.split()[1])
+
+
+def _instance(c: nspawn.Container, name: str) -> dict:
+    (rec,) = json.loads(c.out(f"cpusharectl status {q(name)} --json"))
+    return rec
+
+
+class TestKvm:
+    """A sell order of the kvm model as cpushare-server writes it, started as
+    its own instance: cpushare-generator's drop-in, qemu (TCG: the container
+    has no /dev/kvm) under the unit's hardening, a lease that boots the test
+    ISO, and an accel = kvm order that reaches /dev/kvm.  The tests run in
+    this order; the last one leaves no kvm order behind."""
+
+    @pytest.fixture(scope="class")
+    def kvm(self, market):
+        c = market
+        srv = "cpushare-server"
+        path = f"/etc/cpushare/{KVM_ORDER}.cpu"
+        c.run(f"{srv} sell-order add seller --model kvm --price {KVM_ASK} "
+              f"--memory {KVM_MEMORY}M --output {path}"
+              f" && chown root:cpushare {path} && chmod 0640 {path}")
+        c.run(f"{srv} buy-order add buyer --model kvm --price {KVM_BID} --memory 256M "
+              "--max-cpu-seconds 3600 --output /root/kvm.buy")
+        started = time.monotonic()
+        # Type=notify: start returns once cpushared said READY=1, after its
+        # self-test booted the probe guest under qemu inside the unit.
+        c.run(f"systemctl daemon-reload && systemctl start {KVM_UNIT}", timeout=180)
+        deadline = time.monotonic() + 60
+        while not (_instance(c, KVM_ORDER)["connected_since"]
+                   and _instance(c, KVM_ORDER)["state"] == "idle"):
+            assert time.monotonic() < deadline, (_instance(c, KVM_ORDER), c.journal(KVM_UNIT))
+            time.sleep(0.2)
+        yield KvmInstance(c, time.monotonic() - started)
+        c.run(f"systemctl stop {KVM_UNIT}; rm -f {path} /root/kvm.buy; systemctl daemon-reload")
+
+    def test_the_instance_gets_the_generators_dropin_and_is_idle(self, kvm, capsys):
+        c = kvm.c
+        st = unit_show(c, KVM_UNIT, "ActiveState", "SubState", "MemoryMax", "DeviceAllow",
+                       "BindPaths", "SupplementaryGroups", "DropInPaths", "StatusText")
+        assert (st["ActiveState"], st["SubState"]) == ("active", "running"), st
+        assert st["DropInPaths"] == f"/run/systemd/generator/{KVM_UNIT}.d/50-kvm.conf", st
+        # the guest's memory + qemu's overhead + the daemon's 1G (cpushare-generator)
+        assert st["MemoryMax"] == str((KVM_MEMORY << 20) + QEMU_OVERHEAD + (1 << 30)), st
+        assert "/dev/kvm rw" in st["DeviceAllow"] and "/dev/kvm" in st["BindPaths"], st
+        assert st["SupplementaryGroups"] == "", st  # no group kvm in this container
+        rec = _instance(c, KVM_ORDER)
+        assert (rec["model"], rec["state"]) == ("kvm", "idle"), rec
+        assert rec["connected_since"], rec
+        journal = c.journal(KVM_UNIT)
+        assert "kvm self-test: a probe guest ran under tcg" in journal, journal
+        pid = main_pid(c, KVM_UNIT)
+        status = c.path(f"/proc/{pid}/status").read_text()
+        assert re.search(r"^Seccomp:\s+2", status, re.M), status
+        assert re.search(r"^CapEff:\s+0+$", status, re.M), status
+        # The seccomp instances keep the unit as it is.
+        st = unit_show(c, "cpushare@cpu0.service", "MemoryMax", "DropInPaths", "DeviceAllow")
+        assert st["MemoryMax"] == str(3 << 30) and st["DropInPaths"] == "", st
+        assert "kvm" not in st["DeviceAllow"], st
+        with capsys.disabled():
+            print(f"\n[kvm] {KVM_UNIT} active and idle {kvm.started_in:.1f} s after "
+                  f"systemctl start")
+
+    def test_hardening_of_a_kvm_instance_is_held_to_its_bound(self, kvm, capsys):
+        out = _exposure(kvm.c, KVM_UNIT, KVM_EXPOSURE_BOUND, capsys)
+        for must in ("MemoryDenyWriteExecute=", "SystemCallFilter=~@privileged",
+                     "PrivateDevices=", "CapabilityBoundingSet=~CAP_SYS_ADMIN",
+                     "ProtectSystem=", "PrivateUsers="):
+            line = next(line for line in out.splitlines() if must in line)
+            assert line.lstrip().startswith("✓"), line
+
+    def test_a_lease_boots_the_test_iso_under_the_unit(self, kvm, capsys):
+        import guestiso
+
+        c = kvm.c
+        try:
+            iso = guestiso.iso_path("marker")
+        except guestiso.GuestIsoError as e:
+            pytest.skip(f"no test ISO: {e}")
+        inside = c.put(iso, "/root/iso")
+        c.path("/root/cluster.py").write_text(CLUSTER_PY)
+        before = _coins(c.out("cpushare-server balance seller"))
+        r = c.run(f"python3 /root/cluster.py /root/kvm.buy {q(inside)} {guestiso.MARKER}",
+                  check=False, timeout=300)
+        assert r.returncode == 0, (r.stdout, r.stderr, c.journal(KVM_UNIT), c.journal(MARKET))
+        got = json.loads(r.stdout.splitlines()[-1])
+        assert (got["seller"], got["state"]) == ("seller", "ended"), got
+        daemon = c.path(f"/proc/{main_pid(c, KVM_UNIT)}/status").read_text()
+        daemon_filters = int(re.search(r"^Seccomp_filters:\s+(\d+)", daemon, re.M).group(1))
+        (qemu,) = got["qemus"]
+        assert qemu["cgroup"].endswith(f"/{KVM_UNIT}"), qemu
+        assert qemu["Uid"] == c.out("id -u cpushare").strip(), qemu
+        assert (qemu["Seccomp"], qemu["NoNewPrivs"]) == ("2", "1"), qemu
+        assert int(qemu["CapEff"], 16) == 0, qemu
+        # qemu's own -sandbox filter, stacked on the unit's
+        assert int(qemu["Seccomp_filters"]) > daemon_filters, (qemu, daemon_filters)
+        assert "tcg,split-wx=on" in qemu["argv"] and "-sandbox" in qemu["argv"], qemu
+        assert "the guest is off" in c.journal(KVM_UNIT), c.journal(KVM_UNIT)
+        c.run("cpushare-server ledger check")
+        assert got["cost_milli"] > 0, got
+        after = _coins(c.out("cpushare-server balance seller"))
+        assert after - before == Decimal(got["cost_milli"]) / 1000, (before, after, got)
+        with capsys.disabled():
+            print(f"\n[kvm] the test ISO booted under {KVM_UNIT} {got['booted']:.1f} s after "
+                  f"the cluster was asked for; {got['cost_milli']} milli-CPUCoins paid")
+
+    def test_an_accel_kvm_order_reaches_dev_kvm_through_the_dropin(self, kvm):
+        """With a /dev/kvm in the container (a node of the host's device,
+        group kvm, mode 0660) an order of accel = kvm either runs under KVM
+        or is refused with exit status 81 because KVM does not run a guest
+        here, never because the unit kept the device from the daemon."""
+        if not (os.path.exists("/dev/kvm") and os.stat("/dev/kvm").st_rdev
+                == os.makedev(10, 232)):
+            pytest.skip("this host has no /dev/kvm")
+        c = kvm.c
+        name, path = "vmkvm", "/etc/cpushare/vmkvm.cpu"
+        unit = f"cpushare@{name}.service"
+        made_group = c.run("getent group kvm", check=False).returncode != 0
+        c.run(("groupadd --system kvm && " if made_group else "")
+              + "mknod -m 0660 /dev/kvm c 10 232 && chgrp kvm /dev/kvm")
+        try:
+            c.run(f"cpushare-server sell-order add seller --model kvm --accel kvm "
+                  f"--price {KVM_ASK} --output {path}"
+                  f" && chown root:cpushare {path} && chmod 0640 {path} && systemctl daemon-reload")
+            st = unit_show(c, unit, "SupplementaryGroups", "DeviceAllow")
+            assert st["SupplementaryGroups"] == "kvm" and "/dev/kvm rw" in st["DeviceAllow"], st
+            c.run(f"systemctl start {unit}", check=False, timeout=120)
+            st = unit_show(c, unit, "ActiveState", "ExecMainStatus", "StatusText", "NRestarts")
+            if st["ActiveState"] != "active":  # KVM does not work here: no restart loop
+                assert (st["ActiveState"], st["ExecMainStatus"], st["NRestarts"]) == \
+                    ("failed", "81", "0"), (st, c.journal(unit))
+                assert "accel = kvm, but KVM is present but unusable" in st["StatusText"], st
+                assert "cannot open" not in st["StatusText"], st
+            print(st)
+        finally:
+            c.run(f"systemctl stop {unit}; systemctl reset-failed {unit}; rm -f {path} /dev/kvm"
+                  + ("; groupdel kvm" if made_group else "") + "; systemctl daemon-reload",
+                  check=False)
 
 
 def test_a_kernel_without_seccomp_is_refused_with_the_reason(market):
