@@ -1,22 +1,15 @@
-"""The agent of ``cpushare cluster up``, and the state directory it keeps.
+"""The agent of ``cpushare cluster up``: the process that holds a cluster.
 
-The agent is the process that holds a cluster: one Market connection,
-the nodes of `Market.cluster`, and the directory through which the other
-``cpushare cluster`` commands see and steer it:
+It keeps one Market connection and the nodes of `Market.cluster`, writes
+the cluster's state directory (clusterstate) on every change, appends each
+node's console to its file, and serves the control socket (`down`, console
+input).  SIGINT, SIGTERM and SIGHUP power every node off (Cluster.down),
+settle, and end it; so does a `down` request.
 
-    $XDG_STATE_HOME/cpushare/clusters/NAME/     (mode 0700)
-        pid            the agent's pid; the agent holds an flock on it
-                       while it lives (no lock: the agent is gone)
-        status.json    the cluster as the agent last saw it (atomic writes)
-        NODE.console   what the node printed, appended as it comes; past
-        NODE.console.1 CONSOLE_ROTATE bytes it becomes NODE.console.1
-        control        a unix socket: JSON lines, one answer per request
-        agent.log      the detached agent's output
-
-In the foreground (``up`` without --detach) the agent runs in the
-command's own process.  Detached, ``up`` starts ``python -m
-cpushare.buyer.clusteragent`` in a new session; it inherits the lock and
-a pipe on which it reports each node's changes until every node runs.
+In the foreground (``up`` without --detach) it runs in the command's own
+process.  Detached, ``up`` starts ``python -m cpushare.buyer.clusteragent``
+in a session of its own: it inherits the locked pid file and a pipe on
+which it reports (JSON lines) each node's changes until every node runs.
 """
 
 from __future__ import annotations
@@ -25,245 +18,29 @@ import argparse
 import asyncio
 import base64
 import binascii
-import fcntl
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import struct
 import sys
 import time
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
-from ..fileutil import atomic_write
-from ..order import BuyOrder, OrderError, format_coins, load_buy
+from ..order import BuyOrder, OrderError, load_buy
 from . import Market, MarketError
-from .base import REFUSALS
 from .cluster import END_STATES, Cluster, Node
+from .clusterstate import (MAX_INPUT, MAX_REQUEST, ClusterError, ConsoleLog, StateDir,
+                           market_status, socket_path, summary_lines)
 
 log = logging.getLogger("cpushare.cluster")
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
-CONSOLE_ROTATE = 8 << 20  # NODE.console past this becomes NODE.console.1: 16 MiB a node
-MAX_REQUEST = 1 << 20  # bytes of one control request line
-MAX_INPUT = 64 << 10  # bytes of console input in one request
 DOWN_TIMEOUT = 180.0  # seconds the nodes have to end once told to
-RECONNECT_FOR = 300.0  # seconds without the market before the agent gives up
-CLUSTER_STATES = ("starting", "image", "leasing", "up", "ending", "ended", "failed")
-FINAL_STATES = ("ended", "failed")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DESCRIBE = {"waiting": "no seller has taken it yet", "image": "its seller receives the ISO",
             "booting": "started, nothing on its console yet", "paused": "paused by its seller"}
-
-
-class ClusterError(Exception):
-    """A refusal of a cluster command: its message and exit status."""
-
-    def __init__(self, message: str, status: int = 1):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-
-
-def clusters_dir() -> Path:
-    """$XDG_STATE_HOME/cpushare/clusters (an XDG_STATE_HOME that is not an
-    absolute path is ignored, as the XDG specification says)."""
-    base = os.environ.get("XDG_STATE_HOME") or ""
-    if not os.path.isabs(base):
-        base = os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "cpushare" / "clusters"
-
-
-def check_name(name: str) -> str:
-    if not NAME_RE.fullmatch(name):
-        raise ClusterError(f"{name!r} is not a cluster name (1 to 64 of A-Z a-z 0-9 _ . + -, "
-                           f"not starting with a punctuation mark)", 2)
-    return name
-
-
-def market_status(e: MarketError) -> int:
-    """The exit status for the market's refusal `e` (as `cpushare buy`)."""
-    return 1 if e.code == "funds" else 2 if e.code in ("auth", "version", "order", "image") \
-        else 1
-
-
-@contextmanager
-def _socket_path(path: Path):
-    """A name for the socket at `path` that fits sockaddr_un (108 bytes): the
-    path itself, or one through /proc/self/fd of its directory."""
-    if len(os.fsencode(path)) < 100:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
-
-
-class StateDir:
-    """The directory of the cluster NAME (see the module's docstring)."""
-
-    def __init__(self, name: str, root: Path | None = None):
-        self.name = check_name(name)
-        self.path = (root or clusters_dir()) / name
-        self.pid_path = self.path / "pid"
-        self.status_path = self.path / "status.json"
-        self.control_path = self.path / "control"
-        self.log_path = self.path / "agent.log"
-
-    @classmethod
-    def all(cls, root: Path | None = None) -> list["StateDir"]:
-        root = root or clusters_dir()
-        try:
-            names = sorted(p.name for p in root.iterdir() if p.is_dir())
-        except FileNotFoundError:
-            return []
-        except OSError as e:
-            raise ClusterError(f"{root}: {e.strerror}") from None
-        return [cls(n, root) for n in names if NAME_RE.fullmatch(n)]
-
-    def console_paths(self, node: str) -> tuple[Path, Path]:
-        """(the older part, the current part) of a node's console."""
-        return self.path / f"{node}.console.1", self.path / f"{node}.console"
-
-    def exists(self) -> bool:
-        return self.pid_path.exists() or self.status_path.exists()
-
-    # --- the agent's lock -----------------------------------------------------
-
-    def lock(self) -> int:
-        """Create the directory (0700) and take the agent's lock: the locked
-        pid file's descriptor.  Refused if an agent holds it.  What an
-        earlier cluster of this name left is removed."""
-        try:
-            self.path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            for d in (self.path.parent, self.path):
-                d.mkdir(mode=0o700, exist_ok=True)
-            os.chmod(self.path, 0o700)
-            fd = os.open(self.pid_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise ClusterError(f"{e.filename or self.path}: cannot create the cluster's "
-                               f"state: {e.strerror}") from None
-        for attempt in range(5):  # (a `status` may hold a shared lock for an instant)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                time.sleep(0.05)
-        else:
-            os.close(fd)
-            raise ClusterError(f"cluster {self.name} is up already (agent pid "
-                               f"{self.agent_pid() or '?'}): choose another --name, or "
-                               f"cpushare cluster down {self.name}", 1)
-        for p in self.path.iterdir():
-            if p.name.endswith((".console", ".console.1")) or p.name in (
-                    "status.json", "control", "agent.log"):
-                p.unlink(missing_ok=True)
-        return fd
-
-    def agent_alive(self) -> bool:
-        """Whether an agent holds the lock."""
-        try:
-            fd = os.open(self.pid_path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-
-    def agent_pid(self) -> int | None:
-        try:
-            return int(self.pid_path.read_text().strip() or "0") or None
-        except (OSError, ValueError):
-            return None
-
-    # --- status ---------------------------------------------------------------
-
-    def read_status(self) -> dict | None:
-        """status.json (None: not written yet); ClusterError if unreadable."""
-        try:
-            data = json.loads(self.status_path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise ClusterError(f"{self.status_path}: {e.strerror}") from None
-        except ValueError as e:
-            raise ClusterError(f"{self.status_path}: not JSON: {e}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("nodes"), list):
-            raise ClusterError(f"{self.status_path}: not the status of a cluster")
-        return data
-
-    def write_status(self, status: dict) -> None:
-        atomic_write(self.status_path, json.dumps(status, indent=1).encode() + b"\n",
-                     mode=0o600, fsync=False)
-
-    # --- the control socket, client side --------------------------------------
-
-    def request(self, req: dict, timeout: float) -> dict:
-        """One request to the agent; its answer (ClusterError if it has none)."""
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            s.settimeout(10)
-            try:
-                with _socket_path(self.control_path) as where:
-                    s.connect(where)
-            except OSError as e:
-                raise ClusterError(f"cluster {self.name}: no answer on {self.control_path}: "
-                                   f"{e.strerror}") from None
-            s.settimeout(timeout)
-            s.sendall(json.dumps(req).encode() + b"\n")
-            answer = b""
-            try:
-                while not answer.endswith(b"\n"):
-                    piece = s.recv(65536)
-                    if not piece:
-                        break
-                    answer += piece
-            except socket.timeout:
-                raise ClusterError(f"cluster {self.name}: the agent did not answer within "
-                                   f"{timeout:g} s") from None
-            except OSError as e:
-                raise ClusterError(f"cluster {self.name}: {e.strerror}") from None
-        finally:
-            s.close()
-        if not answer:
-            raise ClusterError(f"cluster {self.name}: the agent closed the connection "
-                               f"without an answer")
-        try:
-            out = json.loads(answer)
-        except ValueError:
-            raise ClusterError(f"cluster {self.name}: the agent's answer is not JSON") from None
-        if not isinstance(out, dict):
-            raise ClusterError(f"cluster {self.name}: the agent's answer is not an object")
-        return out
-
-
-class ConsoleLog:
-    """A node's console file: appended, at most 2 x CONSOLE_ROTATE bytes."""
-
-    def __init__(self, sd: StateDir, node: str):
-        self.old, self.path = sd.console_paths(node)
-        self._f = open(self.path, "ab", buffering=0)
-        os.chmod(self.path, 0o600)
-
-    def append(self, data: bytes) -> None:
-        if self._f.tell() + len(data) > CONSOLE_ROTATE and self._f.tell():
-            self._f.close()
-            os.replace(self.path, self.old)
-            self._f = open(self.path, "ab", buffering=0)
-            os.chmod(self.path, 0o600)
-        self._f.write(data)
-
-    def close(self) -> None:
-        self._f.close()
 
 
 # --- what the agent says -------------------------------------------------------
@@ -334,20 +111,6 @@ def node_line(node: str, state: str, seller: str | None, message: str | None) ->
     return f"{node}  {state}  {seller or '-'}" + (f"  {message}" if message else
                                                    f"  ({DESCRIBE[state]})" if state in DESCRIBE
                                                    else "")
-
-
-def summary_lines(status: dict) -> list[str]:
-    """A table of the nodes (seller, state, CPU seconds, CPUCoins, message)
-    and their total."""
-    rows = [("NODE", "SELLER", "STATE", "CPU-SECONDS", "CPUCOINS", "MESSAGE")]
-    for n in status["nodes"]:
-        rows.append((n["node"], n.get("seller") or "-", n["state"], f"{n['cpu_ms'] / 1000:.3f}",
-                     format_coins(n["cost_milli"]), n.get("message") or ""))
-    rows.append(("total", "", f"{len(status['nodes'])} nodes",
-                 f"{status['cpu_ms'] / 1000:.3f}", format_coins(status["cost_milli"]), ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return [("  ".join(r[i].rjust(widths[i]) if i in (3, 4) else r[i].ljust(widths[i])
-                       for i in range(5)) + "  " + r[5]).rstrip() for r in rows]
 
 
 class Agent:
@@ -447,7 +210,7 @@ class Agent:
             loop.add_signal_handler(sig, self._on_signal, sig)
         self._save()
         try:
-            with _socket_path(self.sd.control_path) as where:
+            with socket_path(self.sd.control_path) as where:
                 server = await asyncio.start_unix_server(self._serve, where, limit=MAX_REQUEST)
             os.chmod(self.sd.control_path, 0o600)
         except OSError as e:
@@ -522,8 +285,7 @@ class Agent:
 
     async def _follow(self, c: Cluster) -> int:
         consoles = [asyncio.create_task(self._console(n)) for n in c.nodes]
-        helpers = [asyncio.create_task(self._events(c)), asyncio.create_task(self._tick()),
-                   asyncio.create_task(self._keep_connected())]
+        helpers = [asyncio.create_task(self._events(c)), asyncio.create_task(self._tick())]
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         status = 0
         ready = False
@@ -552,6 +314,14 @@ class Agent:
                 self._save()
         finally:
             helpers[0].cancel()  # (down() reads the events from here on)
+        if not c.all_ended() and not self.market.connected:
+            # (the SDK connects again by itself, or says the nodes are lost)
+            self.report.line(f"{self.sd.name}: waiting for the connection to "
+                             f"{self.order.server} to power the nodes off")
+            deadline = time.monotonic() + Market.RECONNECT_FOR + 10
+            while (not c.all_ended() and not self.market.connected
+                   and time.monotonic() < deadline):
+                await asyncio.sleep(0.2)
         if not c.all_ended() and not self.market.connected:
             status = self._fail(f"cannot power the nodes off: not connected to "
                                 f"{self.order.server}; they run until their lease's CPU time "
@@ -588,9 +358,18 @@ class Agent:
             self._changed.set()
 
     async def _tick(self) -> None:
+        """Every second: status.json (CPU time and cost change without an
+        event), and the connection's changes."""
+        m = self.market
+        connected = True
         while True:
             await asyncio.sleep(1)
             self._save()
+            if m.connected != connected:
+                connected = m.connected
+                self.report.line(f"{self.sd.name}: " + (
+                    f"connected to {self.order.server} again" if connected else
+                    f"lost the connection to {self.order.server}; connecting again"))
 
     async def _console(self, node: Node) -> None:
         try:
@@ -606,34 +385,6 @@ class Agent:
                     log.error("%s console: %s", node.name, e.strerror)
         finally:
             out.close()
-
-    async def _keep_connected(self) -> None:
-        """Connect again after a lost connection: the market gives the nodes
-        back to the new one."""
-        m = self.market
-        lost_at = None
-        delay = 1.0
-        while True:
-            await asyncio.sleep(delay)
-            if m.connected:
-                lost_at, delay = None, 1.0
-                continue
-            now = time.monotonic()
-            if lost_at is None:
-                lost_at = now
-                self.report.line(f"{self.sd.name}: lost the connection to {self.order.server}"
-                                 f"; connecting again")
-            try:
-                await m.connect()
-                self.report.line(f"{self.sd.name}: connected to {self.order.server} again")
-                continue
-            except MarketError as e:
-                if e.code in REFUSALS or now - lost_at > RECONNECT_FOR:
-                    self._fail(f"{self.order.server}: {e.message}; the nodes may still run "
-                               f"on the market", 1)
-                    self.stop()
-                    return
-            delay = min(10.0, delay * 2)
 
     # --- the control socket ---------------------------------------------------
 

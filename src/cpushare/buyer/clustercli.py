@@ -24,10 +24,10 @@ import threading
 import time
 from pathlib import Path
 
-from ..order import MAX_SECONDS, OrderError, format_coins, load_buy
-from .clusteragent import (FINAL_STATES, ClusterError, Report, StateDir, clusters_dir,
-                           run_agent, summary_lines)
+from ..order import MAX_SECONDS, OrderError, load_buy
 from .cluster import END_STATES
+from .clusteragent import Report, run_agent
+from .clusterstate import FINAL_STATES, ClusterError, StateDir, clusters_dir, summary_lines
 
 EPILOG = """\
 up        lease N nodes that boot IMAGE.iso; show each node's changes
