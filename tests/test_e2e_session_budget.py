@@ -50,9 +50,10 @@ def test_input_a_spinning_job_does_not_read_waits_for_it(market):
     async def go():
         async with Market(order) as mk:
             async with mk.session(job("spin"), cpu_ms=120_000) as s:
+                await s.write(spin_input(count))
+                await asyncio.sleep(0.5)  # the job runs: what the session costs is counted
                 base = rss_kib(seller.pid)
                 peak = base
-                await s.write(spin_input(count))
                 written = 0
 
                 async def feed():

@@ -199,17 +199,16 @@ def model_of(order):
 
 
 def check_kernel(model) -> None:
-    """This machine can run the model (for seccomp: CONFIG_SECCOMP)."""
-    from . import models
-
-    from . import kernel
+    """This machine can run the model (every model: CONFIG_SECCOMP; kvm: qemu
+    and the accelerator the order asks for, measured)."""
+    from . import kernel, models
 
     try:
         kernel.require_seccomp()  # every model: qemu's -sandbox is seccomp too
     except kernel.KernelError as e:
         raise StartupError(EXIT_NO_SECCOMP, str(e)) from e
     try:
-        model.check_host()
+        log.info("%s", model.check_host())  # (kvm: which accelerator, and why)
     except models.HostError as e:
         raise StartupError(EXIT_NO_SECCOMP if model.name == "seccomp" else EXIT_NO_ACCEL,
                            str(e)) from e

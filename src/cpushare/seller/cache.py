@@ -30,7 +30,60 @@ class CacheError(ValueError):
     """An image could not be cached; the message says which and why."""
 
 
-class ImageCache:
+class BoundedDir:
+    """Files of a cache directory, bounded in total size: the least recently
+    used (oldest mtime) go first.  Subclasses say which files (PATTERN),
+    which leftovers of an interrupted write to clean (LEFTOVERS, older than
+    LEFTOVER_TTL) and how one is dropped (_drop)."""
+
+    PATTERN = "*"
+    LEFTOVERS = ".tmp-*"
+    LEFTOVER_TTL = 3600.0
+    directory: Path
+    max_bytes: int
+
+    def entries(self) -> list[tuple[float, int, Path]]:
+        """(last use, size, path) of every cached file, oldest first."""
+        out = []
+        for p in self.directory.glob(self.PATTERN):
+            if p.name.startswith("."):
+                continue
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            out.append((st.st_mtime, st.st_size, p))
+        out.sort()
+        return out
+
+    def size(self) -> int:
+        return sum(size for _, size, _ in self.entries())
+
+    def _drop(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+    def _evict(self, need: int) -> None:
+        entries = self.entries()
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in entries:
+            if total + need <= self.max_bytes:
+                break
+            log.info("image cache: evicting %s (%d bytes, least recently used)", path.name, size)
+            self._drop(path)
+            total -= size
+        # leftovers of a crash mid-write (old enough not to be a write in progress)
+        now = time.time()
+        for p in self.directory.glob(self.LEFTOVERS):
+            try:
+                if now - p.stat().st_mtime > self.LEFTOVER_TTL:
+                    p.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+
+
+class ImageCache(BoundedDir):
+    PATTERN = "*.bin"
+
     def __init__(self, directory: Path, max_bytes: int = DEFAULT_MAX_BYTES, *, model=None):
         self.model = model or models.get("seccomp")  # parses and checks what is cached
         self.directory = Path(directory)
@@ -114,39 +167,6 @@ class ImageCache:
         except FileNotFoundError:
             pass
 
-    def entries(self) -> list[tuple[float, int, Path]]:
-        """(last use, size, path) of every cached image, oldest first."""
-        out = []
-        for p in self.directory.glob("*.bin"):
-            if p.name.startswith(".tmp-"):
-                continue
-            try:
-                st = p.stat()
-            except FileNotFoundError:
-                continue
-            out.append((st.st_mtime, st.st_size, p))
-        out.sort()
-        return out
-
-    def size(self) -> int:
-        return sum(size for _, size, _ in self.entries())
-
-    def _evict(self, need: int) -> None:
-        entries = self.entries()
-        total = sum(size for _, size, _ in entries)
-        for _, size, path in entries:
-            if total + need <= self.max_bytes:
-                break
-            log.info("image cache: evicting %s (%d bytes, least recently used)", path.name, size)
-            path.unlink(missing_ok=True)
-            self._parsed.pop(path.stem, None)
-            total -= size
-        # leftovers of a crash mid-write (old enough not to be another
-        # writer's file in progress)
-        now = time.time()
-        for p in self.directory.glob(".tmp-*"):
-            try:
-                if now - p.stat().st_mtime > 3600:
-                    p.unlink(missing_ok=True)
-            except FileNotFoundError:
-                pass
+    def _drop(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        self._parsed.pop(path.stem, None)

@@ -909,18 +909,25 @@ class Seller(LeaseRuns):
                     job.kill()
                     return
 
-        feeder = asyncio.create_task(pump_in())
-        timer = asyncio.create_task(wall_clock())
+        result = await self._relay(r, job, pump_out, pump_in(), wall_clock())
+        if killed_for and not r.aborted:
+            result = dataclasses.replace(result, reason=killed_for)
+        return result, digest
+
+    async def _relay(self, r: _Running, job, pump_out, *beside):
+        """Run `pump_out` (the job's output to the market, in a thread) and the
+        coroutines `beside` it until the job has ended; its result.  The
+        session's stream then ends (eof)."""
+        loop = self._loop
+        tasks = [asyncio.create_task(c) for c in beside]
         try:
             await loop.run_in_executor(None, pump_out)
             result = await loop.run_in_executor(None, job.wait)
         finally:
-            feeder.cancel()
-            timer.cancel()
-        if killed_for and not r.aborted:
-            result = dataclasses.replace(result, reason=killed_for)
+            for t in tasks:
+                t.cancel()
         self._send("stream", session=r.session, eof=True)
-        return result, digest
+        return result
 
     def _send_stream(self, session: int, chunk: bytes) -> None:
         self._send("stream", chunk, session=session, eof=False)

@@ -16,19 +16,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from pathlib import Path
 
 from .. import models
 from ..protocol import is_digest
-from .cache import CacheError
+from .cache import BoundedDir, CacheError
 
 log = logging.getLogger("cpushare.seller")
 
 PART_TTL = 7 * 86400  # a partial image untouched this long is removed
 
 
-class IsoCache:
+class IsoCache(BoundedDir):
+    PATTERN = "*.iso"
+    LEFTOVERS = ".part-*"  # (kept across lost connections: resumed, unless this old)
+    LEFTOVER_TTL = PART_TTL
+
     def __init__(self, directory: Path, max_bytes: int, *, model):
         self.model = model
         self.directory = Path(directory)
@@ -117,41 +120,9 @@ class IsoCache:
         os.replace(part, path)
         return self.model.parse_file(path, digest, where=str(path))
 
-    def entries(self) -> list[tuple[float, int, Path]]:
-        """(last use, size, path) of every cached image, oldest first."""
-        out = []
-        for p in self.directory.glob("*.iso"):
-            try:
-                st = p.stat()
-            except FileNotFoundError:
-                continue
-            out.append((st.st_mtime, st.st_size, p))
-        out.sort()
-        return out
-
-    def size(self) -> int:
-        return sum(size for _, size, _ in self.entries())
-
     def _drop(self, path: Path) -> None:
         try:
             os.chmod(path, 0o600)
             path.unlink()
         except FileNotFoundError:
             pass
-
-    def _evict(self, need: int) -> None:
-        entries = self.entries()
-        total = sum(size for _, size, _ in entries)
-        for _, size, path in entries:
-            if total + need <= self.max_bytes:
-                break
-            log.info("image cache: evicting %s (%d bytes, least recently used)", path.name, size)
-            self._drop(path)
-            total -= size
-        now = time.time()
-        for p in self.directory.glob(".part-*"):
-            try:
-                if now - p.stat().st_mtime > PART_TTL:
-                    p.unlink()
-            except FileNotFoundError:
-                pass

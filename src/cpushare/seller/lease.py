@@ -216,15 +216,7 @@ class LeaseRuns:
 
         meter("booting")
         r.metered = time.monotonic()
-        feeder = asyncio.create_task(pump_in())
-        timer = asyncio.create_task(clock())
-        try:
-            await loop.run_in_executor(None, pump_out)
-            result = await loop.run_in_executor(None, job.wait)
-        finally:
-            feeder.cancel()
-            timer.cancel()
-        self._send("stream", session=r.session, eof=True)
+        result = await self._relay(r, job, pump_out, pump_in(), clock())
         why = r.ending or ("the guest powered off" if result.reason == "exit"
                            else f"the guest was {result.reason}")
         log.info("lease %s/%s: the guest is off (%s, %.1f s of CPU)", r.task, r.attempt, why,
