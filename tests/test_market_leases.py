@@ -94,6 +94,18 @@ async def until(peer: Peer, type_: str, **match):
             return m
 
 
+async def leased(lm, b: Peer, iso: bytes, ref: str = "n"):
+    """Upload `iso`, connect a kvm seller, open a lease on it: the seller has
+    its task and its image.  (seller, session, task)."""
+    d, _ = await upload(b, iso)
+    s = await kvm_seller(lm)
+    await b.send("open", ref=ref, image=d)
+    sid = (await b.expect("opened"))["session"]
+    task = await s.expect("task")
+    await fetch_image(s, d)
+    return s, sid, task
+
+
 def test_an_iso_goes_in_chunks_resumes_after_a_lost_connection_and_is_checked(lm):
     iso = fake_iso()
 
@@ -227,12 +239,7 @@ def test_a_lost_seller_ends_its_lease_paid_up_to_its_last_report(lm):
     async def main():
         await lm.start()
         b = await kvm_buyer(lm)
-        d, _ = await upload(b, iso)
-        s = await kvm_seller(lm)
-        await b.send("open", ref="n", image=d)
-        sid = (await b.expect("opened"))["session"]
-        task = await s.expect("task")
-        await fetch_image(s, d)
+        s, sid, task = await leased(lm, b, iso, ref="n")
         await s.send("meter", attempt=task["attempt"], cpu_ms=12_000, state="running")
         await until(b, "lease", cpu_ms=12_000)
         s.writer.transport.abort()  # kill -9 of the seller
@@ -254,12 +261,7 @@ def test_a_lease_ends_when_the_buyer_cannot_pay_the_next_interval(lm):
         await lm.start()
         o = lm.buy("poor", BID, model="kvm", memory=512 << 20, max_cpu_seconds=3600)
         b = await Peer.open(o, "buyer")
-        d, _ = await upload(b, iso)
-        s = await kvm_seller(lm)
-        await b.send("open", ref="n", image=d)
-        sid = (await b.expect("opened"))["session"]
-        task = await s.expect("task")
-        await fetch_image(s, d)
+        s, sid, task = await leased(lm, b, iso, ref="n")
         await s.send("meter", attempt=task["attempt"], cpu_ms=50_000, state="running")
         ending = await until(b, "lease", state="ending")
         assert "the next 60 s of CPU time cost" in ending["message"]
@@ -283,12 +285,7 @@ def test_a_node_silent_past_boot_seconds_ends_as_not_booting(lm):
     async def main():
         await lm.start()
         b = await kvm_buyer(lm, boot_seconds=1)
-        d, _ = await upload(b, iso)
-        s = await kvm_seller(lm)
-        await b.send("open", ref="n", image=d)
-        sid = (await b.expect("opened"))["session"]
-        task = await s.expect("task")
-        await fetch_image(s, d)
+        s, sid, task = await leased(lm, b, iso, ref="n")
         await s.send("meter", attempt=task["attempt"], cpu_ms=100, state="booting")
         ending = await until(b, "lease", state="ending")
         assert "not booting: the node printed nothing on its console within 1 s" \
@@ -312,12 +309,7 @@ def test_a_buyer_that_reconnects_takes_its_running_leases_back(lm):
         await lm.start()
         o = lm.buy("buyer", BID, model="kvm", memory=512 << 20, max_cpu_seconds=3600)
         b = await Peer.open(o, "buyer")
-        d, _ = await upload(b, iso)
-        s = await kvm_seller(lm)
-        await b.send("open", ref="node-7", image=d)
-        sid = (await b.expect("opened"))["session"]
-        task = await s.expect("task")
-        await fetch_image(s, d)
+        s, sid, task = await leased(lm, b, iso, ref="node-7")
         await s.send("meter", attempt=task["attempt"], cpu_ms=1000, state="running")
         await s.send("stream", b"hello\n", session=sid)
         await until(b, "lease", state="running")
@@ -378,12 +370,7 @@ def test_meter_reports_faster_than_the_floor_are_not_paid_each(lm):
     async def main():
         await lm.start()
         b = await kvm_buyer(lm)
-        d, _ = await upload(b, iso)
-        s = await kvm_seller(lm)
-        await b.send("open", ref="n", image=d)
-        sid = (await b.expect("opened"))["session"]
-        task = await s.expect("task")
-        await fetch_image(s, d)
+        s, sid, task = await leased(lm, b, iso, ref="n")
         before = lm.market.store.ledger_summary()["transactions"]
         for i in range(1, 2001):
             await s.send("meter", attempt=task["attempt"], cpu_ms=i, state="running")
