@@ -873,13 +873,7 @@ class Seller(LeaseRuns):
                     job.kill()
                 if chunk:
                     produced += len(chunk)
-                    digest.update(chunk)
-                    loop.call_soon_threadsafe(self._send_stream, r.session, chunk)
-                    # the job's output waits (in its pipe) while the market is
-                    # not taking it: the daemon holds at most about this much
-                    while (not r.aborted and self._running is r and self._out is not None
-                           and self._out.buffered > SESSION_INPUT_BUDGET):
-                        time.sleep(0.005)
+                    self._forward(r, chunk, digest)
                 if killed_for:
                     return
 
@@ -913,6 +907,17 @@ class Seller(LeaseRuns):
         if killed_for and not r.aborted:
             result = dataclasses.replace(result, reason=killed_for)
         return result, digest
+
+    def _forward(self, r: _Running, chunk: bytes, digest) -> None:
+        """(In the output thread) send a piece of a session's output on, hashed;
+        the job's output then waits (in its pipe, or the guest's UART) while
+        the market is not taking it: the daemon holds at most about
+        SESSION_INPUT_BUDGET of it."""
+        digest.update(chunk)
+        self._loop.call_soon_threadsafe(self._send_stream, r.session, chunk)
+        while (not r.aborted and self._running is r and self._out is not None
+               and self._out.buffered > SESSION_INPUT_BUDGET):
+            time.sleep(0.005)
 
     async def _relay(self, r: _Running, job, pump_out, *beside):
         """Run `pump_out` (the job's output to the market, in a thread) and the

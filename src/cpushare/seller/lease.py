@@ -28,8 +28,6 @@ METER_INTERVAL = 10.0  # seconds between `meter` reports of a running lease
 # restarting: it takes the lease back when we reconnect); then it is powered off.
 LEASE_GRACE = 120.0
 POWERDOWN_GRACE = 30.0  # seconds a guest has to power off before it is killed
-# Console output queued to the market past which the guest's console waits
-CONSOLE_BUDGET = 1 << 20
 
 
 class LeaseRuns:
@@ -178,11 +176,7 @@ class LeaseRuns:
                     chunk = b""
                 if not chunk:
                     return
-                digest.update(chunk)
-                loop.call_soon_threadsafe(self._send_stream, r.session, chunk)
-                while (not r.aborted and self._running is r and self._out is not None
-                       and self._out.buffered > CONSOLE_BUDGET):
-                    time.sleep(0.005)
+                self._forward(r, chunk, digest)
 
         async def pump_in() -> None:
             while True:
