@@ -33,7 +33,7 @@ from ..order import BuyOrder, OrderError, load_buy
 from . import Market, MarketError
 from .cluster import END_STATES, Cluster, Node
 from .clusterstate import (MAX_INPUT, MAX_REQUEST, ClusterError, ConsoleLog, StateDir,
-                           market_status, socket_path, summary_lines)
+                           count_nodes, market_status, socket_path, summary_lines)
 
 log = logging.getLogger("cpushare.cluster")
 
@@ -48,11 +48,15 @@ DESCRIBE = {"waiting": "no seller has taken it yet", "image": "its seller receiv
 class Report:
     """In the foreground: lines on stdout, errors on stderr."""
 
+    waiting = False  # a detached `up` waits for every node to run
+
     def line(self, text: str) -> None:
-        print(text, flush=True)
+        with suppress(OSError):  # (a closed stdout does not stop the agent)
+            print(text, flush=True)
 
     def error(self, text: str) -> None:
-        print(f"cpushare cluster: {text}", file=sys.stderr, flush=True)
+        with suppress(OSError):
+            print(f"cpushare cluster: {text}", file=sys.stderr, flush=True)
 
     def ready(self, text: str) -> None:
         self.line(text)
@@ -67,6 +71,10 @@ class PipeReport(Report):
 
     def __init__(self, fd: int):
         self._f = os.fdopen(fd, "w")
+
+    @property
+    def waiting(self) -> bool:
+        return self._f is not None
 
     def _send(self, **msg) -> None:
         if self._f is None:
@@ -259,10 +267,10 @@ class Agent:
                 self.cluster = await m.cluster(self.iso, self.n, name=self.sd.name,
                                                cpu_ms=self.cpu_ms)
             except _Stopped:
-                self.error = "interrupted before the nodes were leased"
+                self.error = "stopped before the nodes were leased"
                 self.report.error(self.error)
                 self._set("ended")
-                return 0
+                return 1 if self._signal is None and self.report.waiting else 0
             except MarketError as e:
                 if e.code == "image":
                     return self._fail(f"{self.iso}: the market refused the ISO: {e.message}", 2)
@@ -271,7 +279,7 @@ class Agent:
             except OSError as e:
                 return self._fail(f"{self.iso}: {e.strerror}", 2)
             self.state = "up"
-            self.report.line(f"{self.sd.name}: {self.n} nodes leased (image "
+            self.report.line(f"{self.sd.name}: {count_nodes(self.n)} leased (image "
                              f"{self.digest[:16]})")
             try:
                 return await self._follow(self.cluster)
@@ -314,6 +322,10 @@ class Agent:
                 self._save()
         finally:
             helpers[0].cancel()  # (down() reads the events from here on)
+        if not ready and status == 0 and self._signal is None and self.report.waiting:
+            self.error = "brought down (cpushare cluster down) before every node ran"
+            self.report.error(self.error)
+            status = 1
         if not c.all_ended() and not self.market.connected:
             # (the SDK connects again by itself, or says the nodes are lost)
             self.report.line(f"{self.sd.name}: waiting for the connection to "
@@ -331,7 +343,7 @@ class Agent:
                 self.state = "ending"
             self._save()
             left = sum(n.state not in END_STATES for n in c.nodes)
-            self.report.line(f"{self.sd.name}: powering {left} nodes off")
+            self.report.line(f"{self.sd.name}: powering {count_nodes(left)} off")
             try:
                 await c.down(DOWN_TIMEOUT)
             except TimeoutError:
@@ -416,7 +428,7 @@ class Agent:
     async def _answer(self, line: bytes) -> dict:
         try:
             req = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return {"error": "a request is a JSON object on one line"}
         if not isinstance(req, dict) or not isinstance(req.get("command"), str):
             return {"error": 'a request is a JSON object with a "command": "down" or "input"'}
@@ -454,7 +466,8 @@ class Agent:
         if len(data) > MAX_INPUT:
             return {"error": f"console input of {len(data)} bytes: at most {MAX_INPUT} at once"}
         if node.state in END_STATES:
-            return {"error": f"{node.name} has {node.state}"}
+            return {"error": f"{node.name} " + ("was lost" if node.state == "lost" else
+                                                "has ended")}
         try:
             await node.write_console(data)
         except MarketError as e:

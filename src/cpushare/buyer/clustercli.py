@@ -239,6 +239,8 @@ def _detach(sd: StateDir, lock_fd: int, order: Path, iso: Path, nodes: int,
                 msg = json.loads(line)
             except ValueError:
                 continue
+            if not isinstance(msg, dict):
+                continue
             if "line" in msg:
                 print(msg["line"], flush=True)
             elif "error" in msg:
@@ -280,15 +282,20 @@ def _view(sd: StateDir) -> dict:
 
 
 def _status(args) -> int:
-    sds = [_open(args.name)] if args.name else StateDir.all()
-    views = [_view(sd) for sd in sds]
+    if args.name:
+        views = [_view(_open(args.name))]
+    else:
+        views = []
+        for sd in StateDir.all():
+            try:
+                views.append(_view(sd))
+            except ClusterError as e:  # (one unreadable cluster hides no other)
+                _err(e.message)
     if args.json:
         print(json.dumps(views[0] if args.name else views, indent=1))
-        return 0
-    if not views:
+    elif not views:
         print(f"no clusters (in {clusters_dir()})")
-        return 0
-    for i, v in enumerate(views):
+    for i, v in enumerate([] if args.json else views):
         if i:
             print()
         _table(v)
@@ -349,7 +356,7 @@ class _Follower:
         return out
 
 
-def _send_input(sd: StateDir, node: str, errors: list[str]) -> None:
+def _send_input(sd: StateDir, node: str) -> None:
     """Each line of stdin to the node's console (a thread)."""
     import base64
     stdin = sys.stdin.buffer
@@ -368,7 +375,6 @@ def _send_input(sd: StateDir, node: str, errors: list[str]) -> None:
         try:
             answer = sd.request(req, 30)
         except ClusterError as e:
-            errors.append(e.message)
             _err(e.message)
             return
         if "error" in answer:
@@ -385,10 +391,9 @@ def _console(args) -> int:
     until = args.until.encode() if args.until else None
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     follow = _Follower(sd, args.node)
-    errors: list[str] = []
     feeder = None
     if view["agent_alive"] and view["state"] not in FINAL_STATES:
-        feeder = threading.Thread(target=_send_input, args=(sd, args.node, errors), daemon=True)
+        feeder = threading.Thread(target=_send_input, args=(sd, args.node), daemon=True)
         feeder.start()
     out = sys.stdout.buffer
     tail = b""  # the end of what was printed, to find TEXT across reads
@@ -445,7 +450,12 @@ def _down(args) -> int:
         raise ClusterError(f"cluster {sd.name}: its agent (pid {view.get('pid') or '?'}) is "
                            f"gone; its nodes may still run on the market until their "
                            f"lease's CPU time is spent")
-    answer = sd.request({"command": "down"}, args.timeout)
+    try:
+        answer = sd.request({"command": "down"}, args.timeout)
+    except ClusterError:
+        answer = {}  # (an agent that was ending closed its socket: it says below)
+        if sd.agent_alive() and (sd.read_status() or {}).get("state") not in FINAL_STATES:
+            raise
     if "error" in answer:
         raise ClusterError(f"cluster {sd.name}: {answer['error']}")
     deadline = time.monotonic() + 10
@@ -456,7 +466,7 @@ def _down(args) -> int:
         time.sleep(0.05)
     st = answer.get("status")
     if not isinstance(st, dict):
-        st = sd.read_status()
+        st = sd.read_status() or view
     for text in summary_lines(st):
         print(text)
     if any(n["state"] not in END_STATES for n in st["nodes"]):

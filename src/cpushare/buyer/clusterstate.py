@@ -49,6 +49,9 @@ CLUSTER_STATES = ("starting", "image", "leasing", "up", "ending", "ended", "fail
 FINAL_STATES = ("ended", "failed")
 
 
+_NODE = (("node", str), ("state", str), ("cpu_ms", int), ("cost_milli", int))
+
+
 class ClusterError(Exception):
     """A refusal of a cluster command: its message and exit status."""
 
@@ -149,6 +152,7 @@ class StateDir:
             raise ClusterError(f"cluster {self.name} is up already (agent pid "
                                f"{self.agent_pid() or '?'}): choose another --name, or "
                                f"cpushare cluster down {self.name}", 1)
+        os.ftruncate(fd, 0)  # (the pid of an agent that was)
         for p in self.path.iterdir():
             if p.name.endswith((".console", ".console.1")) or p.name in (
                     "status.json", "control", "agent.log"):
@@ -187,7 +191,11 @@ class StateDir:
             raise ClusterError(f"{self.status_path}: {e.strerror}") from None
         except ValueError as e:
             raise ClusterError(f"{self.status_path}: not JSON: {e}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("nodes"), list):
+        if not (isinstance(data, dict) and isinstance(data.get("state"), str)
+                and isinstance(data.get("nodes"), list)
+                and all(isinstance(n, dict) and all(isinstance(n.get(k), t) for k, t in _NODE)
+                        for n in data["nodes"])
+                and all(isinstance(data.get(k), int) for k in ("cpu_ms", "cost_milli"))):
             raise ClusterError(f"{self.status_path}: not the status of a cluster")
         return data
 
@@ -209,9 +217,9 @@ class StateDir:
                 raise ClusterError(f"cluster {self.name}: no answer on {self.control_path}: "
                                    f"{e.strerror}") from None
             s.settimeout(timeout)
-            s.sendall(json.dumps(req).encode() + b"\n")
             answer = b""
             try:
+                s.sendall(json.dumps(req).encode() + b"\n")
                 while not answer.endswith(b"\n"):
                     piece = s.recv(65536)
                     if not piece:
@@ -241,19 +249,28 @@ class ConsoleLog:
 
     def __init__(self, sd: StateDir, node: str):
         self.old, self.path = sd.console_paths(node)
-        self._f = open(self.path, "ab", buffering=0)
-        os.chmod(self.path, 0o600)
+        self._f = self._open()
+
+    def _open(self):
+        f = open(self.path, "ab")
+        os.fchmod(f.fileno(), 0o600)
+        return f
 
     def append(self, data: bytes) -> None:
         if self._f.tell() + len(data) > CONSOLE_ROTATE and self._f.tell():
             self._f.close()
             os.replace(self.path, self.old)
-            self._f = open(self.path, "ab", buffering=0)
-            os.chmod(self.path, 0o600)
+            self._f = self._open()
         self._f.write(data)
+        self._f.flush()
 
     def close(self) -> None:
         self._f.close()
+
+
+def count_nodes(n: int) -> str:
+    """'1 node', '2 nodes'."""
+    return f"{n} node" + ("" if n == 1 else "s")
 
 
 def summary_lines(status: dict) -> list[str]:
@@ -263,7 +280,7 @@ def summary_lines(status: dict) -> list[str]:
     for n in status["nodes"]:
         rows.append((n["node"], n.get("seller") or "-", n["state"], f"{n['cpu_ms'] / 1000:.3f}",
                      format_coins(n["cost_milli"]), n.get("message") or ""))
-    rows.append(("total", "", f"{len(status['nodes'])} nodes",
+    rows.append(("total", "", count_nodes(len(status["nodes"])),
                  f"{status['cpu_ms'] / 1000:.3f}", format_coins(status["cost_milli"]), ""))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return [("  ".join(r[i].rjust(widths[i]) if i in (3, 4) else r[i].ljust(widths[i])
