@@ -4,7 +4,13 @@
 order's client certificate, says `ready`, takes one `task` at a time, runs
 it through its computation model (`cpushare.models`: for seccomp, a
 sandbox job the event loop watches), and sends back the `result`.  A lost connection is
-retried with exponential backoff and jitter.  The object has no D-Bus and
+retried with exponential backoff and jitter.
+
+    core.py      this: the lifecycle (run, stop, pause, reload), the connection,
+                 what the market sends
+    tasks.py     one task: its image, its run (whole or a session), its result
+    lease.py     a lease of the kvm model: the ISO in chunks, the guest, metering
+    running.py   the plain state: Status, the task in progress, output sinks  The object has no D-Bus and
 no systemd in it: `cpushare.daemon` adapts it, `python -m cpushare.seller`
 runs it in the foreground.
 
@@ -18,131 +24,30 @@ called in the loop's thread.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hashlib
 import logging
 import random
 import ssl
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from .. import __version__, models, protocol
 from ..order import SellOrder
 from ..protocol import Message, ProtocolError
-from .cache import CacheError, ImageCache
+from .cache import ImageCache
 from .isocache import IsoCache
 from .lease import LeaseRuns
+from .running import (SESSION_INPUT_BUDGET, STATES, AuthError, Status, _Aborted, _Lost,
+                      _Running)
+from .tasks import TaskRuns
+
+__all__ = ["Seller", "Status", "STATES", "AuthError", "SESSION_INPUT_BUDGET"]
 
 log = logging.getLogger("cpushare.seller")
 
 
-STATES = ("starting", "connecting", "idle", "running", "paused", "stopping", "stopped", "error")
-
-
-@dataclass(frozen=True)
-class Status:
-    state: str  # one of STATES
-    order: str  # order name (file stem)
-    model: str
-    server: str  # host:port
-    current_task: str | None
-    buyer_order: str | None
-    tasks_done: int
-    cpu_seconds_sold: float
-    coins_earned_milli: int
-    connected_since: float | None  # epoch seconds
-    last_error: str
-
-
-class AuthError(Exception):
-    """The market refused us, or we refused the market (TLS verification)."""
-
-
-class _Lost(Exception):
-    """The connection is gone; reconnect."""
-
-
-class _Aborted(Exception):
-    """The seller gave up the running task itself (stop, pause timeout)."""
-
-
-@dataclass
-class _Running:
-    """The task in progress on this connection."""
-    task: int
-    attempt: int
-    buyer_order: str | None
-    session: int | None = None
-    job: object | None = None  # the model's run once started
-    aborted: str = ""  # why we killed it ourselves ('' if we did not)
-    stream_in: asyncio.Queue | None = None  # session input chunks (None = EOF)
-    stream_bytes: int = 0  # ... and their bytes, at most about SESSION_INPUT_BUDGET
-    _room: asyncio.Event | None = None
-    started: float = dataclasses.field(default_factory=time.monotonic)
-    ending: str = ""  # a lease: why its guest is being powered off
-    detached_at: float | None = None  # a lease: since when the market is away
-    metered: float = 0.0  # a lease: when its last `meter` went
-
-
-    def took_input(self, n: int) -> None:
-        """The job took `n` bytes of its queued input."""
-        self.stream_bytes -= n
-        if self._room is not None and self.stream_bytes <= SESSION_INPUT_BUDGET:
-            self._room.set()
-
-    async def input_room(self, running, alive) -> None:
-        """Until the queued input is back within its budget, or the job is no
-        longer the one `running()` names (it ended, or was aborted).
-        `alive()` is called every quarter second meanwhile (not reading is
-        not silence: the caller keeps the link alive)."""
-        while self.stream_bytes > SESSION_INPUT_BUDGET and running() is self:
-            self._room = asyncio.Event()
-            try:
-                await asyncio.wait_for(self._room.wait(), 0.25)
-            except asyncio.TimeoutError:
-                pass
-            alive()
-
-
-# Session input queued for a job that has not read it yet; past it the seller
-# stops reading from the market.
-SESSION_INPUT_BUDGET = 1 << 20
-
-
-class _OutputSink:
-    """Where a job's output goes as it comes (called in the loop).
-
-    It is hashed as it passes, once; whole chunks go ahead to the market in
-    `output` frames (sent from the loop); what is left at the end, less than a
-    chunk, is `buf` and goes in the `result`, so a small output costs no more
-    frames than before.  The sandbox enforces the output limit upstream.
-    """
-
-    def __init__(self, seller: "Seller", r: _Running, chunk: int):
-        self._seller, self._r, self._chunk = seller, r, chunk
-        self.sha256 = hashlib.sha256()
-        self.buf = bytearray()
-        self.n = 0
-
-    def write(self, data: bytes) -> None:
-        self.sha256.update(data)
-        self.n += len(data)
-        self.buf += data
-        while len(self.buf) >= self._chunk:  # (a read may bring several)
-            if len(self.buf) == self._chunk:  # (the usual case: pipe reads divide it)
-                piece, self.buf = self.buf, bytearray()
-            else:
-                piece, self.buf = self.buf[:self._chunk], self.buf[self._chunk:]
-            self._seller._send_output(self._r, piece)
-
-    def flush(self) -> None:
-        pass
-
-
-class Seller(LeaseRuns):
+class Seller(TaskRuns, LeaseRuns):
     BACKOFF_BASE = 0.25  # seconds before the first reconnection attempt
     BACKOFF_CAP = 30.0  # the longest wait between attempts
     CONNECT_TIMEOUT = 20.0
@@ -554,46 +459,6 @@ class Seller(LeaseRuns):
         except (ConnectionError, OSError):
             pass
 
-    def _send_ready(self) -> None:
-        """Ask for as many tasks as we may hold and have not asked for: one when
-        idle, and (when the market allows prefetch) one more to hold while a task
-        runs, so that the next starts as soon as the last ends.  The market takes a
-        held task back (`revoke`) when another seller is idle and may run it."""
-        if self._writer is None or self._paused or self._stopping:
-            return
-        r = self._running
-        room = 1 + (self._prefetch if r is None or r.session is None else 0)
-        held = (self._running is not None) + (self._queued is not None) + self._asked
-        if held >= room:
-            return
-        self._asked += room - held
-        if self._prefetch:
-            self._send("ready", slots=room - held)
-        else:
-            self._send("ready")
-
-    def _give_back_queued(self, why: str) -> None:
-        msg, self._queued = self._queued, None
-        if msg is not None:
-            log.info("task %s/%s handed back unstarted: %s", msg["task"], msg["attempt"], why,
-                     extra={"ORDER": self._order.name})
-            self._handback(msg["attempt"], why, unstarted=True)
-
-    def _give_back_held(self, attempt: int, why: str) -> bool:
-        """Hand back the held task if it is attempt `attempt`, and ask for
-        another to hold; whether it was."""
-        if self._queued is None or self._queued["attempt"] != attempt:
-            return False
-        self._give_back_queued(why)
-        self._send_ready()
-        return True
-
-    def _handback(self, attempt: int, why: str, unstarted: bool = False) -> None:
-        """Give an attempt back; the market then forgets what we asked for."""
-        self._asked = 0
-        self._send("handback", attempt=attempt, reason=why,
-                   **({"unstarted": True} if unstarted else {}))
-
     def _dispatch(self, msg: Message) -> None:
         t = msg.type
         if t == "ping":
@@ -650,289 +515,3 @@ class Seller(LeaseRuns):
             raise ProtocolError("frame", f"a seller does not expect {t!r} messages")
 
     # --- one task ------------------------------------------------------------
-
-    def _take(self, msg: Message) -> None:
-        if self._asked > 0:
-            self._asked -= 1
-        attempt = msg["attempt"]
-        if self._paused or self._stopping:
-            why = "the seller is paused" if self._paused else "the seller is stopping"
-            self._handback(attempt, why, unstarted=True)
-            return
-        if self._running is not None:
-            r = self._running
-            if (self._prefetch and self._queued is None
-                    and msg.get("session") is None and r.session is None):
-                self._queued = msg  # started when the running one ends
-                return
-            self._handback(attempt, "busy with another task", unstarted=True)
-            self._send_ready()
-            return
-        self._start(msg)
-
-    def _start(self, msg: Message) -> None:
-        attempt = msg["attempt"]
-        bo = msg.get("buyer_order")
-        r = _Running(task=msg["task"], attempt=attempt,
-                     buyer_order=None if bo is None else str(bo), session=msg.get("session"))
-        if r.session is not None:
-            r.stream_in = asyncio.Queue()
-        self._running = r
-        log.debug("task %s/%s: received, %d bytes of input", r.task, r.attempt,
-                  len(msg.payload), extra={"ORDER": self._order.name})
-        self._set(state="running", current_task=f"{r.task}/{r.attempt}",
-                  buyer_order=r.buyer_order)
-        self._task_coro = asyncio.create_task(self._run_task(r, msg))
-
-    def _limits(self, msg: Message):
-        """The run's limits: the task's within the order's (the model's own kind)."""
-        return self._model.limits(self._order.limits, cpu_ms=msg["cpu_ms"],
-                                  wall_ms=msg["wall_ms"], memory=msg["memory"],
-                                  output=msg["output_limit"])
-
-    async def _image(self, digest: str):
-        if self._model.chunked:
-            return await self._fetch_iso(digest)
-        image = self._cache.get(digest)
-        if image is not None:
-            return image
-        fut = self._loop.create_future()
-        self._image_waiters[digest] = fut
-        self._send("need_image", image=digest)
-        try:
-            blob = await asyncio.wait_for(fut, self.IMAGE_TIMEOUT)
-        finally:
-            if self._image_waiters.get(digest) is fut:
-                del self._image_waiters[digest]
-        return self._cache.put(digest, blob)
-
-    def _refuse(self, r: _Running, reason: str) -> None:
-        """Answer the task with no result: the seller could not run it (`reason`
-        starts with the refusal's code, which the market never takes as a result)."""
-        self._send("result", attempt=r.attempt, exit_status=None, signal=None, reason=reason,
-                   cpu_ms=0, output_sha256=protocol.digest(b""))
-
-    async def _run_task(self, r: _Running, msg: Message) -> None:
-        name = self._order.name
-        tag = f"{r.task}/{r.attempt}"
-        fields = {"ORDER": name, "TASK": tag, "BUYER_ORDER": r.buyer_order or ""}
-        outcome = "ok"
-        try:
-            model = msg.get("model") or self._model.name
-            if model != self._model.name:  # (the market matches by model: a bug if so)
-                outcome = "wrong-model"
-                log.warning("task %s: of model %s; this order sells %s", tag, model,
-                            self._model.name, extra={**fields, "OUTCOME": outcome})
-                self._refuse(r, f"seller error: a task of model {model:.20}, this order "
-                                f"sells {self._model.name}")
-                return
-            try:
-                image = await self._image(msg["image"])
-            except CacheError as e:
-                outcome = "bad-image"
-                log.warning("task %s: bad image: %s", tag, e, extra={**fields, "OUTCOME": outcome})
-                self._refuse(r, f"bad image: {e}")
-                return
-            except asyncio.TimeoutError:
-                outcome = "handback"
-                self._handback(r.attempt,
-                           f"image {msg['image'][:16]} did not arrive within "
-                                  f"{self.IMAGE_TIMEOUT:.0f} s")
-                return
-            except _Aborted:
-                pass  # handed back just below
-            if r.aborted:
-                outcome = "handback"
-                self._handback(r.attempt, r.aborted)
-                return
-            limits = self._limits(msg)
-            sink = None
-            if (r.session is None and self._output_chunks
-                    and type(self)._output_for_result is Seller._output_for_result):
-                sink = _OutputSink(self, r, self._output_chunks)
-            if r.session is None:
-                result = await self._execute(r, image, limits, msg.payload, sink)
-            elif self._model.leases:
-                result, streamed = await self._run_lease(r, image, limits)
-            else:
-                result, streamed = await self._execute_session(r, image, limits)
-            if r.aborted:
-                outcome = "handback"
-                log.info("task %s handed back: %s", tag, r.aborted,
-                         extra={**fields, "OUTCOME": outcome})
-                self._handback(r.attempt, r.aborted)
-                return
-            # whole milliseconds, rounded up: a job that ran was never free
-            cpu_ms = -(-round(result.cpu_seconds * 1_000_000) // 1000)
-            if sink is not None:  # the output went ahead in `output` frames but for the rest
-                payload, out_sha, out_len = sink.buf, sink.sha256.hexdigest(), sink.n
-            elif r.session is None:
-                payload = self._output_for_result(result.output)
-                out_sha, out_len = protocol.digest(payload), len(payload)
-            else:  # the output went to the buyer as `stream` frames
-                payload, out_sha, out_len = b"", streamed.hexdigest(), -1
-            res = dict(attempt=r.attempt, exit_status=result.exit_status,
-                       signal=result.signal, reason=result.reason or "", cpu_ms=cpu_ms,
-                       output_sha256=out_sha)
-            if r.detached_at is not None and self._writer is None:
-                self._unsent_result = (payload, res)  # sent when the market is back
-            else:
-                await self._send_async("result", payload, **res)
-            outcome = "ok" if result.exit_status == 0 else "failed"
-            st = self._status
-            self._set(tasks_done=st.tasks_done + 1,
-                      cpu_seconds_sold=st.cpu_seconds_sold + cpu_ms / 1000)
-            log.info("task %s: %s (exit %s, signal %s, %s); %d ms CPU, %d bytes out", tag,
-                     outcome, result.exit_status, result.signal, result.reason or "-", cpu_ms,
-                     out_len, extra={**fields, "OUTCOME": outcome, "CPU_MS": cpu_ms})
-        except asyncio.CancelledError:
-            outcome = "lost"
-            raise
-        except models.RunRefused as e:  # this job cannot run here
-            outcome = "refused"
-            why = e.reason
-            log.warning("task %s: %s: %s", tag, why, e, extra={**fields, "OUTCOME": outcome})
-            self._refuse(r, f"{why}: {e}")
-        except Exception as e:  # a bad job fails that task only
-            outcome = "error"
-            log.exception("task %s failed in the seller", tag, extra={**fields, "OUTCOME": outcome})
-            self._refuse(r, f"seller error: {type(e).__name__}: {e}")
-        finally:
-            if self._running is r:
-                self._running = None
-                self._task_coro = None
-                nxt, self._queued = self._queued, None
-                if self._writer is not None and not self._stopping:
-                    if nxt is not None and not self._paused:
-                        self._start(nxt)
-                    else:
-                        if nxt is not None:  # (pause hands it back first; to be sure)
-                            self._handback(nxt["attempt"], "the seller is paused",
-                                           unstarted=True)
-                        self._set(state="paused" if self._paused else "idle",
-                                  current_task=None, buyer_order=None)
-                    self._send_ready()
-            if self._stopping and outcome != "lost":
-                await self._drain()
-                if self._session_task is not None:
-                    self._session_task.cancel()
-
-    def _output_for_result(self, output: bytes) -> bytes:
-        """The output reported to the market (a seam for test runners)."""
-        return output
-
-    async def _execute(self, r: _Running, image, limits, data: bytes, sink=None):
-        """Run one job to the end (its output to `sink` if given), in the loop.
-
-        The start (a request to the sandbox's zygote, which answers when the
-        job is set up) takes a fraction of a millisecond and blocks the loop
-        that long; the job's pipes and its end are then watched by the loop,
-        so no thread is handed each task."""
-        job = self._model.start(image, limits)
-        r.job = job
-        if r.aborted:
-            job.kill()
-        elif self._paused:
-            job.pause()
-        return await job.feed_async(data, sink)
-
-    def _send_output(self, r: _Running, piece: bytearray) -> None:
-        if self._running is r and not r.aborted:
-            self._queue(protocol.encode("output", piece, attempt=r.attempt))
-
-    async def _execute_session(self, r: _Running, image, limits):
-        """Run an interactive job: relay `stream` frames both ways.
-
-        The job's output goes to the buyer as it comes, so this side
-        enforces the output and wall-clock limits itself.
-        """
-        loop = self._loop
-        job = await loop.run_in_executor(None, self._model.start, image, limits)
-        r.job = job
-        if r.aborted:
-            job.kill()
-        elif self._paused:
-            job.pause()
-        digest = hashlib.sha256()
-        produced = 0
-        killed_for = ""
-
-        def pump_out() -> None:
-            nonlocal produced, killed_for
-            while True:
-                try:
-                    chunk = job.read()
-                except (OSError, ValueError):
-                    chunk = b""
-                if not chunk:
-                    return
-                room = limits.output - produced
-                if len(chunk) > room:
-                    chunk = chunk[:max(room, 0)]
-                    killed_for = killed_for or "output-limit"
-                    job.kill()
-                if chunk:
-                    produced += len(chunk)
-                    self._forward(r, chunk, digest)
-                if killed_for:
-                    return
-
-        async def pump_in() -> None:
-            while True:
-                chunk = await r.stream_in.get()
-                if chunk is None:
-                    break
-                r.took_input(len(chunk))
-                try:
-                    await loop.run_in_executor(None, job.write, chunk)
-                except (OSError, ValueError):
-                    break
-            try:
-                job.close_input()
-            except OSError:
-                pass
-
-        async def wall_clock() -> None:
-            nonlocal killed_for
-            used = 0.0  # seconds not paused
-            while True:
-                await asyncio.sleep(0.5)
-                used += 0 if self._paused else 0.5
-                if used > limits.wall_seconds:
-                    killed_for = killed_for or "wall-limit"
-                    job.kill()
-                    return
-
-        result = await self._relay(r, job, pump_out, pump_in(), wall_clock())
-        if killed_for and not r.aborted:
-            result = dataclasses.replace(result, reason=killed_for)
-        return result, digest
-
-    def _forward(self, r: _Running, chunk: bytes, digest) -> None:
-        """(In the output thread) send a piece of a session's output on, hashed;
-        the job's output then waits (in its pipe, or the guest's UART) while
-        the market is not taking it: the daemon holds at most about
-        SESSION_INPUT_BUDGET of it."""
-        digest.update(chunk)
-        self._loop.call_soon_threadsafe(self._send_stream, r.session, chunk)
-        while (not r.aborted and self._running is r and self._out is not None
-               and self._out.buffered > SESSION_INPUT_BUDGET):
-            time.sleep(0.005)
-
-    async def _relay(self, r: _Running, job, pump_out, *beside):
-        """Run `pump_out` (the job's output to the market, in a thread) and the
-        coroutines `beside` it until the job has ended; its result.  The
-        session's stream then ends (eof)."""
-        loop = self._loop
-        tasks = [asyncio.create_task(c) for c in beside]
-        try:
-            await loop.run_in_executor(None, pump_out)
-            result = await loop.run_in_executor(None, job.wait)
-        finally:
-            for t in tasks:
-                t.cancel()
-        self._send("stream", session=r.session, eof=True)
-        return result
-
-    def _send_stream(self, session: int, chunk: bytes) -> None:
-        self._send("stream", chunk, session=session, eof=False)
