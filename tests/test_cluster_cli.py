@@ -1,7 +1,8 @@
 """`cpushare cluster`, for real: a market server process, two kvm sellers
 booting the test ISO under qemu (TCG), and the command run as the buyer
 runs it (`python -m cpushare cluster ...`, its state under a private
-XDG_STATE_HOME).  One market and its sellers serve the whole module."""
+XDG_STATE_HOME).  One market and its sellers serve the whole module.
+The state directory's pieces (lock, console files) are tested alone."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from pathlib import Path
 import pytest
 
 import guestiso
+from cpushare.buyer.clusterstate import ClusterError, ConsoleLog, ConsoleReader, StateDir
 from test_e2e_support import PYTHON, LocalMarket, env, wait_for
 
-pytestmark = pytest.mark.skipif(guestiso.missing_qemu() is not None,
+needs_qemu = pytest.mark.skipif(guestiso.missing_qemu() is not None,
                                 reason=str(guestiso.missing_qemu()))
 
 MARKER = guestiso.MARKER
@@ -115,6 +117,7 @@ def _request(state: Path, name: str, raw: bytes) -> dict:
     return json.loads(answer)
 
 
+@needs_qemu
 def test_a_detached_cluster_runs_answers_and_comes_down(market, state, iso):
     before = _balances(market)
     t0 = time.monotonic()
@@ -196,6 +199,7 @@ def test_a_detached_cluster_runs_answers_and_comes_down(market, state, iso):
           f"{boot_seconds:.1f} s; down: {down_seconds:.1f} s")
 
 
+@needs_qemu
 def test_a_foreground_cluster_comes_down_on_sigint(market, state, iso):
     before = _balances(market)
     qemus_before = _qemus(market)
@@ -233,6 +237,7 @@ def test_a_foreground_cluster_comes_down_on_sigint(market, state, iso):
     assert market.ledger_check().returncode == 0, market.ledger_check().stdout
 
 
+@needs_qemu
 def test_bad_inputs_are_refused_clearly(market, state, iso, tmp_path):
     up = ["up", "--order", str(market.order), "--nodes", "1"]
     junk = tmp_path / "junk.iso"
@@ -278,3 +283,42 @@ def test_bad_inputs_are_refused_clearly(market, state, iso, tmp_path):
     assert r.returncode == 1 and "no node node0" in r.stderr, r.stderr
     r = cluster(state, "down", "../etc")
     assert r.returncode == 2 and "not a cluster name" in r.stderr, r.stderr
+
+
+def test_one_agent_holds_a_name(tmp_path):
+    sd = StateDir("c1", tmp_path)
+    assert not sd.exists() and not sd.agent_alive()
+    fd = sd.lock()
+    try:
+        assert sd.agent_alive() and sd.path.stat().st_mode & 0o777 == 0o700
+        with pytest.raises(ClusterError, match="cluster c1 is up already"):
+            StateDir("c1", tmp_path).lock()
+    finally:
+        os.close(fd)
+    assert not sd.agent_alive()
+    os.close(StateDir("c1", tmp_path).lock())  # (free again)
+    for bad in ("", ".hidden", "a/b", "..", "x" * 65, "sp ace"):
+        with pytest.raises(ClusterError, match="not a cluster name"):
+            StateDir(bad, tmp_path)
+
+
+def test_console_files_rotate_and_a_reader_misses_nothing(tmp_path):
+    sd = StateDir("c2", tmp_path)
+    os.close(sd.lock())
+    log = ConsoleLog(sd, "node0", rotate=100)
+    reader = ConsoleReader(sd, "node0")
+    written, read = b"", b""
+    for i in range(60):
+        piece = f"line {i}\n".encode()
+        log.append(piece)
+        written += piece
+        if i % 7 == 0:
+            read += reader.read()
+    read += reader.read()
+    log.close()
+    assert read == written
+    old, cur = sd.console_paths("node0")
+    assert old.stat().st_size <= 100 and cur.stat().st_size <= 100
+    assert old.stat().st_mode & 0o777 == 0o600
+    late = ConsoleReader(sd, "node0").read()  # a reader that comes late: the last part
+    assert written.endswith(late) and len(late) > 100

@@ -27,7 +27,8 @@ from pathlib import Path
 from ..order import MAX_SECONDS, OrderError, load_buy
 from .cluster import END_STATES
 from .clusteragent import Report, run_agent
-from .clusterstate import FINAL_STATES, ClusterError, StateDir, clusters_dir, summary_lines
+from .clusterstate import (FINAL_STATES, ClusterError, ConsoleReader, StateDir, clusters_dir,
+                           summary_lines)
 
 EPILOG = """\
 up        lease N nodes that boot IMAGE.iso; show each node's changes
@@ -321,41 +322,6 @@ def _table(v: dict) -> None:
 
 # --- console -------------------------------------------------------------------
 
-class _Follower:
-    """Reads NODE.console.1 and then NODE.console, following it as it grows
-    and as it is rotated."""
-
-    def __init__(self, sd: StateDir, node: str):
-        self.old, self.path = sd.console_paths(node)
-        self._f = None
-        self._pending_old = True
-
-    def read(self) -> bytes:
-        out = b""
-        if self._pending_old:
-            self._pending_old = False
-            try:
-                out = self.old.read_bytes()
-            except FileNotFoundError:
-                pass
-        if self._f is None:
-            try:
-                self._f = open(self.path, "rb")
-            except FileNotFoundError:
-                return out
-        out += self._f.read()
-        try:
-            rotated = os.stat(self.path).st_ino != os.fstat(self._f.fileno()).st_ino
-        except FileNotFoundError:
-            rotated = False
-        if rotated:  # the rest of the old part, then the new one from its start
-            out += self._f.read()
-            self._f.close()
-            self._f = None
-            out += self.read()
-        return out
-
-
 def _send_input(sd: StateDir, node: str) -> None:
     """Each line of stdin to the node's console (a thread)."""
     import base64
@@ -390,7 +356,7 @@ def _console(args) -> int:
                            + (f" ({', '.join(names)})" if names else " (it has no nodes yet)"))
     until = args.until.encode() if args.until else None
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    follow = _Follower(sd, args.node)
+    follow = ConsoleReader(sd, args.node)
     feeder = None
     if view["agent_alive"] and view["state"] not in FINAL_STATES:
         feeder = threading.Thread(target=_send_input, args=(sd, args.node), daemon=True)

@@ -245,10 +245,11 @@ class StateDir:
 
 
 class ConsoleLog:
-    """A node's console file: appended, at most 2 x CONSOLE_ROTATE bytes."""
+    """A node's console file: appended, at most 2 x `rotate` bytes."""
 
-    def __init__(self, sd: StateDir, node: str):
+    def __init__(self, sd: StateDir, node: str, rotate: int = CONSOLE_ROTATE):
         self.old, self.path = sd.console_paths(node)
+        self.rotate = rotate
         self._f = self._open()
 
     def _open(self):
@@ -257,7 +258,7 @@ class ConsoleLog:
         return f
 
     def append(self, data: bytes) -> None:
-        if self._f.tell() + len(data) > CONSOLE_ROTATE and self._f.tell():
+        if self._f.tell() + len(data) > self.rotate and self._f.tell():
             self._f.close()
             os.replace(self.path, self.old)
             self._f = self._open()
@@ -266,6 +267,41 @@ class ConsoleLog:
 
     def close(self) -> None:
         self._f.close()
+
+
+class ConsoleReader:
+    """What ConsoleLog wrote: NODE.console.1, then NODE.console, followed as
+    it grows and as it is rotated (read() returns what came since)."""
+
+    def __init__(self, sd: StateDir, node: str):
+        self.old, self.path = sd.console_paths(node)
+        self._f = None
+        self._pending_old = True
+
+    def read(self) -> bytes:
+        out = b""
+        if self._pending_old:
+            self._pending_old = False
+            try:
+                out = self.old.read_bytes()
+            except FileNotFoundError:
+                pass
+        if self._f is None:
+            try:
+                self._f = open(self.path, "rb")
+            except FileNotFoundError:
+                return out
+        out += self._f.read()
+        try:
+            rotated = os.stat(self.path).st_ino != os.fstat(self._f.fileno()).st_ino
+        except FileNotFoundError:
+            rotated = False
+        if rotated:  # the rest of the old part, then the new one from its start
+            out += self._f.read()
+            self._f.close()
+            self._f = None
+            out += self.read()
+        return out
 
 
 def count_nodes(n: int) -> str:
