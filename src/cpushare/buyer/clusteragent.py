@@ -343,7 +343,8 @@ class Agent:
                 self.state = "ending"
             self._save()
             left = sum(n.state not in END_STATES for n in c.nodes)
-            self.report.line(f"{self.sd.name}: powering {count_nodes(left)} off")
+            why = "" if self._signal is None else f" ({signal.Signals(self._signal).name})"
+            self.report.line(f"{self.sd.name}: powering {count_nodes(left)} off{why}")
             try:
                 await c.down(DOWN_TIMEOUT)
             except TimeoutError:
