@@ -143,7 +143,10 @@ def test_kill_9_of_a_seller_mid_lease_tells_the_buyer_and_settles_once(market, i
             while node.cost_milli == 0:
                 assert time.monotonic() - t0 < 60, node.as_dict()
                 await asyncio.sleep(0.2)
+            qemus = _qemus(market.root)
+            assert len(qemus) == 1
             p.kill9()
+            wait_for(lambda: not _qemus(market.root), 10, "its qemu to die with it")
             async for ev in c.events():
                 if ev.node is node and ev.state in ("lost", "ended"):
                     break

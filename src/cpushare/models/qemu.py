@@ -228,6 +228,12 @@ class QemuRun:
             raise
         err = os.open(self.workdir / "stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                       0o600)
+        # qemu dies with the thread that started it (PR_SET_PDEATHSIG, set by
+        # util-linux's setpriv before it execs qemu): a seller killed with -9
+        # leaves no guest running unpaid, with or without a unit's cgroup.
+        setpriv = shutil.which("setpriv", path="/usr/bin:/bin")
+        if setpriv is not None:
+            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
         try:
             self._proc = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err, env={},
                                           cwd=self.workdir, close_fds=True)
