@@ -390,3 +390,45 @@ def test_meter_reports_faster_than_the_floor_are_not_paid_each(lm):
     assert leases.METER_MIN_INTERVAL > 0
     run(main())
     assert_ledger_ok(lm)
+
+
+def test_the_sdk_powers_off_what_it_opened_when_an_open_is_refused(lm):
+    """Market.cluster asks for more nodes than the buy order's max_nodes: the
+    open past it is refused (code limit), and the nodes opened before it are
+    closed, not left running and paid; down() beside an events() reader
+    returns as soon as every node ended."""
+    from cpushare.buyer import Market, MarketError
+    from cpushare.order import load_buy
+    iso = fake_iso()
+
+    async def main():
+        await lm.start()
+        o = lm.buy("buyer", BID, model="kvm", memory=512 << 20, max_cpu_seconds=3600,
+                   max_nodes=2)
+        path = lm.root / "x.iso"
+        path.write_bytes(iso)
+        async with Market(o) as m:
+            with pytest.raises(MarketError) as e:
+                await m.cluster(path, nodes=3)
+            assert e.value.code == "limit" and "max_nodes is 2" in str(e.value)
+            for _ in range(100):
+                if not lm.market.leases:
+                    break
+                await asyncio.sleep(0.02)
+            assert not lm.market.leases  # the two opened ones were closed
+            c = await m.cluster(path, nodes=1)
+            seen = []
+
+            async def watch():
+                async for ev in c.events():
+                    seen.append(ev.state)
+            watcher = asyncio.create_task(watch())
+            await asyncio.sleep(0.1)
+            await asyncio.wait_for(c.down(), 10)
+            assert c.all_ended()
+            await asyncio.wait_for(watcher, 5)
+            assert seen[-1] == "ended"
+        await lm.stop()
+    run(main())
+    assert lm.balance("buyer") == COINS
+    assert_ledger_ok(lm)

@@ -79,6 +79,7 @@ class Node:
             return
         self.state, self.message = state, message
         self.cluster._events.put_nowait(NodeEvent(self, state, message))
+        self.cluster._changed.set()
 
     def _lease(self, msg: Message) -> None:
         self.session = msg["session"]
@@ -131,8 +132,11 @@ class Node:
         if self.session is None:
             raise MarketError("task", f"{self.name} has not started")
         m = self.cluster.market
-        m._send("stream", bytes(data), session=self.session, eof=False)
-        await m._drain()
+        try:
+            m._send("stream", bytes(data), session=self.session, eof=False)
+            await m._drain()
+        except (ConnectionError, OSError) as e:
+            raise MarketError("connect", f"{self.name}: console input not sent: {e}") from None
 
     def as_dict(self) -> dict:
         return {"node": self.name, "ref": self.ref, "session": self.session,
@@ -145,25 +149,41 @@ class Cluster:
         self.market = market
         self.digest = digest
         self.name = name
-        self._events: asyncio.Queue = asyncio.Queue()
+        self._events: asyncio.Queue = asyncio.Queue()  # for events()
+        self._changed = asyncio.Event()  # any node changed (for down(), beside events())
         self.nodes = [Node(self, i, f"{name}-{market._prefix}-{i}") for i in range(n)]
 
     async def _open(self, cpu_ms: int | None) -> None:
         m = self.market
         futs = []
-        for node in self.nodes:
-            m._node_refs[node.ref] = node
-            fut = asyncio.get_running_loop().create_future()
-            m._opens[node.ref] = fut
-            futs.append(fut)
-            fields = {"ref": node.ref, "image": self.digest}
-            if cpu_ms is not None:
-                fields["cpu_ms"] = cpu_ms
-            m._send("open", **fields)
-        await m._drain()
-        for node, fut in zip(self.nodes, futs):
-            node.session = await fut
-            m._nodes[node.session] = node
+        try:
+            for node in self.nodes:
+                m._node_refs[node.ref] = node
+                fut = asyncio.get_running_loop().create_future()
+                m._opens[node.ref] = fut
+                futs.append(fut)
+                fields = {"ref": node.ref, "image": self.digest}
+                if cpu_ms is not None:
+                    fields["cpu_ms"] = cpu_ms
+                m._send("open", **fields)
+            await m._drain()
+            for node, fut in zip(self.nodes, futs):
+                node.session = await fut
+                m._nodes[node.session] = node
+        except BaseException:
+            # (a refusal, a lost connection, a cancellation): the nodes opened
+            # so far are powered off, not left running and paid
+            for node, fut in zip(self.nodes, futs):
+                if node.session is None and fut.done() and not fut.cancelled() \
+                        and fut.exception() is None:
+                    node.session = fut.result()
+                    m._nodes[node.session] = node
+                if node.session is not None:
+                    try:
+                        m._send("close", session=node.session)
+                    except ConnectionError:
+                        pass  # (the market ends them with the connection's leases)
+            raise
 
     async def events(self):
         """Each node's state changes, as they come, until every node ended."""
@@ -177,22 +197,31 @@ class Cluster:
         return all(n.state in END_STATES for n in self.nodes)
 
     async def down(self, timeout: float = 120.0) -> None:
-        """Power every node off and wait until each lease is settled."""
+        """Power every node off and wait until each lease is settled (the close
+        is said again after a reconnection).  TimeoutError after `timeout`."""
         m = self.market
-        for node in self.nodes:
-            if node.session is not None and node.state not in END_STATES:
-                try:
-                    m._send("close", session=node.session)
-                except ConnectionError:
-                    pass  # (sent again below after a reconnection)
-        try:
-            await m._drain()
-        except (ConnectionError, OSError):
-            pass
+        closed_on = None  # the connection the closes went on
 
         async def ended() -> None:
+            nonlocal closed_on
             while not self.all_ended():
-                await self._events.get()
+                if closed_on != m._generation and m.connected:
+                    closed_on = m._generation
+                    for node in self.nodes:
+                        if node.session is not None and node.state not in END_STATES:
+                            try:
+                                m._send("close", session=node.session)
+                            except ConnectionError:
+                                closed_on = None
+                    try:
+                        await m._drain()
+                    except (ConnectionError, OSError):
+                        closed_on = None
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
         await asyncio.wait_for(ended(), timeout)
 
     def cpu_ms(self) -> int:
@@ -220,28 +249,32 @@ class LeaseClient:
         loop = asyncio.get_running_loop()
         digest, size = await loop.run_in_executor(None, file_digest, path)
         answers: asyncio.Queue = self._wants.setdefault(digest, asyncio.Queue())
-        self._send("image_offer", image=digest, size=size)
-        await self._drain()
-        with open(path, "rb") as f:
-            while True:
-                m = await answers.get()
-                if isinstance(m, MarketError):
-                    self._wants.pop(digest, None)
-                    raise m
-                if m.type == "image_ok":
-                    self._wants.pop(digest, None)
-                    return digest
-                offset = m["offset"]  # image_want: send from there
-                f.seek(offset)
-                while offset < size:
-                    data = f.read(CHUNK)
-                    await self._send_async("image", data, image=digest, offset=offset,
-                                           size=size)
-                    offset += len(data)
-                    self.image_bytes_sent += len(data)
-                    if answers.qsize():  # the market answered meanwhile (an error)
-                        break
-                await self._drain()
+        try:
+            self._send("image_offer", image=digest, size=size)
+            await self._drain()
+            with open(path, "rb") as f:
+                while True:
+                    m = await answers.get()
+                    if isinstance(m, MarketError):
+                        raise m
+                    if m.type == "image_ok":
+                        return digest
+                    offset = m["offset"]  # image_want: send from there
+                    f.seek(offset)
+                    while offset < size:
+                        data = f.read(CHUNK)
+                        await self._send_async("image", data, image=digest, offset=offset,
+                                               size=size)
+                        offset += len(data)
+                        self.image_bytes_sent += len(data)
+                        if answers.qsize():  # the market answered meanwhile (an error)
+                            break
+                    await self._drain()
+        except ConnectionError as e:
+            raise MarketError("connect", f"{path}: upload interrupted: {e}") from None
+        finally:
+            if self._wants.get(digest) is answers:
+                del self._wants[digest]
 
     async def cluster(self, iso: str | os.PathLike, nodes: int, *, name: str = "cluster",
                       cpu_ms: int | None = None) -> Cluster:

@@ -168,6 +168,9 @@ class Leases:
         """A `lease` frame to the buyer of lease `t`, now."""
         t.lease_state = state
         b = t.buyer
+        if seller is None:
+            s = t.session_seller()
+            seller = s.account if s is not None else None
         if b is not None and not b.gone:
             b.write(encode("lease", session=t.id, ref=t.ref, state=state, cpu_ms=t.metered_ms,
                            cost_milli=t.paid_milli, seller=seller, message=message))
