@@ -143,10 +143,11 @@ class Store(abc.ABC):
         """Mark running attempts lost, but those of open sessions of `keep_models`
         (leases, whose guests run on while the market restarts)."""
     @abc.abstractmethod
-    def finish_task(self, task_id: int, state: str, *,  # also releases its escrow field exit_status: int | None = None,
+    def finish_task(self, task_id: int, state: str, *, exit_status: int | None = None,
                     signal: int | None = None, reason: str = "", cpu_ms: int = 0,
                     cost_milli: int = 0, attempts: int = 0, output: bytes = b"",
-                    fail_code: str | None = None, fail_message: str | None = None) -> None: ...
+                    fail_code: str | None = None, fail_message: str | None = None) -> None:
+        """Close a task ('done' or 'failed'); also releases its escrow field."""
     @abc.abstractmethod
     def undelivered(self, buy_order_id: int) -> list[Result]: ...
     @abc.abstractmethod
