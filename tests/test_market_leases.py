@@ -432,3 +432,28 @@ def test_the_sdk_powers_off_what_it_opened_when_an_open_is_refused(lm):
     run(main())
     assert lm.balance("buyer") == COINS
     assert_ledger_ok(lm)
+
+
+def test_a_lease_whose_buyer_stays_away_is_powered_off_and_settled(lm):
+    """The buyer's connection goes and does not come back: after the grace
+    the node is powered off, paid for what it ran, the escrow refunded."""
+    iso = fake_iso()
+
+    async def main():
+        await lm.start(buyer_grace=1.0)
+        b = await kvm_buyer(lm)
+        s, sid, task = await leased(lm, b, iso)
+        await s.send("meter", attempt=task["attempt"], cpu_ms=3000, state="running")
+        await s.sync()
+        b.writer.transport.abort()
+        stop = await until(s, "stop")
+        assert stop["attempt"] == task["attempt"]
+        await s.send("result", attempt=task["attempt"], exit_status=0, signal=None,
+                     reason="", cpu_ms=3500, output_sha256=protocol.digest(b""))
+        await until(s, "settled")
+        assert not lm.market.leases
+        await s.close()
+        await lm.stop()
+    run(main())
+    assert lm.balance("alice") == 35 and lm.balance("buyer") == COINS - 35
+    assert_ledger_ok(lm)

@@ -30,6 +30,9 @@ LEASE_AHEAD_MS = 60_000  # CPU time held in escrow ahead of a lease's use
 # was running (its guest runs on, and it reconnects saying so) before ending it.
 LEASE_GRACE = 120.0
 LEASE_MODELS = ("kvm",)  # models whose work is leases (models.Model.leases)
+# A lease whose buyer has had no connection this long is powered off (a buyer
+# that comes back within it takes its leases back).
+BUYER_GRACE = 600.0
 STATES = ("booting", "running", "paused")  # what a seller's `meter` may say
 METER_MIN_INTERVAL = 0.5  # reports closer than this are not paid (each is a ledger write)
 
@@ -76,6 +79,7 @@ class Leases:
         for t in self.leases.values():
             if t.buy_order_id == b.order_id and (t.buyer is None or t.buyer.gone):
                 t.buyer = b
+                t.buyer_away_since = None
                 b.sessions[t.id] = t
                 self._after_commit(lambda t=t: self._tell(t, t.lease_state, t.ending or None))
 
@@ -87,6 +91,7 @@ class Leases:
         t.lease, t.memory, t.accel, t.boot_seconds = True, o.memory, o.accel, o.boot_seconds
         t.image_size = self.store.image_size(t.image) or 0
         t.lease_state, t.console_seen = "running", True
+        t.buyer_away_since = time.monotonic()  # (until its buyer connects again)
         self.leases[t.id] = t
         self.open_leases[o.id] += 1
         running = [a for a in attempts if a.state == "running"]
@@ -321,8 +326,14 @@ class Leases:
                                                   accepted=True)))
 
     def _check_leases(self, now: float) -> None:
-        """Every second: leases whose guest printed nothing within boot_seconds."""
+        """Every second: leases whose guest printed nothing within boot_seconds,
+        and those whose buyer has been away for BUYER_GRACE."""
         for t in list(self.leases.values()):
+            if (t.buyer_away_since is not None and not t.ending
+                    and now - t.buyer_away_since > self.buyer_grace):
+                self._end_lease(t, f"its buyer has had no connection for "
+                                   f"{self.buyer_grace:g} s")
+                continue
             if (not t.console_seen and not t.ending and t.started_at is not None
                     and now - t.started_at > t.boot_seconds):
                 self._end_lease(t, f"not booting: the node printed nothing on its console "

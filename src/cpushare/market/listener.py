@@ -299,6 +299,10 @@ class Listener:
                 task.cancel()
             self._lose_all(conn, "the seller disconnected")
         else:
+            now = time.monotonic()
+            for t in conn.sessions.values():
+                if t.lease:  # it runs on, for a while, for a buyer that comes back
+                    t.buyer_away_since = now
             lst = self.buyers.get(conn.order_id, [])
             if conn in lst:
                 lst.remove(conn)

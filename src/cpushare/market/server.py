@@ -38,7 +38,7 @@ from .commit import COMMIT_DELAY, GroupCommit
 from .conn import BuyerConn, Conn, SellerConn
 from .imagefiles import ImageFiles
 from .images import IMAGE_TTL, ImageHandlers
-from .leases import LEASE_GRACE, LEASE_MODELS, Leases
+from .leases import BUYER_GRACE, LEASE_GRACE, LEASE_MODELS, Leases
 from .listener import PAYLOAD_BUDGET, Listener
 from .matching import Matcher
 from .sellers import SellerHandlers
@@ -60,7 +60,8 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
                  commit_delay: float = COMMIT_DELAY, max_wait: float = 0.0,
                  max_open_tasks: int = MAX_OPEN_TASKS, max_sessions: int = MAX_SESSIONS,
                  result_budget: int = RESULT_BUDGET, image_ttl: float = IMAGE_TTL,
-                 result_ttl: float = RESULT_TTL, lease_grace: float = LEASE_GRACE):
+                 result_ttl: float = RESULT_TTL, lease_grace: float = LEASE_GRACE,
+                 buyer_grace: float = BUYER_GRACE):
         self._init_commit(store, commit_delay)
         self.heartbeat = heartbeat
         self.max_wait = max_wait  # seconds a task may wait for a seller (0: for ever)
@@ -82,6 +83,7 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
         self.open_leases: Counter = Counter()  # buy order -> its open leases
         self.orphans: dict[int, TaskState] = {}  # attempt -> lease awaiting its seller
         self.lease_grace = lease_grace
+        self.buyer_grace = buyer_grace
         self.image_ttl = image_ttl
         self.result_ttl = result_ttl
         self._input_bytes = 0  # of small inputs kept in memory (buyers.INPUT_BUDGET)

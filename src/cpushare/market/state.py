@@ -108,6 +108,7 @@ class TaskState:
     meter_timer: bool = False
     console_seen: bool = False
     ending: str = ""  # why it is being powered off
+    buyer_away_since: float | None = None  # (monotonic) its buyer's connection went
     orphan: tuple | None = None  # after a restart: (attempt, sell order) awaiting its seller
 
     def best(self) -> tuple[ResultKey | None, int]:

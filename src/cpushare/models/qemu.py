@@ -364,6 +364,23 @@ class QemuRun:
                 self._timer = threading.Timer(grace, self._kill, ("killed",))
                 self._timer.daemon = True
                 self._timer.start()
+                # A press before the guest listens for it (still in its
+                # firmware or booting) is lost: press again, as a person would.
+                threading.Thread(target=self._press_until_off, args=(grace,), daemon=True,
+                                 name="qemu-powerdown").start()
+
+    PRESS_EVERY = 5.0  # seconds between power-button presses while powering down
+
+    def _press_until_off(self, grace: float) -> None:
+        end = time.monotonic() + grace
+        while time.monotonic() + self.PRESS_EVERY < end:
+            if self._result is not None or _readable(self.pidfd, self.PRESS_EVERY):
+                return
+            try:
+                if not self._qmp_quiet("system_powerdown"):
+                    return
+            except (QmpError, OSError, ValueError):
+                return
 
     def _kill(self, reason: str) -> None:
         with self._lock:
