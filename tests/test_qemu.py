@@ -6,6 +6,7 @@ import shutil
 import signal
 import sys
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -403,3 +404,19 @@ def test_the_guest_iso_boots_pauses_resumes_and_powers_off(tmp_path):
     finally:
         run.kill()
         run.wait()
+
+
+def test_a_power_off_asked_before_the_guest_listens_still_powers_it_off(tmp_path):
+    """The first press of the power button comes while the guest is still in
+    its firmware (and is lost); the presses that follow reach it once it
+    listens: qemu exits 0 (powered off, not killed at the grace)."""
+    iso = _guest_iso()
+    run = qemu.start(iso, memory=256 << 20, cpus=1, accel="tcg", workdir=tmp_path)
+    try:
+        run.powerdown(grace=240)  # at once: SeaBIOS, not the guest's acpid, sees it
+        t = threading.Thread(target=lambda: [None for _ in iter(run.read, b"")], daemon=True)
+        t.start()
+        result = run.wait()
+    finally:
+        run.kill()
+    assert (result.exit_status, result.reason) == (0, "exit"), result
