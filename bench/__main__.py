@@ -112,6 +112,40 @@ def _note_attack(r):
     return ", ".join(parts) + ("; honest buyer served" if served else "; HONEST BUYER FAILED")
 
 
+def _note_kvm_boot(r):
+    return (f"best of {_get(r, 'rounds')}: market {_num(_get(r, 'market_seconds'), '{:.2f}')} s, "
+            f"plain qemu {_num(_get(r, 'plain_seconds'), '{:.2f}')} s, the seller's argv "
+            f"{_num(_get(r, 'seller_argv_seconds'), '{:.2f}')} s (flags "
+            f"x{_num(_get(r, 'qemu_flags_ratio'), '{:.3f}')}, market over it "
+            f"x{_num(_get(r, 'market_vs_seller_argv'), '{:.3f}')}); median ratio "
+            f"{_num(_get(r, 'ratio_median'), '{:.3f}')}; the seller's qemu started "
+            f"{_num(_get(r, 'market_to_booting_median_s'), '{:.2f}')} s after the request")
+
+
+def _note_kvm_image(r):
+    mib = (_get(r, "bytes") or 0) >> 20
+    return (f"{mib} MiB: upload x{_num(_get(r, 'upload_ratio'), '{:.2f}')} "
+            f"({_num(_get(r, 'upload_seconds'), '{:.2f}')} s), seller fetch "
+            f"x{_num(_get(r, 'fetch_ratio'), '{:.2f}')} "
+            f"({_num(_get(r, 'fetch_seconds'), '{:.2f}')} s, bytes in at "
+            f"{_num(_get(r, 'fetch_bytes_in_seconds'), '{:.2f}')} s), TLS copy "
+            f"{_num(_get(r, 'plain_seconds'), '{:.2f}')} s; floors x"
+            f"{_num(_get(r, 'upload_floor_ratio'), '{:.2f}')}, x"
+            f"{_num(_get(r, 'fetch_floor_ratio'), '{:.2f}')} (in line x"
+            f"{_num(_get(r, 'plain_stored_ratio'), '{:.2f}')}); second send "
+            f"{_get(r, 'second_send_buyer_bytes')} + {_get(r, 'second_send_seller_bytes')} bytes")
+
+
+def _note_kvm_overhead(r):
+    return (f"qemu {_num(_get(r, 'qemu_overhead_mib'), '{:.1f}')} MiB (Rss sum "
+            f"{_num(_get(r, 'qemu_overhead_rss_mib'), '{:.0f}')}, Pss "
+            f"{_num(_get(r, 'qemu_overhead_pss_mib'), '{:.0f}')}) + seller "
+            f"{_num(_get(r, 'seller_growth_mib'), '{:.1f}')}; TCG code buffer "
+            f"{_num(_get(r, 'tcg_jit_mib'), '{:.0f}')} of "
+            f"{_num(_get(r, 'tcg_jit_mapping_mib'), '{:.0f}')} MiB mapped: up to "
+            f"{_num(_get(r, 'worst_tcg_mib'), '{:.0f}')} MiB")
+
+
 ROWS = (
     Row("compute", "sandbox compute overhead vs native (FS kernel)", ("measured",), "<=", 1.02,
         "x", _note_compute),
@@ -127,6 +161,12 @@ ROWS = (
         _note_conn),
     Row("attack_rss", "market RSS growth under the worst attack", ("measured",), "<=", 64.0,
         " MiB", _note_attack),
+    Row("kvm_boot", "kvm boot to console: market vs plain qemu", ("measured",), "<=", 1.05,
+        "x", _note_kvm_boot),
+    Row("kvm_image", "kvm ISO send (upload, to seller) vs TLS copy", ("measured",), "<=", 2.0,
+        "x", _note_kvm_image),
+    Row("kvm_overhead", "kvm node memory past guest RAM (qemu+seller)", ("measured",), "<=",
+        192.0, " MiB", _note_kvm_overhead),
 )
 
 
