@@ -204,7 +204,7 @@ def test_the_command_line_is_hardened(tmp_path):
         assert argv[argv.index("-sandbox") + 1] == qemu.SANDBOX
         assert "spawn=deny" in qemu.SANDBOX and "elevateprivileges=deny" in qemu.SANDBOX
         assert argv[argv.index("-nic") + 1] == "none"
-        assert argv[argv.index("-accel") + 1] == "tcg,split-wx=on"
+        assert argv[argv.index("-accel") + 1] == f"tcg,split-wx=on,tb-size={qemu.TB_SIZE_MIB}"
         assert "usb=off" in argv[argv.index("-machine") + 1]
         assert "-netdev" not in argv and "-device" not in argv
         assert stat.S_IMODE(os.stat(run.workdir).st_mode) == 0o700

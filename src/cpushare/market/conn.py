@@ -142,3 +142,4 @@ class BuyerConn(Conn):
         self.sessions: dict[int, object] = {}  # its open sessions: id -> TaskState
         self.output_frames = False  # it takes a result's output ahead in `output` frames
         self.acks = False  # it acks results (hello's acks); else delivered once sent
+        self.disk = None  # the write of its last image chunk (imagefiles.py), a Future

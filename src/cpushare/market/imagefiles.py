@@ -11,6 +11,13 @@ nothing: the partial file and its running hash stay, and the next offer is
 answered with its length.  (After a market restart the hash of a partial
 file is computed again from its bytes, once, when it is offered again.)
 
+Appending and hashing a chunk happen in one writer thread of their own
+(hashlib and the file write release the GIL): the event loop decrypts the
+next chunk meanwhile.  `write` checks a chunk and queues its write; the
+future it returns is what the connection waits for before it reads the
+chunk after the next (so at most two chunks of an upload are in memory);
+`finish` runs in the same thread, after the writes.
+
 To a seller an image goes the same way, from the file, in CHUNK pieces
 paced by the connection's budget: `need_image {image, offset}` starts it
 at the seller's offset (what its cache holds of it already).
@@ -18,6 +25,7 @@ at the seller's offset (what its cache holds of it already).
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
 import os
@@ -42,9 +50,11 @@ class Upload:
     size: int
     account_id: int
     path: Path
-    offset: int = 0
+    offset: int = 0  # bytes taken (queued to the writer or written)
     sha256: "hashlib._Hash" = field(default_factory=hashlib.sha256)
     touched: float = field(default_factory=time.monotonic)
+    fd: int | None = None  # the part file, open for appending while chunks come
+    error: str = ""  # a write that failed (the disk is full): the upload fails at its end
 
 
 class ImageFiles:
@@ -52,6 +62,8 @@ class ImageFiles:
         self.dir = Path(directory)
         self.parts = self.dir / ".part"
         self.uploads: dict[str, Upload] = {}
+        self._writer = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="cpushare-image-writer")
 
     def path(self, digest: str) -> Path:
         return self.dir / digest
@@ -95,10 +107,13 @@ class ImageFiles:
     def _drop_oldest(self) -> None:
         oldest = min(self.uploads.values(), key=lambda u: u.touched)
         del self.uploads[oldest.digest]  # (its file stays: an offer picks it up again)
+        self._writer.submit(self._close, oldest)
 
-    def write(self, digest: str, offset: int, size: int, data: bytes) -> bool:
-        """Append a chunk; True when the image is complete (then `finish`).
-        ImageFileError for a chunk that does not continue the upload."""
+    def write(self, digest: str, offset: int, size: int, data: bytes
+              ) -> tuple[concurrent.futures.Future, bool]:
+        """Check a chunk and queue its write: (the write's future, whether the
+        image is complete with it; then `finish`).  ImageFileError for a
+        chunk that does not continue the upload."""
         up = self.uploads.get(digest)
         if up is None:
             raise ImageFileError(f"image {digest[:16]}: a chunk at {offset} with no "
@@ -114,43 +129,68 @@ class ImageFiles:
                                  f"past its size {size}")
         if not data and offset < size:
             raise ImageFileError(f"image {digest[:16]}: an empty chunk at {offset}")
-        with open(up.path, "ab") as f:
-            f.write(data)
-        up.sha256.update(data)
         up.offset += len(data)
         up.touched = time.monotonic()
-        return up.offset == size
+        return self._writer.submit(self._append, up, data), up.offset == size
 
-    def finish(self, digest: str) -> Path:
-        """The complete upload, its digest checked, renamed into place (read-only);
-        ImageFileError (and the partial file removed) if it is not `digest`."""
-        up = self.uploads.pop(digest)
-        got = up.sha256.hexdigest()
-        if got != digest:
-            up.path.unlink(missing_ok=True)
-            raise ImageFileError(f"image {digest[:16]}: the {up.size} bytes received have "
-                                 f"digest {got[:16]}")
-        fd = os.open(up.path, os.O_RDONLY)
+    @staticmethod
+    def _append(up: Upload, data: bytes) -> None:
+        if up.error:
+            return
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            if up.fd is None:
+                up.fd = os.open(up.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                                0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(up.fd, view):]
+        except OSError as e:
+            up.error = e.strerror or str(e)
+            return
+        up.sha256.update(data)
+
+    @staticmethod
+    def _close(up: Upload) -> None:
+        if up.fd is not None:
+            os.close(up.fd)
+            up.fd = None
+
+    def finish(self, digest: str) -> concurrent.futures.Future:
+        """The complete upload, after its writes: its digest checked, synced,
+        renamed into place (read-only).  A future of its path; its exception
+        is ImageFileError (and the partial file removed) if it is not `digest`."""
+        up = self.uploads.pop(digest)
+        return self._writer.submit(self._finish, up)
+
+    def _finish(self, up: Upload) -> Path:
+        got = up.sha256.hexdigest()
+        try:
+            if up.fd is not None and not up.error:
+                os.fsync(up.fd)
+        except OSError as e:
+            up.error = e.strerror or str(e)
+        self._close(up)
+        if up.error:
+            up.path.unlink(missing_ok=True)
+            raise ImageFileError(f"image {up.digest[:16]}: the market could not store it "
+                                 f"({up.error}); send it again later")
+        if got != up.digest:
+            up.path.unlink(missing_ok=True)
+            raise ImageFileError(f"image {up.digest[:16]}: the {up.size} bytes received have "
+                                 f"digest {got[:16]}")
         os.chmod(up.path, 0o444)
-        final = self.path(digest)
+        final = self.path(up.digest)
         os.replace(up.path, final)
         return final
 
     def discard(self, digest: str) -> None:
-        self.uploads.pop(digest, None)
+        up = self.uploads.pop(digest, None)
+        if up is not None:
+            self._writer.submit(self._close, up)
         (self.parts / digest).unlink(missing_ok=True)
 
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
-
-    def read(self, digest: str, offset: int, n: int = CHUNK) -> bytes:
-        with open(self.path(digest), "rb") as f:
-            f.seek(offset)
-            return f.read(n)
 
     def names(self) -> set[str]:
         """Digests of the complete image files."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from .. import models
 from ..protocol import Message, ProtocolError, encode, frame
@@ -121,7 +122,7 @@ class ImageHandlers:
                                            f"with offset and size")
             return
         try:
-            done = self.image_files.write(d, offset, size, m.payload)
+            written, done = self.image_files.write(d, offset, size, m.payload)
         except ImageFileError as e:
             up = self.image_files.uploads.get(d)
             if up is not None and up.size == size and offset != up.offset:
@@ -130,13 +131,21 @@ class ImageHandlers:
                 return
             self._refuse_image(b, "image", str(e))
             return
+        b.disk = written  # (its next chunk is read while this one is written)
         if not done:
             return
-        try:
-            path = self.image_files.finish(d)
-        except ImageFileError as e:
-            self._refuse_image(b, "image", str(e))
+        fut = asyncio.wrap_future(self.image_files.finish(d))
+        fut.add_done_callback(lambda f: self._image_received(b, model, d, size, f))
+
+    def _image_received(self, b: BuyerConn, model: models.Model, d: str, size: int,
+                        fut: asyncio.Future) -> None:
+        """The last chunk of `d` is written (its digest checked, or not)."""
+        e = fut.exception()
+        if e is not None:
+            self._refuse_image(b, "image", str(e) if isinstance(e, ImageFileError)
+                               else f"image {d[:16]}: cannot store it: {e}")
             return
+        path = fut.result()
         try:
             model.parse_file(path, d, where=f"image {d[:16]}")
         except models.ImageError as e:
@@ -202,16 +211,17 @@ class ImageHandlers:
         queued to it."""
         sent = 0
         try:
-            while offset < size and not s.closed:
-                data = self.image_files.read(d, offset, CHUNK)
-                if not data:
-                    raise OSError(f"image file {d[:16]} ends at {offset}, not {size}")
-                s.write_now(frame("image", data, image=d, offset=offset, size=size))
-                offset += len(data)
-                sent += len(data)
-                self.image_bytes_sent += len(data)
-                if s.buffered > SEND_BUDGET:
-                    await s.drained()
+            with open(self.image_files.path(d), "rb") as f:
+                while offset < size and not s.closed:
+                    data = os.pread(f.fileno(), CHUNK, offset)
+                    if not data:
+                        raise OSError(f"image file {d[:16]} ends at {offset}, not {size}")
+                    s.write_now(frame("image", data, image=d, offset=offset, size=size))
+                    offset += len(data)
+                    sent += len(data)
+                    self.image_bytes_sent += len(data)
+                    if s.buffered > SEND_BUDGET:
+                        await s.drained()
         except OSError as e:
             log.error("image %s to %s: %s", d[:16], s, e)
             s.close()

@@ -238,6 +238,11 @@ class Listener:
         a session's input past STREAM_BUDGET before a seller takes it, or
         frames past CONN_BUDGET to the peer it feeds (a session's seller or
         buyer).  A paused peer is not silent: it is not read."""
+        disk = getattr(conn, "disk", None)
+        if disk is not None:  # its last image chunk is still being written: one at a time
+            conn.disk = None
+            if not disk.done():
+                await asyncio.wrap_future(disk)
         while not conn.closed and not conn.gone:
             # (a seller running a session: what is queued to it is the buyer's
             # input, paused at CONN_BUDGET on the buyer's side; the seller is

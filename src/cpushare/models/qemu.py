@@ -4,7 +4,8 @@ A run is one `qemu-system-x86_64` process with nothing but what the guest
 needs: no defaults, no user config, no display, no NIC, no USB, no disk; the
 image is a read-only CD-ROM of format raw (never probed, so never a qcow2
 naming a backing file of the seller's); ``-sandbox on`` with every option
-denied; TCG with ``split-wx=on`` (MemoryDenyWriteExecute); ``-no-reboot`` (a
+denied; TCG with ``split-wx=on`` (MemoryDenyWriteExecute) and a bounded code
+buffer (``tb-size``); ``-no-reboot`` (a
 guest that reboots ends its run like one that powers off); a clean
 environment, no descriptor but 0, 1 and 2, and a private working directory
 (mode 0700) holding only its QMP socket and its stderr.  (No RLIMIT_FSIZE
@@ -48,6 +49,9 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 MIN_MEMORY = 16 << 20
 MAX_MEMORY = 1 << 40
 MAX_CPUS = 255  # the pc machine's limit
+# TCG's code buffer, MiB (qemu 7.2 maps 1 GiB by default: a guest running much
+# varied code would fill it, past the unit's MemoryMax=); kvm.QEMU_OVERHEAD counts it
+TB_SIZE_MIB = 128
 START_TIMEOUT = 30.0  # seconds for qemu to answer on QMP
 QMP_TIMEOUT = 10.0  # seconds for one QMP command's answer
 _CHUNK = 1 << 16
@@ -86,7 +90,7 @@ def command(image: Path, *, memory: int, cpus: int, accel: str, qemu: str = QEMU
     return [
         qemu, "-nodefaults", "-no-user-config", "-display", "none",
         "-machine", "pc,usb=off",
-        "-accel", "kvm" if accel == "kvm" else "tcg,split-wx=on",
+        "-accel", "kvm" if accel == "kvm" else f"tcg,split-wx=on,tb-size={TB_SIZE_MIB}",
         "-m", f"{-(-memory // _MiB)}M", "-smp", str(cpus),
         "-drive", drive, "-boot", f"order={boot},menu=off",
         "-nic", "none",

@@ -38,6 +38,7 @@ class IsoCache(BoundedDir):
         self.max_bytes = max_bytes
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.received = 0  # image bytes written, in all (what `need_image` cost)
+        self._writing: dict[str, list] = {}  # digest -> [fd, sha256, bytes held] of a part
 
     def _path(self, digest: str) -> Path:
         if not is_digest(digest):
@@ -67,43 +68,54 @@ class IsoCache(BoundedDir):
 
     def held(self, digest: str) -> int:
         """Bytes of `digest` received so far (0: none)."""
+        w = self._writing.get(digest)
+        if w is not None:
+            return w[2]
         try:
             return self._part(digest).stat().st_size
         except FileNotFoundError:
             return 0
 
     def write(self, digest: str, offset: int, size: int, data: bytes) -> bool:
-        """Append a chunk at `offset` of an image of `size` bytes; True when
-        it is complete (then `finish`).  CacheError for a chunk that does not
-        continue what is held, or an image the cache cannot hold."""
+        """Append a chunk at `offset` of an image of `size` bytes (hashed as it
+        comes); True when it is complete (then `finish`).  CacheError for a
+        chunk that does not continue what is held, or an image the cache
+        cannot hold."""
         if size > self.max_bytes:
             raise CacheError(f"image {digest[:16]}: {size} bytes exceeds the cache size "
                              f"{self.max_bytes} (the sell order's cache)")
         part = self._part(digest)
-        held = self.held(digest)
+        w = self._writing.get(digest)
+        if w is None:  # the first chunk of this process: a part kept before is hashed once
+            fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            h = hashlib.sha256()
+            held = 0
+            while piece := os.pread(fd, 1 << 20, held):
+                h.update(piece)
+                held += len(piece)
+            w = self._writing[digest] = [fd, h, held]
+        fd, h, held = w
         if offset != held or offset + len(data) > size:
             raise CacheError(f"image {digest[:16]}: a chunk of {len(data)} bytes at {offset}, "
                              f"but {held} of {size} bytes are held")
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        h.update(data)
+        w[2] = held + len(data)
         self.received += len(data)
-        return held + len(data) == size
+        return w[2] == size
 
     def finish(self, digest: str):
         """Verify the complete part file and move it into the cache (blocking:
         run it in a thread).  CacheError (and the part removed) if it is not
         the image `digest` names."""
         part = self._part(digest)
-        h = hashlib.sha256()
-        with open(part, "rb") as f:
-            while piece := f.read(1 << 20):
-                h.update(piece)
-            os.fsync(f.fileno())
+        fd, h, size = self._writing.pop(digest)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if h.hexdigest() != digest:
             part.unlink(missing_ok=True)
             raise CacheError(f"image {digest[:16]}: the bytes received have digest "
@@ -113,12 +125,18 @@ class IsoCache(BoundedDir):
         except models.ImageError as e:
             part.unlink(missing_ok=True)
             raise CacheError(str(e)) from None
-        size = part.stat().st_size
         self._evict(need=size)
         os.chmod(part, 0o444)
         path = self._path(digest)
         os.replace(part, path)
         return self.model.parse_file(path, digest, where=str(path))
+
+    def abandon(self) -> None:
+        """Close the part files being written (a lost connection: they are
+        hashed again when their image is asked for next)."""
+        for fd, _, _ in self._writing.values():
+            os.close(fd)
+        self._writing.clear()
 
     def _drop(self, path: Path) -> None:
         try:

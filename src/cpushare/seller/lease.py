@@ -85,6 +85,7 @@ class LeaseRuns:
         image = self._cache.get(digest)
         if image is not None:
             return image
+        self._cache.abandon()  # (a part of an earlier connection is hashed again, once)
         fut = self._loop.create_future()
         self._image_waiters[digest] = fut
         self._image_progress[digest] = time.monotonic()
