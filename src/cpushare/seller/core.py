@@ -367,6 +367,8 @@ class Seller(TaskRuns, LeaseRuns):
                         raise _Lost("the market closed the connection")
                     self._last_rx = time.monotonic()
                     self._dispatch(msg)
+                    if msg.type == "image":
+                        await self._image_backpressure()
                     r = self._running
                     if r is not None and r.stream_bytes > SESSION_INPUT_BUDGET:
                         # the job does not read its input: neither do we, so the

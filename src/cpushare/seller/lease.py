@@ -13,6 +13,7 @@ Pause stops the guest's vCPUs (QMP stop): its CPU time does not grow.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import hashlib
 import logging
@@ -85,11 +86,14 @@ class LeaseRuns:
         image = self._cache.get(digest)
         if image is not None:
             return image
-        self._cache.abandon()  # (a part of an earlier connection is hashed again, once)
+        writer = self._image_writer()
+        # (a part of an earlier connection is hashed again, once, in the writer)
+        await self._loop.run_in_executor(writer, self._cache.abandon)
+        held = await self._loop.run_in_executor(writer, self._cache.held, digest)
         fut = self._loop.create_future()
         self._image_waiters[digest] = fut
         self._image_progress[digest] = time.monotonic()
-        self._send("need_image", image=digest, offset=self._cache.held(digest))
+        self._send("need_image", image=digest, offset=held)
         try:
             while True:
                 try:
@@ -103,30 +107,62 @@ class LeaseRuns:
             if not fut.done():
                 fut.cancel()
 
+    def _image_writer(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The thread that appends and hashes image chunks (and finishes the
+        image), in order, while the loop decrypts the next chunk."""
+        w = getattr(self, "_writer_thread", None)
+        if w is None:
+            w = self._writer_thread = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="cpushare-image-writer")
+        return w
+
     def _on_image_chunk(self, msg: Message) -> None:
         d = msg["image"]
-        fut = self._image_waiters.get(d)
-        if fut is None or fut.done():
+        waiter = self._image_waiters.get(d)
+        if waiter is None or waiter.done():
             log.warning("unrequested image chunk %s ignored", d[:16],
                         extra={"ORDER": self._order.name})
             return
         self._image_progress[d] = time.monotonic()
-        try:
-            done = self._cache.write(d, msg["offset"], msg.get("size") or 0, msg.payload)
-        except (CacheError, OSError) as e:
-            fut.set_exception(CacheError(str(e)))
-            return
-        if done:
-            task = self._loop.run_in_executor(None, self._cache.finish, d)
+        w = self._image_writer().submit(self._cache.write, d, msg["offset"],
+                                        msg.get("size") or 0, msg.payload)
+        # the connection reads the chunk after next once this one is written
+        self._disk_wait, self._disk_last = getattr(self, "_disk_last", None), w
+        asyncio.wrap_future(w, loop=self._loop).add_done_callback(
+            lambda f: self._chunk_written(d, waiter, f))
 
-            def finished(f: asyncio.Future) -> None:
-                if fut.done():
-                    return
-                if f.exception() is not None:
-                    fut.set_exception(CacheError(str(f.exception())))
-                else:
-                    fut.set_result(f.result())
-            task.add_done_callback(finished)
+    def _chunk_written(self, d: str, waiter: asyncio.Future, f: asyncio.Future) -> None:
+        if waiter.done():
+            return
+        e = f.exception()
+        if e is not None:
+            waiter.set_exception(CacheError(str(e)))
+            return
+        if not f.result():
+            return
+        done = asyncio.wrap_future(self._image_writer().submit(self._cache.finish, d),
+                                   loop=self._loop)
+
+        def finished(g: asyncio.Future) -> None:
+            if waiter.done():
+                return
+            if g.exception() is not None:
+                waiter.set_exception(CacheError(str(g.exception())))
+            else:
+                waiter.set_result(g.result())
+        done.add_done_callback(finished)
+
+    async def _image_backpressure(self) -> None:
+        """(The read loop, after each message) until the image chunk before the
+        last one is written: at most two chunks are in memory."""
+        w = getattr(self, "_disk_wait", None)
+        if w is not None:
+            self._disk_wait = None
+            if not w.done():
+                try:
+                    await asyncio.wrap_future(w, loop=self._loop)
+                except Exception:
+                    pass  # (its error goes to the image's waiter)
 
     # --- the run --------------------------------------------------------------
 
