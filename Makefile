@@ -10,11 +10,11 @@ PYTEST_ARGS ?=
 
 # Everything the build, the tests, the package and the demo need, from Debian.
 DEB_DEPS = \
-	build-essential python3-dev python3-all-dev cython3 python3-setuptools \
+	build-essential python3-dev python3-all-dev cython3 python3-setuptools libssl-dev \
 	python3-pydbus python3-gi python3-systemd python3-openssl python3-cryptography \
 	python3-configobj python3-daemon python3-seccomp \
 	python3-pytest python3-hypothesis python3-numpy python3-matplotlib python3-pil python3-scipy \
-	dbus systemd-container mmdebstrap iproute2 \
+	dbus systemd-container mmdebstrap iproute2 iperf3 vde2 \
 	qemu-system-x86 grub-pc-bin grub-common xorriso mtools busybox-static cpio \
 	debhelper dh-python devscripts lintian fakeroot man-db groff-base
 
