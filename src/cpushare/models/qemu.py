@@ -232,11 +232,14 @@ class QemuRun:
             raise
         err = os.open(self.workdir / "stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                       0o600)
-        # qemu dies with the thread that started it (PR_SET_PDEATHSIG, set by
-        # util-linux's setpriv before it execs qemu): a seller killed with -9
-        # leaves no guest running unpaid, with or without a unit's cgroup.
+        # A seller killed with -9 must leave no guest running unpaid.  Under a
+        # systemd unit (INVOCATION_ID) the unit's cgroup ends qemu with it
+        # (KillMode=control-group; there setpriv may not even run: the unit
+        # has no capabilities to give up).  Elsewhere (the init.d path, the
+        # development runner) qemu dies with the thread that started it:
+        # PR_SET_PDEATHSIG, set by util-linux's setpriv before it execs qemu.
         setpriv = shutil.which("setpriv", path="/usr/bin:/bin")
-        if setpriv is not None:
+        if setpriv is not None and not os.environ.get("INVOCATION_ID"):
             argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
         try:
             self._proc = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err, env={},
