@@ -457,3 +457,47 @@ def test_a_lease_whose_buyer_stays_away_is_powered_off_and_settled(lm):
     run(main())
     assert lm.balance("alice") == 35 and lm.balance("buyer") == COINS - 35
     assert_ledger_ok(lm)
+
+
+def test_a_lease_with_a_link_hands_fresh_keys_to_both_ends_only_to_sellers_that_link(lm):
+    """`open {link}`: the market makes two random keys for the lease and
+    hands them to the seller (in `task`) and the buyer (`link`), each its own
+    direction; it keeps none; a seller that does not link is not offered it."""
+    iso = fake_iso()
+
+    async def main():
+        await lm.start()
+        b = await kvm_buyer(lm)
+        d, _ = await upload(b, iso)
+        await b.send("open", ref="bad", image=d, link="no port here")
+        e = await b.expect("error")
+        assert e["code"] == "order" and e["ref"] == "bad" and "link" in e["message"], e
+        old = await kvm_seller(lm)  # says nothing of links
+        await b.send("open", ref="n1", image=d, link="192.0.2.7:5555")
+        sid = (await b.expect("opened"))["session"]
+        w = await until(b, "lease", state="waiting")
+        assert "encrypted link" in w["message"], w
+        assert not [m for m in await old.sync() if m.type == "task"]
+        o = lm.sell("bob", ASK, model="kvm", memory=1 << 30)
+        s = await Peer.open(o, "seller", accel="tcg", cache=1 << 30, links=True)
+        await s.send("ready")
+        task = await s.expect("task")
+        link = await until(b, "link", session=sid)
+        assert task["link_peer"] == "192.0.2.7:5555" and task["link_id"] == link["link_id"]
+        assert (task["link_tx"], task["link_rx"]) == (link["rx"], link["tx"])
+        assert len(bytes.fromhex(link["tx"])) == len(bytes.fromhex(link["rx"])) == 32
+        assert link["tx"] != link["rx"] and link["seller"] == "bob"
+        await b.send("close", session=sid)
+        await until(s, "stop")
+        await s.send("result", attempt=task["attempt"], exit_status=0, signal=None, reason="",
+                     cpu_ms=0, output_sha256=protocol.digest(b""))
+        await until(b, "closed", session=sid)
+        keys = {link["tx"], link["rx"]}
+        db = open(lm.db, "rb").read() + b"".join(
+            p.read_bytes() for p in lm.root.glob("market.db-*") if p.is_file())
+        assert not any(k.encode() in db or bytes.fromhex(k) in db for k in keys)
+        for p in (b, old, s):
+            await p.close()
+        await lm.stop()
+    run(main())
+    assert_ledger_ok(lm)

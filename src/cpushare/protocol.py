@@ -110,7 +110,7 @@ R, O = True, False
 SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
     "hello": {"version": (Int(0, 2**31), R), "role": (STR, R), "software": (STR, O),
               "instance": (STR, O), "output_frames": (BOOL, O), "acks": (BOOL, O),
-              "accel": (STR, O), "cache": (BYTES, O), "lease_attempt": (ID, O),
+              "accel": (STR, O), "cache": (BYTES, O), "links": (BOOL, O), "lease_attempt": (ID, O),
               "lease_cpu_ms": (MS, O)},
     "welcome": {"version": (Int(0, 2**31), R), "account": (STR, R), "order": (OPT_ID, O),
                 "max_payload": (Int(1, 1 << 32), R), "heartbeat": (Int(1, 86_400), R),
@@ -124,7 +124,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
     "task": {"task": (ID, R), "attempt": (ID, R), "model": (STR, O), "image": (STR, R),
              "cpu_ms": (MS, R),
              "wall_ms": (MS, R), "memory": (BYTES, R), "output_limit": (Int(-1, MAX_BYTES), R),
-             "session": (OPT_ID, O), "buyer_order": (OPT_ID, O)},
+             "session": (OPT_ID, O), "buyer_order": (OPT_ID, O),
+             "link_id": (Int(1, 2**32 - 1), O), "link_peer": (STR, O), "link_tx": (STR, O),
+             "link_rx": (STR, O)},
     # images: whole in one `image` frame, or (with `size`) in chunks at `offset`
     "need_image": {"image": (STR, R), "offset": (BYTES, O)},
     "image": {"image": (STR, R), "offset": (BYTES, O), "size": (Int(1, MAX_BYTES), O)},
@@ -156,8 +158,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
     "failed": {"ref": (STR, R), "task": (OPT_ID, O), "code": (STR, R), "message": (STR, R)},
     "ack": {"task": (ID, R)},
     # interactive sessions
-    "open": {"ref": (STR, R), "image": (STR, R), "cpu_ms": (OPT_MS, O)},
+    "open": {"ref": (STR, R), "image": (STR, R), "cpu_ms": (OPT_MS, O),
+             "link": (STR, O)},
     "close": {"session": (ID, R)},
+    # a lease's encrypted link (docs/vpn.md): its keys, from the market to both ends
+    "link": {"session": (ID, R), "link_id": (Int(1, 2**32 - 1), R), "tx": (STR, R),
+             "rx": (STR, R), "seller": (OPT_STR, O)},
     "opened": {"ref": (STR, R), "session": (ID, R)},
     "stream": {"session": (ID, R), "eof": (BOOL, O)},
     "closed": {"session": (ID, R), "exit_status": (EXIT, O), "signal": (SIGNAL, O),

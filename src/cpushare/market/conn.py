@@ -124,6 +124,7 @@ class SellerConn(Conn):
         self.image_sends: dict[str, object] = {}  # image -> the task sending it in chunks
         self.accel = ""  # kvm: the accelerator it measured (hello), kvm | tcg
         self.cache = 0  # kvm: bytes of images its cache may hold (hello)
+        self.links = False  # kvm: it joins its guests to the buyer's link (hello)
 
     def running_task(self):
         """The task of the attempt it runs (the first it holds), or None."""

@@ -52,11 +52,13 @@ class Leases:
                 raise Rejection("limit", f"buy order {o.id} has {n} nodes leased or waiting; "
                                          f"its max_nodes is {o.max_nodes}")
             escrow = self._escrow(b, 1, min(cpu_ms, LEASE_AHEAD_MS))
+            link = self._check_link(m["link"]) if m.get("link") is not None else None
         except Rejection as e:
             b.write(encode("error", code=e.code, ref=ref, message=e.message))
             return
         t = self._new_task(b, ref, m["image"], b"", 1, cpu_ms, escrow, True)
         t.lease = True
+        t.link = link
         t.memory = o.memory
         t.accel = o.accel
         t.image_size = self.store.image_size(t.image) or 0
@@ -96,9 +98,9 @@ class Leases:
         self.open_leases[o.id] += 1
         running = [a for a in attempts if a.state == "running"]
         t.paid_milli = sum(a.paid_milli for a in attempts)
-        if not running:  # it had no seller yet: it waits for one again
-            t.lease_state, t.console_seen = "waiting", False
-            self.matcher.enqueue(t)
+        if not running:  # no seller had it: nothing runs (what it asked for is not kept)
+            self._fail(t, "cancelled", "the market restarted before a seller took the lease; "
+                                       "open it again")
             return
         a = running[-1]
         t.metered_ms = a.cpu_ms or 0
@@ -142,6 +144,34 @@ class Leases:
                                       f"market's restart")
         self._schedule()
 
+    # --- the link (docs/vpn.md) -------------------------------------------------
+
+    @staticmethod
+    def _check_link(text: str) -> str:
+        """The buyer's endpoint HOST:PORT, checked; Rejection('order') if not."""
+        from ..order import join_hostport, split_hostport
+        try:
+            host, port = split_hostport(text, default_port=0)
+        except ValueError as e:
+            raise Rejection("order", f"link: {e}") from None
+        if port == 0 or len(text) > 300:
+            raise Rejection("order", f"link: {text[:80]!r} is not HOST:PORT")
+        return join_hostport(host, port)
+
+    def _link_keys(self, t: TaskState, s: SellerConn, aid: int) -> dict:
+        """A new key per direction for this lease's attempt (never kept: the
+        market only introduces the two ends); the seller's fields of `task`,
+        and the buyer's `link` frame goes after the commit."""
+        import secrets
+        link_id = t.id % (2**32 - 1) + 1
+        to_buyer, to_seller = secrets.token_bytes(32).hex(), secrets.token_bytes(32).hex()
+        def tell() -> None:
+            if t.buyer is not None and not t.buyer.gone:
+                t.buyer.write(encode("link", session=t.id, link_id=link_id, tx=to_seller,
+                                     rx=to_buyer, seller=s.account))
+        self._after_commit(tell)
+        return dict(link_id=link_id, link_peer=t.link, link_tx=to_buyer, link_rx=to_seller)
+
     def _unfit(self, t: TaskState, cap: int = 10_000) -> str | None:
         """Why no connected seller could ever take lease `t` (None: one could)."""
         checked = 0
@@ -156,7 +186,8 @@ class Leases:
             fails = {r for r, bad in (
                 ("memory", 0 < o.memory < t.memory), ("cache", t.image_size > s.cache),
                 ("accel", t.accel == "kvm" and s.accel != "kvm"),
-                ("price", o.price_milli > t.bid_milli)) if bad}
+                ("price", o.price_milli > t.bid_milli),
+                ("link", bool(t.link) and not s.links)) if bad}
             if not fails:
                 return None
             reasons |= fails
@@ -165,7 +196,8 @@ class Leases:
         said = {"memory": f"{t.memory >> 20} MiB of memory",
                 "cache": f"a cache of {t.image_size} bytes (the ISO's size)",
                 "accel": "working KVM (the buy order says accel = kvm)",
-                "price": f"an ask at most the bid of {t.bid_milli} milli per CPU-hour"}
+                "price": f"an ask at most the bid of {t.bid_milli} milli per CPU-hour",
+                "link": "the encrypted link to the buyer's network (a newer seller)"}
         return "no connected seller offers " + " or ".join(said[r] for r in sorted(reasons))
 
     def _tell(self, t: TaskState, state: str, message: str | None = None,

@@ -181,6 +181,7 @@ class Listener:
                     raise ProtocolError("frame", "hello: a seller of the kvm model must say the "
                                                  "accelerator it measured (accel: kvm or tcg)")
                 conn.cache = m.get("cache") or 0
+                conn.links = m.get("links") is True
             key = (cert.order_id, instance)
             old = self.sellers.get(key)
             if old is not None:  # the same copy reconnecting: its old link is dead

@@ -42,7 +42,7 @@ def fits(s, t, freed: int = 0) -> bool:
             and o.model == t.model and o.cpu_seconds * 1000 >= t.cpu_ms
             and (o.memory <= 0 or o.memory >= t.memory) and not (t.session and s.attempts)
             and (not t.image_size or s.cache >= t.image_size)
-            and (t.accel != "kvm" or s.accel == "kvm"))
+            and (t.accel != "kvm" or s.accel == "kvm") and (not t.link or s.links))
 
 
 def _task_key(t) -> tuple:

@@ -207,11 +207,12 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
         s.attempts[aid] = (t, wall_ms)
         self.busy[s] = None
         self.matcher.holds(s, len(s.attempts))
+        link = self._link_keys(t, s, aid) if t.link else {}
         task = frame("task", payload, task=t.id, attempt=aid, model=t.model, image=t.image,
                      cpu_ms=t.cpu_ms,
                      wall_ms=wall_ms, memory=t.memory if t.lease else s.order.memory,
                      output_limit=s.order.output,
-                     buyer_order=t.buy_order_id, session=t.id if t.session else None)
+                     buyer_order=t.buy_order_id, session=t.id if t.session else None, **link)
         if t.session:
             def start() -> None:
                 s.write(task)

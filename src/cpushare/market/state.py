@@ -109,6 +109,7 @@ class TaskState:
     console_seen: bool = False
     ending: str = ""  # why it is being powered off
     buyer_away_since: float | None = None  # (monotonic) its buyer's connection went
+    link: str | None = None  # the buyer's link endpoint HOST:PORT (docs/vpn.md), if any
     orphan: tuple | None = None  # after a restart: (attempt, sell order) awaiting its seller
 
     def best(self) -> tuple[ResultKey | None, int]:
