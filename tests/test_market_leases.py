@@ -459,6 +459,35 @@ def test_a_lease_whose_buyer_stays_away_is_powered_off_and_settled(lm):
     assert_ledger_ok(lm)
 
 
+async def sdk_link_check(lm, d, iso):
+    """The buyer SDK: a node learns its link's keys from the `link` frame."""
+    from cpushare.buyer import Market
+    from cpushare.order import load_buy
+    o = lm.buy("buyer", BID, model="kvm", memory=512 << 20, max_cpu_seconds=3600)
+    path = lm.root / "l.iso"
+    path.write_bytes(iso)
+    so = lm.sell("bob", ASK, model="kvm", memory=1 << 30)
+    s = await Peer.open(so, "seller", accel="tcg", cache=1 << 30, links=True)
+    await s.send("ready")
+    async with Market(o) as m:
+        c = await m.cluster(path, nodes=1, link="[2001:db8::1]:4000")
+        task = await s.expect("task")
+        assert task["link_peer"] == "[2001:db8::1]:4000"
+        node = c.nodes[0]
+        for _ in range(100):
+            if node.link is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert node.link == (task["link_id"], bytes.fromhex(task["link_rx"]),
+                             bytes.fromhex(task["link_tx"]))
+        await m._send_async("close", session=node.session)
+        await until(s, "stop")
+        await s.send("result", attempt=task["attempt"], exit_status=0, signal=None, reason="",
+                     cpu_ms=0, output_sha256=protocol.digest(b""))
+        await asyncio.wait_for(c.down(), 10)
+    await s.close()
+
+
 def test_a_lease_with_a_link_hands_fresh_keys_to_both_ends_only_to_sellers_that_link(lm):
     """`open {link}`: the market makes two random keys for the lease and
     hands them to the seller (in `task`) and the buyer (`link`), each its own
@@ -493,6 +522,7 @@ def test_a_lease_with_a_link_hands_fresh_keys_to_both_ends_only_to_sellers_that_
                      cpu_ms=0, output_sha256=protocol.digest(b""))
         await until(b, "closed", session=sid)
         keys = {link["tx"], link["rx"]}
+        await sdk_link_check(lm, d, iso)
         db = open(lm.db, "rb").read() + b"".join(
             p.read_bytes() for p in lm.root.glob("market.db-*") if p.is_file())
         assert not any(k.encode() in db or bytes.fromhex(k) in db for k in keys)

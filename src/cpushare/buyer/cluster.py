@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..protocol import Message
+from ..protocol import Message, ProtocolError
 from .base import MarketError
 
 CHUNK = 1 << 20  # bytes of one image chunk
@@ -68,6 +68,9 @@ class Node:
         self.cost_milli = 0
         self.message: str | None = None
         self.reason: str | None = None  # how it ended
+        # its link's keys (docs/vpn.md), from the market when a seller takes it:
+        # (link id, key to seal with, key to open with)
+        self.link: tuple[int, bytes, bytes] | None = None
         self.console = bytearray()  # everything it printed (bounded: CONSOLE_KEEP)
         self._console_event = asyncio.Event()
         self._read = 0
@@ -88,6 +91,19 @@ class Node:
             self.seller = msg["seller"]
         if self.state not in END_STATES:
             self._set(msg["state"], msg.get("message"))
+
+    def _link(self, msg: Message) -> None:
+        try:
+            tx, rx = bytes.fromhex(msg["tx"]), bytes.fromhex(msg["rx"])
+        except ValueError:
+            raise ProtocolError("frame", "link: tx and rx must be hex") from None
+        if len(tx) != 32 or len(rx) != 32:
+            raise ProtocolError("frame", "link: tx and rx must be 32 bytes each")
+        self.link = (msg["link_id"], tx, rx)
+        self.seller = msg.get("seller") or self.seller
+        self.cluster._changed.set()
+        if self.cluster.on_link is not None:
+            self.cluster.on_link(self)
 
     def _output(self, data: bytes) -> None:
         self.console += data
@@ -145,8 +161,10 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, market, digest: str, n: int, name: str):
+    def __init__(self, market, digest: str, n: int, name: str, link: str | None = None):
         self.market = market
+        self.link = link  # the endpoint HOST:PORT the sellers send the nodes' frames to
+        self.on_link = None  # called with a Node when its link's keys come
         self.digest = digest
         self.name = name
         self._events: asyncio.Queue = asyncio.Queue()  # for events()
@@ -165,6 +183,8 @@ class Cluster:
                 fields = {"ref": node.ref, "image": self.digest}
                 if cpu_ms is not None:
                     fields["cpu_ms"] = cpu_ms
+                if self.link is not None:
+                    fields["link"] = self.link
                 m._send("open", **fields)
             await m._drain()
             for node, fut in zip(self.nodes, futs):
@@ -277,12 +297,13 @@ class LeaseClient:
                 del self._wants[digest]
 
     async def cluster(self, iso: str | os.PathLike, nodes: int, *, name: str = "cluster",
-                      cpu_ms: int | None = None) -> Cluster:
-        """Send the ISO (once) and lease `nodes` nodes of it."""
+                      cpu_ms: int | None = None, link: str | None = None) -> Cluster:
+        """Send the ISO (once) and lease `nodes` nodes of it (`link`: the
+        HOST:PORT of this buyer's link endpoint, to join them to its network)."""
         if not 1 <= nodes <= 4096:
             raise ValueError(f"nodes = {nodes}: must be 1..4096")
         digest = await self.upload_iso(iso)
-        c = Cluster(self, digest, nodes, name)
+        c = Cluster(self, digest, nodes, name, link)
         await c._open(cpu_ms)
         return c
 
@@ -301,6 +322,11 @@ class LeaseClient:
             if node is not None:
                 self._nodes[msg["session"]] = node
                 node._lease(msg)
+            return True
+        if t == "link":
+            node = self._nodes.get(msg["session"])
+            if node is not None:
+                node._link(msg)
             return True
         if t == "stream" and msg["session"] in self._nodes:
             self._nodes[msg["session"]]._output(msg.payload)
