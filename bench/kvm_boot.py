@@ -103,17 +103,8 @@ def kvm_market(root: Path, *, seller_memory: str = "512M", memory: str = "256M",
 
 def qemus(root: Path) -> list[int]:
     """PIDs of the qemu processes booting an ISO of a seller cache under `root`."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            if (cmd and cmd[0].endswith(b"qemu-system-x86_64")
-                    and str(root).encode() in b" ".join(cmd)):
-                out.append(int(d))
-    return out
+    from test_e2e_support import qemu_processes
+    return qemu_processes(root)
 
 
 def close_market(m) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 import guestiso
 from cpushare.buyer.clusterstate import ClusterError, ConsoleLog, ConsoleReader, StateDir
-from test_e2e_support import PYTHON, LocalMarket, env, wait_for
+from test_e2e_support import PYTHON, LocalMarket, env, qemu_processes, wait_for
 
 needs_qemu = pytest.mark.skipif(guestiso.missing_qemu() is not None,
                                 reason=str(guestiso.missing_qemu()))
@@ -70,17 +70,7 @@ def cluster(state: Path, *args: str, input: str | None = None,
 
 def _qemus(m: LocalMarket) -> set[int]:
     """The qemu processes of the market's sellers (their ISO is in their cache)."""
-    out = set()
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            if cmd and cmd[0].endswith(b"qemu-system-x86_64") and \
-                    os.fsencode(m.root) in b" ".join(cmd):
-                out.add(int(d))
-    return out
+    return set(qemu_processes(m.root))
 
 
 def _alive(pid: int) -> bool:

@@ -291,3 +291,19 @@ def market(tmp_path):
     m.serve()
     yield m
     m.close()
+
+
+def qemu_processes(root) -> list[int]:
+    """PIDs of the qemu processes booting an ISO from a seller cache under
+    `root` (a test's market: the ISO's path is on qemu's command line)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if (cmd and cmd[0].endswith(b"qemu-system-x86_64")
+                    and os.fsencode(root) in b" ".join(cmd)):
+                out.append(int(d))
+    return out

@@ -17,7 +17,7 @@ import guestiso
 from cpushare.buyer import Market
 from cpushare.order import load_buy
 
-from test_e2e_support import LocalMarket, wait_for
+from test_e2e_support import LocalMarket, qemu_processes as _qemus, wait_for
 
 pytestmark = pytest.mark.skipif(guestiso.missing_qemu() is not None,
                                 reason=str(guestiso.missing_qemu()))
@@ -44,21 +44,6 @@ def market(tmp_path):
     m.close()
     for pid in _qemus(m.root):  # a seller killed with -9 leaves its qemu (a unit's cgroup would not)
         _kill(pid)
-
-
-def _qemus(root: Path) -> list[int]:
-    """qemu processes booting an ISO of a seller cache under `root`."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            if (cmd and cmd[0].endswith(b"qemu-system-x86_64")
-                    and str(root).encode() in b" ".join(cmd)):
-                out.append(int(d))
-    return out
 
 
 def _kill(pid: int) -> None:
