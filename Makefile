@@ -16,6 +16,7 @@ DEB_DEPS = \
 	python3-pytest python3-hypothesis python3-numpy python3-matplotlib python3-pil python3-scipy \
 	dbus systemd-container mmdebstrap iproute2 iperf3 vde2 \
 	qemu-system-x86 grub-pc-bin grub-common xorriso mtools busybox-static cpio \
+	dropbear-bin openssh-client dnsmasq-base nfs-ganesha nfs-ganesha-vfs iptables tcpdump \
 	debhelper dh-python devscripts lintian fakeroot man-db groff-base
 
 .PHONY: all deps build check test bench demo deb clean

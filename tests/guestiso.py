@@ -15,12 +15,22 @@ Kinds:
 
 - ``"marker"``: prints MARKER on its first serial port when it is up, then
   ``cpushare-guest: uptime <seconds>`` about every second; a line
-  ``echo X`` read there is answered with ``X``.
+  ``echo X`` read there is answered with ``X``, ``run CMD`` runs a shell
+  command (its output, then ``cpushare-guest: exit N``).
 - ``"silent"``: never prints anything on its console.
 
 Both power off on the ACPI power button (QMP ``system_powerdown``) once
 they are up; a press before that (firmware, GRUB, kernel start) is lost, as
-on real hardware.  See tests/guest/README.md.
+on real hardware.
+
+With a NIC (virtio-net, e1000 or e1000e) both bring up eth0 after the
+marker and run udhcpc on it for good; the marker guest prints
+``cpushare-guest: ip ADDR`` (IP_PREFIX) once it has a lease and its ssh
+server (dropbear, port 22, root) listens.  The server takes the test key
+pair of ``ssh_key_path()`` (made once with ssh-keygen, kept beside the
+ISOs, baked into them: a new key makes new ISOs); ``ssh_argv(ip)`` is the
+ssh command line for it.  ``mount -t nfs SERVER:/PATH DIR`` works in the
+guest (NFSv4, or v3 with nolock).  See tests/guest/README.md.
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ from pathlib import Path
 
 MARKER = "CPUSHARE-GUEST-READY"
 UPTIME_PREFIX = "cpushare-guest: uptime "
+IP_PREFIX = "cpushare-guest: ip "
+EXIT_PREFIX = "cpushare-guest: exit "
 KINDS = ("marker", "silent")
 
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
@@ -53,10 +65,14 @@ BUILD_TOOLS = {
     "mformat": "mtools",
     "cpio": "cpio",
     "gzip": "gzip",
+    "ldd": "libc-bin",
+    "dropbearkey": "dropbear-bin",
+    "ssh-keygen": "openssh-client",
 }
 BUILD_FILES = {
     "/usr/lib/grub/i386-pc": "grub-pc-bin",
     "/bin/busybox": "busybox-static",
+    "/usr/sbin/dropbear": "dropbear-bin",
 }
 BUILD_TIMEOUT = 900  # s; a download of about 70 MB and a few seconds of work
 
@@ -88,11 +104,73 @@ def missing_qemu() -> str | None:
 
 
 def _build_args(kind: str) -> list[str]:
+    """build-iso's arguments for a kind (the ssh key apart)."""
     if kind == "marker":
         return ["--marker", MARKER]
     if kind == "silent":
         return ["--silent"]
     raise ValueError(f"unknown guest ISO kind {kind!r}: one of {', '.join(KINDS)}")
+
+
+class _Locked:
+    """The cache directory, held (flock on .lock) for the with-block: one
+    process builds, the others then find what it built."""
+
+    def __enter__(self) -> Path:
+        base = cache_dir()
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            self._lock = open(base / ".lock", "a")
+        except OSError as e:
+            raise GuestIsoError(f"cannot use the cache directory {base} ({e}); "
+                                "set CPUSHARE_CACHE_DIR to a writable directory") from None
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        return base
+
+    def __exit__(self, *exc) -> None:
+        self._lock.close()
+
+
+def _ssh_key(base: Path) -> Path:
+    key = base / "ssh-key"
+    pub = base / "ssh-key.pub"
+    if key.is_file() and pub.is_file():
+        return key
+    if shutil.which("ssh-keygen") is None:
+        raise GuestIsoError("the guest's ssh key needs ssh-keygen (openssh-client), "
+                            "which is not installed")
+    tmp = base / f".ssh-key.tmp{os.getpid()}"
+    for f in (tmp, Path(f"{tmp}.pub")):
+        f.unlink(missing_ok=True)
+    try:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cpushare-test-guest",
+                        "-f", str(tmp)], stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=60, check=True)
+        # The public key first: a private key alone is never taken as a pair.
+        os.rename(f"{tmp}.pub", pub)
+        os.rename(tmp, key)
+    except subprocess.CalledProcessError as e:
+        raise GuestIsoError(f"ssh-keygen failed: {e.stderr.strip()}") from None
+    finally:
+        for f in (tmp, Path(f"{tmp}.pub")):
+            f.unlink(missing_ok=True)
+    return key
+
+
+def ssh_key_path() -> Path:
+    """The private key of the test key pair (its public half beside it, as
+    ``.pub``) that may log in as root on the guests: made once, kept in the
+    cache directory."""
+    with _Locked() as base:
+        return _ssh_key(base)
+
+
+def ssh_argv(ip: str, *command: str, timeout: int = 20) -> list[str]:
+    """ssh to a guest as root with the test key (no known_hosts: each ISO
+    build has its own host key), the command after it."""
+    return ["ssh", "-i", str(ssh_key_path()), "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+            "-o", f"ConnectTimeout={timeout}", f"root@{ip}", *command]
 
 
 def _run_script(args: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -117,10 +195,14 @@ def kernel_package(deb_dir: Path | None = None) -> tuple[str, str]:
     return out[0], out[1]
 
 
-def iso_key(kind: str, kernel: tuple[str, str]) -> str:
+def iso_key(kind: str, kernel: tuple[str, str], ssh_pub: bytes | None = None) -> str:
+    """The cache key of an ISO: its scripts, kernel, arguments and the
+    public key it takes (by default that of ssh_key_path())."""
+    if ssh_pub is None:
+        ssh_pub = Path(f"{ssh_key_path()}.pub").read_bytes()
     h = hashlib.sha256()
     for part in (BUILD_SCRIPT.read_bytes(), INIT_SCRIPT.read_bytes(),
-                 " ".join(kernel).encode(), "\0".join(_build_args(kind)).encode()):
+                 " ".join(kernel).encode(), "\0".join(_build_args(kind)).encode(), ssh_pub):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     return h.hexdigest()[:16]
@@ -134,18 +216,11 @@ def iso_path(kind: str = "marker", log=None) -> Path:
     why = missing_build_tools()
     if why is not None:
         raise GuestIsoError(why)
-    base = cache_dir()
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        lock = open(base / ".lock", "a")
-    except OSError as e:
-        raise GuestIsoError(f"cannot use the cache directory {base} ({e}); "
-                            "set CPUSHARE_CACHE_DIR to a writable directory") from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it
+    with _Locked() as base:  # another process may be building it
         debs = base / "debs"
         kernel = kernel_package(debs)
-        iso = base / f"{kind}-{iso_key(kind, kernel)}.iso"
+        pub = Path(f"{_ssh_key(base)}.pub")
+        iso = base / f"{kind}-{iso_key(kind, kernel, pub.read_bytes())}.iso"
         if iso.is_file():
             return iso
         if log is not None:
@@ -154,7 +229,8 @@ def iso_path(kind: str = "marker", log=None) -> Path:
         debs.mkdir(exist_ok=True)
         tmp = base / f".{iso.name}.tmp{os.getpid()}"
         try:
-            _run_script([str(tmp), *args, "--deb-dir", str(debs)], timeout=BUILD_TIMEOUT)
+            _run_script([str(tmp), *args, "--ssh-key", str(pub), "--deb-dir", str(debs)],
+                        timeout=BUILD_TIMEOUT)
             tmp.rename(iso)
         finally:
             tmp.unlink(missing_ok=True)

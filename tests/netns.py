@@ -362,6 +362,16 @@ def wait_for_port(ns: Namespace, port: int, timeout: float, proto: str = "tcp",
 
 # -- servers the tests run in a namespace ---------------------------------
 
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Dnsmasq:
     """Debian's dnsmasq as a DHCP server only (no DNS: --port=0) on one
     interface of a namespace, for the /24 (or other subnet) of `cidr`, the
@@ -416,6 +426,9 @@ class Dnsmasq:
             except FileNotFoundError:
                 pass
         return "\n".join(text)
+
+    def stop(self) -> None:
+        _stop(self.proc)
 
     def leases(self) -> list[tuple[str, str]]:
         """(MAC, IP) of each lease given."""
@@ -490,6 +503,9 @@ LOG {{ Default_Log_Level = EVENT; }}
         self._err.close()
         if not wait_for_port(ns, self.PORT, timeout, proc=self.proc):
             raise NetnsError(f"nfs-ganesha does not listen on {self.PORT}: {self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        _stop(self.proc)
 
     def log(self) -> str:
         text = []

@@ -1,10 +1,14 @@
 """The test guest ISO (tests/guestiso.py, tests/guest/): it is an ISO 9660
 image, it is built once, and under plain qemu (TCG: the nested /dev/kvm of
 a test machine may hang) the marker guest comes up, answers its console
-and powers off on system_powerdown, while the silent one prints nothing."""
+and powers off on system_powerdown, while the silent one prints nothing.
+With a NIC on a bridge of a network namespace (tests/netns.py) that runs
+dnsmasq and nfs-ganesha, the guest gets a lease and its MTU, takes the
+test key over ssh, and writes onto the NFS export."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -20,11 +24,15 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import guestiso  # noqa: E402
+import netns  # noqa: E402
 
 BOOT_TIMEOUT = 90  # s to the marker; about 12 s under TCG here
 SILENT_WATCH = 20  # s the silent guest is watched for output
 POWERDOWN_TIMEOUT = 15  # s from system_powerdown to qemu's exit
 MAX_ISO_SIZE = 15 * 1000 * 1000
+LEASE_TIMEOUT = 60  # s from the marker to the ip line; about 1 s here
+LAN = "10.205.0.1/24"  # the bridge's address in the namespace
+MTU = 1420
 
 # The ISO is there to be booted: without qemu nothing here is of use.  With
 # qemu, a missing build tool is an error (GuestIsoError), not a skip.
@@ -50,7 +58,8 @@ class Qemu:
     """One plain qemu boot of an ISO: its first serial port on stdin and
     stdout, QMP on a unix socket."""
 
-    def __init__(self, iso: Path) -> None:
+    def __init__(self, iso: Path, nic: list[str] | None = None,
+                 ns: "netns.Namespace | None" = None) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="cpushare-qemu-", dir="/tmp")
         self.qmp_path = os.path.join(self._dir.name, "qmp.sock")
         self.stderr_path = os.path.join(self._dir.name, "stderr")
@@ -58,13 +67,15 @@ class Qemu:
         self._cond = threading.Condition()
         self._eof = False
         self.started = time.monotonic()
+        argv = [guestiso.QEMU, "-nodefaults", "-no-user-config", "-machine", "q35",
+                "-accel", "tcg", "-m", "256M", "-display", "none", "-no-reboot",
+                "-cdrom", str(iso), "-serial", "stdio",
+                "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *(nic or [])]
+        if ns is not None:
+            argv = ns.argv(argv)
         with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [guestiso.QEMU, "-nodefaults", "-no-user-config", "-machine", "q35",
-                 "-accel", "tcg", "-m", "256M", "-display", "none", "-no-reboot",
-                 "-cdrom", str(iso), "-serial", "stdio",
-                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=err)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self._qmp: socket.socket | None = None
@@ -89,15 +100,20 @@ class Qemu:
     def wait_for(self, pattern: str, timeout: float) -> float | None:
         """Seconds since the start until a line of the console matches the
         regular expression `pattern` (re.M), or None at the timeout."""
-        rx = re.compile(pattern.encode(), re.M)
+        return None if self.search(pattern, timeout) is None else time.monotonic() - self.started
+
+    def search(self, pattern: str, timeout: float) -> "re.Match[str] | None":
+        """The first match of `pattern` (re.M) on the console, waiting up to
+        `timeout` for it."""
+        rx = re.compile(pattern, re.M)
         deadline = time.monotonic() + timeout
         with self._cond:
-            while rx.search(self.output.replace(b"\r", b"")) is None:
+            while (m := rx.search(self.output.replace(b"\r", b"").decode(errors="replace"))) is None:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._eof:
                     return None
                 self._cond.wait(min(left, 1.0))
-            return time.monotonic() - self.started
+            return m
 
     def send(self, line: str) -> None:
         self.proc.stdin.write(line.encode() + b"\n")
@@ -176,8 +192,21 @@ def test_key_follows_inputs(marker_iso):
     assert marker_iso.name == f"marker-{key}.iso"
     assert guestiso.iso_key("silent", kernel) != key
     assert guestiso.iso_key("marker", (kernel[0], kernel[1] + "+1")) != key
+    assert guestiso.iso_key("marker", kernel, b"ssh-ed25519 AAAA other\n") != key
     with pytest.raises(ValueError):
         guestiso.iso_path("no-such-kind")
+
+
+def test_ssh_key_is_made_once_and_kept(marker_iso):
+    key = guestiso.ssh_key_path()
+    assert key.parent == marker_iso.parent
+    assert guestiso.ssh_key_path() == key
+    pub = Path(f"{key}.pub").read_text()
+    assert pub.startswith("ssh-ed25519 ") and pub.count("\n") == 1
+    assert key.stat().st_mode & 0o077 == 0, "ssh refuses a private key others can read"
+    argv = guestiso.ssh_argv("10.0.0.9", "uname", "-a")
+    assert argv[0] == "ssh" and argv[-3:] == ["root@10.0.0.9", "uname", "-a"]
+    assert str(key) in argv
 
 
 def test_marker_guest_boots_answers_and_powers_off(marker_iso):
@@ -192,6 +221,13 @@ def test_marker_guest_boots_answers_and_powers_off(marker_iso):
         vm.send("echo hello-42")
         assert vm.wait_for(r"^hello-42$", 20) is not None, vm.text()[-3000:]
         assert vm.wait_for(r"^cpushare-guest: uptime [0-9.]+$", 10) is not None, vm.text()[-3000:]
+        # A shell command, its output, its exit status.
+        vm.send("run echo run-$((6 * 7)); false")
+        assert vm.wait_for(r"^run-42\ncpushare-guest: exit 1$", 20) is not None, vm.text()[-3000:]
+        # No NIC: no network, no waiting for one.
+        vm.send("run ls /sys/class/net; cat /run/udhcpc.log")
+        assert vm.wait_for(r"^lo\n(.*\n)?cpushare-guest: exit 1$", 20) is not None, vm.text()[-3000:]
+        assert guestiso.IP_PREFIX not in vm.text()
 
         assert "return" in vm.qmp("system_powerdown")
         asked = time.monotonic()
@@ -221,3 +257,131 @@ def test_silent_guest_prints_nothing(silent_iso):
                 pass
         assert vm.proc.poll() == 0, f"qemu still runs after system_powerdown: {vm.stderr()}"
         assert vm.output == b""
+
+
+# -- with a NIC --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lan(tmp_path_factory):
+    """A network namespace with a bridge (LAN) and nfs-ganesha exporting a
+    temporary directory as /export; each test puts its guest's tap and its
+    dnsmasq there."""
+    why = netns.missing()
+    if why is not None:
+        pytest.skip(why)
+    work = tmp_path_factory.mktemp("lan")
+    export = work / "export"
+    export.mkdir()
+    with netns.Network() as net:
+        ns = net.namespace("lan")
+        bridge = ns.bridge(cidr=LAN)
+        (work / "nfs").mkdir()
+        nfs = netns.Ganesha(ns, LAN.split("/")[0], str(export), str(work / "nfs"))
+        yield {"ns": ns, "bridge": bridge, "work": work, "export": export, "nfs": nfs}
+
+
+def _dnsmasq(lan, name: str) -> netns.Dnsmasq:
+    d = lan["work"] / name
+    d.mkdir()
+    return netns.Dnsmasq(lan["ns"], lan["bridge"], LAN, str(d), mtu=MTU)
+
+
+def _wait_ip(vm: Qemu, timeout: float) -> tuple[str, float] | None:
+    m = vm.search(rf"^{re.escape(guestiso.IP_PREFIX)}([0-9.]+)$", timeout)
+    return None if m is None else (m.group(1), time.monotonic() - vm.started)
+
+
+def _ssh(lan, ip: str, command: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return lan["ns"].run(guestiso.ssh_argv(ip, command), timeout=timeout, check=False)
+
+
+def _power_off(vm: Qemu) -> None:
+    assert "return" in vm.qmp("system_powerdown")
+    try:
+        assert vm.proc.wait(POWERDOWN_TIMEOUT) == 0, vm.stderr()
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"qemu still runs {POWERDOWN_TIMEOUT} s after system_powerdown:\n"
+                    + vm.text()[-3000:])
+
+
+def test_guest_with_a_nic_dhcp_ssh_nfs(marker_iso, lan):
+    """virtio-net on a tap of the LAN's bridge: a lease from dnsmasq (its
+    MTU too), ssh with the test key, a file written onto the NFS export."""
+    ns = lan["ns"]
+    tap = ns.tap("tap-ssh", bridge=lan["bridge"])
+    dhcp = _dnsmasq(lan, "dhcp-ssh")
+    mac = "52:54:00:c5:00:01"
+    nic = ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+           "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
+    try:
+        with Qemu(marker_iso, nic=nic, ns=ns) as vm:
+            at = vm.wait_for(rf"^{re.escape(guestiso.MARKER)}$", BOOT_TIMEOUT)
+            assert at is not None, f"no marker:\n{vm.text()[-3000:]}\n{vm.stderr()}"
+            got = _wait_ip(vm, LEASE_TIMEOUT)
+            assert got is not None, f"no lease:\n{vm.text()[-3000:]}\n{dhcp.log()[-3000:]}"
+            ip, lease_at = got
+            _report(f"guest with a NIC: {guestiso.MARKER} {at:.1f} s, {guestiso.IP_PREFIX}{ip} "
+                    f"{lease_at:.1f} s after qemu started (TCG)")
+            lo, hi = dhcp.range
+            assert lo <= ipaddress.ip_address(ip) <= hi
+            assert (mac, ip) in dhcp.leases()
+
+            started = time.monotonic()
+            r = _ssh(lan, ip, "uname -a; cat /sys/class/net/eth0/mtu; ip route")
+            _report(f"guest with a NIC: ssh uname -a took {time.monotonic() - started:.1f} s")
+            assert r.returncode == 0, f"{r.stdout}{r.stderr}\n{vm.text()[-2000:]}"
+            lines = r.stdout.splitlines()
+            assert lines[0].startswith("Linux ") and lines[0].endswith(" GNU/Linux"), r.stdout
+            assert lines[1] == str(MTU), r.stdout
+            assert f"default via {LAN.split('/')[0]} dev eth0" in r.stdout
+
+            # Only the key: no password, no other key.
+            other = lan["work"] / "other-key"
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
+                           check=True)
+            argv = guestiso.ssh_argv(ip, "true")
+            argv[argv.index(str(guestiso.ssh_key_path()))] = str(other)
+            assert ns.run(argv, timeout=60, check=False).returncode == 255
+
+            server = LAN.split("/")[0]
+            (lan["export"] / "from-host").write_text("host\n")
+            started = time.monotonic()
+            r = _ssh(lan, ip, f"mount -t nfs {server}:/export /mnt && "
+                     "echo written-by-the-guest > /mnt/from-guest && "
+                     "cat /mnt/from-host && mount | grep ' /mnt ' && umount /mnt",
+                     timeout=120)
+            _report(f"guest with a NIC: NFS mount, write, umount took {time.monotonic() - started:.1f} s")
+            assert r.returncode == 0, f"{r.stdout}{r.stderr}\n{lan['nfs'].log()[-3000:]}"
+            assert r.stdout.splitlines()[0] == "host"
+            assert " type nfs4 " in r.stdout
+            assert (lan["export"] / "from-guest").read_text() == "written-by-the-guest\n"
+
+            # The console protocol is the same with a NIC.
+            vm.send("echo still-here")
+            assert vm.wait_for(r"^still-here$", 20) is not None, vm.text()[-3000:]
+            _power_off(vm)
+    finally:
+        dhcp.stop()
+
+
+def test_guest_waits_for_a_late_dhcp_server(marker_iso, lan):
+    """e1000e (q35's own NIC), and dnsmasq started only once the guest has
+    been asking for a while: the lease comes all the same."""
+    ns = lan["ns"]
+    tap = ns.tap("tap-late", bridge=lan["bridge"])
+    nic = ["-nic", f"tap,ifname={tap},script=no,downscript=no,model=e1000e"]
+    dhcp = None
+    try:
+        with Qemu(marker_iso, nic=nic, ns=ns) as vm:
+            at = vm.wait_for(rf"^{re.escape(guestiso.MARKER)}$", BOOT_TIMEOUT)
+            assert at is not None, f"no marker:\n{vm.text()[-3000:]}\n{vm.stderr()}"
+            assert _wait_ip(vm, 10) is None, "a lease without a DHCP server"
+            dhcp = _dnsmasq(lan, "dhcp-late")
+            started = time.monotonic()
+            got = _wait_ip(vm, LEASE_TIMEOUT)
+            assert got is not None, f"no lease:\n{vm.text()[-3000:]}\n{dhcp.log()[-3000:]}"
+            _report(f"late DHCP server: lease {time.monotonic() - started:.1f} s after it started")
+            _power_off(vm)
+    finally:
+        if dhcp is not None:
+            dhcp.stop()
