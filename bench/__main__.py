@@ -146,6 +146,19 @@ def _note_kvm_overhead(r):
             f"{_num(_get(r, 'worst_tcg_mib'), '{:.0f}')} MiB")
 
 
+def _note_link(r):
+    cpu = _get(r, "link_cpu_s_per_gb") or []
+    vcpu = _get(r, "vde_cpu_s_per_gb") or []
+    rtt = _get(r, "rtt_us") or {}
+    return (f"veth {_num(_get(r, 'veth_mb_per_s'), '{:.0f}')}, vde_plug udp "
+            f"{_num(_get(r, 'vde_mb_per_s'), '{:.0f}')} MB/s (link x"
+            f"{_num(_get(r, 'link_vs_vde'), '{:.2f}')}, goal >= 1); CPU-s/GB link "
+            + "/".join(_num(c, '{:.1f}') for c in cpu) + ", vde_plug "
+            + "/".join(_num(c, '{:.1f}') for c in vcpu)
+            + f"; RTT +{_num(_get(r, 'link_added_rtt_us'), '{:.0f}')} us over veth "
+            f"({_num(rtt.get('veth'), '{:.0f}')} us)")
+
+
 ROWS = (
     Row("compute", "sandbox compute overhead vs native (FS kernel)", ("measured",), "<=", 1.02,
         "x", _note_compute),
@@ -167,6 +180,8 @@ ROWS = (
         "x", _note_kvm_image),
     Row("kvm_overhead", "kvm node memory past guest RAM (qemu+seller)", ("measured",), "<=",
         192.0, " MiB", _note_kvm_overhead),
+    Row("link", "VPN link TCP throughput (iperf3, 2 local ends)", ("measured",), ">=", 100.0,
+        " MB/s", _note_link),
 )
 
 
