@@ -6,7 +6,10 @@ kept under ``$CPUSHARE_CACHE_DIR/guest/`` (the Makefile's CACHE_DIR,
 /var/cache/cpushare-dev by default) as ``<kind>-<key>.iso``.  The key is a
 digest of build-iso, the guest's init, the kernel package's name and
 version and the build's arguments, so a change to any of them makes a new
-ISO (and removes the old one of that kind).  The kernel .deb is kept in
+ISO.  ISOs of other keys go once unused for a day (``KEEP_UNUSED``; each
+use sets an ISO's access time): checkouts of other versions of the scripts
+share the cache and must not lose their ISO while they use it.  The kernel
+.deb is kept in
 ``guest/debs/``: a rebuild for the same kernel downloads nothing.  Two test
 processes take turns on ``guest/.lock`` (fcntl.flock): one builds, the other
 then finds the ISO.
@@ -75,6 +78,7 @@ BUILD_FILES = {
     "/usr/sbin/dropbear": "dropbear-bin",
 }
 BUILD_TIMEOUT = 900  # s; a download of about 70 MB and a few seconds of work
+KEEP_UNUSED = 24 * 3600  # s an ISO of another key is kept after its last use
 
 
 class GuestIsoError(RuntimeError):
@@ -208,6 +212,23 @@ def iso_key(kind: str, kernel: tuple[str, str], ssh_pub: bytes | None = None) ->
     return h.hexdigest()[:16]
 
 
+def _used(iso: Path) -> None:
+    """Mark `iso` used now (its access time; its mtime stays), and remove
+    the ISOs of its kind unused for KEEP_UNUSED."""
+    now = time.time()
+    try:
+        os.utime(iso, (now, iso.stat().st_mtime))
+    except OSError:
+        pass
+    kind = iso.name.split("-", 1)[0]
+    for old in iso.parent.glob(f"{kind}-*.iso"):
+        try:
+            if old != iso and old.stat().st_atime < now - KEEP_UNUSED:
+                old.unlink()
+        except OSError:
+            pass
+
+
 def iso_path(kind: str = "marker", log=None) -> Path:
     """The cached ISO of this kind, built first if it is not there yet.
 
@@ -222,6 +243,7 @@ def iso_path(kind: str = "marker", log=None) -> Path:
         pub = Path(f"{_ssh_key(base)}.pub")
         iso = base / f"{kind}-{iso_key(kind, kernel, pub.read_bytes())}.iso"
         if iso.is_file():
+            _used(iso)
             return iso
         if log is not None:
             log(f"building the {kind} guest ISO {iso} ({kernel[0]} {kernel[1]})")
@@ -234,9 +256,7 @@ def iso_path(kind: str = "marker", log=None) -> Path:
             tmp.rename(iso)
         finally:
             tmp.unlink(missing_ok=True)
-        for old in base.glob(f"{kind}-*.iso"):
-            if old != iso:
-                old.unlink(missing_ok=True)
+        _used(iso)
         if log is not None:
             log(f"built {iso} ({iso.stat().st_size} bytes) in {time.monotonic() - started:.0f} s")
         return iso

@@ -186,6 +186,23 @@ def test_iso_is_cached(marker_iso):
     assert list(marker_iso.parent.glob("debs/linux-image-*.deb")), "the kernel .deb is not kept"
 
 
+def test_isos_of_other_keys_go_only_when_unused(marker_iso):
+    """Another checkout's ISO in the shared cache stays while it is used."""
+    stale = marker_iso.parent / "marker-0000000000000000.iso"
+    recent = marker_iso.parent / "marker-1111111111111111.iso"
+    try:
+        for f in (stale, recent):
+            f.write_bytes(b"not an ISO")
+        old = time.time() - guestiso.KEEP_UNUSED - 60
+        os.utime(stale, (old, old))
+        assert guestiso.iso_path("marker") == marker_iso
+        assert not stale.exists()
+        assert recent.exists() and marker_iso.exists()
+    finally:
+        stale.unlink(missing_ok=True)
+        recent.unlink(missing_ok=True)
+
+
 def test_key_follows_inputs(marker_iso):
     kernel = guestiso.kernel_package()
     key = guestiso.iso_key("marker", kernel)
