@@ -54,9 +54,10 @@ cdef extern from "linkcore.h" nogil:
         uint64_t no_peer, exhausted, bad_frames, local_errors, send_errors
         double last_heard, last_sent
     ctypedef struct lk_pump_counters:
-        uint64_t malformed, unknown_link, udp_errors, rounds
+        uint64_t malformed, unknown_link, udp_errors, rounds, gso_sends, gro_receives
     ctypedef struct lk_pump:
         const char *err_call
+        int gso, gro
 
     uint64_t lk_load(const uint64_t *x)
     int lk_sealer_init(lk_sealer *s, const uint8_t *key, uint32_t salt, uint64_t limit)
@@ -395,7 +396,9 @@ cdef class Pump:
         finally:
             free(buf)
         return {"malformed": c.malformed, "unknown_link": c.unknown_link,
-                "udp_errors": c.udp_errors, "rounds": c.rounds, "links": links}
+                "udp_errors": c.udp_errors, "rounds": c.rounds, "gso": bool(self.p.gso),
+                "gro": bool(self.p.gro), "gso_sends": c.gso_sends,
+                "gro_receives": c.gro_receives, "links": links}
 
     def run(self):
         """Moves frames until stop(); OSError if the UDP socket fails."""

@@ -9,6 +9,8 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <netinet/in.h>
+#include <netinet/udp.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
 
@@ -206,7 +208,14 @@ lk_pump *lk_pump_new(int udp_fd, int batch, int follow, double keepalive)
     p->keepalive = keepalive;
     p->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     pthread_mutex_init(&p->mu, NULL);
-    p->rx = aligned_alloc(64, (size_t)p->batch * LK_SLOT);
+    /* UDP GSO is tried on the first batch (and dropped if the path refuses
+     * it); GRO needs receive buffers of 64 KiB, touched only as far as used. */
+    p->gso = 1;
+    p->gro = setsockopt(udp_fd, IPPROTO_UDP, UDP_GRO, &(int){1}, sizeof(int)) == 0;
+    p->rxslot = p->gro ? LK_GRO_SLOT : LK_SLOT;
+    p->rctl = calloc(p->batch, LK_CTL);
+    p->tctl = calloc(p->batch, LK_CTL);
+    p->rx = aligned_alloc(64, (size_t)p->batch * p->rxslot);
     p->tx = aligned_alloc(64, (size_t)p->batch * LK_SLOT);
     p->rmsg = calloc(p->batch, sizeof *p->rmsg);
     p->tmsg = calloc(p->batch, sizeof *p->tmsg);
@@ -216,7 +225,7 @@ lk_pump *lk_pump_new(int udp_fd, int batch, int follow, double keepalive)
     p->oiov = calloc(p->batch, sizeof *p->oiov);
     p->raddr = calloc(p->batch, sizeof *p->raddr);
     if (p->stop_fd < 0 || !p->rx || !p->tx || !p->rmsg || !p->tmsg || !p->omsg || !p->riov
-        || !p->tiov || !p->oiov || !p->raddr) {
+        || !p->tiov || !p->oiov || !p->raddr || !p->rctl || !p->tctl) {
         int e = p->stop_fd < 0 ? errno : ENOMEM;
         lk_pump_free(p);
         errno = e;
@@ -235,12 +244,13 @@ void lk_pump_free(lk_pump *p)
         free(p->links[i]);
     free(p->links);
     if (p->rx)
-        OPENSSL_cleanse(p->rx, (size_t)p->batch * LK_SLOT);
+        OPENSSL_cleanse(p->rx, (size_t)p->batch * p->rxslot);
     if (p->tx)
         OPENSSL_cleanse(p->tx, (size_t)p->batch * LK_SLOT);
     free(p->rx); free(p->tx);
     free(p->rmsg); free(p->tmsg); free(p->omsg);
     free(p->riov); free(p->tiov); free(p->oiov); free(p->raddr);
+    free(p->rctl); free(p->tctl);
     pthread_mutex_destroy(&p->mu);
     free(p);
 }
@@ -426,13 +436,49 @@ static int room(int fd, double *deadline)
     return left > 0 && poll(&q, 1, (int)(left * 1000) + 1) > 0;
 }
 
-static void send_all(lk_pump *p, struct mmsghdr *m, int n, lk_link **who)
+/* Sends the n sealed datagrams of tiov[] to one link's peer.  A run of
+ * datagrams of one length (and a shorter last one) goes as one UDP GSO
+ * message: the kernel cuts it into datagrams past its own stack. */
+static void send_all(lk_pump *p, lk_link *l, int n)
 {
     double deadline = 0;
-    int done = 0;
-    while (done < n) {
-        int r = sendmmsg(p->udp_fd, m + done, n - done, MSG_DONTWAIT);
+    int m = 0, done = 0;
+    int count[LK_MAX_BATCH];
+
+    for (int i = 0; i < n; m++) {
+        size_t len = p->tiov[i].iov_len, total = len;
+        int j = i + 1;
+        if (p->gso) {
+            while (j < n && p->tiov[j].iov_len == len && total + len <= LK_GSO_BYTES) {
+                total += len;
+                j++;
+            }
+            if (j < n && j - i > 1 && p->tiov[j].iov_len < len
+                && total + p->tiov[j].iov_len <= LK_GSO_BYTES)
+                j++;
+        }
+        p->tmsg[m].msg_hdr = (struct msghdr){
+            .msg_name = &l->peer, .msg_namelen = l->peer_len,
+            .msg_iov = &p->tiov[i], .msg_iovlen = j - i,
+        };
+        if (j - i > 1) {
+            struct cmsghdr *c = (struct cmsghdr *)(p->tctl + (size_t)m * LK_CTL);
+            c->cmsg_level = IPPROTO_UDP;
+            c->cmsg_type = UDP_SEGMENT;
+            c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            *(uint16_t *)CMSG_DATA(c) = (uint16_t)len;
+            p->tmsg[m].msg_hdr.msg_control = c;
+            p->tmsg[m].msg_hdr.msg_controllen = CMSG_SPACE(sizeof(uint16_t));
+        }
+        count[m] = j - i;
+        i = j;
+    }
+    while (done < m) {
+        int r = sendmmsg(p->udp_fd, p->tmsg + done, m - done, MSG_DONTWAIT);
         if (r > 0) {
+            for (int k = done; k < done + r; k++)
+                if (count[k] > 1)
+                    BUMP(p->c.gso_sends);
             done += r;
             continue;
         }
@@ -440,7 +486,19 @@ static void send_all(lk_pump *p, struct mmsghdr *m, int n, lk_link **who)
             continue;
         if (r < 0 && (errno == EAGAIN || errno == ENOBUFS) && room(p->udp_fd, &deadline))
             continue;
-        BUMP(who[done]->send_errors);  /* this one is lost; the rest are tried */
+        if (r < 0 && count[done] > 1 && (errno == EIO || errno == EINVAL || errno == EOPNOTSUPP)) {
+            /* This path does no UDP GSO: its datagrams one by one, and no
+             * GSO from now on. */
+            struct msghdr *h = &p->tmsg[done].msg_hdr;
+            p->gso = 0;
+            for (size_t k = 0; k < h->msg_iovlen; k++)
+                if (sendto(p->udp_fd, h->msg_iov[k].iov_base, h->msg_iov[k].iov_len, MSG_DONTWAIT,
+                           h->msg_name, h->msg_namelen) < 0)
+                    BUMP(l->send_errors);
+            done++;
+            continue;
+        }
+        ADD(l->send_errors, count[done]);  /* these are lost; the rest are tried */
         done++;
     }
 }
@@ -486,17 +544,88 @@ static void flush_local(lk_link *l, struct mmsghdr *m, int n)
     }
 }
 
+/* Frames for a unix socket wait in omsg[] and go in one sendmmsg per run
+ * of one link's frames. */
+typedef struct {
+    lk_link *run;
+    int pending;
+} lk_out;
+
+static void out_flush(lk_pump *p, lk_out *o)
+{
+    if (o->pending)
+        flush_local(o->run, p->omsg, o->pending);
+    o->pending = 0;
+}
+
+static void one_datagram(lk_pump *p, uint8_t *b, size_t len, const struct msghdr *mh,
+                         double now, lk_out *o)
+{
+    lk_header h;
+    lk_link *l;
+    long plen;
+
+    if (len < LK_OVERHEAD || b[0] != LK_VERSION) {
+        BUMP(p->c.malformed);
+        return;
+    }
+    if (!(l = find(p, get_be32(b + 2)))) {
+        BUMP(p->c.unknown_link);
+        return;
+    }
+    if ((plen = lk_open(l->opener, b, len, &h)) < 0)
+        return;                        /* counted by the opener */
+    l->last_heard = now;
+    if (p->follow && (l->peer_len != mh->msg_namelen
+                      || memcmp(&l->peer, mh->msg_name, mh->msg_namelen))) {
+        memcpy(&l->peer, mh->msg_name, mh->msg_namelen);
+        l->peer_len = mh->msg_namelen;
+        BUMP(l->peer_changes);
+    }
+    if (h.type == LK_TYPE_KEEPALIVE) {
+        BUMP(l->keepalives_in);
+        return;
+    }
+    if (l->dead) {
+        BUMP(l->local_errors);
+        return;
+    }
+    BUMP(l->frames_in);
+    ADD(l->bytes_in, plen);
+    if (!l->is_sock) {
+        if (write(l->fd, b + LK_HEADER, plen) < 0)
+            BUMP(l->local_errors);
+        return;
+    }
+    if (o->run != l || o->pending == p->batch)
+        out_flush(p, o);
+    o->run = l;
+    p->oiov[o->pending] = (struct iovec){b + LK_HEADER, (size_t)plen};
+    p->omsg[o->pending].msg_hdr = (struct msghdr){.msg_iov = &p->oiov[o->pending], .msg_iovlen = 1};
+    o->pending++;
+}
+
+/* The size of the datagrams GRO coalesced into one message, or 0. */
+static size_t gro_size(struct msghdr *mh)
+{
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c))
+        if (c->cmsg_level == IPPROTO_UDP && c->cmsg_type == UDP_GRO)
+            return (size_t)*(int *)CMSG_DATA(c);
+    return 0;
+}
+
 static void udp_in(lk_pump *p, double now)
 {
-    lk_link *run = NULL;
-    int n, pending = 0;
+    lk_out o = {NULL, 0};
+    int n;
 
     for (int i = 0; i < p->batch; i++) {
-        p->riov[i].iov_base = p->rx + (size_t)i * LK_SLOT;
-        p->riov[i].iov_len = LK_SLOT;
+        p->riov[i].iov_base = p->rx + (size_t)i * p->rxslot;
+        p->riov[i].iov_len = p->rxslot;
         p->rmsg[i].msg_hdr = (struct msghdr){
             .msg_name = &p->raddr[i], .msg_namelen = sizeof p->raddr[i],
             .msg_iov = &p->riov[i], .msg_iovlen = 1,
+            .msg_control = p->rctl + (size_t)i * LK_CTL, .msg_controllen = LK_CTL,
         };
     }
     n = recvmmsg(p->udp_fd, p->rmsg, p->batch, MSG_DONTWAIT, NULL);
@@ -506,63 +635,30 @@ static void udp_in(lk_pump *p, double now)
         return;
     }
     for (int i = 0; i < n; i++) {
-        uint8_t *b = p->rx + (size_t)i * LK_SLOT;
-        size_t len = p->rmsg[i].msg_len;
+        uint8_t *b = p->rx + (size_t)i * p->rxslot;
+        size_t len = p->rmsg[i].msg_len, seg;
         struct msghdr *mh = &p->rmsg[i].msg_hdr;
-        lk_header h;
-        lk_link *l;
-        long plen;
 
-        if ((mh->msg_flags & MSG_TRUNC) || len < LK_OVERHEAD || b[0] != LK_VERSION) {
+        if (mh->msg_flags & MSG_TRUNC) {
             BUMP(p->c.malformed);
             continue;
         }
-        if (!(l = find(p, get_be32(b + 2)))) {
-            BUMP(p->c.unknown_link);
+        seg = p->gro ? gro_size(mh) : 0;
+        if (seg == 0 || seg >= len) {
+            one_datagram(p, b, len, mh, now, &o);
             continue;
         }
-        if ((plen = lk_open(l->opener, b, len, &h)) < 0)
-            continue;                  /* counted by the opener */
-        l->last_heard = now;
-        if (p->follow && (l->peer_len != mh->msg_namelen
-                          || memcmp(&l->peer, mh->msg_name, mh->msg_namelen))) {
-            memcpy(&l->peer, mh->msg_name, mh->msg_namelen);
-            l->peer_len = mh->msg_namelen;
-            BUMP(l->peer_changes);
-        }
-        if (h.type == LK_TYPE_KEEPALIVE) {
-            BUMP(l->keepalives_in);
-            continue;
-        }
-        if (l->dead) {
-            BUMP(l->local_errors);
-            continue;
-        }
-        BUMP(l->frames_in);
-        ADD(l->bytes_in, plen);
-        if (!l->is_sock) {
-            if (write(l->fd, b + LK_HEADER, plen) < 0)
-                BUMP(l->local_errors);
-            continue;
-        }
-        if (run != l && pending) {
-            flush_local(run, p->omsg, pending);
-            pending = 0;
-        }
-        run = l;
-        p->oiov[pending] = (struct iovec){b + LK_HEADER, (size_t)plen};
-        p->omsg[pending].msg_hdr = (struct msghdr){.msg_iov = &p->oiov[pending], .msg_iovlen = 1};
-        pending++;
+        BUMP(p->c.gro_receives);
+        for (size_t off = 0; off < len; off += seg)
+            one_datagram(p, b + off, len - off < seg ? len - off : seg, mh, now, &o);
     }
-    if (pending)
-        flush_local(run, p->omsg, pending);
+    out_flush(p, &o);
 }
 
 /* Reads a batch of frames from one link's local end, seals them and sends
  * them to its peer.  Returns -1 when the local end is dead. */
 static int local_in(lk_pump *p, lk_link *l, short revents, double now)
 {
-    lk_link *who[LK_MAX_BATCH];
     int n = 0, out = 0, err = 0;
 
     if (l->is_sock) {
@@ -613,16 +709,11 @@ static int local_in(lk_pump *p, lk_link *l, short revents, double now)
         }
         BUMP(l->frames_out);
         ADD(l->bytes_out, len);
-        p->tiov[out] = (struct iovec){b, (size_t)dlen};
-        p->tmsg[out].msg_hdr = (struct msghdr){
-            .msg_name = &l->peer, .msg_namelen = l->peer_len,
-            .msg_iov = &p->tiov[out], .msg_iovlen = 1,
-        };
-        who[out++] = l;
+        p->tiov[out++] = (struct iovec){b, (size_t)dlen};
     }
     if (out) {
         l->last_sent = now;
-        send_all(p, p->tmsg, out, who);
+        send_all(p, l, out);
     }
     return 0;
 }

@@ -27,6 +27,9 @@
 #define LK_SLOT           2048       /* one buffer of a batch */
 #define LK_READ_MAX       (LK_SLOT - LK_OVERHEAD)
 #define LK_MAX_BATCH      256
+#define LK_GRO_SLOT       65536      /* a receive buffer when UDP GRO coalesces datagrams */
+#define LK_GSO_BYTES      65000      /* at most this much in one UDP GSO send */
+#define LK_CTL            32         /* one message's control buffer (UDP_SEGMENT, UDP_GRO) */
 
 /* Results of lk_seal / lk_open below zero. */
 #define LK_E_EXHAUSTED  (-1)         /* the sealer's counter reached its limit */
@@ -93,11 +96,14 @@ typedef struct {
 
 typedef struct {
     uint64_t malformed, unknown_link, udp_errors, rounds;
+    uint64_t gso_sends, gro_receives;  /* sends of several datagrams, receives of several */
 } lk_pump_counters;
 
 typedef struct {
     int udp_fd, stop_fd;
     int batch, follow, running;
+    int gso, gro;                    /* UDP segmentation offload on send, coalescing on receive */
+    size_t rxslot;
     double keepalive;
     pthread_mutex_t mu;              /* held by the loop except while it polls */
     lk_link **links;                 /* sorted by link id */
@@ -109,6 +115,7 @@ typedef struct {
     struct mmsghdr *rmsg, *tmsg, *omsg;
     struct iovec *riov, *tiov, *oiov;
     struct sockaddr_storage *raddr;
+    uint8_t *rctl, *tctl;
 } lk_pump;
 
 lk_pump *lk_pump_new(int udp_fd, int batch, int follow, double keepalive);
