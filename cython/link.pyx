@@ -58,6 +58,7 @@ cdef extern from "linkcore.h" nogil:
     ctypedef struct lk_pump:
         const char *err_call
         int gso, gro
+        size_t gso_max
 
     uint64_t lk_load(const uint64_t *x)
     int lk_sealer_init(lk_sealer *s, const uint8_t *key, uint32_t salt, uint64_t limit)
@@ -397,6 +398,7 @@ cdef class Pump:
             free(buf)
         return {"malformed": c.malformed, "unknown_link": c.unknown_link,
                 "udp_errors": c.udp_errors, "rounds": c.rounds, "gso": bool(self.p.gso),
+                "gso_max": self.p.gso_max,
                 "gro": bool(self.p.gro), "gso_sends": c.gso_sends,
                 "gro_receives": c.gro_receives, "links": links}
 

@@ -211,6 +211,7 @@ lk_pump *lk_pump_new(int udp_fd, int batch, int follow, double keepalive)
     /* UDP GSO is tried on the first batch (and dropped if the path refuses
      * it); GRO needs receive buffers of 64 KiB, touched only as far as used. */
     p->gso = 1;
+    p->gso_max = LK_MAX_DATAGRAM;
     p->gro = setsockopt(udp_fd, IPPROTO_UDP, UDP_GRO, &(int){1}, sizeof(int)) == 0;
     p->rxslot = p->gro ? LK_GRO_SLOT : LK_SLOT;
     p->rctl = calloc(p->batch, LK_CTL);
@@ -448,7 +449,7 @@ static void send_all(lk_pump *p, lk_link *l, int n)
     for (int i = 0; i < n; m++) {
         size_t len = p->tiov[i].iov_len, total = len;
         int j = i + 1;
-        if (p->gso) {
+        if (p->gso && len <= p->gso_max) {
             while (j < n && p->tiov[j].iov_len == len && total + len <= LK_GSO_BYTES) {
                 total += len;
                 j++;
@@ -486,11 +487,17 @@ static void send_all(lk_pump *p, lk_link *l, int n)
             continue;
         if (r < 0 && (errno == EAGAIN || errno == ENOBUFS) && room(p->udp_fd, &deadline))
             continue;
-        if (r < 0 && count[done] > 1 && (errno == EIO || errno == EINVAL || errno == EOPNOTSUPP)) {
-            /* This path does no UDP GSO: its datagrams one by one, and no
-             * GSO from now on. */
+        if (r < 0 && count[done] > 1 && (errno == EMSGSIZE || errno == EINVAL || errno == EIO
+                                          || errno == EOPNOTSUPP)) {
+            /* GSO does not fragment: EMSGSIZE (or EINVAL) says these
+             * datagrams are larger than the path's MTU (IP fragments them
+             * when sent one by one); EIO or EOPNOTSUPP, that the path does
+             * no UDP GSO at all. */
             struct msghdr *h = &p->tmsg[done].msg_hdr;
-            p->gso = 0;
+            if (errno == EMSGSIZE || errno == EINVAL)
+                p->gso_max = h->msg_iov[0].iov_len - 1;
+            else
+                p->gso = 0;
             for (size_t k = 0; k < h->msg_iovlen; k++)
                 if (sendto(p->udp_fd, h->msg_iov[k].iov_base, h->msg_iov[k].iov_len, MSG_DONTWAIT,
                            h->msg_name, h->msg_namelen) < 0)

@@ -103,6 +103,7 @@ typedef struct {
     int udp_fd, stop_fd;
     int batch, follow, running;
     int gso, gro;                    /* UDP segmentation offload on send, coalescing on receive */
+    size_t gso_max;                  /* the largest datagram GSO may cut to (the path's MTU) */
     size_t rxslot;
     double keepalive;
     pthread_mutex_t mu;              /* held by the loop except while it polls */

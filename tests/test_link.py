@@ -436,6 +436,51 @@ def test_buyer_pump_demultiplexes_links():
             s.close()
 
 
+_SMALL_MTU = r"""
+import os, socket, sys
+from cpushare.vpn import datagram as dg
+keys = dg.LinkKeys.generate(1)
+ends, pumps, threads = [], [], []
+udps = [dg.udp_socket(("127.0.0.1", 0)) for _ in range(2)]
+for i, e in enumerate((keys.seller(), keys.buyer())):
+    q, l = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    p = dg.Pump(udps[i])
+    p.add(1, l, e.sealer, e.opener, udps[1 - i].getsockname())
+    ends.append((q, l)); pumps.append(p); threads.append(dg.PumpThread(p).start())
+q0, q1 = ends[0][0], ends[1][0]
+q1.settimeout(10)
+for size in (1514, 1000, 1514):
+    sent = [os.urandom(size) for _ in range(40)]
+    for f in sent:
+        q0.send(f)
+    assert [q1.recv(4096) for _ in sent] == sent, size
+for t in threads:
+    t.stop()
+st = pumps[0].stats()
+print(st["gso"], st["gso_max"], st["gso_sends"], st["links"][1]["send_errors"])
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="needs root and ip(8)")
+def test_gso_on_a_path_whose_mtu_is_smaller_than_the_datagrams():
+    """UDP GSO does not fragment: on a 1500-byte path full datagrams (1544)
+    go one by one (IP fragments them), smaller runs still as GSO."""
+    ns = f"cpslinkmtu{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "mtu", "1500", "up"],
+                       check=True)
+        src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", _SMALL_MTU],
+                             check=True, capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": src}).stdout.split()
+        gso, gso_max, gso_sends, send_errors = out
+        assert gso == "True" and int(gso_max) < 1544 and int(gso_sends) > 0
+        assert send_errors == "0"
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+
+
 # ---- a TAP device (root) ----
 
 def _can_tap() -> bool:
