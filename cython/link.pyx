@@ -393,6 +393,7 @@ cdef class Pump:
                 if entry is not None:
                     d.update(entry[2].counts())
                     d["sealed"] = entry[1].counter
+                    d["remaining"] = entry[1].remaining
                 links[l.link_id] = d
         finally:
             free(buf)
