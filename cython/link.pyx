@@ -304,8 +304,9 @@ cdef class Pump:
     Pump(udp, batch=64, follow=True, keepalive=0.0): udp is the UDP socket
     (or its descriptor).  Each link (add) has a local end (a connected unix
     datagram socket, or a TAP descriptor, made non-blocking), a Sealer and
-    an Opener that belong to the pump until removed, and a peer address
-    (None until an authenticated datagram names it).  follow: the peer
+    an Opener that belong to the pump until removed (or the pump is gone),
+    and a peer address, (numeric host, port), None until an authenticated
+    datagram names it.  follow: the peer
     becomes the source of the latest authenticated datagram.  keepalive:
     seconds without sending after which a link sends a keepalive (0: never).
     run() blocks with the GIL released until stop()."""

@@ -241,8 +241,10 @@ void lk_pump_free(lk_pump *p)
         return;
     if (p->stop_fd >= 0)
         close(p->stop_fd);
-    for (size_t i = 0; i < p->n; i++)
+    for (size_t i = 0; i < p->n; i++) {
+        p->links[i]->sealer->attached = p->links[i]->opener->attached = 0;
         free(p->links[i]);
+    }
     free(p->links);
     if (p->rx)
         OPENSSL_cleanse(p->rx, (size_t)p->batch * p->rxslot);

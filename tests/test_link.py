@@ -398,6 +398,12 @@ def test_pump_api(keys):
         assert time.monotonic() - t < 1
         with pytest.raises(ValueError):
             Pump(udp, batch=0)
+        with pytest.raises(OSError):
+            pump.add(LINK, a, ends.sealer, ends.opener, ("buyer.example", 5000))
+        gone = Pump(udp)
+        gone.add(LINK, a, ends.sealer, ends.opener)
+        del gone                         # a pump that goes frees its sealers and openers
+        assert ends.sealer.seal(TYPE_DATA, LINK, frame())
     finally:
         for s in (udp, a, b):
             s.close()
