@@ -287,3 +287,59 @@ def test_pause_stops_the_guests_cpu_and_sigterm_powers_it_off_settled(market, is
     assert p.p.wait(60) == 0
     assert market.balance_milli("alice") == paid > 0
     assert market.ledger_check().returncode == 0
+
+
+def test_a_node_on_the_buyers_link_sends_its_frames_sealed_to_the_buyer(market, iso):
+    """A lease with a link: the seller's guest gets a NIC whose frames reach the
+    buyer's endpoint sealed with the lease's key (the guest's DHCP request
+    opens with the buyer's key, and its text is nowhere in the datagrams),
+    and a frame the buyer seals reaches the guest's NIC."""
+    import socket
+    from cpushare.vpn.datagram import BUYER_TO_SELLER, SELLER_TO_BUYER, Opener, Sealer
+    kvm_seller(market, "alice", "a0")
+    order = load_buy(kvm_buy_order(market))
+    endpoint = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    endpoint.bind(("127.0.0.1", 0))
+    endpoint.setblocking(False)
+    port = endpoint.getsockname()[1]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with Market(order) as m:
+            c = await m.cluster(iso, nodes=1, name="l", link=f"127.0.0.1:{port}")
+            node = c.nodes[0]
+            t0 = time.monotonic()
+            while node.link is None:
+                assert time.monotonic() - t0 < 60, node.as_dict()
+                await asyncio.sleep(0.1)
+            link_id, tx, rx = node.link
+            opener = Opener(rx, SELLER_TO_BUYER)
+            raw, frames = [], []
+            while not any(f[12:14] == b"\x08\x00" and b"udhcp" in f for f in frames):
+                assert time.monotonic() - t0 < BOOT, (node.as_dict(), len(raw))
+                try:
+                    d, src = await asyncio.wait_for(loop.sock_recvfrom(endpoint, 2048), 5)
+                except asyncio.TimeoutError:
+                    continue
+                raw.append(d)
+                got = opener.open(d)
+                if got is not None and got.payload:
+                    assert got.link_id == link_id
+                    frames.append(bytes(got.payload))
+            dhcp = next(f for f in frames if b"udhcp" in f)
+            assert dhcp[:6] == b"\xff" * 6  # a broadcast from the guest's MAC
+            assert dhcp[6:8] == b"\x52\x54" and int.from_bytes(dhcp[8:12], "big") == link_id
+            assert not any(b"udhcp" in d for d in raw)  # never in clear on the wire
+            # the buyer's way back: a sealed broadcast ARP request reaches the guest
+            arp = (b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x06" + b"\x00\x01\x08\x00"
+                   b"\x06\x04\x00\x01" + b"\x02\x00\x00\x00\x00\x01" + bytes([10, 9, 0, 1])
+                   + b"\x00" * 6 + bytes([10, 9, 0, 2])).ljust(60, b"\0")
+            sealer = Sealer(tx, BUYER_TO_SELLER)
+            for _ in range(3):
+                endpoint.sendto(sealer.seal(0, link_id, arp), src)
+            await c.down()
+    asyncio.run(main())
+    endpoint.close()
+    log = market.sellers["a0"].text()
+    closed = [line for line in log.splitlines() if "closed:" in line and "link" in line]
+    assert closed and " 0 in" not in closed[-1], closed

@@ -49,6 +49,7 @@ class KvmLimits:
     wall_seconds: float
     output: int  # console bytes the run may print
     allow_cpuid: bool = False  # (the seccomp model's; unused here)
+    mac: str | None = None  # a NIC on the buyer's link (seller/link.py), or none at all
 
 
 def check_iso(path: Path, where: str) -> int:
@@ -166,6 +167,6 @@ class KvmModel(Model):
         try:
             return qemu.start(image.path, memory=limits.memory, cpus=limits.cpus,
                               accel=limits.accel, workdir=workdir,
-                              console_budget=limits.output)
+                              console_budget=limits.output, mac=limits.mac)
         except qemu.LaunchError as e:
             raise RunRefused("sandbox", f"qemu did not start: {e}") from None

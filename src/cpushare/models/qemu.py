@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -52,7 +53,9 @@ MAX_CPUS = 255  # the pc machine's limit
 # TCG's code buffer, MiB (qemu 7.2 maps 1 GiB by default: a guest running much
 # varied code would fill it, past the unit's MemoryMax=); kvm.QEMU_OVERHEAD counts it
 TB_SIZE_MIB = 128
-START_TIMEOUT = 30.0  # seconds for qemu to answer on QMP
+START_TIMEOUT = 30.0
+# The guest NIC's two ends in the run's directory: qemu's, and the link agent's
+GUEST_SOCKET, LINK_SOCKET = "guest.sock", "link.sock"  # seconds for qemu to answer on QMP
 QMP_TIMEOUT = 10.0  # seconds for one QMP command's answer
 _CHUNK = 1 << 16
 _MiB = 1 << 20
@@ -72,9 +75,12 @@ def _opt(path: Path) -> str:
 
 
 def command(image: Path, *, memory: int, cpus: int, accel: str, qemu: str = QEMU,
-            media: str = "cdrom", qmp: str = "qmp.sock") -> list[str]:
+            media: str = "cdrom", qmp: str = "qmp.sock", mac: str | None = None) -> list[str]:
     """qemu's command line for a run (`qmp`: the socket's path, relative to
-    qemu's working directory)."""
+    qemu's working directory).  `mac`: the guest gets one virtio NIC of that
+    address whose frames go, one a datagram, to the unix socket LINK_SOCKET
+    of the working directory (the seller's link agent: docs/vpn.md); no
+    other network, never qemu's user-mode one."""
     if accel not in ACCELS:
         raise ValueError(f"accel must be one of {', '.join(ACCELS)}, not {accel!r}")
     if media not in MEDIA:
@@ -83,6 +89,8 @@ def command(image: Path, *, memory: int, cpus: int, accel: str, qemu: str = QEMU
         raise ValueError(f"memory must be {MIN_MEMORY} to {MAX_MEMORY} bytes, not {memory!r}")
     if not (isinstance(cpus, int) and 1 <= cpus <= MAX_CPUS):
         raise ValueError(f"cpus must be 1 to {MAX_CPUS}, not {cpus!r}")
+    if mac is not None and not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac):
+        raise ValueError(f"mac {mac!r} is not six hex bytes")
     if media == "cdrom":
         drive, boot = f"file={_opt(image)},format=raw,media=cdrom,readonly=on,if=ide,index=0", "d"
     else:
@@ -93,7 +101,10 @@ def command(image: Path, *, memory: int, cpus: int, accel: str, qemu: str = QEMU
         "-accel", "kvm" if accel == "kvm" else f"tcg,split-wx=on,tb-size={TB_SIZE_MIB}",
         "-m", f"{-(-memory // _MiB)}M", "-smp", str(cpus),
         "-drive", drive, "-boot", f"order={boot},menu=off",
-        "-nic", "none",
+        *(["-nic", "none"] if mac is None else [
+            "-netdev", f"dgram,id=link,local.type=unix,local.path={GUEST_SOCKET},"
+                       f"remote.type=unix,remote.path={LINK_SOCKET}",
+            "-device", f"virtio-net-pci,netdev=link,mac={mac},romfile="]),
         "-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
         "-qmp", f"unix:{_opt(Path(qmp))},server=on,wait=off",
         "-no-reboot",
@@ -175,7 +186,8 @@ class QemuRun:
     argv: list[str]
 
     def __init__(self, image: Path, *, memory: int, cpus: int, accel: str, workdir: Path | None,
-                 qemu: str, console_budget: int, media: str, start_timeout: float):
+                 qemu: str, console_budget: int, media: str, start_timeout: float,
+                 mac: str | None = None):
         if not (isinstance(console_budget, int) and console_budget > 0):
             raise ValueError(f"console_budget must be a positive number of bytes, "
                              f"not {console_budget!r}")
@@ -190,7 +202,9 @@ class QemuRun:
             raise LaunchError(f"{image}: {e.strerror}") from None
         if not image.is_file():
             raise LaunchError(f"{image}: not a regular file")
-        argv = command(image, memory=memory, cpus=cpus, accel=accel, qemu=binary, media=media)
+        argv = command(image, memory=memory, cpus=cpus, accel=accel, qemu=binary, media=media,
+                       mac=mac)
+        self.nic: socket.socket | None = None  # the link agent's end of the guest's NIC
         self.accel = accel
         self.argv = argv
         self.stderr = ""  # its last lines, once it has ended
@@ -213,8 +227,12 @@ class QemuRun:
         except OSError as e:
             raise LaunchError(f"no working directory for qemu in {workdir}: {e}") from None
         try:
+            if mac is not None:  # (bound before qemu starts: its first frame finds it)
+                self.nic = self._nic_socket()
             self._spawn(argv)
             self._connect(time.monotonic() + start_timeout)
+            if self.nic is not None:
+                self.nic.connect(f"/proc/self/fd/{self._dirfd}/{GUEST_SOCKET}")
         except BaseException as e:
             self._fail()
             if isinstance(e, (OSError, QmpError)):
@@ -223,6 +241,18 @@ class QemuRun:
             raise
 
     # -- the start -----------------------------------------------------------
+    def _nic_socket(self) -> socket.socket:
+        """The agent's end of the NIC: a unix datagram socket bound in the
+        run's directory (through its descriptor: the path may be long)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        fd = os.open(self.workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            sock.bind(f"/proc/self/fd/{fd}/{LINK_SOCKET}")
+        finally:
+            os.close(fd)
+        sock.setblocking(False)
+        return sock
+
     def _spawn(self, argv: list[str]) -> None:
         in_r, self._in = os.pipe2(os.O_CLOEXEC)
         try:
@@ -461,6 +491,8 @@ class QemuRun:
         self.stderr = self._read_stderr()
         if self._qmp is not None:
             self._qmp.close()
+        if self.nic is not None:
+            self.nic.close()
         _close(self._dirfd)  # (the console's pipes are the reader's and the writer's to close)
         self._dirfd = None
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -480,12 +512,14 @@ class QemuRun:
 
 def start(iso: Path, *, memory: int, cpus: int, accel: str, workdir: Path | None = None,
           qemu: str = QEMU, console_budget: int = 1 << 20, media: str = "cdrom",
-          start_timeout: float = START_TIMEOUT) -> QemuRun:
+          start_timeout: float = START_TIMEOUT, mac: str | None = None) -> QemuRun:
     """Boot `iso` (read-only, format raw) under qemu with `memory` bytes of
-    RAM, `cpus` vCPUs and accelerator `accel` ("kvm" or "tcg").  Its files
+    RAM, `cpus` vCPUs and accelerator `accel` ("kvm" or "tcg"); `mac`: with
+    one NIC, whose other end is the run's `nic` socket (see command()).  Its files
     live in a fresh private directory under `workdir` (a temporary one when
     None), removed once it is reaped.  The console may print
     `console_budget` bytes.  Returns once qemu answers on QMP; LaunchError
     when it does not (not installed, a missing image, qemu exiting)."""
     return QemuRun(iso, memory=memory, cpus=cpus, accel=accel, workdir=workdir, qemu=qemu,
-                   console_budget=console_budget, media=media, start_timeout=start_timeout)
+                   console_budget=console_budget, media=media, start_timeout=start_timeout,
+                   mac=mac)

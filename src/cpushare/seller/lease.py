@@ -19,6 +19,7 @@ import hashlib
 import logging
 import time
 
+from .. import models
 from ..protocol import Message
 from .cache import CacheError
 
@@ -29,6 +30,15 @@ METER_INTERVAL = 10.0  # seconds between `meter` reports of a running lease
 # restarting: it takes the lease back when we reconnect); then it is powered off.
 LEASE_GRACE = 120.0
 POWERDOWN_GRACE = 30.0  # seconds a guest has to power off before it is killed
+
+
+def _links_built() -> bool:
+    """Whether this build can join guests to a buyer's link (the C extension)."""
+    try:
+        import cpushare._link  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class LeaseRuns:
@@ -183,11 +193,28 @@ class LeaseRuns:
             log.warning("power-down of lease %s failed (%s); killing it", r.task, e)
             job.kill()
 
-    async def _run_lease(self, r, image, limits):
-        """Boot `image`, relay its console, meter it until it is off."""
+    async def _run_lease(self, r, image, limits, msg):
+        """Boot `image`, relay its console, meter it until it is off; its NIC
+        on the buyer's link when the task has one (seller/link.py)."""
+        from .link import Agent, LinkError, spec_of
         loop = self._loop
+        try:
+            spec = spec_of(msg)
+        except LinkError as e:
+            raise models.RunRefused("seller error", str(e)) from None
+        if spec is not None:
+            limits = dataclasses.replace(limits, mac=spec.mac)
         job = await loop.run_in_executor(None, self._model.start, image, limits)
         r.job = job
+        agent = Agent(spec, job.nic).start() if spec is not None else None
+        try:
+            return await self._run_guest(r, job, limits)
+        finally:
+            if agent is not None:
+                agent.stop()
+
+    async def _run_guest(self, r, job, limits):
+        loop = self._loop
         if r.aborted:
             job.kill()
         elif r.ending:
@@ -259,5 +286,5 @@ class LeaseRuns:
         if not self._model.chunked:
             return {}
         return {"accel": self._model.accel(), "cache": self._cache.max_bytes,
-                **self._lease_hello()}
+                "links": _links_built(), **self._lease_hello()}
 

@@ -165,7 +165,7 @@ class TaskRuns:
             if r.session is None:
                 result = await self._execute(r, image, limits, msg.payload, sink)
             elif self._model.leases:
-                result, streamed = await self._run_lease(r, image, limits)
+                result, streamed = await self._run_lease(r, image, limits, msg)
             else:
                 result, streamed = await self._execute_session(r, image, limits)
             if r.aborted:
