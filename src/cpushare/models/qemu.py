@@ -26,7 +26,6 @@ writer); the other methods may be called from any thread.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import select
@@ -40,6 +39,7 @@ import time
 from pathlib import Path
 
 from ..sandbox import Result
+from .qmp import Qmp as _Qmp, QmpError
 
 __all__ = ["QEMU", "LaunchError", "QmpError", "QemuRun", "command", "start"]
 
@@ -63,10 +63,6 @@ _MiB = 1 << 20
 
 class LaunchError(RuntimeError):
     """qemu did not start; the message ends with the last lines of its stderr."""
-
-
-class QmpError(RuntimeError):
-    """A QMP command failed, or qemu stopped answering on its QMP socket."""
 
 
 def _opt(path: Path) -> str:
@@ -110,56 +106,6 @@ def command(image: Path, *, memory: int, cpus: int, accel: str, qemu: str = QEMU
         "-no-reboot",
         "-sandbox", SANDBOX,
     ]
-
-
-class _Qmp:
-    """QMP over the run's unix socket: JSON objects one a line; events,
-    which come between answers, are skipped."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.lines = sock.makefile("rb")
-        self.lock = threading.Lock()
-        self.ids = 0
-
-    def _next(self) -> dict:
-        line = self.lines.readline(_MiB)
-        if not line:
-            raise QmpError("qemu closed its QMP socket")
-        try:
-            return json.loads(line)
-        except ValueError:
-            raise QmpError(f"qemu sent a QMP line that is not JSON: {line[:200]!r}") from None
-
-    def handshake(self) -> None:
-        greeting = self._next()
-        if "QMP" not in greeting:
-            raise QmpError(f"no QMP greeting: {greeting!r}")
-        self.execute("qmp_capabilities")
-
-    def execute(self, name: str, **arguments) -> object:
-        """Run one command; its "return", or QmpError with qemu's "error"."""
-        with self.lock:
-            self.ids += 1
-            request = {"execute": name, "id": self.ids}
-            if arguments:
-                request["arguments"] = arguments
-            try:
-                self.sock.sendall(json.dumps(request).encode() + b"\n")
-                while True:
-                    answer = self._next()
-                    if answer.get("id") != self.ids:
-                        continue  # an event, or an answer to a command given up on
-                    if "error" in answer:
-                        err = answer["error"]
-                        raise QmpError(f"QMP {name}: {err.get('class')}: {err.get('desc')}")
-                    return answer.get("return")
-            except OSError as e:
-                raise QmpError(f"QMP {name}: {e}") from None
-
-    def close(self) -> None:
-        self.lines.close()
-        self.sock.close()
 
 
 def _close(*fds: int | None) -> None:
