@@ -54,8 +54,7 @@ MAX_CPUS = 255  # the pc machine's limit
 # varied code would fill it, past the unit's MemoryMax=); kvm.QEMU_OVERHEAD counts it
 TB_SIZE_MIB = 128
 START_TIMEOUT = 30.0
-# The guest NIC's two ends in the run's directory: qemu's, and the link agent's
-GUEST_SOCKET, LINK_SOCKET = "guest.sock", "link.sock"  # seconds for qemu to answer on QMP
+NIC_FD = 3  # qemu's end of the guest NIC's socketpair (after stdin, stdout, stderr)  # seconds for qemu to answer on QMP
 QMP_TIMEOUT = 10.0  # seconds for one QMP command's answer
 _CHUNK = 1 << 16
 _MiB = 1 << 20
@@ -71,12 +70,14 @@ def _opt(path: Path) -> str:
 
 
 def command(image: Path, *, memory: int, cpus: int, accel: str, qemu: str = QEMU,
-            media: str = "cdrom", qmp: str = "qmp.sock", mac: str | None = None) -> list[str]:
+            media: str = "cdrom", qmp: str = "qmp.sock", mac: str | None = None,
+            nic_fd: int = 3) -> list[str]:
     """qemu's command line for a run (`qmp`: the socket's path, relative to
     qemu's working directory).  `mac`: the guest gets one virtio NIC of that
-    address whose frames go, one a datagram, to the unix socket LINK_SOCKET
-    of the working directory (the seller's link agent: docs/vpn.md); no
-    other network, never qemu's user-mode one."""
+    address whose frames go, one a datagram, to qemu's descriptor `nic_fd`:
+    one end of a unix datagram socketpair whose other end is the seller's link
+    agent (docs/vpn.md; a socketpair is not held to net.unix.max_dgram_qlen,
+    which is 10 here); no other network, never qemu's user-mode one."""
     if accel not in ACCELS:
         raise ValueError(f"accel must be one of {', '.join(ACCELS)}, not {accel!r}")
     if media not in MEDIA:
@@ -98,8 +99,7 @@ def command(image: Path, *, memory: int, cpus: int, accel: str, qemu: str = QEMU
         "-m", f"{-(-memory // _MiB)}M", "-smp", str(cpus),
         "-drive", drive, "-boot", f"order={boot},menu=off",
         *(["-nic", "none"] if mac is None else [
-            "-netdev", f"dgram,id=link,local.type=unix,local.path={GUEST_SOCKET},"
-                       f"remote.type=unix,remote.path={LINK_SOCKET}",
+            "-netdev", f"dgram,id=link,local.type=fd,local.str={nic_fd}",
             "-device", f"virtio-net-pci,netdev=link,mac={mac},romfile="]),
         "-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
         "-qmp", f"unix:{_opt(Path(qmp))},server=on,wait=off",
@@ -148,9 +148,16 @@ class QemuRun:
             raise LaunchError(f"{image}: {e.strerror}") from None
         if not image.is_file():
             raise LaunchError(f"{image}: not a regular file")
-        argv = command(image, memory=memory, cpus=cpus, accel=accel, qemu=binary, media=media,
-                       mac=mac)
         self.nic: socket.socket | None = None  # the link agent's end of the guest's NIC
+        guest_end = None
+        if mac is not None:  # a socketpair is not held to net.unix.max_dgram_qlen (10)
+            self.nic, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            for end in (self.nic, guest_end):
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self.nic.setblocking(False)
+        argv = command(image, memory=memory, cpus=cpus, accel=accel, qemu=binary, media=media,
+                       mac=mac, nic_fd=guest_end.fileno() if guest_end is not None else 3)
         self.accel = accel
         self.argv = argv
         self.stderr = ""  # its last lines, once it has ended
@@ -173,12 +180,12 @@ class QemuRun:
         except OSError as e:
             raise LaunchError(f"no working directory for qemu in {workdir}: {e}") from None
         try:
-            if mac is not None:  # (bound before qemu starts: its first frame finds it)
-                self.nic = self._nic_socket()
-            self._spawn(argv)
+            try:
+                self._spawn(argv, guest_end)
+            finally:
+                if guest_end is not None:
+                    guest_end.close()
             self._connect(time.monotonic() + start_timeout)
-            if self.nic is not None:
-                self.nic.connect(f"/proc/self/fd/{self._dirfd}/{GUEST_SOCKET}")
         except BaseException as e:
             self._fail()
             if isinstance(e, (OSError, QmpError)):
@@ -187,19 +194,7 @@ class QemuRun:
             raise
 
     # -- the start -----------------------------------------------------------
-    def _nic_socket(self) -> socket.socket:
-        """The agent's end of the NIC: a unix datagram socket bound in the
-        run's directory (through its descriptor: the path may be long)."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        fd = os.open(self.workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            sock.bind(f"/proc/self/fd/{fd}/{LINK_SOCKET}")
-        finally:
-            os.close(fd)
-        sock.setblocking(False)
-        return sock
-
-    def _spawn(self, argv: list[str]) -> None:
+    def _spawn(self, argv: list[str], nic: socket.socket | None = None) -> None:
         in_r, self._in = os.pipe2(os.O_CLOEXEC)
         try:
             self._out, out_w = os.pipe2(os.O_CLOEXEC)
@@ -218,8 +213,10 @@ class QemuRun:
         if setpriv is not None and not os.environ.get("INVOCATION_ID"):
             argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
         try:
+            # (qemu's end of the NIC keeps its number: command() named it)
             self._proc = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err, env={},
-                                          cwd=self.workdir, close_fds=True)
+                                          cwd=self.workdir, close_fds=True,
+                                          pass_fds=(nic.fileno(),) if nic is not None else ())
         finally:
             _close(in_r, out_w, err)
         self.pid = self._proc.pid
