@@ -261,13 +261,20 @@ class LeaseClient:
         self._nodes: dict[int, Node] = {}  # session -> node
         self._node_refs: dict[str, Node] = {}  # ref -> node
         self._lease_reconnect: asyncio.Task | None = None
+        self._digests: dict[tuple, tuple[str, int]] = {}  # (path, inode, size, mtime) -> ...
 
     async def upload_iso(self, path: str | os.PathLike) -> str:
         """Send the ISO at `path` to the market in chunks from what it holds
         of it already (nothing if all); its digest."""
         path = Path(path)
         loop = asyncio.get_running_loop()
-        digest, size = await loop.run_in_executor(None, file_digest, path)
+        # (hashed once per version of the file: `cluster up` uploads, then leases)
+        st = path.stat()
+        key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+        known = self._digests.get(key)
+        if known is None:
+            known = self._digests[key] = await loop.run_in_executor(None, file_digest, path)
+        digest, size = known
         answers: asyncio.Queue = self._wants.setdefault(digest, asyncio.Queue())
         try:
             self._send("image_offer", image=digest, size=size)
@@ -280,6 +287,9 @@ class LeaseClient:
                     if m.type == "image_ok":
                         return digest
                     offset = m["offset"]  # image_want: send from there
+                    if offset > size:
+                        raise MarketError("frame", f"{path}: the market wants the image from "
+                                                   f"byte {offset}, past its {size} bytes")
                     f.seek(offset)
                     while offset < size:
                         data = f.read(CHUNK)
