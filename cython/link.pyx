@@ -62,6 +62,7 @@ cdef extern from "linkcore.h" nogil:
 
     uint64_t lk_load(const uint64_t *x)
     int lk_sealer_init(lk_sealer *s, const uint8_t *key, uint32_t salt, uint64_t limit)
+    void lk_sealer_grant(lk_sealer *s, uint64_t limit)
     void lk_sealer_free(lk_sealer *s)
     int lk_opener_init(lk_opener *o, const uint8_t *key, uint32_t salt)
     void lk_opener_free(lk_opener *o)
@@ -161,23 +162,38 @@ cdef object _peer_tuple(const uint8_t *sa, socklen_t n):
 
 
 cdef class Sealer:
-    """Seals datagrams of one direction of one link: Sealer(key, salt, limit).
+    """Seals datagrams of one direction of one link: Sealer(key, salt, limit, start).
 
     key: 32 random bytes, used for nothing else; salt: the direction's
-    32-bit nonce prefix; limit: the highest counter this key may seal
-    (counters start at 1).  Past it seal() raises KeyExhausted."""
+    32-bit nonce prefix; limit: the highest counter this key may seal;
+    start: the last counter this key may have sealed before (0: none; a
+    new end of a link that went on under the same key starts past every
+    counter the old one was allowed: grant() raised its limit step by
+    step).  Past the limit seal() raises KeyExhausted, and a pump counts
+    the frame `exhausted` and drops it."""
     cdef lk_sealer s
     cdef bint ready
 
-    def __cinit__(self, key, salt, limit=2**32):
+    def __cinit__(self, key, salt, limit=2**32, start=0):
         cdef bytes k = _key(key)
         cdef uint32_t sl = _u32(salt, "salt")
+        lim, first = int(limit), int(start)
+        if not 1 <= lim <= COUNTER_MAX:
+            raise ValueError(f"limit {lim} is not in 1..2**64-1")
+        if not 0 <= first <= lim:
+            raise ValueError(f"start {first} is not in 0..limit ({lim})")
+        if lk_sealer_init(&self.s, <const uint8_t *><const char *>k, sl, lim) < 0:
+            raise _crypto_error("EVP_EncryptInit_ex")
+        self.s.counter = first
+        self.ready = True
+
+    def grant(self, limit):
+        """Raises the limit to `limit` (a lower one changes nothing); safe
+        while a pump seals with it."""
         lim = int(limit)
         if not 1 <= lim <= COUNTER_MAX:
             raise ValueError(f"limit {lim} is not in 1..2**64-1")
-        if lk_sealer_init(&self.s, <const uint8_t *><const char *>k, sl, lim) < 0:
-            raise _crypto_error("EVP_EncryptInit_ex")
-        self.ready = True
+        lk_sealer_grant(&self.s, lim)
 
     def __dealloc__(self):
         if self.ready:
@@ -190,12 +206,12 @@ cdef class Sealer:
 
     @property
     def limit(self):
-        return self.s.limit
+        return lk_load(&self.s.limit)
 
     @property
     def remaining(self):
         """How many more datagrams this key may seal."""
-        return self.s.limit - lk_load(&self.s.counter)
+        return lk_load(&self.s.limit) - lk_load(&self.s.counter)
 
     def seal(self, int type, link_id, payload=b""):
         """The datagram carrying payload (one Ethernet frame, or b"" for a keepalive)."""
@@ -218,7 +234,7 @@ cdef class Sealer:
             memcpy(buf + LK_HEADER, &pl[0], n)
         r = lk_seal(&self.s, type, lid, buf, n)
         if r == LK_E_EXHAUSTED:
-            raise KeyExhausted(f"the key has sealed its {self.s.limit} datagrams: "
+            raise KeyExhausted(f"the key has sealed its {lk_load(&self.s.limit)} datagrams: "
                                "the link needs a new key")
         if r < 0:
             raise _crypto_error("EVP_EncryptUpdate")

@@ -82,6 +82,15 @@ uint64_t lk_load(const uint64_t *x)
     return __atomic_load_n(x, __ATOMIC_RELAXED);
 }
 
+void lk_sealer_grant(lk_sealer *s, uint64_t limit)
+{
+    uint64_t old = __atomic_load_n(&s->limit, __ATOMIC_RELAXED);
+    while (limit > old
+           && !__atomic_compare_exchange_n(&s->limit, &old, limit, 0, __ATOMIC_RELEASE,
+                                           __ATOMIC_RELAXED))
+        ;
+}
+
 int lk_opener_init(lk_opener *o, const uint8_t *key, uint32_t salt)
 {
     memset(o, 0, sizeof *o);
@@ -102,7 +111,7 @@ long lk_seal(lk_sealer *s, int type, uint32_t link_id, uint8_t *buf, size_t len)
     int outl;
     uint64_t c;
 
-    if (s->counter >= s->limit)
+    if (s->counter >= __atomic_load_n(&s->limit, __ATOMIC_ACQUIRE))
         return LK_E_EXHAUSTED;
     c = s->counter + 1;                /* spent even if OpenSSL fails below */
     __atomic_store_n(&s->counter, c, __ATOMIC_RELAXED);

@@ -66,6 +66,8 @@ typedef struct {
 uint64_t lk_load(const uint64_t *x);
 
 int lk_sealer_init(lk_sealer *s, const uint8_t *key, uint32_t salt, uint64_t limit);
+/* Raises the sealer's limit (never lowers it); safe while a pump seals. */
+void lk_sealer_grant(lk_sealer *s, uint64_t limit);
 void lk_sealer_free(lk_sealer *s);
 int lk_opener_init(lk_opener *o, const uint8_t *key, uint32_t salt);
 void lk_opener_free(lk_opener *o);

@@ -39,6 +39,8 @@ import subprocess
 import time
 import weakref
 
+from cpushare.vpn import services
+
 PREFIX = "cpst"
 NETNS_DIR = "/run/netns"
 STOP_GRACE = 5.0  # s between SIGTERM and SIGKILL
@@ -362,160 +364,43 @@ def wait_for_port(ns: Namespace, port: int, timeout: float, proto: str = "tcp",
 
 # -- servers the tests run in a namespace ---------------------------------
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-class Dnsmasq:
-    """Debian's dnsmasq as a DHCP server only (no DNS: --port=0) on one
-    interface of a namespace, for the /24 (or other subnet) of `cidr`, the
-    interface's own address:
-
-        dnsmasq --keep-in-foreground --conf-file=/dev/null --port=0
-            --interface=IF --bind-interfaces --except-interface=lo
-            --dhcp-range=FIRST,LAST,NETMASK,LEASE --dhcp-option=option:mtu,MTU
-            --no-ping --dhcp-authoritative --dhcp-leasefile=DIR/leases
-            --pid-file=DIR/dnsmasq.pid --log-dhcp --log-facility=DIR/dnsmasq.log
-            --user=root
-
-    (--no-ping: dnsmasq's check that an address is free costs about 3 s
-    per offer.  The MTU option must be written option:mtu: a bare "mtu,"
-    is taken as a tag and nothing is sent.)  Stopped with the Network."""
+class Dnsmasq(services.Dnsmasq):
+    """The product's DHCP server (cpushare.vpn.services.Dnsmasq) on one
+    interface of a namespace, for the subnet of `cidr` (the interface's own
+    address, the subnet's first), offering that address as the router as
+    dnsmasq does by default.  `range` is (first, last) address handed out;
+    `leases()` a list of (MAC, IP).  Stopped with the Network."""
 
     def __init__(self, ns: Namespace, interface: str, cidr: str, workdir: str,
-                 mtu: int | None = 1420, lease: str = "2m",
-                 first: int = 100, last: int = 199) -> None:
-        if shutil.which("dnsmasq") is None:
-            raise NetnsError("DHCP needs dnsmasq (dnsmasq-base), which is not installed")
-        iface = ipaddress.ip_interface(cidr)
-        net = iface.network
-        hosts = list(net.hosts())
-        lo, hi = hosts[min(first, len(hosts)) - 1], hosts[min(last, len(hosts)) - 1]
-        self.network = net
-        self.range = (lo, hi)
-        self.dir = workdir
-        self.leasefile = os.path.join(workdir, "dnsmasq.leases")
-        self.logfile = os.path.join(workdir, "dnsmasq.log")
-        self.pidfile = os.path.join(workdir, "dnsmasq.pid")
-        self.argv = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
-                     f"--interface={interface}", "--bind-interfaces", "--except-interface=lo",
-                     f"--dhcp-range={lo},{hi},{net.netmask},{lease}",
-                     "--no-ping", "--dhcp-authoritative",
-                     f"--dhcp-leasefile={self.leasefile}", f"--pid-file={self.pidfile}",
-                     "--log-dhcp", f"--log-facility={self.logfile}", "--user=root"]
-        if mtu:
-            self.argv.append(f"--dhcp-option=option:mtu,{mtu}")
-        self._err = open(os.path.join(workdir, "dnsmasq.stderr"), "wb")
-        self.proc = ns.popen(self.argv, stdout=self._err, stderr=subprocess.STDOUT)
-        self._err.close()
-        if not wait_for_file(self.pidfile, 10, self.proc):
-            raise NetnsError(f"dnsmasq did not start: {self.log()}")
-
-    def log(self) -> str:
-        text = []
-        for name in ("dnsmasq.stderr", "dnsmasq.log"):
-            try:
-                with open(os.path.join(self.dir, name), errors="replace") as f:
-                    text.append(f.read())
-            except FileNotFoundError:
-                pass
-        return "\n".join(text)
-
-    def stop(self) -> None:
-        _stop(self.proc)
-
-    def leases(self) -> list[tuple[str, str]]:
-        """(MAC, IP) of each lease given."""
+                 mtu: int | None = 1420, lease: str = "2m") -> None:
+        subnet = services.Subnet(str(ipaddress.ip_interface(cidr).network))
         try:
-            with open(self.leasefile) as f:
-                return [(w[1], w[2]) for w in (line.split() for line in f) if len(w) >= 3]
-        except FileNotFoundError:
-            return []
+            super().__init__(interface, subnet, workdir, mtu=mtu, lease=lease, router=True,
+                             launch=ns.popen)
+        except services.ServiceError as e:
+            raise NetnsError(str(e)) from None
+        self.network = subnet.network
+        self.range = subnet.range
+
+    def leases(self) -> list[tuple[str, str]]:  # type: ignore[override]
+        return list(super().leases().items())
 
 
-class Ganesha:
-    """nfs-ganesha (userspace: the kernel here has no nfsd) exporting one
-    directory over NFSv4 (4.0, 4.1, 4.2) on TCP at `address`:2049 of a
-    namespace, as `pseudo`, read-write, no root squash, numeric owners:
+class Ganesha(services.Ganesha):
+    """The product's NFS server (cpushare.vpn.services.Ganesha) in a
+    namespace: `export_dir` over NFSv4 at `address`:2049 as `pseudo`, to
+    any client.  Stopped with the Network."""
 
-        ganesha.nfsd -F -f DIR/ganesha.conf -L DIR/ganesha.log -p DIR/ganesha.pid
-
-    NFSv4 needs no rpcbind (ganesha logs that it cannot register and
-    serves all the same); NFSv3 would, and rpcbind's socket
-    (/run/rpcbind.sock) is the host's, not the namespace's: v3 is off.
-    Graceless: no 90 s grace period before the first open.  Its D-Bus
-    and Kerberos complaints in the log are harmless.  Stopped with the
-    Network."""
-
-    PORT = 2049
+    PORT = services.NFS_PORT
 
     def __init__(self, ns: Namespace, address: str, export_dir: str, workdir: str,
                  pseudo: str = "/export", timeout: float = 30) -> None:
-        if shutil.which("ganesha.nfsd") is None:
-            raise NetnsError("NFS needs ganesha.nfsd (nfs-ganesha, nfs-ganesha-vfs), "
-                             "which is not installed")
-        self.dir = workdir
-        self.address = address
-        self.pseudo = pseudo
-        self.conf = os.path.join(workdir, "ganesha.conf")
-        self.logfile = os.path.join(workdir, "ganesha.log")
-        self.pidfile = os.path.join(workdir, "ganesha.pid")
-        recovery = os.path.join(workdir, "ganesha-recovery")
-        os.makedirs(recovery, exist_ok=True)
-        with open(self.conf, "w") as f:
-            f.write(f"""NFS_CORE_PARAM {{
-    Protocols = 4;
-    Bind_addr = {address};
-    NFS_Port = {self.PORT};
-    Enable_NLM = false;
-    Enable_RQUOTA = false;
-    Enable_UDP = false;
-}}
-NFSV4 {{
-    Graceless = true;
-    Only_Numeric_Owners = true;
-    RecoveryBackend = fs;
-    RecoveryRoot = "{recovery}";
-}}
-EXPORT {{
-    Export_Id = 1;
-    Path = "{export_dir}";
-    Pseudo = "{pseudo}";
-    Access_Type = RW;
-    Squash = No_Root_Squash;
-    SecType = sys;
-    Protocols = 4;
-    Transports = TCP;
-    FSAL {{ Name = VFS; }}
-}}
-LOG {{ Default_Log_Level = EVENT; }}
-""")
-        self.argv = ["ganesha.nfsd", "-F", "-f", self.conf, "-L", self.logfile,
-                     "-p", self.pidfile]
-        self._err = open(os.path.join(workdir, "ganesha.stderr"), "wb")
-        self.proc = ns.popen(self.argv, stdout=self._err, stderr=subprocess.STDOUT)
-        self._err.close()
-        if not wait_for_port(ns, self.PORT, timeout, proc=self.proc):
-            raise NetnsError(f"nfs-ganesha does not listen on {self.PORT}: {self.log()[-3000:]}")
-
-    def stop(self) -> None:
-        _stop(self.proc)
-
-    def log(self) -> str:
-        text = []
-        for name in ("ganesha.stderr", "ganesha.log"):
-            try:
-                with open(os.path.join(self.dir, name), errors="replace") as f:
-                    text.append(f.read())
-            except FileNotFoundError:
-                pass
-        return "\n".join(text)
+        try:
+            super().__init__(address, export_dir, workdir, clients="*", pseudo=pseudo,
+                             launch=ns.popen, timeout=timeout,
+                             ready=lambda: wait_for_port(ns, self.PORT, 0))
+        except services.ServiceError as e:
+            raise NetnsError(str(e)) from None
 
 
 __all__ = ["Network", "Namespace", "NetnsError", "Dnsmasq", "Ganesha", "missing",

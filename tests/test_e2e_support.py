@@ -99,6 +99,7 @@ class Proc:
 
     def __init__(self, argv: list[str], log: Path, name: str):
         self.name = name
+        self.argv = argv
         self.log = log
         self._f = open(log, "ab")
         self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._f,
@@ -134,9 +135,16 @@ class Proc:
 
 
 class LocalMarket:
-    """One market server on 127.0.0.1 with its store in `root`."""
+    """One market server on 127.0.0.1 with its store in `root`.
 
-    def __init__(self, root: Path, *, price: str = "0.010"):
+    `host` and `wrap` put it elsewhere: the server listens on `host`, and
+    its argv and each seller's start with `wrap` (`ip netns exec NS`; see
+    tests/netns.py); `wrap_seller` gives a seller its own."""
+
+    def __init__(self, root: Path, *, price: str = "0.010", host: str = "127.0.0.1",
+                 wrap: list[str] | None = None):
+        self.host = host
+        self.wrap = list(wrap or [])
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.db = self.root / "market.db"
@@ -144,7 +152,7 @@ class LocalMarket:
         self.server: Proc | None = None
         self.sellers: dict[str, Proc] = {}
         self.procs: list[Proc] = []
-        self.cli("init", "--listen", f"127.0.0.1:{self.port}")
+        self.cli("init", "--listen", f"{host}:{self.port}")
 
     # --- admin CLI ----------------------------------------------------------
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -194,25 +202,31 @@ class LocalMarket:
     # --- processes ------------------------------------------------------------
     def serve(self, *extra: str) -> Proc:
         n = sum(1 for p in self.procs if p.name == "server")
-        self.server = Proc([PYTHON, "-m", "cpushare.market", "--db", str(self.db), "serve", *extra],
-                           self.root / f"server{n}.log", "server")
+        self.server = Proc([*self.wrap, PYTHON, "-m", "cpushare.market", "--db", str(self.db),
+                            "serve", *extra], self.root / f"server{n}.log", "server")
         self.procs.append(self.server)
 
         def listening():
             if not self.server.alive():
                 raise AssertionError(f"the server exited:\n{self.server.text()}")
+            if self.wrap:
+                probe = (f"import socket; socket.create_connection(({self.host!r}, "
+                         f"{self.port}), 0.5).close()")
+                return subprocess.run([*self.wrap, PYTHON, "-c", probe],
+                                      capture_output=True).returncode == 0
             try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                socket.create_connection((self.host, self.port), 0.2).close()
                 return True
             except OSError:
                 return False
         wait_for(listening, 30, f"the server to listen on {self.port}")
         return self.server
 
-    def seller(self, order: Path, *extra: str, wait: bool = True) -> Proc:
+    def seller(self, order: Path, *extra: str, wait: bool = True,
+               wrap: list[str] | None = None) -> Proc:
         name = order.stem
         log = self.root / f"seller-{name}.log"
-        p = Proc([PYTHON, "-m", "cpushare.seller", str(order), "--cache-dir",
+        p = Proc([*(self.wrap if wrap is None else wrap), PYTHON, "-m", "cpushare.seller", str(order), "--cache-dir",
                   str(self.root / f"cache-{name}"), *extra], log, name)
         self.sellers[name] = p
         self.procs.append(p)

@@ -307,13 +307,17 @@ class LeaseClient:
                 del self._wants[digest]
 
     async def cluster(self, iso: str | os.PathLike, nodes: int, *, name: str = "cluster",
-                      cpu_ms: int | None = None, link: str | None = None) -> Cluster:
+                      cpu_ms: int | None = None, link: str | None = None,
+                      on_link=None) -> Cluster:
         """Send the ISO (once) and lease `nodes` nodes of it (`link`: the
-        HOST:PORT of this buyer's link endpoint, to join them to its network)."""
+        HOST:PORT of this buyer's link endpoint, to join them to its network;
+        `on_link(node)` is called each time a node's link keys come: when a
+        seller takes it, and again when another seller takes it over)."""
         if not 1 <= nodes <= 4096:
             raise ValueError(f"nodes = {nodes}: must be 1..4096")
         digest = await self.upload_iso(iso)
         c = Cluster(self, digest, nodes, name, link)
+        c.on_link = on_link
         await c._open(cpu_ms)
         return c
 

@@ -32,6 +32,9 @@ from pathlib import Path
 from ..order import BuyOrder, OrderError, load_buy
 from . import Market, MarketError
 from .cluster import END_STATES, Cluster, Node
+from .clusternet import ClusterNet, NetError
+from .clusternetargs import NetSpec, add_net_arguments, net_spec
+from .clusterreport import PipeReport, Report
 from .clusterstate import (MAX_INPUT, MAX_REQUEST, ClusterError, ConsoleLog, StateDir,
                            count_nodes, market_status, socket_path, summary_lines)
 
@@ -41,72 +44,6 @@ DOWN_TIMEOUT = 180.0  # seconds the nodes have to end once told to
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DESCRIBE = {"waiting": "no seller has taken it yet", "image": "its seller receives the ISO",
             "booting": "started, nothing on its console yet", "paused": "paused by its seller"}
-
-
-# --- what the agent says -------------------------------------------------------
-
-class Report:
-    """In the foreground: lines on stdout, errors on stderr."""
-
-    waiting = False  # a detached `up` waits for every node to run
-
-    def line(self, text: str) -> None:
-        with suppress(OSError):  # (a closed stdout does not stop the agent)
-            print(text, flush=True)
-
-    def error(self, text: str) -> None:
-        with suppress(OSError):
-            print(f"cpushare cluster: {text}", file=sys.stderr, flush=True)
-
-    def ready(self, text: str) -> None:
-        self.line(text)
-
-    def done(self, status: int) -> None:
-        pass
-
-
-class PipeReport(Report):
-    """Detached: to the `up` that started it, on a pipe (JSON lines), until
-    every node runs; always to the log (stderr, agent.log)."""
-
-    def __init__(self, fd: int):
-        self._f = os.fdopen(fd, "w")
-
-    @property
-    def waiting(self) -> bool:
-        return self._f is not None
-
-    def _send(self, **msg) -> None:
-        if self._f is None:
-            return
-        try:
-            self._f.write(json.dumps(msg) + "\n")
-            self._f.flush()
-        except OSError:  # (the `up` that waited is gone)
-            self._close()
-
-    def _close(self) -> None:
-        if self._f is not None:
-            with suppress(OSError):
-                self._f.close()
-            self._f = None
-
-    def line(self, text: str) -> None:
-        log.info("%s", text)
-        self._send(line=text)
-
-    def error(self, text: str) -> None:
-        log.error("%s", text)
-        self._send(error=text)
-
-    def ready(self, text: str) -> None:
-        log.info("%s", text)
-        self._send(ready=text)
-        self._close()
-
-    def done(self, status: int) -> None:
-        self._send(exit=status)
-        self._close()
 
 
 # --- the agent -------------------------------------------------------------------
@@ -125,8 +62,11 @@ class Agent:
     """Holds one cluster until it is brought down or every node ended."""
 
     def __init__(self, sd: StateDir, order: BuyOrder, iso: Path, nodes: int,
-                 cpu_ms: int | None, timeout: float | None, report: Report):
+                 cpu_ms: int | None, timeout: float | None, report: Report,
+                 net: NetSpec | None = None):
         self.sd = sd
+        self.netspec = net
+        self.net: ClusterNet | None = None
         self.order = order
         self.iso = iso
         self.n = nodes
@@ -159,6 +99,8 @@ class Agent:
                 "server": self.order.server, "iso": str(self.iso), "image": self.digest,
                 "nodes_wanted": self.n, "pid": os.getpid(), "started": self.started,
                 "error": self.error, "nodes": nodes,
+                "network": None if self.net is None or self.net.tap is None
+                else self.net.status(),
                 "cpu_ms": sum(n["cpu_ms"] for n in nodes),
                 "cost_milli": sum(n["cost_milli"] for n in nodes)}
 
@@ -254,6 +196,16 @@ class Agent:
     async def _hold(self) -> int:
         o = self.order
         m = self.market = Market(o)
+        if self.netspec is not None:
+            ns = self.netspec
+            self.net = ClusterNet(self.sd.path, ns.listen, ns.subnet, ns.dhcp, ns.nfs)
+            try:
+                self.net.open()
+            except NetError as e:
+                return self._fail(str(e), 1)
+            self.report.line(f"{self.sd.name}: network {ns.subnet} on {self.net.tap} (this "
+                             f"host {ns.subnet.address}), link endpoint udp "
+                             f"{ns.listen[0]}:{ns.listen[1]}, told to sellers as {ns.advertise}")
         try:
             try:
                 await self._unless_stopped(m.connect())
@@ -264,8 +216,10 @@ class Agent:
                 self.digest = await self._unless_stopped(m.upload_iso(self.iso))
                 self._set("leasing")
                 # not cancelled by a stop: the leases it opens must be powered off
-                self.cluster = await m.cluster(self.iso, self.n, name=self.sd.name,
-                                               cpu_ms=self.cpu_ms)
+                self.cluster = await m.cluster(
+                    self.iso, self.n, name=self.sd.name, cpu_ms=self.cpu_ms,
+                    link=None if self.netspec is None else self.netspec.advertise,
+                    on_link=None if self.net is None else self._on_link)
             except _Stopped:
                 self.error = "stopped before the nodes were leased"
                 self.report.error(self.error)
@@ -290,6 +244,24 @@ class Agent:
                 raise
         finally:
             await m.close()
+            if self.net is not None:
+                self.net.close()
+
+    def _on_link(self, node: Node) -> None:
+        link_id, tx, rx = node.link
+        self.net.add_node(node.name, link_id, tx, rx)
+        self._changed.set()
+
+    def _net_tick(self) -> None:
+        net = self.net
+        if net is None or net.tap is None:
+            return
+        for n in self.cluster.nodes if self.cluster is not None else ():
+            if n.state in END_STATES:
+                net.node_ended(n.name, f"{n.state}: {n.reason or n.message or 'its lease ended'}")
+        net.tick()
+        while net.events:
+            self.report.line(f"{self.sd.name}: {net.events.pop(0)}")
 
     async def _follow(self, c: Cluster) -> int:
         consoles = [asyncio.create_task(self._console(n)) for n in c.nodes]
@@ -356,6 +328,7 @@ class Agent:
             await asyncio.wait_for(asyncio.gather(*consoles, return_exceptions=True), 5)
         for t in helpers:
             t.cancel()
+        self._net_tick()  # (the ports of the nodes that ended are freed, and said so)
         if self.state != "failed":
             self.state = "ended"
             if status == 0 and any(n.state == "lost" for n in c.nodes):
@@ -377,6 +350,7 @@ class Agent:
         connected = True
         while True:
             await asyncio.sleep(1)
+            self._net_tick()
             self._save()
             if m.connected != connected:
                 connected = m.connected
@@ -483,8 +457,9 @@ def _answer(**fields) -> bytes:
 
 
 def run_agent(sd: StateDir, lock_fd: int, order: BuyOrder, iso: Path, nodes: int,
-              cpu_ms: int | None, timeout: float | None, report: Report) -> int:
-    agent = Agent(sd, order, iso, nodes, cpu_ms, timeout, report)
+              cpu_ms: int | None, timeout: float | None, report: Report,
+              net: NetSpec | None = None) -> int:
+    agent = Agent(sd, order, iso, nodes, cpu_ms, timeout, report, net)
     return asyncio.run(agent.run(lock_fd))
 
 
@@ -500,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float)
     p.add_argument("--lock-fd", required=True, type=int)
     p.add_argument("--report-fd", required=True, type=int)
+    add_net_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s: %(message)s")
@@ -507,13 +483,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sd = StateDir(args.name)
         order = load_buy(args.order)
-    except (ClusterError, OrderError) as e:
+        net = net_spec(args, args.nodes)
+    except (ClusterError, OrderError, ValueError) as e:
         report.error(str(e))
         report.done(2)
         return 2
     os.set_inheritable(args.lock_fd, False)
     return run_agent(sd, args.lock_fd, order, args.iso, args.nodes, args.cpu_ms, args.timeout,
-                     report)
+                     report, net)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """``cpushare cluster``: boot an ISO on N sellers' nodes and steer it.
 
     cpushare cluster up --order FILE.buy --iso IMAGE.iso --nodes N [--detach]
+        [--listen ADDR:PORT [--advertise HOST:PORT] [--subnet CIDR] [--no-dhcp]
+         [--nfs DIR]]
     cpushare cluster status [NAME] [--json]
     cpushare cluster console NAME NODE [--until TEXT] [--timeout S]
     cpushare cluster down NAME
@@ -27,6 +29,8 @@ from pathlib import Path
 from ..order import MAX_SECONDS, OrderError, load_buy
 from .cluster import END_STATES
 from .clusteragent import Report, run_agent
+from .clusternet import network_lines
+from .clusternetargs import NetSpec, add_net_arguments, net_spec
 from .clusterstate import (FINAL_STATES, ClusterError, ConsoleReader, StateDir, clusters_dir,
                            summary_lines)
 
@@ -108,6 +112,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", metavar="SECONDS", type=_seconds,
                    help="power the nodes off unless every node runs within SECONDS "
                         f"(default: {DETACH_TIMEOUT:g} with --detach, none otherwise)")
+    add_net_arguments(p)
 
     p = sub.add_parser("status", help="show the clusters, or one",
                        description="Show each node's seller, state, CPU seconds and cost.")
@@ -167,6 +172,10 @@ def _up(args) -> int:
     if args.cpu_seconds is not None and args.cpu_seconds > order.max_cpu_seconds:
         raise ClusterError(f"--cpu-seconds {args.cpu_seconds}: {args.order} allows at most "
                            f"{order.max_cpu_seconds} (its max_cpu_seconds)", 2)
+    try:
+        net = net_spec(args, args.nodes)
+    except ValueError as e:
+        raise ClusterError(str(e), 2) from None
     iso = args.iso.absolute()
     try:
         with open(iso, "rb"):
@@ -194,12 +203,12 @@ def _up(args) -> int:
     timeout = args.timeout if args.timeout is not None or not args.detach else DETACH_TIMEOUT
     lock_fd = sd.lock()
     if not args.detach:
-        return run_agent(sd, lock_fd, order, iso, args.nodes, cpu_ms, timeout, Report())
-    return _detach(sd, lock_fd, args.order.absolute(), iso, args.nodes, cpu_ms, timeout)
+        return run_agent(sd, lock_fd, order, iso, args.nodes, cpu_ms, timeout, Report(), net)
+    return _detach(sd, lock_fd, args.order.absolute(), iso, args.nodes, cpu_ms, timeout, net)
 
 
 def _detach(sd: StateDir, lock_fd: int, order: Path, iso: Path, nodes: int,
-            cpu_ms: int | None, timeout: float) -> int:
+            cpu_ms: int | None, timeout: float, net: NetSpec | None) -> int:
     """Start the agent in a session of its own; relay what it reports until
     every node runs (0) or it gives up (its status)."""
     import cpushare
@@ -209,6 +218,8 @@ def _detach(sd: StateDir, lock_fd: int, order: Path, iso: Path, nodes: int,
             "--timeout", repr(timeout), "--lock-fd", str(lock_fd), "--report-fd", str(w)]
     if cpu_ms is not None:
         argv += ["--cpu-ms", str(cpu_ms)]
+    if net is not None:
+        argv += net.argv()
     env = dict(os.environ)
     pkg_root = str(Path(cpushare.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = pkg_root + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -318,6 +329,9 @@ def _table(v: dict) -> None:
         print(f"  image {v['image'][:16]} ({v.get('iso')}), order {v.get('order')}")
     for line in summary_lines(v):
         print(line)
+    if v.get("network"):
+        for line in network_lines(v["network"]):
+            print(line)
 
 
 # --- console -------------------------------------------------------------------
