@@ -149,14 +149,19 @@ def _note_kvm_overhead(r):
 def _note_link(r):
     cpu = _get(r, "link_cpu_s_per_gb") or []
     vcpu = _get(r, "vde_cpu_s_per_gb") or []
+    ecpu = _get(r, "endpoint_cpu_s_per_gb") or []
     rtt = _get(r, "rtt_us") or {}
     return (f"veth {_num(_get(r, 'veth_mb_per_s'), '{:.0f}')}, vde_plug udp "
             f"{_num(_get(r, 'vde_mb_per_s'), '{:.0f}')} MB/s (link x"
-            f"{_num(_get(r, 'link_vs_vde'), '{:.2f}')}, goal >= 1); CPU-s/GB link "
-            + "/".join(_num(c, '{:.1f}') for c in cpu) + ", vde_plug "
+            f"{_num(_get(r, 'link_vs_vde'), '{:.2f}')}, goal >= 1), buyer's endpoint "
+            f"{_num(_get(r, 'endpoint_mb_per_s'), '{:.0f}')} MB/s (x"
+            f"{_num(_get(r, 'endpoint_vs_link'), '{:.2f}')} of link); CPU-s/GB link "
+            + "/".join(_num(c, '{:.1f}') for c in cpu) + ", endpoint "
+            + "/".join(_num(c, '{:.1f}') for c in ecpu) + ", vde_plug "
             + "/".join(_num(c, '{:.1f}') for c in vcpu)
             + f"; RTT +{_num(_get(r, 'link_added_rtt_us'), '{:.0f}')} us over veth "
-            f"({_num(rtt.get('veth'), '{:.0f}')} us)")
+            f"({_num(rtt.get('veth'), '{:.0f}')} us), endpoint "
+            f"+{_num(_get(r, 'endpoint_added_rtt_us'), '{:.0f}')} us")
 
 
 ROWS = (

@@ -1,6 +1,6 @@
 """TCP through the encrypted link, against a veth and an unencrypted vde_plug link.
 
-Two network namespaces, A and B, joined three ways side by side in one run:
+Two network namespaces, A and B, joined four ways side by side in one run:
 
   veth   a veth pair (the kernel alone: the ceiling)
   link   a TAP device in each namespace, each read and written by a pump
@@ -8,19 +8,29 @@ Two network namespaces, A and B, joined three ways side by side in one run:
          AES-256-GCM, recvmmsg/sendmmsg batches); the two pumps exchange
          datagrams over UDP on the host's loopback.  A is the seller's end,
          B the buyer's.
+  endpoint  the link as the product runs the buyer's end: A's end is the
+         same pump on a TAP, B's is a process running the buyer's endpoint
+         (cpushare.vpn.endpoint.Endpoint: a Pump with follow, and B's TAP
+         as a port of the learning switch of cpushare.vpn.switch, in Python,
+         joined to the node's link by a unix datagram socketpair), with one
+         link added as a cluster's agent adds a node's.
   vde    the same with `vde_plug tap://TAP udp://PORT->127.0.0.1:PORT` at
          each end (vde2: the same plumbing in C, no encryption)
 
 Each way: iperf3 (one TCP stream, A to B) for SECONDS, the best of ROUNDS
-rounds (the three ways in turns each round); the CPU time of each end's
-process (pump or vde_plug) over the transfer, per GB received; then the
-round-trip time of a UDP ping-pong (one byte, a Python echo in B) across
-each, the median of PINGS, the link's added RTT being its median less the
-veth's (Python's own time is in both).  MTU 1500 everywhere; MB is 10**6
-bytes.
+rounds (the ways in turns each round); the CPU time of each end's process
+(pump, endpoint with its threads, or vde_plug) over the transfer, per GB
+received, seller's end (A) first; then the round-trip time of a UDP
+ping-pong (one byte, a Python echo in B) across each, the median of PINGS,
+a way's added RTT being its median less the veth's (Python's own time is
+in both).  MTU 1500 everywhere; MB is 10**6 bytes.
 
 The row: the link's MB/s, goal >= 100 ("about 3x what similar markets'
-VPNs reach"), and printed beside it the ratio to vde_plug (goal >= 1.0).
+VPNs reach"), and printed beside it the ratio to vde_plug (goal >= 1.0)
+and the endpoint's MB/s as a ratio to the link's (endpoint_vs_link, no
+goal: what the buyer's switch costs).  The ends' counters (drops, the
+switch's ports) are read when they end: pump_drops_after,
+endpoint_counters_after.
 
 Needs root (namespaces, TAP devices), iperf3 and vde_plug (Debian's
 iperf3 and vde2; without vde_plug that column is skipped).
@@ -47,7 +57,8 @@ for p in (ROOT / "src", ROOT):
         sys.path.insert(0, str(p))
 
 LINK_ID = 0xC0FFEE
-SUBNETS = {"veth": "10.231.1", "link": "10.231.2", "vde": "10.231.3"}
+SUBNETS = {"veth": "10.231.1", "link": "10.231.2", "vde": "10.231.3",
+           "endpoint": "10.231.4"}
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -77,8 +88,24 @@ def _into(name: str, ns: str, addr: str) -> None:
     _run("ip", "addr", "add", f"{addr}/24", "dev", name, ns=ns)
 
 
+def _end(role: str, dev: str, port: int, peer: int, keys) -> subprocess.Popen:
+    """A link's end in a process of its own (this file's `pump` or `endpoint`),
+    handed the keys on stdin; once it says ready its TAP `dev` is there."""
+    p = subprocess.Popen(
+        [sys.executable, __file__, *role.split(), dev, str(port), str(peer)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    p.stdin.write(json.dumps([keys.seller_to_buyer.hex(), keys.buyer_to_seller.hex()]))
+    p.stdin.close()
+    if p.stdout.readline().strip() != "ready":
+        p.kill()
+        p.wait()
+        raise RuntimeError(f"{role} ({dev}) did not start")
+    return p
+
+
 class Net:
-    """Namespaces A and B with the three ways between them; the end processes."""
+    """Namespaces A and B with the ways between them; the end processes."""
 
     def __init__(self, with_vde: bool):
         tag = os.getpid()
@@ -96,19 +123,18 @@ class Net:
         # the link: two pumps on loopback ports of the host
         from cpushare.vpn.datagram import LinkKeys
         keys = LinkKeys.generate(LINK_ID)
-        ports = _free_ports(4)
+        ports = _free_ports(6)
         for side, ns, dev, host, port, peer in (("seller", self.a, "cpsla", 1, ports[0], ports[1]),
                                                 ("buyer", self.b, "cpslb", 2, ports[1], ports[0])):
-            p = subprocess.Popen(
-                [sys.executable, __file__, "pump", side, dev, str(port), str(peer)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-            p.stdin.write(json.dumps([keys.seller_to_buyer.hex(), keys.buyer_to_seller.hex()]))
-            p.stdin.close()
-            if p.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"the {side}'s pump did not start")
-            self.procs[f"link_{side}"] = p
+            self.procs[f"link_{side}"] = _end(f"pump {side}", dev, port, peer, keys)
             _into(dev, ns, f"{SUBNETS['link']}.{host}")
+        # the buyer's endpoint (pump, switch, TAP) against the same seller's pump
+        keys = LinkKeys.generate(LINK_ID)  # a link of its own, its own keys
+        for side, role, ns, dev, host, port, peer in (
+                ("seller", "pump seller", self.a, "cpsea", 1, ports[4], ports[5]),
+                ("buyer", "endpoint", self.b, "cpseb", 2, ports[5], ports[4])):
+            self.procs[f"endpoint_{side}"] = _end(role, dev, port, peer, keys)
+            _into(dev, ns, f"{SUBNETS['endpoint']}.{host}")
         # vde_plug, the same plumbing without encryption
         if with_vde:
             for side, ns, dev, host, port, peer in (("a", self.a, "cpsda", 1, ports[2], ports[3]),
@@ -120,7 +146,7 @@ class Net:
                 _into(dev, ns, f"{SUBNETS['vde']}.{host}")
 
     def ends(self, way: str) -> list[subprocess.Popen]:
-        prefix = {"link": "link_", "vde": "vde_"}.get(way)
+        prefix = {"link": "link_", "endpoint": "endpoint_", "vde": "vde_"}.get(way)
         return [p for k, p in self.procs.items() if prefix and k.startswith(prefix)]
 
     def close(self) -> None:
@@ -233,7 +259,7 @@ def run(quick: bool = False) -> dict:
         raise RuntimeError(why)
     with_vde = shutil.which("vde_plug") is not None
     seconds, rounds, pings = (2, 1, 300) if quick else (5, 3, 2000)
-    ways = ["veth", "link"] + (["vde"] if with_vde else [])
+    ways = ["veth", "link", "endpoint"] + (["vde"] if with_vde else [])
     net = Net(with_vde)
     runs: dict[str, list[dict]] = {w: [] for w in ways}
     try:
@@ -243,7 +269,7 @@ def run(quick: bool = False) -> dict:
                 runs[w].append(_iperf(net, w, seconds, port))
                 port += 1
         rtt = {w: _ping(net, w, pings) for w in ways}
-        drops = _pump_drops(net)
+        drops, ep_counters = _counters(net, "link"), _counters(net, "endpoint")
     finally:
         net.close()
     best = {w: max(rs, key=lambda r: r["mb_per_s"]) for w, rs in runs.items()}
@@ -255,7 +281,12 @@ def run(quick: bool = False) -> dict:
            "rtt_us": {w: round(r["median_us"], 1) for w, r in rtt.items()},
            "rtt_p99_us": {w: round(r["p99_us"], 1) for w, r in rtt.items()},
            "link_added_rtt_us": rtt["link"]["median_us"] - rtt["veth"]["median_us"],
-           "all_rounds": runs, "best": best, "pump_drops_after": drops}
+           "endpoint_mb_per_s": best["endpoint"]["mb_per_s"],
+           "endpoint_vs_link": best["endpoint"]["mb_per_s"] / link,
+           "endpoint_cpu_s_per_gb": best["endpoint"]["cpu_s_per_gb"],
+           "endpoint_added_rtt_us": rtt["endpoint"]["median_us"] - rtt["veth"]["median_us"],
+           "all_rounds": runs, "best": best, "pump_drops_after": drops,
+           "endpoint_counters_after": ep_counters}
     if with_vde:
         out.update(vde_mb_per_s=best["vde"]["mb_per_s"],
                    link_vs_vde=link / best["vde"]["mb_per_s"],
@@ -264,11 +295,11 @@ def run(quick: bool = False) -> dict:
     return out
 
 
-def _pump_drops(net: Net) -> dict:
-    """Each pump prints its counters when it ends: a SIGTERM now, read them."""
+def _counters(net: Net, way: str) -> dict:
+    """Each end of `way` prints its counters when it ends: a SIGTERM now, read them."""
     out = {}
     for side in ("seller", "buyer"):
-        p = net.procs[f"link_{side}"]
+        p = net.procs[f"{way}_{side}"]
         p.send_signal(signal.SIGTERM)
         try:
             p.wait(5)
@@ -276,6 +307,26 @@ def _pump_drops(net: Net) -> dict:
         except (subprocess.TimeoutExpired, ValueError):
             out[side] = None
     return out
+
+
+def _endpoint(dev: str, port: int, peer: int) -> None:
+    """The buyer's end as the product runs it: cpushare.vpn.endpoint.Endpoint
+    over a UDP socket and a TAP, one node's link added as the agent adds it."""
+    from cpushare.vpn.datagram import LinkKeys, open_tap, udp_socket
+    from cpushare.vpn.endpoint import Endpoint
+    s2b, b2s = json.loads(sys.stdin.read())
+    keys = LinkKeys(LINK_ID, bytes.fromhex(s2b), bytes.fromhex(b2s))
+    # SIGTERM is waited for, not handled: blocked before the threads start
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    fd, _ = open_tap(dev)
+    ep = Endpoint(udp_socket(("127.0.0.1", port)), fd).start()
+    ep.add(LINK_ID, "node0", keys.buyer_to_seller, keys.seller_to_buyer, start=0,
+           limit=2**32, peer=("127.0.0.1", peer))
+    print("ready", flush=True)
+    signal.sigwait({signal.SIGTERM})
+    st = ep.stats()
+    ep.stop()
+    print(json.dumps(st, default=str), flush=True)
 
 
 def _pump(side: str, dev: str, port: int, peer: int) -> None:
@@ -300,6 +351,9 @@ def _pump(side: str, dev: str, port: int, peer: int) -> None:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["pump"]:
         _pump(argv[1], argv[2], int(argv[3]), int(argv[4]))
+        return 0
+    if argv[:1] == ["endpoint"]:
+        _endpoint(argv[1], int(argv[2]), int(argv[3]))
         return 0
     r = run(quick="--quick" in argv)
     print(json.dumps({k: v for k, v in r.items() if k not in ("all_rounds",)}, indent=2,
