@@ -158,6 +158,7 @@ def test_both_nodes_lease_from_the_buyers_dhcp_answer_ssh_and_see_each_other(wor
         # its MAC is the one its seller's agent gave the guest (52:54 + link id)
         assert node["mac"] == "52:54:" + ":".join(
             f"{b:02x}" for b in node["link_id"].to_bytes(4, "big"))
+        assert 0 <= time.time() - node["last_heard"] < 2 * 25 + 5  # (keepalives every 25 s)
         out = world.ssh(ip, "cat /sys/class/net/eth0/address; ip -4 addr show eth0").stdout
         assert node["mac"] in out and ip in out
         seen[name] = node["seller_address"]

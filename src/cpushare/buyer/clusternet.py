@@ -257,9 +257,11 @@ class ClusterNet:
             st = live.get(str(link.link_id), {}) if not link.ended else {}
             base = link.base or {}
             mac = node_mac(link.link_id)
+            heard = st.get("last_heard")  # (the pump's clock: CLOCK_MONOTONIC, as ours)
             d = {"link_id": link.link_id, "mac": mac, "ip": leases.get(mac),
                  "seller_address": f"{link.peer[0]}:{link.peer[1]}" if link.peer else None,
-                 "last_heard": st.get("last_heard"), "on_switch": not link.ended}
+                 "last_heard": None if not heard else time.time() - (time.monotonic() - heard),
+                 "on_switch": not link.ended}
             for k in ("frames_in", "frames_out", "bytes_in", "bytes_out") + DROP_COUNTERS:
                 d[k] = base.get(k, 0) + (st.get(k) or 0)
             if not link.ended or link.link_id == self.by_node.get(link.node):
