@@ -17,6 +17,7 @@ DEB_DEPS = \
 	dbus systemd-container mmdebstrap iproute2 iperf3 vde2 \
 	qemu-system-x86 grub-pc-bin grub-common xorriso mtools busybox-static cpio \
 	dropbear-bin openssh-client dnsmasq-base nfs-ganesha nfs-ganesha-vfs iptables tcpdump \
+	postgresql python3-psycopg \
 	debhelper dh-python devscripts lintian fakeroot man-db groff-base
 
 .PHONY: all deps build check test bench demo deb clean

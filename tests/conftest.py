@@ -42,3 +42,26 @@ def expected_mode() -> str:
 @pytest.fixture(scope="session")
 def root_dir() -> str:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster for the session (tests/pgcluster.py),
+    stopped and removed at its end; skipped only where the machine has no
+    PostgreSQL server or psycopg."""
+    import pgcluster
+    why = pgcluster.missing()
+    if why:
+        pytest.skip(why)
+    cluster = pgcluster.PgCluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def market_db(request):
+    """The database of a test's market: None (a SQLite file in its directory)
+    or a new PostgreSQL database's URL; a test that takes it runs on both."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("pg_cluster").database()

@@ -29,8 +29,8 @@ from test_e2e_support import (PYTHON, LocalMarket, env, job, spin_count_for, spi
 
 
 @pytest.fixture
-def market(tmp_path):
-    m = LocalMarket(tmp_path / "market")
+def market(tmp_path, market_db):
+    m = LocalMarket(tmp_path / "market", db=market_db)
     m.account("buyer", 1000)
     m.account("alice")
     m.account("bob")

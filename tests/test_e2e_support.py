@@ -142,17 +142,18 @@ class LocalMarket:
     tests/netns.py); `wrap_seller` gives a seller its own."""
 
     def __init__(self, root: Path, *, price: str = "0.010", host: str = "127.0.0.1",
-                 wrap: list[str] | None = None):
+                 wrap: list[str] | None = None, db: str | None = None):
         self.host = host
         self.wrap = list(wrap or [])
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.db = self.root / "market.db"
+        self.db = db or self.root / "market.db"  # (a path, or a postgresql:// URL)
         self.port = free_port()
         self.server: Proc | None = None
         self.sellers: dict[str, Proc] = {}
         self.procs: list[Proc] = []
-        self.cli("init", "--listen", f"{host}:{self.port}")
+        images = ["--images", str(self.root / "images")] if db else []
+        self.cli(*images, "init", "--listen", f"{host}:{self.port}")
 
     # --- admin CLI ----------------------------------------------------------
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -188,6 +189,13 @@ class LocalMarket:
 
     def ca_credentials(self) -> tuple[str, str]:
         """(CA certificate, CA key) PEMs of this market, to forge test certificates."""
+        if isinstance(self.db, str):  # postgresql://
+            from cpushare.market.store.pg import PostgresStore
+            store = PostgresStore(self.db)
+            try:
+                return store.get_meta("ca_cert"), store.get_meta("ca_key")
+            finally:
+                store.close()
         import sqlite3
         db = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
         try:

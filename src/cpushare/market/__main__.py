@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "administration (see cpushare-server(8)).")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument("--db", default=os.environ.get("CPUSHARE_SERVER_DB", admin.DEFAULT_DB),
-                   help=f"the market database (default: $CPUSHARE_SERVER_DB or {admin.DEFAULT_DB})")
+                   help=f"the market database: a SQLite file, or postgresql://... (default: "
+                        f"$CPUSHARE_SERVER_DB or {admin.DEFAULT_DB})")
+    p.add_argument("--images", metavar="DIR",
+                   help="with a postgresql:// database: the directory of this machine for "
+                        "chunked images (ISOs); given at init, kept in the database")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     s = sub.add_parser("init", help="create the database, the market CA and server certificate")
@@ -69,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-wait", type=float, default=0, metavar="SECONDS",
                    help="fail, and refund, a task no seller has taken for this long "
                         "(default 0: it waits for ever)")
-    s.add_argument("--synchronous", choices=("full", "normal"), default="normal",
+    s.add_argument("--synchronous", choices=("full", "normal"),
                    help="SQLite durability of each group commit (default normal)")
     s.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"))
@@ -147,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_init(args) -> int:
-    admin.init(args.db, args.listen, args.name).close()
-    print(f"initialised {args.db}")
+    store = admin.init(args.db, args.listen, args.name, images=args.images)
+    print(f"initialised {store.path}")
+    store.close()
     return 0
 
 
@@ -162,7 +167,14 @@ def cmd_serve(args) -> int:
         print(f"{PROG}: --max-wait {args.max_wait:g}: must be 0 (never) or a number of "
               f"seconds", file=sys.stderr)
         return 2
-    store = admin.open_store(args.db, args.synchronous)
+    sync = args.synchronous or (None if admin.is_url(args.db) else "normal")  # (the default)
+    store = admin.open_store(args.db, sync, args.images)
+    if hasattr(store, "lock_serving"):
+        try:
+            store.lock_serving()
+        except admin.StoreError as e:
+            store.close()
+            raise admin.AdminError(str(e)) from None
     store.checkpoint_in_background()
     host, port = orders.split_hostport(args.listen or store.get_meta("listen"))
     ctx = admin.tls_context(store)
@@ -232,23 +244,23 @@ async def _watchdog(interval: float) -> None:
 
 def cmd_account(args) -> int:
     if args.sub == "add":
-        store = admin.open_store(args.db)
+        store = admin.open_store(args.db, images=args.images)
         admin.add_account(store, args.name, args.coins)
         print(f"{args.name} {orders.format_coins(store.account(args.name).balance_milli)}")
     elif args.sub == "mint":
-        store = admin.open_store(args.db)
+        store = admin.open_store(args.db, images=args.images)
         with store.transaction():
             admin.mint(store, args.name, args.coins)
         print(f"{args.name} {orders.format_coins(store.account(args.name).balance_milli)}")
     else:
-        store = admin.open_store(args.db)
+        store = admin.open_store(args.db, images=args.images)
         for a in store.accounts():
             print(f"{a.name} {orders.format_coins(a.balance_milli)}")
     return 0
 
 
 def cmd_order(args) -> int:
-    store = admin.open_store(args.db)
+    store = admin.open_store(args.db, images=args.images)
     if args.cmd == "sell-order":
         oid = admin.add_sell_order(
             store, args.account, args.price, args.output, model=args.model,
@@ -266,14 +278,14 @@ def cmd_order(args) -> int:
 
 
 def cmd_balance(args) -> int:
-    store = admin.open_store(args.db)
+    store = admin.open_store(args.db, images=args.images)
     acct = admin._account(store, args.account)
     print(f"{acct.name} {orders.format_coins(acct.balance_milli)}")
     return 0
 
 
 def cmd_ledger(args) -> int:
-    store = admin.open_store(args.db)
+    store = admin.open_store(args.db, images=args.images)
     problems = store.check()
     if problems:
         for p in problems:
@@ -288,7 +300,7 @@ def cmd_ledger(args) -> int:
 
 
 def cmd_cert(args) -> int:
-    store = admin.open_store(args.db)
+    store = admin.open_store(args.db, images=args.images)
     import time
     if args.sub == "list":
         for c in store.certs():

@@ -19,6 +19,7 @@ from .. import order as orders
 from ..protocol import server_context
 from . import ca
 from .store import SQLiteStore, Store, StoreError
+from .store.pg import is_url
 
 DEFAULT_DB = "/var/lib/cpushare-server/market.db"
 DEFAULT_LISTEN = "127.0.0.1:7300"
@@ -88,7 +89,7 @@ def _check_price(price_milli: int) -> None:
 
 
 def init(db: str, listen: str = DEFAULT_LISTEN, name: str | None = None,
-         ca_days: int = ca.DEFAULT_CA_DAYS) -> SQLiteStore:
+         ca_days: int = ca.DEFAULT_CA_DAYS, images: str | None = None) -> Store:
     """Create the store, the market's CA and its server certificate."""
     if not 1 <= ca_days <= MAX_DAYS:
         raise AdminError(f"the CA's validity must be 1..{MAX_DAYS} days, not {ca_days}")
@@ -96,6 +97,11 @@ def init(db: str, listen: str = DEFAULT_LISTEN, name: str | None = None,
         host, port = orders.split_hostport(listen)
     except ValueError as e:
         raise AdminError(f"--listen: {e}") from None
+    if is_url(db):
+        return _init_pg(db, host, port, name, ca_days, images)
+    if images is not None:
+        raise AdminError("--images: a SQLite market keeps its images beside its file "
+                         f"({db}.images); --images is for a postgresql:// database")
     if os.path.exists(db):
         raise AdminError(f"{db}: exists already; the market there keeps its CA and ledger "
                          f"(remove the file to start a new market)")
@@ -133,9 +139,50 @@ def _init_ca(store: SQLiteStore, host: str, port: int, public: str, ca_days: int
             store.set_meta(k, v)
 
 
-def open_store(db: str, synchronous: str = "full") -> SQLiteStore:
+def _init_pg(url: str, host: str, port: int, name: str | None, ca_days: int,
+             images: str | None) -> Store:
+    from .store.pg import PostgresStore
+    if not images:
+        raise AdminError("--images DIR: a market on PostgreSQL keeps chunked images (ISOs) "
+                         "in a directory of this machine: give one")
+    images = os.path.abspath(images)
+    os.makedirs(images, mode=0o700, exist_ok=True)
     try:
-        store = SQLiteStore(db, synchronous=synchronous)
+        store = PostgresStore(url, image_dir=images, create=True)
+    except StoreError as e:
+        raise AdminError(str(e)) from None
+    if store.get_meta("ca_cert") is not None:
+        store.close()
+        raise AdminError(f"{store.path}: holds a market already; it keeps its CA and ledger")
+    public = name or (socket.getfqdn() if host in _WILDCARDS else host)
+    try:
+        with store.transaction():
+            store.set_meta("image_dir", images)
+        _init_ca(store, host, port, public, ca_days)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def open_store(db: str, synchronous: str | None = None, images: str | None = None) -> Store:
+    if is_url(db):
+        from .store.pg import PostgresStore
+        if synchronous is not None:
+            raise AdminError("--synchronous is SQLite's; PostgreSQL's durability is its own "
+                             "synchronous_commit setting")
+        try:
+            store = PostgresStore(db, image_dir=images)
+        except StoreError as e:
+            raise AdminError(str(e)) from None
+        if store.get_meta("ca_cert") is None:
+            store.close()
+            raise AdminError(f"{store.path}: has no market CA (run init)")
+        return store
+    if images is not None:
+        raise AdminError("--images is for a postgresql:// database")
+    try:
+        store = SQLiteStore(db, synchronous=synchronous or "full")
     except StoreError as e:
         raise AdminError(str(e)) from None
     if store.get_meta("ca_cert") is None:

@@ -19,9 +19,10 @@ class AccountsMixin:
 
     def add_account(self, name: str) -> int:
         try:
-            return self.db.execute("INSERT INTO accounts (name, created) VALUES (?, ?)",
-                                   (name, time.time())).lastrowid
-        except sqlite3.IntegrityError:
+            with self.op():  # (PostgreSQL: the transaction goes on after the refusal)
+                return self.db.execute("INSERT INTO accounts (name, created) VALUES (?, ?) "
+                                       "RETURNING id", (name, time.time())).fetchone()[0]
+        except self.IntegrityError:
             raise StoreError(f"account {name!r} exists already") from None
 
     def account(self, name: str) -> Account | None:
@@ -65,9 +66,9 @@ class AccountsMixin:
                        memory, output) -> int:
         return self.db.execute(
             "INSERT INTO sell_orders (account_id, price_milli, model, cpu_seconds, wall_seconds,"
-            " memory, output, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " memory, output, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (account_id, price_milli, model, cpu_seconds, wall_seconds, memory, output,
-             time.time())).lastrowid
+             time.time())).fetchone()[0]
 
     def sell_order(self, order_id: int) -> SellOrderRow:
         row = self.db.execute(
@@ -83,9 +84,9 @@ class AccountsMixin:
         return self.db.execute(
             "INSERT INTO buy_orders (account_id, price_milli, redundancy, max_cpu_seconds, "
             "created, model, memory, max_nodes, accel, boot_seconds) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (account_id, price_milli, redundancy, max_cpu_seconds, time.time(),
-             model, memory, max_nodes, accel, boot_seconds)).lastrowid
+             model, memory, max_nodes, accel, boot_seconds)).fetchone()[0]
 
     def buy_order(self, order_id: int) -> BuyOrderRow:
         row = self.db.execute("SELECT id, account_id, price_milli, redundancy, max_cpu_seconds, "

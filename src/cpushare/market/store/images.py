@@ -6,8 +6,6 @@ import sqlite3
 import time
 from typing import Iterable
 
-from .files import IN_FILE
-
 
 class ImagesMixin:
     """Images of SQLiteStore (sqlite.py); those of chunked models are files that
@@ -17,8 +15,8 @@ class ImagesMixin:
 
     def put_image(self, digest: str, data: bytes, account_id: int = 0) -> None:
         now = time.time()
-        self.db.execute("INSERT OR IGNORE INTO images (digest, data, created, account_id, size, "
-                        "used) VALUES (?, ?, ?, ?, ?, ?)",
+        self.db.execute("INSERT INTO images (digest, data, created, account_id, size, used) "
+                        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                         (digest, data, now, account_id, len(data), now))
 
     def image_usage(self, account_id: int) -> tuple[int, int]:
@@ -43,13 +41,13 @@ class ImagesMixin:
 
     def image(self, digest: str) -> bytes | None:
         row = self.db.execute("SELECT data FROM images WHERE digest = ?", (digest,)).fetchone()
-        return row[0] if row and row[0] != IN_FILE else None
+        return row[0] if row and row[0] != self.in_file else None
 
     def put_image_file(self, digest: str, size: int, account_id: int) -> None:
         now = time.time()
-        self.db.execute("INSERT OR IGNORE INTO images (digest, data, created, account_id, size, "
-                        "used) VALUES (?, ?, ?, ?, ?, ?)",
-                        (digest, IN_FILE, now, account_id, size, now))
+        self.db.execute("INSERT INTO images (digest, data, created, account_id, size, used) "
+                        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                        (digest, self.in_file, now, account_id, size, now))
 
     def image_size(self, digest: str) -> int | None:
         row = self.db.execute("SELECT size FROM images WHERE digest = ?", (digest,)).fetchone()
@@ -57,4 +55,4 @@ class ImagesMixin:
 
     def image_file_digests(self) -> set[str]:
         return {d for d, in self.db.execute("SELECT digest FROM images WHERE data = ?",
-                                            (IN_FILE,))}
+                                            (self.in_file,))}

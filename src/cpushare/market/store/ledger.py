@@ -32,8 +32,10 @@ class LedgerMixin:
         return row[0] if row else 0
 
     def set_carry(self, buyer_account_id: int, seller_account_id: int, rest: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO carries (buyer_account_id, seller_account_id, "
-                        "rest) VALUES (?, ?, ?)", (buyer_account_id, seller_account_id, rest))
+        self.db.execute("INSERT INTO carries (buyer_account_id, seller_account_id, rest) "
+                        "VALUES (?, ?, ?) ON CONFLICT (buyer_account_id, seller_account_id) "
+                        "DO UPDATE SET rest = excluded.rest",
+                        (buyer_account_id, seller_account_id, rest))
 
     # --- the ledger -------------------------------------------------------
 
@@ -54,7 +56,8 @@ class LedgerMixin:
         if any(type(m) is not int for _, m in entries):
             raise StoreError(f"{kind} transaction has a non-integer amount: {entries}")
         txn = self.db.execute("INSERT INTO transactions (kind, task_id, memo, created) "
-                              "VALUES (?, ?, ?, ?)", (kind, task_id, memo, time.time())).lastrowid
+                              "VALUES (?, ?, ?, ?) RETURNING id",
+                              (kind, task_id, memo, time.time())).fetchone()[0]
         # The entries and the balances they change are written once per group
         # commit (_write_ledger), in the same SQLite transaction: one statement
         # each for many transfers.  Reads of balances add what is pending.
@@ -98,7 +101,7 @@ class LedgerMixin:
         problems: list[str] = []
         own = not self.db.in_transaction
         if own:
-            q("BEGIN")  # a read transaction: one snapshot for every query below
+            q(self.snapshot_begin)  # a read transaction: one snapshot for every query below
         try:
             for txn, kind, total in q(
                     "SELECT t.id, t.kind, COALESCE(s.total, 0) FROM transactions t LEFT JOIN "

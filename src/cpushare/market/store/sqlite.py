@@ -17,7 +17,7 @@ from typing import Iterator
 
 from .accounts import AccountsMixin
 from .api import Store
-from .files import FilesMixin
+from .files import BIG, IN_FILE, FilesMixin
 from .images import ImagesMixin
 from .ledger import LedgerMixin
 from .rows import ESCROW, MINT, StoreError
@@ -33,6 +33,11 @@ class SQLiteStore(FilesMixin, AccountsMixin, ImagesMixin, TasksMixin, LedgerMixi
     kill of the server (the WAL is in the page cache), but a power loss
     may undo the last commits, all of a commit or nothing of it.
     """
+
+    IntegrityError = sqlite3.IntegrityError  # (the mixins' SQL is the same on PostgreSQL)
+    big = BIG  # inputs larger than this are files (files.py) ...
+    in_file = IN_FILE  # ... and their column holds this
+    snapshot_begin = "BEGIN"  # (a read transaction is one snapshot)
 
     def __init__(self, path: str, *, synchronous: str = "full", create: bool = False):
         self.path = path
@@ -220,4 +225,5 @@ class SQLiteStore(FilesMixin, AccountsMixin, ImagesMixin, TasksMixin, LedgerMixi
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
+                        "DO UPDATE SET value = excluded.value", (key, value))

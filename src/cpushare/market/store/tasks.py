@@ -6,7 +6,6 @@ import sqlite3
 import time
 from typing import Iterable
 
-from .files import BIG, IN_FILE
 from .rows import AttemptRow, Result, StoreError, TaskRow
 
 
@@ -23,14 +22,14 @@ class TasksMixin:
     def add_task(self, buy_order_id, buyer_account_id, ref, image, input_, redundancy,
                  cpu_ms, bid_milli, escrow_milli=0, session=False, model="seccomp") -> int:
         """A queued task; `escrow_milli` must be moved to escrow in the same transaction."""
-        big = len(input_) > BIG
+        big = len(input_) > self.big
         tid = self.db.execute(
             "INSERT INTO tasks (buy_order_id, buyer_account_id, ref, image, input, redundancy,"
             " cpu_ms, bid_milli, escrow_milli, session, created, model) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (buy_order_id, buyer_account_id, ref, image, IN_FILE if big else input_,
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (buy_order_id, buyer_account_id, ref, image, self.in_file if big else input_,
              redundancy, cpu_ms, bid_milli, escrow_milli, int(session), time.time(),
-             model)).lastrowid
+             model)).fetchone()[0]
         if big:
             self._put(f"t{tid}.in", input_)
         return tid
@@ -64,8 +63,8 @@ class TasksMixin:
     def add_attempt(self, task_id, sell_order_id, seller_account_id, ask_milli) -> int:
         return self.db.execute(
             "INSERT INTO attempts (task_id, sell_order_id, seller_account_id, ask_milli, started)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (task_id, sell_order_id, seller_account_id, ask_milli, time.time())).lastrowid
+            " VALUES (?, ?, ?, ?, ?) RETURNING id",
+            (task_id, sell_order_id, seller_account_id, ask_milli, time.time())).fetchone()[0]
 
     def attempts(self, task_id: int) -> list[AttemptRow]:
         return [AttemptRow(*r) for r in self.db.execute(
