@@ -25,8 +25,8 @@ BUYER_COINS = 1000
 
 
 @pytest.fixture
-def market(tmp_path):
-    m = LocalMarket(tmp_path / "market")
+def market(tmp_path, market_db):
+    m = LocalMarket(tmp_path / "market", db=market_db)
     m.account("buyer", BUYER_COINS)
     for name in ("alice", "bob", "carol"):
         m.account(name)

@@ -34,8 +34,8 @@ def iso() -> Path:
 
 
 @pytest.fixture
-def market(tmp_path):
-    m = LocalMarket(tmp_path / "market")
+def market(tmp_path, market_db):
+    m = LocalMarket(tmp_path / "market", db=market_db)
     m.account("buyer", COINS)
     for name in ("alice", "bob"):
         m.account(name)
