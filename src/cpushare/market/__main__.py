@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"))
 
+    s = sub.add_parser("migrate", help="move a SQLite market into an empty PostgreSQL "
+                       "database (stop its server first)")
+    s.add_argument("--from", dest="src", required=True, metavar="PATH",
+                   help="the SQLite market database")
+    s.add_argument("--to", dest="dst", required=True, metavar="postgresql://...",
+                   help="an empty PostgreSQL database (with --images DIR)")
+
     acc = sub.add_parser("account", help="accounts").add_subparsers(
         dest="sub", metavar="SUBCOMMAND", required=True)
     s = acc.add_parser("add", help="create an account, optionally minting coins for it")
@@ -277,6 +284,18 @@ def cmd_order(args) -> int:
     return 0
 
 
+def cmd_migrate(args) -> int:
+    from .migrate import migrate
+    from .store.pg import is_url
+    if not is_url(args.dst):
+        raise admin.AdminError(f"--to {args.dst}: a postgresql:// URL")
+    s = migrate(args.src, args.dst, args.images)
+    print(f"moved: ledger ok on both, {s['transactions']} transactions, {s['accounts']} "
+          f"accounts, minted {orders.format_coins(s['minted'])}, in escrow "
+          f"{orders.format_coins(s['escrow'])}")
+    return 0
+
+
 def cmd_balance(args) -> int:
     store = admin.open_store(args.db, images=args.images)
     acct = admin._account(store, args.account)
@@ -321,7 +340,7 @@ def cmd_cert(args) -> int:
 
 COMMANDS = {"init": cmd_init, "serve": cmd_serve, "account": cmd_account,
             "sell-order": cmd_order, "buy-order": cmd_order, "balance": cmd_balance,
-            "ledger": cmd_ledger, "cert": cmd_cert}
+            "ledger": cmd_ledger, "cert": cmd_cert, "migrate": cmd_migrate}
 
 
 def main(argv: list[str] | None = None) -> int:
