@@ -1032,7 +1032,7 @@ def test_the_market_uses_only_the_store_interface():
     from cpushare.market.store import Store
     text = "".join(p.read_text(encoding="utf-8")
                    for p in pathlib.Path(server.__file__).parent.glob("*.py")
-                   if p.name not in ("admin.py", "__main__.py", "ca.py"))
+                   if p.name not in ("admin.py", "__main__.py", "ca.py", "migrate.py"))
     used = set(re.findall(r"(?<![\w.])(?:self\.store|store|self\._tx\(\))\.([a-z_]+)\b",
                           text))
     declared = set(dir(Store)) | set(Store.__annotations__)

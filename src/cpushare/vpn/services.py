@@ -129,9 +129,38 @@ def configure_tap(name: str, subnet: Subnet, mtu: int) -> None:
             raise ServiceError(f"{' '.join(argv)}: {r.stderr.strip() or r.returncode}")
 
 
+class _Server:
+    """A server child process: its files in `dir` named after `name`."""
+
+    name = ""
+    dir = ""
+    proc: subprocess.Popen
+
+    def _start(self, argv: list[str], launch: Launch) -> str:
+        """Start argv, its output to DIR/NAME.stderr; that file's path."""
+        errpath = os.path.join(self.dir, f"{self.name}.stderr")
+        with open(errpath, "wb") as err:
+            try:
+                self.proc = launch(argv, stdin=subprocess.DEVNULL, stdout=err,
+                                   stderr=subprocess.STDOUT)
+            except OSError as e:
+                raise ServiceError(f"{argv[0]}: {e.strerror}") from None
+        return errpath
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+    def log(self) -> str:
+        return "\n".join(_read(os.path.join(self.dir, f"{self.name}.{n}"))
+                         for n in ("stderr", "log"))
+
+
 # --- DHCP ---------------------------------------------------------------------------
 
-class Dnsmasq:
+class Dnsmasq(_Server):
     """dnsmasq as a DHCP server only (no DNS: --port=0) on one interface:
 
         dnsmasq --keep-in-foreground --conf-file=/dev/null --port=0
@@ -146,6 +175,8 @@ class Dnsmasq:
     (--no-ping: dnsmasq's check that an address is free costs about 3 s an
     offer.  The MTU option is written option:mtu: a bare "mtu," is taken as
     a tag and nothing is sent.)"""
+
+    name = "dnsmasq"
 
     def __init__(self, interface: str, subnet: Subnet, workdir: str, *, mtu: int | None,
                  lease: str = DHCP_LEASE, router: bool = False, launch: Launch = subprocess.Popen,
@@ -173,27 +204,11 @@ class Dnsmasq:
             self.argv.append(f"--dhcp-option=option:mtu,{mtu}")
         if not router:
             self.argv.append("--dhcp-option=option:router")
-        errpath = os.path.join(workdir, "dnsmasq.stderr")
-        with open(errpath, "wb") as err:
-            try:
-                self.proc = launch(self.argv, stdin=subprocess.DEVNULL, stdout=err,
-                                   stderr=subprocess.STDOUT)
-            except OSError as e:
-                raise ServiceError(f"dnsmasq: {e.strerror}") from None
+        errpath = self._start(self.argv, launch)
         if not _wait(lambda: os.path.exists(self.pidfile), self.proc, timeout):
             self.stop()
             raise ServiceError(f"dnsmasq did not start on {interface}: "
                                f"{_tail(errpath) or _tail(self.logfile)}")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        _stop(self.proc)
-
-    def log(self) -> str:
-        return "\n".join(_read(os.path.join(self.dir, n)) for n in ("dnsmasq.stderr",
-                                                                      "dnsmasq.log"))
 
     def leases(self) -> dict[str, str]:
         """MAC -> IP of each lease given."""
@@ -224,7 +239,7 @@ def _read(path: str) -> str:
 
 # --- NFS ----------------------------------------------------------------------------
 
-class Ganesha:
+class Ganesha(_Server):
     """nfs-ganesha (userspace; it needs no nfsd in the kernel) exporting one
     directory over NFSv4 (4.0 to 4.2) on TCP at ADDRESS:2049, as /export,
     read-write, to `clients` (a subnet) only, root not squashed (the nodes
@@ -235,6 +250,8 @@ class Ganesha:
     NFSv4 needs no rpcbind (ganesha logs that it cannot register and serves
     all the same); v3 is off.  Graceless: no 90 s grace period before the
     first open.  Its D-Bus and Kerberos complaints in the log are harmless."""
+
+    name = "ganesha"
 
     def __init__(self, address: str, export_dir: str, workdir: str, *, clients: str,
                  pseudo: str = NFS_PSEUDO, launch: Launch = subprocess.Popen,
@@ -286,13 +303,7 @@ LOG {{ Default_Log_Level = EVENT; }}
 """)
         self.argv = ["ganesha.nfsd", "-F", "-f", self.conf, "-L", self.logfile,
                      "-p", self.pidfile]
-        errpath = os.path.join(workdir, "ganesha.stderr")
-        with open(errpath, "wb") as err:
-            try:
-                self.proc = launch(self.argv, stdin=subprocess.DEVNULL, stdout=err,
-                                   stderr=subprocess.STDOUT)
-            except OSError as e:
-                raise ServiceError(f"ganesha.nfsd: {e.strerror}") from None
+        errpath = self._start(self.argv, launch)
         if not _wait(ready or (lambda: listening(address, NFS_PORT)), self.proc, timeout):
             self.stop()
             raise ServiceError(f"nfs-ganesha does not listen on {address}:{NFS_PORT}: "
@@ -303,15 +314,6 @@ LOG {{ Default_Log_Level = EVENT; }}
         """The command that mounts the export on a node."""
         return f"mount -t nfs {self.address}:{self.pseudo} /mnt"
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        _stop(self.proc)
-
-    def log(self) -> str:
-        return "\n".join(_read(os.path.join(self.dir, n)) for n in ("ganesha.stderr",
-                                                                      "ganesha.log"))
 
 
 def listening(address: str, port: int) -> bool:

@@ -21,10 +21,8 @@ and `serve` refuses to start beside another (an advisory lock).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from decimal import Decimal
-from typing import Iterator
 
 from .accounts import AccountsMixin
 from .api import Store
@@ -34,6 +32,7 @@ from .pgschema import PG_SCHEMA
 from .rows import ESCROW, MINT, StoreError
 from .schema import SCHEMA_VERSION
 from .tasks import TasksMixin
+from .txn import TxnMixin
 
 SERVE_LOCK = 0x43505553  # pg_advisory_lock key of the one serving process ("CPUS")
 
@@ -112,7 +111,8 @@ class PgFilesMixin:
         return 0
 
 
-class PostgresStore(PgFilesMixin, AccountsMixin, ImagesMixin, TasksMixin, LedgerMixin, Store):
+class PostgresStore(PgFilesMixin, AccountsMixin, ImagesMixin, TasksMixin, LedgerMixin, TxnMixin,
+                    Store):
     big = float("inf")  # every input and output stays in its column
     in_file = b"file"  # the data of an image whose bytes are a file in image_dir
     snapshot_begin = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
@@ -178,30 +178,7 @@ class PostgresStore(PgFilesMixin, AccountsMixin, ImagesMixin, TasksMixin, Ledger
     def in_transaction(self) -> bool:
         return self.db.in_transaction
 
-    @contextlib.contextmanager
-    def op(self) -> Iterator[None]:
-        self._sp += 1
-        name = f"op{self._sp}"
-        self.db.execute(f"SAVEPOINT {name}")
-        try:
-            yield
-        except BaseException:
-            self.db.execute(f"ROLLBACK TO SAVEPOINT {name}")
-            self.db.execute(f"RELEASE SAVEPOINT {name}")
-            raise
-        else:
-            self.db.execute(f"RELEASE SAVEPOINT {name}")
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        self.begin()
-        try:
-            yield
-        except BaseException:
-            self.rollback()
-            raise
-        else:
-            self.commit()
 
     def close(self) -> None:
         try:
@@ -230,9 +207,6 @@ class PostgresStore(PgFilesMixin, AccountsMixin, ImagesMixin, TasksMixin, Ledger
             return None
         return row[0] if row else None
 
-    def set_meta(self, key: str, value: str) -> None:
-        self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
-                        "DO UPDATE SET value = excluded.value", (key, value))
 
 
 def _int_sums(conn, psycopg) -> None:

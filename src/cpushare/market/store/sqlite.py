@@ -8,12 +8,10 @@ state, and share the attributes `__init__` sets up.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 import sqlite3
 import threading
 import time
-from typing import Iterator
 
 from .accounts import AccountsMixin
 from .api import Store
@@ -23,9 +21,11 @@ from .ledger import LedgerMixin
 from .rows import ESCROW, MINT, StoreError
 from .schema import SCHEMA, SCHEMA_VERSION, migrate
 from .tasks import TasksMixin
+from .txn import TxnMixin
 
 
-class SQLiteStore(FilesMixin, AccountsMixin, ImagesMixin, TasksMixin, LedgerMixin, Store):
+class SQLiteStore(FilesMixin, AccountsMixin, ImagesMixin, TasksMixin, LedgerMixin, TxnMixin,
+                  Store):
     """The state in one SQLite file in WAL mode.
 
     synchronous: 'full' makes every commit durable (an fsync of the WAL
@@ -140,32 +140,7 @@ class SQLiteStore(FilesMixin, AccountsMixin, ImagesMixin, TasksMixin, LedgerMixi
     def in_transaction(self) -> bool:
         return self.db.in_transaction
 
-    @contextlib.contextmanager
-    def op(self) -> Iterator[None]:
-        """One logical operation inside the open transaction (a savepoint)."""
-        self._sp += 1
-        name = f"op{self._sp}"
-        self.db.execute(f"SAVEPOINT {name}")
-        try:
-            yield
-        except BaseException:
-            self.db.execute(f"ROLLBACK TO {name}")
-            self.db.execute(f"RELEASE {name}")
-            raise
-        else:
-            self.db.execute(f"RELEASE {name}")
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """A transaction of its own (for the admin commands)."""
-        self.begin()
-        try:
-            yield
-        except BaseException:
-            self.rollback()
-            raise
-        else:
-            self.commit()
 
     def close(self) -> None:
         if self._checkpointer is not None:
@@ -224,6 +199,3 @@ class SQLiteStore(FilesMixin, AccountsMixin, ImagesMixin, TasksMixin, LedgerMixi
             return None
         return row[0] if row else None
 
-    def set_meta(self, key: str, value: str) -> None:
-        self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
-                        "DO UPDATE SET value = excluded.value", (key, value))
