@@ -72,8 +72,15 @@ def _note_start(r):
 
 
 def _note_tasks(r):
-    return (f"bare sandbox x2: {_num(_get(r, 'sandbox_ceiling_per_second'), '{:.0f}')}/s, "
+    note = (f"bare sandbox x2: {_num(_get(r, 'sandbox_ceiling_per_second'), '{:.0f}')}/s, "
             f"ratio {_num(_get(r, 'ratio_to_ceiling'), '{:.2f}')}")
+    pg = _get(r, "postgresql")
+    if isinstance(pg, dict):
+        note += (f"; PostgreSQL {_num(pg.get('tasks_per_second'), '{:.0f}')}/s, CPU/task "
+                 f"{_num(_get(r, 'pg_vs_sqlite_cpu_per_task'), '{:.2f}')}x SQLite's")
+    elif pg:
+        note += f"; PostgreSQL {pg}"
+    return note
 
 
 def _note_relay(r):

@@ -10,6 +10,14 @@ two sellers; that is the ceiling the market could reach on this machine.
 Goal: >= 1,000 tasks/s.  For scale: BOINC reports about 100 tasks/s for one
 server machine (8.8 M/day), one HTCondor schedd sustains about 55 jobs/s.
 
+The same run is made on each store, side by side: the SQLite file (the
+default) and a PostgreSQL database of a throwaway cluster (tests/pgcluster;
+skipped, and said so, where the machine has no PostgreSQL server), one
+market process each.  The CPU per task of PostgreSQL's own processes (the
+postmaster and its backends) is counted beside the market's; the row's
+ratio is PostgreSQL's CPU per task (market + database) to SQLite's (goal
+of the store's issue: no worse than 1.5x).
+
     /usr/bin/python3 bench/market_tasks.py [--quick]
 """
 
@@ -66,12 +74,55 @@ async def _buy(order, n: int) -> tuple[float, int]:
         return time.perf_counter() - t0, bad
 
 
+def _pg_cpu(postmaster: int) -> float:
+    """CPU seconds of a PostgreSQL cluster's processes: the postmaster and its children."""
+    total = _cpu(postmaster)
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                if ppid == postmaster:
+                    total += _cpu(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
+def _postmaster(pg) -> int:
+    with open(os.path.join(pg.data, "postmaster.pid")) as f:
+        return int(f.readline())
+
+
 def run(quick: bool = False) -> dict:
+    n = 600 if quick else 4000
+    out = _run_one(n, None)
+    try:
+        import pgcluster
+    except ImportError:
+        pgcluster = None
+    why = pgcluster.missing() if pgcluster else "tests/pgcluster.py is missing"
+    if why:
+        out["postgresql"] = f"skipped: {why}"
+        return out
+    pg = pgcluster.PgCluster.start()
+    try:
+        p = _run_one(n, pg)
+    finally:
+        pg.stop()
+    sqlite_cpu = out["cpu_us_per_task"]["server"]
+    pg_cpu = p["cpu_us_per_task"]["server"] + p["cpu_us_per_task"]["postgresql"]
+    out["postgresql"] = {k: p[k] for k in ("tasks_per_second", "cpu_us_per_task", "seconds")}
+    out["pg_vs_sqlite_rate"] = p["tasks_per_second"] / out["tasks_per_second"]
+    out["pg_vs_sqlite_cpu_per_task"] = pg_cpu / sqlite_cpu
+    return out
+
+
+def _run_one(n: int, pg) -> dict:
     from cpushare.order import load_buy
     from test_e2e_support import LocalMarket
-    n = 600 if quick else 4000
     with tempfile.TemporaryDirectory(prefix="cpushare-bench-") as tmp:
-        m = LocalMarket(Path(tmp))
+        m = LocalMarket(Path(tmp), db=pg.database() if pg else None)
         try:
             m.account("buyer", 1_000_000)
             m.account("alice")
@@ -83,10 +134,13 @@ def run(quick: bool = False) -> dict:
             asyncio.run(_buy(order, 50))  # warm up: images cached, connections made
             pids = {"server": m.server.pid, **{k: p.pid for k, p in m.sellers.items()}}
             before = {k: _cpu(pid) for k, pid in pids.items()}
+            pg0 = _pg_cpu(_postmaster(pg)) if pg else 0.0
             buyer0 = time.process_time()
             seconds, bad = asyncio.run(_buy(order, n))
             cpu_us = {k: (_cpu(pid) - before[k]) / n * 1e6 for k, pid in pids.items()}
             cpu_us["buyer"] = (time.process_time() - buyer0) / n * 1e6
+            if pg:
+                cpu_us["postgresql"] = (_pg_cpu(_postmaster(pg)) - pg0) / n * 1e6
             ledger = m.ledger_check()
         finally:
             m.close()
@@ -96,6 +150,8 @@ def run(quick: bool = False) -> dict:
         raise RuntimeError(f"bench.market_tasks: ledger check failed after the run:\n"
                            f"{ledger.stdout}{ledger.stderr}")
     rate = n / seconds
+    if pg:
+        return {"tasks_per_second": rate, "cpu_us_per_task": cpu_us, "seconds": seconds}
     ceiling = 2 * _sandbox_rate(n // 4)
     return {"measured": rate, "tasks": n, "seconds": seconds, "tasks_per_second": rate,
             "cpu_us_per_task": cpu_us,
@@ -115,6 +171,15 @@ def main(argv: list[str]) -> int:
     print(f"  ratio to the goal of {GOAL:.0f}/s: {r['ratio_to_goal']:.2f}; to BOINC's ~{BOINC:.0f}/s: "
           f"{r['ratio_to_boinc']:.1f}x; to an HTCondor schedd's ~{CONDOR:.0f}/s: "
           f"{r['ratio_to_condor']:.1f}x")
+    p = r["postgresql"]
+    if isinstance(p, str):
+        print(f"  on PostgreSQL: {p}")
+    else:
+        print(f"  on PostgreSQL, one market process, same run: {p['tasks_per_second']:.0f} "
+              f"tasks/s ({r['pg_vs_sqlite_rate']:.2f}x SQLite's); CPU per task: "
+              + ", ".join(f"{k} {v:.0f} us" for k, v in p["cpu_us_per_task"].items())
+              + f"; market + database CPU per task {r['pg_vs_sqlite_cpu_per_task']:.2f}x "
+                f"SQLite's (goal <= 1.5)")
     return 0
 
 
