@@ -89,6 +89,21 @@ def _pg_cpu(postmaster: int) -> float:
     return total
 
 
+def _db_counts(url: str) -> dict:
+    """The database's commits, rows written and statements run so far."""
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("SELECT pg_stat_clear_snapshot()")
+        commits, ins, upd, dele = c.execute(
+            "SELECT xact_commit, tup_inserted, tup_updated, tup_deleted FROM pg_stat_database "
+            "WHERE datname = current_database()").fetchone()
+        c.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        calls = c.execute("SELECT COALESCE(SUM(calls), 0) FROM pg_stat_statements s JOIN "
+                          "pg_database d ON d.oid = s.dbid WHERE d.datname = "
+                          "current_database()").fetchone()[0]
+    return {"commits": commits, "rows_written": ins + upd + dele, "statements": int(calls)}
+
+
 def _postmaster(pg) -> int:
     with open(os.path.join(pg.data, "postmaster.pid")) as f:
         return int(f.readline())
@@ -112,7 +127,8 @@ def run(quick: bool = False) -> dict:
         pg.stop()
     sqlite_cpu = out["cpu_us_per_task"]["server"]
     pg_cpu = p["cpu_us_per_task"]["server"] + p["cpu_us_per_task"]["postgresql"]
-    out["postgresql"] = {k: p[k] for k in ("tasks_per_second", "cpu_us_per_task", "seconds")}
+    out["postgresql"] = {k: p[k] for k in ("tasks_per_second", "cpu_us_per_task", "seconds",
+                                           "per_task")}
     out["pg_vs_sqlite_rate"] = p["tasks_per_second"] / out["tasks_per_second"]
     out["pg_vs_sqlite_cpu_per_task"] = pg_cpu / sqlite_cpu
     return out
@@ -135,12 +151,14 @@ def _run_one(n: int, pg) -> dict:
             pids = {"server": m.server.pid, **{k: p.pid for k, p in m.sellers.items()}}
             before = {k: _cpu(pid) for k, pid in pids.items()}
             pg0 = _pg_cpu(_postmaster(pg)) if pg else 0.0
+            db0 = _db_counts(m.db) if pg else None
             buyer0 = time.process_time()
             seconds, bad = asyncio.run(_buy(order, n))
             cpu_us = {k: (_cpu(pid) - before[k]) / n * 1e6 for k, pid in pids.items()}
             cpu_us["buyer"] = (time.process_time() - buyer0) / n * 1e6
             if pg:
                 cpu_us["postgresql"] = (_pg_cpu(_postmaster(pg)) - pg0) / n * 1e6
+                db = {k: (v - db0[k]) / n for k, v in _db_counts(m.db).items()}
             ledger = m.ledger_check()
         finally:
             m.close()
@@ -151,7 +169,8 @@ def _run_one(n: int, pg) -> dict:
                            f"{ledger.stdout}{ledger.stderr}")
     rate = n / seconds
     if pg:
-        return {"tasks_per_second": rate, "cpu_us_per_task": cpu_us, "seconds": seconds}
+        return {"tasks_per_second": rate, "cpu_us_per_task": cpu_us, "seconds": seconds,
+                "per_task": db}
     ceiling = 2 * _sandbox_rate(n // 4)
     return {"measured": rate, "tasks": n, "seconds": seconds, "tasks_per_second": rate,
             "cpu_us_per_task": cpu_us,
@@ -180,6 +199,9 @@ def main(argv: list[str]) -> int:
               + ", ".join(f"{k} {v:.0f} us" for k, v in p["cpu_us_per_task"].items())
               + f"; market + database CPU per task {r['pg_vs_sqlite_cpu_per_task']:.2f}x "
                 f"SQLite's (goal <= 1.5)")
+        d = p["per_task"]
+        print(f"  per task on PostgreSQL: {d['statements']:.1f} statements, "
+              f"{d['rows_written']:.1f} rows written, {d['commits']:.2f} commits")
     return 0
 
 

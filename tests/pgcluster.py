@@ -8,6 +8,7 @@ with), trust authentication; `stop()` stops it and removes the directory.
     url = pg.database("t1")      # a new, empty database: postgresql://...
     pg.stop()
 
+pg_stat_statements is loaded (bench/ counts statements per task with it).
 `missing()` says why it cannot run here (no server installed, no postgres
 user, no psycopg).
 """
@@ -69,7 +70,8 @@ class PgCluster:
             pg._as_postgres([os.path.join(pg.bindir, "initdb"), "-D", pg.data, "-A", "trust",
                              "-U", USER, "-E", "UTF8", "--no-sync"], timeout=120)
             opts = (f"-c listen_addresses='' -k {root} -p {pg.port} -c fsync=off "
-                    f"-c max_connections=200 -c shared_buffers=64MB")
+                    f"-c max_connections=200 -c shared_buffers=64MB "
+                    f"-c shared_preload_libraries=pg_stat_statements")
             pg._as_postgres([os.path.join(pg.bindir, "pg_ctl"), "-D", pg.data, "-w", "-t", "60",
                              "-l", os.path.join(root, "server.log"), "-o", opts, "start"],
                             timeout=90)
