@@ -30,7 +30,18 @@ def run(coro):
 
 
 @pytest.fixture
-def lm(tmp_path):
+def lm(tmp_path, market_db):
+    m = LoopbackMarket(tmp_path, market_db)
+    m.account("buyer", COINS)
+    for name in ("alice", "bob", "carol", "dave"):
+        m.account(name)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def sqlite_lm(tmp_path):
+    """For what only the SQLite store does: large values in files beside it."""
     m = LoopbackMarket(tmp_path)
     m.account("buyer", COINS)
     for name in ("alice", "bob", "carol", "dave"):
@@ -858,7 +869,8 @@ def test_silent_peer_is_dropped(lm, caplog):
     assert "silent for" in caplog.text
 
 
-def test_large_inputs_and_outputs_live_beside_the_store_until_delivered(lm):
+def test_large_inputs_and_outputs_live_beside_the_store_until_delivered(sqlite_lm):
+    lm = sqlite_lm  # (PostgreSQL keeps them in the database)
     big = bytes(range(256)) * 1024  # 256 KiB: kept in a file, not in SQLite
     blobs = lm.db + ".d"
 
@@ -899,7 +911,8 @@ def test_large_inputs_and_outputs_live_beside_the_store_until_delivered(lm):
     assert_ledger_ok(lm)
 
 
-def test_big_files_are_written_in_the_background_and_on_disk_before_the_commit(lm):
+def test_big_files_are_written_in_the_background_and_on_disk_before_the_commit(sqlite_lm):
+    lm = sqlite_lm  # (PostgreSQL keeps them in the database)
     from cpushare.market import store as store_mod
     big = os.urandom(3 * store_mod.BACKGROUND_WRITE)
     st = lm.admin

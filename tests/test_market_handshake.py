@@ -22,8 +22,8 @@ IDLE = 4000
 
 
 @pytest.fixture
-def lm(tmp_path):
-    m = LoopbackMarket(tmp_path)
+def lm(tmp_path, market_db):
+    m = LoopbackMarket(tmp_path, market_db)
     m.account("buyer", COINS)
     m.account("alice")
     yield m

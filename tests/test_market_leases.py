@@ -29,8 +29,8 @@ def fake_iso(n: int = 3 << 20, seed: bytes = b"") -> bytes:
 
 
 @pytest.fixture
-def lm(tmp_path):
-    m = LoopbackMarket(tmp_path)
+def lm(tmp_path, market_db):
+    m = LoopbackMarket(tmp_path, market_db)
     m.account("buyer", COINS)
     for name in ("alice", "bob"):
         m.account(name)
@@ -523,8 +523,16 @@ def test_a_lease_with_a_link_hands_fresh_keys_to_both_ends_only_to_sellers_that_
         await until(b, "closed", session=sid)
         keys = {link["tx"], link["rx"]}
         await sdk_link_check(lm, d, iso)
-        db = open(lm.db, "rb").read() + b"".join(
-            p.read_bytes() for p in lm.root.glob("market.db-*") if p.is_file())
+        if lm.pg:  # every row of every table, as text (bytea as hex)
+            lm._quiesce()
+            tables = [t for t, in lm.admin.db.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+            db = "".join(str(r) for t in tables
+                         for r in lm.admin.db.execute(f"SELECT x::text FROM {t} x")).encode()
+            assert len(tables) >= 10 and b"escrow" in db
+        else:
+            db = open(lm.db, "rb").read() + b"".join(
+                p.read_bytes() for p in lm.root.glob("market.db-*") if p.is_file())
         assert not any(k.encode() in db or bytes.fromhex(k) in db for k in keys)
         for p in (b, old, s):
             await p.close()

@@ -32,8 +32,8 @@ class RefusingSeller(ScriptedSeller):
 
 
 @pytest.fixture
-def lm(tmp_path):
-    m = LoopbackMarket(tmp_path)
+def lm(tmp_path, market_db):
+    m = LoopbackMarket(tmp_path, market_db)
     m.account("buyer", COINS)
     for name in ("alice", "bob", "carol", "dave", "erin", "frank"):
         m.account(name)

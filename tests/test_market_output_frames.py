@@ -19,8 +19,8 @@ MIB = 1 << 20
 
 
 @pytest.fixture
-def lm(tmp_path):
-    m = LoopbackMarket(tmp_path)
+def lm(tmp_path, market_db):
+    m = LoopbackMarket(tmp_path, market_db)
     m.account("buyer", COINS)
     for name in ("alice", "bob", "carol"):
         m.account(name)

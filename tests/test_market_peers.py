@@ -38,14 +38,17 @@ def image_digest(blob: bytes) -> str:
 
 
 class LoopbackMarket:
-    """A market database in `root`, served in-process by `start()`."""
+    """A market database in `root` (or the PostgreSQL database `db`), served
+    in-process by `start()`."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, db: str | None = None):
         self.root = Path(root)
-        self.db = str(self.root / "market.db")
+        self.db = db or str(self.root / "market.db")
+        self.pg = db is not None
         self.port = free_port()
-        admin.init(self.db, f"127.0.0.1:{self.port}").close()
-        self.admin = SQLiteStore(self.db)  # a connection of its own, like the CLI's
+        images = str(self.root / "images") if self.pg else None
+        admin.init(self.db, f"127.0.0.1:{self.port}", images=images).close()
+        self.admin = self.open_store()  # a connection of its own, like the CLI's
         self.market: Market | None = None
         self._task: asyncio.Task | None = None
         self._n = 0
@@ -86,8 +89,14 @@ class LoopbackMarket:
         return self.admin.check()
 
     # --- serving ----------------------------------------------------------------
+    def open_store(self):
+        if self.pg:
+            from cpushare.market.store.pg import PostgresStore
+            return PostgresStore(self.db)
+        return SQLiteStore(self.db)
+
     async def start(self, **kw) -> Market:
-        store = SQLiteStore(self.db)
+        store = self.open_store()
         self.market = Market(store, **kw)
         started = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self.market.serve(
