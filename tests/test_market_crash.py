@@ -20,7 +20,6 @@ import sys
 import time
 
 from cpushare import protocol
-from cpushare.market.store import SQLiteStore
 
 from test_market_peers import LoopbackMarket, Peer, ScriptedSeller, image_digest, tiny_image
 
@@ -36,8 +35,9 @@ BID = 360_000
 
 def start_server(lm: LoopbackMarket, log) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=SRC)
-    p = subprocess.Popen([PYTHON, "-m", "cpushare.market", "--db", lm.db, "serve",
-                          "--synchronous", "normal"], env=env, stdout=log, stderr=log)
+    sync = [] if lm.pg else ["--synchronous", "normal"]
+    p = subprocess.Popen([PYTHON, "-m", "cpushare.market", "--db", lm.db, "serve", *sync],
+                         env=env, stdout=log, stderr=log)
     deadline = time.monotonic() + 20
     while True:
         assert p.poll() is None, f"the server exited with {p.returncode}"
@@ -104,8 +104,8 @@ async def buyer_forever(o, results: dict[str, bytes], all_done: asyncio.Event) -
             await asyncio.sleep(0.02)
 
 
-def test_kill9_during_a_stream_of_work_keeps_the_ledger_whole(tmp_path):
-    lm = LoopbackMarket(tmp_path)
+def test_kill9_during_a_stream_of_work_keeps_the_ledger_whole(tmp_path, market_db):
+    lm = LoopbackMarket(tmp_path, market_db)
     lm.account("buyer", 10_000_000)
     lm.account("alice")
     lm.account("bob")
@@ -131,7 +131,7 @@ def test_kill9_during_a_stream_of_work_keeps_the_ledger_whole(tmp_path):
                 await asyncio.sleep(rng.uniform(0, 0.02))
                 server.send_signal(signal.SIGKILL)
                 server.wait()
-                store = SQLiteStore(lm.db)  # what the killed server left behind
+                store = lm.open_store()  # what the killed server left behind
                 checks.append((len(results), store.check(), store.ledger_summary()))
                 store.close()
                 server = start_server(lm, log)
@@ -150,7 +150,7 @@ def test_kill9_during_a_stream_of_work_keeps_the_ledger_whole(tmp_path):
     # the kills fell in the middle of the work, not after it
     assert all(n < TASKS for n, _, _ in checks), [n for n, _, _ in checks]
     assert results == {f"r{i}": (b"input %d" % i)[::-1] for i in range(TASKS)}
-    store = SQLiteStore(lm.db)
+    store = lm.open_store()
     try:
         assert store.check() == []
         assert store.ledger_summary()["escrow"] == 0
