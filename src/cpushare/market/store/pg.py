@@ -28,6 +28,7 @@ from .accounts import AccountsMixin
 from .api import Store
 from .images import ImagesMixin
 from .ledger import LedgerMixin
+from .pgledger import PgLedgerMixin
 from .pgschema import PG_SCHEMA
 from .rows import ESCROW, MINT, StoreError
 from .schema import SCHEMA_VERSION
@@ -111,8 +112,8 @@ class PgFilesMixin:
         return 0
 
 
-class PostgresStore(PgFilesMixin, AccountsMixin, ImagesMixin, TasksMixin, LedgerMixin, TxnMixin,
-                    Store):
+class PostgresStore(PgFilesMixin, PgLedgerMixin, AccountsMixin, ImagesMixin, TasksMixin,
+                    LedgerMixin, TxnMixin, Store):
     big = float("inf")  # every input and output stays in its column
     in_file = b"file"  # the data of an image whose bytes are a file in image_dir
     snapshot_begin = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
@@ -131,6 +132,8 @@ class PostgresStore(PgFilesMixin, AccountsMixin, ImagesMixin, TasksMixin, Ledger
         self._sp = 0
         self._entries: list[tuple[int, int, int]] = []
         self._deltas: dict[int, int] = {}
+        self._txns: list[tuple] = []  # ledger transactions not yet written (pgledger)
+        self._txn_ids: list[int] = []
         self._unlink: list[str] = []
         if create:
             with self.transaction():
@@ -169,8 +172,7 @@ class PostgresStore(PgFilesMixin, AccountsMixin, ImagesMixin, TasksMixin, Ledger
         self.db.execute("COMMIT")
 
     def rollback(self) -> None:
-        self._entries = []
-        self._deltas = {}
+        self._entries, self._deltas, self._txns = [], {}, []
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
 
