@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -164,12 +165,37 @@ def cmd_init(args) -> int:
     return 0
 
 
+def raise_nofile() -> tuple[int, int]:
+    """Every seller and buyer is one descriptor: the soft limit on them (1,024
+    in most shells, which the market's epoll loop has no need of) goes up to
+    the hard one (systemd's LimitNOFILE= sets both).  The limits after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        want = hard
+        if hard == resource.RLIM_INFINITY:  # (the kernel caps it at fs.nr_open)
+            try:
+                with open("/proc/sys/fs/nr_open") as f:
+                    want = int(f.read())
+            except (OSError, ValueError):
+                want = 1 << 20
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 def cmd_serve(args) -> int:
     from ..daemon import stderr_is_journal
     from .server import Market  # the admin commands need no asyncio server
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=("" if stderr_is_journal() else "%(asctime)s ")
                         + "%(name)s %(levelname)s: %(message)s")
+    nofile, _ = raise_nofile()
+    if nofile < 4096:
+        logging.getLogger("cpushare.market").info(
+            "at most %d open descriptors (RLIMIT_NOFILE): about as many sellers and buyers "
+            "at once; raise the hard limit (LimitNOFILE=, ulimit -Hn) for more", nofile)
     if not args.max_wait >= 0:
         print(f"{PROG}: --max-wait {args.max_wait:g}: must be 0 (never) or a number of "
               f"seconds", file=sys.stderr)

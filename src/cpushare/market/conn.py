@@ -32,6 +32,7 @@ class Conn:
         self.account = ""
         self.order_id = 0
         self.last_seen = time.monotonic()
+        self.beat = -1  # its slot of the heartbeat wheel (listener._sweep)
         self.closed = False
         self.gone = False
         self.paused = False  # not read until the peer it feeds catches up

@@ -1,5 +1,6 @@
-"""The listener: TLS, the hello and who the peer is, each connection's
-read loop, the sweeper (deadlines, heartbeats, revoked certificates)."""
+"""The listener: TLS (tls.py), the hello and who the peer is, each
+connection's read loop, the sweeper (deadlines, heartbeats, revoked
+certificates)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections import Counter
 from .. import __version__
 from ..protocol import (VERSION, ByteBudget, ProtocolError, encode, peer_identity,
                         read_message)
+from . import tls
 from .conn import BuyerConn, Conn, SellerConn
 from .sellers import OUTPUT_CHUNK, PREFETCH
 
@@ -42,29 +44,43 @@ READ_BUFFER = 1 << 20
 # peer with a big frame waits (is not read) until others are handled.
 PAYLOAD_BUDGET = 512 << 20
 COLLECT_EVERY = 3600.0  # seconds between collections of unused images
+# The heartbeat wheel (_sweep): a heartbeat is cut into slots of TICK seconds
+# (fewer, longer ones for a heartbeat of more than MAX_SLOTS ticks), each
+# connection has one, and the sweeper handles one slot per tick.
+TICK = 0.1
+MAX_SLOTS = 600
 PAUSE_POLL = 0.02  # seconds between looks at a peer that another one waits for
 
 
 class Listener:
     """Mixed into Market."""
 
-    async def handle(self, reader, writer, ssl_ctx: ssl.SSLContext) -> None:
-        task = asyncio.current_task()
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
-        peername = writer.get_extra_info("peername")
+    def _accepted(self, link: tls.Link) -> None:
+        """A new TCP connection (tls.Server calls it): refused at once past the
+        caps on unauthenticated connections (TLS handshake, then hello), in
+        all and per source address; else its handshake starts and a task
+        serves it."""
+        peername = link.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if peername else "?"
         addr = peername[0] if peername else "?"
-        # Unauthenticated connections (TLS handshake, then hello) are capped in
-        # all and per source address; past a cap the socket is closed at once.
         if (self._unauthenticated >= MAX_UNAUTHENTICATED
                 or self._unauthenticated_from[addr] >= MAX_UNAUTHENTICATED_PER_ADDRESS):
             self._refused_early += 1
             self._log_refusals()
-            writer.transport.abort()
+            link.abort()
             return
         self._unauthenticated += 1
         self._unauthenticated_from[addr] += 1
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_BUFFER, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        link.start(protocol)
+        writer = asyncio.StreamWriter(link, protocol, reader, loop)
+        task = loop.create_task(self.handle(reader, writer, peer, addr))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def handle(self, reader, writer, peer: str, addr: str) -> None:
         admitted = [True]
 
         def authenticated() -> None:
@@ -75,7 +91,7 @@ class Listener:
                 if not self._unauthenticated_from[addr]:
                     del self._unauthenticated_from[addr]
         try:
-            await self._serve_peer(reader, writer, ssl_ctx, peer, authenticated)
+            await self._serve_peer(reader, writer, peer, authenticated)
         finally:
             authenticated()
 
@@ -89,9 +105,9 @@ class Listener:
             self._refusals_logged = now
             self._refused_early = 0
 
-    async def _serve_peer(self, reader, writer, ssl_ctx, peer: str, authenticated) -> None:
+    async def _serve_peer(self, reader, writer, peer: str, authenticated) -> None:
         try:
-            await writer.start_tls(ssl_ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+            await asyncio.wait_for(writer.transport.handshake(), HANDSHAKE_TIMEOUT)
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
             why = getattr(e, "verify_message", None) or str(e) or type(e).__name__
             if isinstance(e, ssl.SSLError) and not isinstance(e, ssl.SSLEOFError):
@@ -107,6 +123,7 @@ class Listener:
             if conn is None:
                 return
             self._conns.add(conn)
+            self._join_wheel(conn)
             await self._serve_conn(conn)
         except ProtocolError as e:
             log.warning("closing %s: %s", conn or peer, e)
@@ -296,6 +313,8 @@ class Listener:
             return
         conn.gone = True
         self._conns.discard(conn)
+        if conn.beat >= 0:
+            self._wheel[conn.beat].discard(conn)
         if isinstance(conn, SellerConn):
             self.matcher.seller_gone(conn)
             if self.sellers.get((conn.order_id, conn.instance)) is conn:
@@ -316,9 +335,20 @@ class Listener:
                 self.buyers.pop(conn.order_id, None)
         self._schedule()
 
-    def _recheck_certificates(self) -> None:
-        """Close connections whose certificate was revoked since they connected."""
-        for c in list(self._conns):
+    def _join_wheel(self, conn: Conn) -> None:
+        """Give `conn` its slot of the heartbeat wheel: the next one, round the
+        wheel, so that connections that came together (a market's restart)
+        are pinged a slot apart, not together."""
+        slot = self._next_beat
+        self._next_beat = (slot + 1) % len(self._wheel)
+        conn.beat = slot
+        self._wheel[slot].add(conn)
+
+    def _heartbeat(self, conns: set, now: float, ping: bytes) -> None:
+        """The heartbeat of the connections of one slot: a revoked certificate
+        closes its connection, a peer silent for 3 heartbeats (and not paused
+        by the market) is cut, the others are pinged."""
+        for c in list(conns):
             cert = self.store.cert(c.fingerprint)
             if cert is None or cert.revoked:
                 log.warning("closing %s: its certificate %s was revoked", c, c.fingerprint[:16])
@@ -326,13 +356,32 @@ class Listener:
                                message=f"certificate {c.fingerprint[:16]} was revoked"))
                 self._gone(c)
                 c.close()
+            elif not c.paused and now - c.last_seen > 3 * self.heartbeat:
+                log.warning("closing %s: silent for %.0f s", c, now - c.last_seen)
+                self._gone(c)
+                c.writer.transport.abort()
+            else:
+                c.write(ping)
 
     async def _sweep(self) -> None:
-        """Deadlines every second; pings and silent peers every heartbeat."""
-        last_ping = last_collect = time.monotonic()
+        """Deadlines every second; every connection's heartbeat (ping, silence,
+        revoked certificate) once per heartbeat, in its slot of the wheel: the
+        wheel turns one slot every heartbeat / slots seconds, so the pings of
+        many connections are spread over the heartbeat, never sent at once."""
+        slots = len(self._wheel)
+        tick = self.heartbeat / slots
+        start = last_second = last_collect = time.monotonic()
+        n = 0
         while True:
-            await asyncio.sleep(min(1.0, self.heartbeat))
+            n += 1
+            # (on the clock, not after the last turn: a late turn is made up)
+            await asyncio.sleep(max(0.0, start + n * tick - time.monotonic()))
             now = time.monotonic()
+            if self._wheel[n % slots]:
+                self._heartbeat(self._wheel[n % slots], now, encode("ping", t=int(time.time())))
+            if now - last_second < min(1.0, self.heartbeat):
+                continue
+            last_second = now
             for s in [s for s in self.busy if now > s.deadline]:  # (only sellers with work)
                 if s.attempts:
                     self._lose(s, "deadline passed")
@@ -343,16 +392,6 @@ class Listener:
             if now - last_collect >= COLLECT_EVERY:
                 last_collect = now
                 self.collect()
-            if now - last_ping >= self.heartbeat:
-                last_ping = now
-                self._recheck_certificates()
-                for c in list(self._conns):
-                    if not c.paused and now - c.last_seen > 3 * self.heartbeat:
-                        log.warning("closing %s: silent for %.0f s", c, now - c.last_seen)
-                        self._gone(c)
-                        c.writer.transport.abort()
-                    else:
-                        c.write(encode("ping", t=int(time.time())))
 
     # --- running ------------------------------------------------------------
 
@@ -380,9 +419,8 @@ class Listener:
             self.recover()
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
-        server = await asyncio.start_server(
-            lambda r, w: self.handle(r, w, ssl_ctx), host, port, limit=READ_BUFFER,
-            backlog=4096)
+        server = await loop.create_server(tls.Server(ssl_ctx, self._accepted), host, port,
+                                          backlog=4096)
         addrs = ", ".join(f"{a[0]}:{a[1]}" for a in (s.getsockname() for s in server.sockets))
         log.info("cpushare-server %s (pid %d) listening on %s", __version__, os.getpid(), addrs)
         if started is not None:

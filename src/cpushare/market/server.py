@@ -7,7 +7,8 @@ running attempts in memory and every change of state in the store; on
 start it rebuilds memory from the store, and the attempts that were
 running when it stopped are lost and requeued (their escrow stays held).
 
-    listener.py    TLS, hello, each connection's read loop, the sweeper
+    listener.py    hello, each connection's read loop, the sweeper (heartbeats)
+    tls.py         TLS on the TCP sockets, one receive buffer for all
     conn.py        the connections, on the one protocol.FrameWriter
     commit.py      the group commit and the announcements that wait for it
     matching.py    which seller takes which task; work stealing (no I/O)
@@ -39,7 +40,7 @@ from .conn import BuyerConn, Conn, SellerConn
 from .imagefiles import ImageFiles
 from .images import IMAGE_TTL, ImageHandlers
 from .leases import BUYER_GRACE, LEASE_GRACE, LEASE_MODELS, Leases
-from .listener import PAYLOAD_BUDGET, Listener
+from .listener import MAX_SLOTS, PAYLOAD_BUDGET, TICK, Listener
 from .matching import Matcher
 from .sellers import SellerHandlers
 from .settlement import Settlement
@@ -99,6 +100,10 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
         self.result_budget = result_budget
         self._stop = asyncio.Event()
         self._conns: set[Conn] = set()
+        # the heartbeat wheel (listener._sweep): its slots, of connections
+        self._wheel: list[set[Conn]] = [set() for _ in range(
+            max(1, min(MAX_SLOTS, round(heartbeat / TICK))))]
+        self._next_beat = 0
         self._recovered = False
         self._handlers: set[asyncio.Task] = set()
         self.payload_budget = ByteBudget(PAYLOAD_BUDGET)

@@ -1,0 +1,74 @@
+"""The heartbeat wheel: every connection is pinged once per heartbeat, in its
+own slot, so that the pings of many connections are spread over the
+heartbeat instead of going out together."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cpushare import protocol
+from cpushare.market import listener
+
+from test_market import run
+from test_market_peers import LoopbackMarket, Peer
+
+N = 10
+
+
+@pytest.fixture
+def lm(tmp_path):
+    m = LoopbackMarket(tmp_path)
+    m.account("alice")
+    yield m
+    m.close()
+
+
+def test_pings_are_spread_over_the_heartbeat(lm):
+    """Ten sellers that connect together are pinged a slot (0.1 s) apart, each
+    once a heartbeat; one that leaves leaves its slot."""
+
+    async def main():
+        m = await lm.start(heartbeat=1)
+        assert len(m._wheel) == round(1 / listener.TICK)
+        peers = [await Peer.open(lm.sell("alice", 10), "seller") for _ in range(N)]
+        times: list[list[float]] = [[] for _ in peers]
+
+        async def answer(i: int, p: Peer) -> None:
+            while True:
+                msg = await protocol.read_message(p.reader)
+                if msg is None:
+                    return
+                if msg.type == "ping":
+                    times[i].append(time.monotonic())
+                    await p.send("pong", t=msg.get("t", 0))
+
+        tasks = [asyncio.create_task(answer(i, p)) for i, p in enumerate(peers)]
+        await asyncio.sleep(3.2)
+        slots = [len(s) for s in m._wheel]
+        assert sum(slots) == N and max(slots) == 1  # one each: round the wheel
+        for t in times:
+            assert len(t) >= 3
+            gaps = [b - a for a, b in zip(t, t[1:])]
+            assert all(0.8 < g < 1.2 for g in gaps), gaps
+        # the phases (within the heartbeat) of the connections' pings: apart
+        phases = sorted(t[-1] % 1.0 for t in times)
+        spread = [b - a for a, b in zip(phases, phases[1:])] + [1 + phases[0] - phases[-1]]
+        assert max(spread) < 0.35, phases  # (all at once: one gap of about 1 s)
+        assert len({round(p / listener.TICK) % 10 for p in phases}) >= 7, phases
+        gone = peers[0]
+        gone.writer.close()
+        for _ in range(100):
+            if sum(len(s) for s in m._wheel) == N - 1:
+                break
+            await asyncio.sleep(0.02)
+        assert sum(len(s) for s in m._wheel) == N - 1
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for p in peers[1:]:
+            p.writer.close()
+        await lm.stop()
+    run(main())
