@@ -19,7 +19,7 @@ import time
 from .. import models
 from ..protocol import Message, ProtocolError, cost_milli, encode, frame
 from .conn import BuyerConn
-from .state import MAX_REDUNDANCY, Pending, Rejection, TaskState
+from .state import MAX_REDUNDANCY, Busy, Pending, Rejection, TaskState
 from .store import Result
 
 log = logging.getLogger("cpushare.market")
@@ -58,6 +58,8 @@ class BuyerHandlers:
             t = self.tasks.get(tid) if tid is not None else None
             if t is not None and not t.session:
                 self._fail(t, "cancelled", "cancelled by the buyer")
+            elif t is None and tid is not None and self.fleet and tid in self.pending_tasks:
+                self._cancel_elsewhere(tid)
         elif m.type == "ack":
             self._on_ack(b, m["task"])
         elif m.type == "close":
@@ -109,6 +111,8 @@ class BuyerHandlers:
         """The escrow a task needs; raises Rejection('funds') if the account lacks it."""
         o = b.order
         escrow = k * cost_milli(cpu_ms, o.price_milli)
+        if not self._lock("account", b.account_id):
+            raise Busy(f"account {b.account_id}")
         balance = self._tx().account_by_id(b.account_id).balance_milli
         if balance < escrow:
             raise Rejection("funds", f"account {b.account} holds {balance} milli-CPUCoins; "

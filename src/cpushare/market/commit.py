@@ -27,6 +27,8 @@ class GroupCommit:
     """Mixed into Market: the open transaction, the announcements that wait
     for it, and the connections with frames to send."""
 
+    fleet = False  # one of several processes on one database (fleet.py)
+
     def _init_commit(self, store: Store, commit_delay: float) -> None:
         self.store = store
         self.commit_delay = commit_delay
@@ -37,6 +39,7 @@ class GroupCommit:
         self._scheduled = False
         self._commit_timer: asyncio.TimerHandle | None = None
         self._files_since = 0.0  # when the commit first waited for big files
+        self._held: set = set()  # keys locked against other processes until the commit
 
     def dirty(self, conn) -> None:
         """`conn` has frames in its outbox: send them at the end of this turn."""
@@ -124,12 +127,19 @@ class GroupCommit:
         except BaseException as e:  # the store is unusable: stop, restart recovers
             self._die("store commit failed", e)
             return
+        self._held.clear()
         after, self._after = self._after, []
         for fn in after:
             try:
                 fn()
             except Exception:  # a bug: the other announcements still go out
                 log.exception("internal error announcing a committed change")
+        if self.fleet:
+            try:
+                self._fleet_after_commit()
+            except Exception as e:  # the database is gone: as a failed commit
+                self._die("telling the market's other processes failed", e)
+                return
         self._send_outboxes()
 
     def commit_now(self) -> None:
@@ -149,11 +159,14 @@ class GroupCommit:
         self._stopping = True
         self._after = []
         self._dirty = []
+        self._held.clear()
         self.store.rollback()
         self.stop()
 
     # hooks of the market
     def _pump(self) -> None: ...
+
+    def _fleet_after_commit(self) -> None: ...
 
     def _after_pump(self) -> None: ...
 

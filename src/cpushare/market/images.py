@@ -18,7 +18,7 @@ from .. import models
 from ..protocol import Message, ProtocolError, encode, frame
 from .conn import BuyerConn, SellerConn
 from .imagefiles import CHUNK, ImageFileError, ImageFiles
-from .state import Rejection
+from .state import BUSY_RETRY, Busy, Rejection
 
 log = logging.getLogger("cpushare.market")
 
@@ -83,6 +83,8 @@ class ImageHandlers:
                 self._refuse_image(b, "image", f"image {d[:16]}: the image sent has digest "
                                                f"{info.digest[:16]}")
                 return
+            if not (self._lock("account", b.account_id) and self._lock("image", d)):
+                raise Busy(f"image {d[:16]}")  # (its quota and its row, against other processes)
             if not self._quota(b, d, len(m.payload), IMAGE_QUOTA):
                 return
             self._tx().put_image(d, m.payload, b.account_id)
@@ -146,6 +148,10 @@ class ImageHandlers:
                                else f"image {d[:16]}: cannot store it: {e}")
             return
         path = fut.result()
+        if not self._lock("image", d):  # another process stores it now: after its commit
+            asyncio.get_running_loop().call_later(BUSY_RETRY, self._image_received, b, model,
+                                                  d, size, fut)
+            return
         try:
             model.parse_file(path, d, where=f"image {d[:16]}")
         except models.ImageError as e:

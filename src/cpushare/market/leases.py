@@ -21,7 +21,7 @@ import time
 
 from ..protocol import MS_PER_HOUR, Message, ProtocolError, cost_milli, encode
 from .conn import BuyerConn, SellerConn
-from .state import Final, Rejection, TaskState, wall_ms_for
+from .state import BUSY_RETRY, Final, Rejection, TaskState, wall_ms_for
 
 log = logging.getLogger("cpushare.market")
 
@@ -251,7 +251,7 @@ class Leases:
         o = t.buyer_account_id
         need = cost_milli(min(LEASE_AHEAD_MS, t.cpu_ms - t.metered_ms), t.bid_milli)
         top = need - t.escrow_milli
-        if top > 0:
+        if top > 0 and self._lock("account", o):  # (busy: at the next report)
             store = self._tx()
             balance = store.account_by_id(o).balance_milli
             if balance < top:
@@ -280,6 +280,13 @@ class Leases:
                 + store.carry(t.buyer_account_id, s.account_id))
         pay, rest = divmod(owed, MS_PER_HOUR)
         from_buyer = 0
+        if pay > t.escrow_milli and not self._lock("account", t.buyer_account_id):
+            # another process is changing the buyer's balance: paid after its commit
+            t.meter_due = max(t.meter_due, cpu_ms)
+            if not t.meter_timer:
+                t.meter_timer = True
+                asyncio.get_running_loop().call_later(BUSY_RETRY, self._meter_later, t, s, aid)
+            return
         if pay > t.escrow_milli:  # it ran past what was held (a big guest between reports)
             balance = store.account_by_id(t.buyer_account_id).balance_milli
             from_buyer = min(pay - t.escrow_milli, balance)

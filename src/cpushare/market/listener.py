@@ -10,14 +10,14 @@ import os
 import re
 import ssl
 import time
-from collections import Counter
 
 from .. import __version__
-from ..protocol import (VERSION, ByteBudget, ProtocolError, encode, peer_identity,
+from ..protocol import (VERSION, ProtocolError, encode, peer_identity,
                         read_message)
 from . import tls
 from .conn import BuyerConn, Conn, SellerConn
 from .sellers import OUTPUT_CHUNK, PREFETCH
+from .state import BUSY_RETRY, Busy
 
 log = logging.getLogger("cpushare.market")
 
@@ -218,6 +218,7 @@ class Listener:
             conn.order = self.store.buy_order(cert.order_id)
             conns.append(conn)
             self._adopt_leases(conn)
+            self._fleet_buyer(conn)
         extra = {"output_chunks": OUTPUT_CHUNK} if role == "seller" else {"acks": True}
         conn.write(encode("welcome", version=VERSION, account=cert.account,
                           order=cert.order_id, max_payload=self.max_payload,
@@ -244,7 +245,12 @@ class Listener:
                     if m.type == "error":
                         log.warning("%s reports: %s: %s", conn, m["code"], m["message"])
                 else:
-                    on(conn, m)
+                    while True:
+                        try:
+                            on(conn, m)
+                            break
+                        except Busy:  # (another process's commit comes within ms)
+                            await asyncio.sleep(BUSY_RETRY)
             finally:
                 if m.held:  # (what it keeps of the payload is counted elsewhere)
                     self.payload_budget.give(m.held)
@@ -389,6 +395,11 @@ class Listener:
                 self._expire(now)
             if self.leases:
                 self._check_leases(now)
+            if self.fleet:
+                try:
+                    self._fleet_look()
+                except Exception as e:  # the database is gone: as a failed commit
+                    self._die("looking for the market's other processes failed", e)
             if now - last_collect >= COLLECT_EVERY:
                 last_collect = now
                 self.collect()
@@ -419,8 +430,9 @@ class Listener:
             self.recover()
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
+        # (several processes of one PostgreSQL market may share the address)
         server = await loop.create_server(tls.Server(ssl_ctx, self._accepted), host, port,
-                                          backlog=4096)
+                                          backlog=4096, reuse_port=self.fleet or None)
         addrs = ", ".join(f"{a[0]}:{a[1]}" for a in (s.getsockname() for s in server.sockets))
         log.info("cpushare-server %s (pid %d) listening on %s", __version__, os.getpid(), addrs)
         if started is not None:
@@ -438,6 +450,7 @@ class Listener:
             if self._commit_timer is not None:
                 self._commit_timer.cancel()
             sweeper.cancel()
+            self._fleet_leave()
             server.close()
             for c in list(self._conns):
                 c.close()

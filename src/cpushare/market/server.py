@@ -37,6 +37,7 @@ from ..protocol import DEFAULT_HEARTBEAT, DEFAULT_MAX_PAYLOAD, ByteBudget, encod
 from .buyers import MAX_OPEN_TASKS, MAX_SESSIONS, RESULT_BUDGET, RESULT_TTL, BuyerHandlers
 from .commit import COMMIT_DELAY, GroupCommit
 from .conn import BuyerConn, Conn, SellerConn
+from .fleet import Fleet
 from .imagefiles import ImageFiles
 from .images import IMAGE_TTL, ImageHandlers
 from .leases import BUYER_GRACE, LEASE_GRACE, LEASE_MODELS, Leases
@@ -44,7 +45,7 @@ from .listener import MAX_SLOTS, PAYLOAD_BUDGET, TICK, Listener
 from .matching import Matcher
 from .sellers import SellerHandlers
 from .settlement import Settlement
-from .state import MAX_LOST, Pending, ResultKey, Returned, TaskState, wall_ms_for
+from .state import MAX_LOST, Pending, TaskState, wall_ms_for
 from .store import Store
 
 __all__ = ["Market", "Conn", "SellerConn", "BuyerConn", "TaskState"]
@@ -55,7 +56,7 @@ GRACE_MS = 5000  # a seller's deadline is wall_ms + this
 
 
 class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Settlement,
-             GroupCommit):
+             Fleet, GroupCommit):
     def __init__(self, store: Store, *, heartbeat: int = DEFAULT_HEARTBEAT,
                  max_payload: int = DEFAULT_MAX_PAYLOAD, grace_ms: int = GRACE_MS,
                  commit_delay: float = COMMIT_DELAY, max_wait: float = 0.0,
@@ -64,6 +65,7 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
                  result_ttl: float = RESULT_TTL, lease_grace: float = LEASE_GRACE,
                  buyer_grace: float = BUYER_GRACE):
         self._init_commit(store, commit_delay)
+        self._init_fleet()
         self.heartbeat = heartbeat
         self.max_wait = max_wait  # seconds a task may wait for a seller (0: for ever)
         self.max_payload = max_payload
@@ -126,9 +128,33 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
         """
         self._recovered = True
         store = self.store
+        if self.fleet:  # the tasks of processes that stopped, ours among them (fleet.py)
+            self._collect_at_start()
+            self._fleet_join()
+            return
         store.begin()
         try:
             n = store.lose_running_attempts(keep_models=LEASE_MODELS)
+            store.commit()
+        except BaseException:
+            store.rollback()
+            raise
+        self._collect_at_start()
+        for order_id, ref, tid, account_id in store.undelivered_refs():
+            self.pending_refs[order_id, ref] = tid
+            self.pending_tasks[tid] = Pending(order_id, ref, account_id)
+            self.open_tasks[account_id, False] += 1
+        self._load_tasks([(row, None, False) for row in store.queued_tasks()],
+                         "the market restarted")
+        if n or self.tasks:
+            log.info("recovered %d queued tasks; %d attempts running at the last stop "
+                     "were lost and are requeued", len(self.tasks), n)
+        self._expire_orphans_later()
+
+    def _collect_at_start(self) -> None:
+        store = self.store
+        store.begin()
+        try:
             images = store.collect_images(self.image_ttl)
             store.commit()
         except BaseException:
@@ -139,40 +165,6 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
         stale = store.collect_garbage()
         if stale:
             log.info("removed %d files of inputs and outputs no task needs", stale)
-        for order_id, ref, tid, account_id in store.undelivered_refs():
-            self.pending_refs[order_id, ref] = tid
-            self.pending_tasks[tid] = Pending(order_id, ref, account_id)
-            self.open_tasks[account_id, False] += 1
-        for row in store.queued_tasks():
-            t = TaskState(row.id, row.buy_order_id, row.buyer_account_id, row.ref, row.image,
-                          row.redundancy, row.cpu_ms, row.bid_milli, row.escrow_milli,
-                          session=row.session, model=row.model,
-                          memory=self._image_memory(row.image, row.model) or 0)
-            for a in store.attempts(row.id):
-                t.started += 1
-                if a.state == "returned":
-                    t.results[a.id] = Returned(
-                        ResultKey(a.output_sha256, a.exit_status, a.signal),
-                        a.seller_account_id, a.cpu_ms, a.ask_milli, a.reason)
-                    t.used_accounts.add(a.seller_account_id)
-                elif a.state == "lost":
-                    t.lost += 1
-            self.tasks[t.id] = t
-            if t.session and row.model in LEASE_MODELS:
-                self.open_tasks[t.buyer_account_id, True] += 1
-                self._recover_lease(t, store.attempts(row.id))
-            elif t.session:
-                self.open_tasks[t.buyer_account_id, True] += 1
-                self._fail(t, "task", "the market restarted during the session")
-            else:
-                self.matcher.enqueue(t)
-        if n or self.tasks:
-            log.info("recovered %d queued tasks; %d attempts running at the last stop "
-                     "were lost and are requeued", len(self.tasks), n)
-        if self.orphans:
-            log.info("%d leases wait %g s for their sellers to come back", len(self.orphans),
-                     self.lease_grace)
-            asyncio.get_running_loop().call_later(self.lease_grace, self._orphans_expire)
 
     # --- hooks of the group commit ------------------------------------------
 
@@ -192,6 +184,11 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
             for t in self._big_inputs:
                 t.input = None
             self._big_inputs = []
+        if self.fleet:
+            try:
+                self._fleet_after_pump()
+            except BaseException as e:
+                self._die("sharing work with the market's other processes failed", e)
 
     # --- attempts -----------------------------------------------------------
 

@@ -17,6 +17,16 @@ MAX_REDUNDANCY = 16
 MAX_LOST = 5  # attempts lost (disconnect, deadline) before a task fails
 
 
+class Busy(Exception):
+    """Another market process holds what this request must lock (an account's
+    balance, an image) in its open group transaction: the request is
+    handled again shortly, after that commit (fleet.py).  Raised before the
+    handler has changed anything."""
+
+
+BUSY_RETRY = 0.003  # seconds before a busy request is tried again
+
+
 class Rejection(CodedError):
     """A request the market refuses: `code` is the protocol's error code
     (docs/protocol.md), `message` says why.  The handler answers it with an

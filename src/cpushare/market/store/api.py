@@ -181,3 +181,13 @@ class Store(abc.ABC):
     mint_id: int
     escrow_id: int
     image_dir: str  # where the images of chunked models are files (market.imagefiles)
+
+    # --- several processes on one database (only where `shared`: store/pgfleet.py)
+    shared: bool = False
+
+    def _one_process(self, *_a, **_k):
+        raise NotImplementedError(f"{type(self).__name__} is served by one process")
+
+    join = listener = servers = take_over = release = claim = claim_task = _one_process
+    attempts_of = buyer_home = announce_results = notify_all = undelivered_refs_of = _one_process
+    forget_homes = try_lock = cancel_task = claim_cancelled = _one_process

@@ -14,9 +14,8 @@ What differs from SQLite:
 - transactions are explicit (the connection is in autocommit and the store
   says BEGIN and COMMIT), at READ COMMITTED, one connection per store.
 
-One market process per database for now: the row locks and the shared
-queue that let several processes serve one database are not built yet,
-and `serve` refuses to start beside another (an advisory lock).
+Several `serve` processes may serve one database, on one machine or many:
+pgfleet.py.
 """
 
 from __future__ import annotations
@@ -28,14 +27,13 @@ from .accounts import AccountsMixin
 from .api import Store
 from .images import ImagesMixin
 from .ledger import LedgerMixin
+from .pgfleet import PG_FLEET_SCHEMA, PgFleetMixin
 from .pgledger import PgLedgerMixin
 from .pgschema import PG_SCHEMA
 from .rows import ESCROW, MINT, StoreError
 from .schema import SCHEMA_VERSION
 from .tasks import TasksMixin
 from .txn import TxnMixin
-
-SERVE_LOCK = 0x43505553  # pg_advisory_lock key of the one serving process ("CPUS")
 
 
 def is_url(db: str) -> bool:
@@ -112,7 +110,7 @@ class PgFilesMixin:
         return 0
 
 
-class PostgresStore(PgFilesMixin, PgLedgerMixin, AccountsMixin, ImagesMixin, TasksMixin,
+class PostgresStore(PgFilesMixin, PgFleetMixin, PgLedgerMixin, AccountsMixin, ImagesMixin, TasksMixin,
                     LedgerMixin, TxnMixin, Store):
     big = float("inf")  # every input and output stays in its column
     in_file = b"file"  # the data of an image whose bytes are a file in image_dir
@@ -129,6 +127,8 @@ class PostgresStore(PgFilesMixin, PgLedgerMixin, AccountsMixin, ImagesMixin, Tas
                              f"{str(e).strip()}") from None
         _int_sums(conn, psycopg)
         self.db = PgDb(conn)
+        self._url, self._psycopg = url, psycopg
+        self._init_fleet()
         self._sp = 0
         self._entries: list[tuple[int, int, int]] = []
         self._deltas: dict[int, int] = {}
@@ -138,6 +138,7 @@ class PostgresStore(PgFilesMixin, PgLedgerMixin, AccountsMixin, ImagesMixin, Tas
         if create:
             with self.transaction():
                 conn.execute(PG_SCHEMA)
+                conn.execute(PG_FLEET_SCHEMA)
                 if self.get_meta("schema_version") is None:
                     self.set_meta("schema_version", str(SCHEMA_VERSION))
                 for name in (MINT, ESCROW):
@@ -169,10 +170,12 @@ class PostgresStore(PgFilesMixin, PgLedgerMixin, AccountsMixin, ImagesMixin, Tas
 
     def commit(self) -> None:
         self._write_ledger()
+        self._write_notes()
         self.db.execute("COMMIT")
 
     def rollback(self) -> None:
         self._entries, self._deltas, self._txns = [], {}, []
+        self._drop_notes()
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
 
@@ -191,12 +194,6 @@ class PostgresStore(PgFilesMixin, PgLedgerMixin, AccountsMixin, ImagesMixin, Tas
 
     def checkpoint_in_background(self, *args, **kw) -> None:
         """(PostgreSQL checkpoints by itself.)"""
-
-    def lock_serving(self) -> None:
-        """StoreError unless this is the only process serving the database."""
-        if not self.db.execute("SELECT pg_try_advisory_lock(?)", (SERVE_LOCK,)).fetchone()[0]:
-            raise StoreError(f"{self.path}: another cpushare-server serves this database "
-                             f"(one process per database for now)")
 
     # --- settings -------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The PostgreSQL store's ledger writes: a group commit's transactions,
-entries and balance changes as three statements, not three a transfer.
+entries and balance changes as three statements (and the accounts' row
+locks, taken in the order of their ids), not three a transfer.
 
 On SQLite a statement is a function call; on PostgreSQL it is a round trip
 and a parse and plan on the server (about 35 us of its CPU and as much of
@@ -58,6 +59,18 @@ class PgLedgerMixin:
         if not self._txns and not self._entries:
             return
         q = self.db.execute
+        changed = sorted((a, m) for a, m in self._deltas.items() if m)
+        if changed:
+            # The balances first, their rows locked in one order (their ids) by
+            # every process, and with the lock an UPDATE of a balance takes
+            # (which the entries' foreign keys do not conflict with): the
+            # commits of two processes never wait for each other in a cycle.
+            ids = [a for a, _ in changed]
+            q("SELECT 1 FROM accounts WHERE id = ANY(?::bigint[]) ORDER BY id "
+              "FOR NO KEY UPDATE", (ids,))
+            q("UPDATE accounts a SET balance = a.balance + d.delta FROM "
+              "unnest(?::bigint[], ?::bigint[]) AS d(id, delta) WHERE a.id = d.id",
+              [ids, [m for _, m in changed]])
         if self._txns:
             cols = list(zip(*self._txns))
             q("INSERT INTO transactions (id, kind, task_id, memo, created) SELECT * FROM "
@@ -67,9 +80,4 @@ class PgLedgerMixin:
             cols = list(zip(*self._entries))
             q("INSERT INTO entries (txn_id, account_id, amount) SELECT * FROM "
               "unnest(?::bigint[], ?::bigint[], ?::bigint[])", [list(c) for c in cols])
-            changed = [(a, m) for a, m in self._deltas.items() if m]
-            if changed:
-                q("UPDATE accounts a SET balance = a.balance + d.delta FROM "
-                  "unnest(?::bigint[], ?::bigint[]) AS d(id, delta) WHERE a.id = d.id",
-                  [[a for a, _ in changed], [m for _, m in changed]])
         self._txns, self._entries, self._deltas = [], [], {}

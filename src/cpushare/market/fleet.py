@@ -1,0 +1,287 @@
+"""Several processes serving one market on one PostgreSQL database
+(docs/scale.md, "Several processes"; the store's side is store/pgfleet.py).
+
+Each process keeps in memory the tasks it holds (`tasks.owner`) and runs
+them on its own sellers, exactly as a lone process does.  What it cannot
+start within SHARE_AFTER it offers to the others (the shared queue); a
+process whose sellers are idle claims from that queue (FOR UPDATE SKIP
+LOCKED), woken by NOTIFY.  A result reaches its buyer's process by NOTIFY
+too.  Once a second every process looks for dead ones, and takes over
+their tasks: their running attempts are lost and their tasks requeued,
+as after a restart.
+
+What stays with the buyer's process: sessions and leases (their streams
+and consoles flow through it), so they run on its sellers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+from .leases import LEASE_MODELS
+from .state import Pending, ResultKey, Returned, TaskState
+
+log = logging.getLogger("cpushare.market")
+
+SHARE_AFTER = 0.02  # s: a task no seller here took in this time is offered to the others
+BATCH = 256  # tasks offered or claimed in one statement
+
+
+class Fleet:
+    """Mixed into Market."""
+
+    def _init_fleet(self) -> None:
+        self.fleet = bool(getattr(self.store, "shared", False))
+        self.server_id: int | None = None
+        self.peers: list[int] = []  # the other live servers
+        self._pool_hint = True  # the shared queue may hold work for our sellers
+        self._remote_results: list[tuple[int, int]] = []  # (buy order, task) to announce
+        # buy orders with connections here whose newest is on another process
+        self.away: dict[int, int] = {}
+        self._share_timer: asyncio.TimerHandle | None = None
+        self._listen = None
+        self.shared_out = 0  # tasks offered to the others, claimed, taken over
+        self.claimed = 0
+        self.taken_over = 0
+
+    # --- joining, leaving --------------------------------------------------------
+
+    def _fleet_join(self) -> None:
+        """In recover(): register, listen, and take over the dead (our predecessor too)."""
+        self.server_id = self.store.join(socket.gethostname(), os.getpid())
+        self._listen = self.store.listener()
+        asyncio.get_running_loop().add_reader(self._listen.fileno(), self._on_notifies)
+        log.info("serving as market process %d of this database", self.server_id)
+        self._fleet_look()
+
+    def _fleet_leave(self) -> None:
+        if self._listen is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._listen.fileno())
+            except (ValueError, OSError):
+                pass
+            self._listen.close()
+            self._listen = None
+        if self._share_timer is not None:
+            self._share_timer.cancel()
+            self._share_timer = None
+
+    def _fleet_look(self) -> None:
+        """Once a second: who else serves; take over the tasks of the dead."""
+        store = self._tx()
+        self.peers, dead = store.servers()
+        self._pool_hint = True
+        self._schedule()  # (idle sellers look into the shared queue again)
+        cancelled = store.claim_cancelled()
+        if cancelled:
+            self._load_tasks(cancelled, "")
+        if not dead:
+            return
+        rows, lost = store.take_over(dead, LEASE_MODELS)
+        store.forget_homes(self._listen, dead)
+        self._listened()
+        store.notify_all("queue")  # (what the dead had offered is claimable again)
+        self._load_tasks(rows, "the market process serving it stopped")
+        self.taken_over += len(rows)
+        log.info("took over %d queued tasks of market process(es) %s, which stopped; %d "
+                 "of their running attempts were lost and are requeued", len(rows),
+                 ", ".join(map(str, dead)), lost)
+        self._expire_orphans_later()
+
+    # --- tasks into memory ------------------------------------------------------
+
+    def _load_tasks(self, rows, why: str) -> None:
+        """Tasks read from the store (recovered, taken over, claimed) into memory:
+        rows of (TaskRow, input or None, whether its buyer cancelled it)."""
+        store = self.store
+        attempts = (store.attempts_of([r[0].id for r in rows]) if self.fleet
+                    else {r[0].id: store.attempts(r[0].id) for r in rows})
+        for row, input_, cancelled in rows:
+            t = TaskState(row.id, row.buy_order_id, row.buyer_account_id, row.ref, row.image,
+                          row.redundancy, row.cpu_ms, row.bid_milli, row.escrow_milli,
+                          session=row.session, model=row.model,
+                          memory=self._image_memory(row.image, row.model) or 0)
+            if input_ is not None and len(input_) <= 64 << 10:
+                t.input, t.input_in_memory = input_, len(input_)
+                self._input_bytes += len(input_)
+            mine = attempts.get(row.id, [])
+            for a in mine:
+                t.started += 1
+                if a.state == "returned":
+                    t.results[a.id] = Returned(
+                        ResultKey(a.output_sha256, a.exit_status, a.signal),
+                        a.seller_account_id, a.cpu_ms, a.ask_milli, a.reason)
+                    t.used_accounts.add(a.seller_account_id)
+                elif a.state == "lost":
+                    t.lost += 1
+            self.tasks[t.id] = t
+            if cancelled and not t.session:
+                self._fail(t, "cancelled", "cancelled by the buyer")
+            elif t.session and row.model in LEASE_MODELS:
+                self.open_tasks[t.buyer_account_id, True] += 1
+                self._recover_lease(t, mine)
+            elif t.session:
+                self.open_tasks[t.buyer_account_id, True] += 1
+                self._fail(t, "task", why + " during the session")
+            else:
+                self.matcher.enqueue(t)
+
+    def _expire_orphans_later(self) -> None:
+        if self.orphans:
+            log.info("%d leases wait %g s for their sellers to come back", len(self.orphans),
+                     self.lease_grace)
+            asyncio.get_running_loop().call_later(self.lease_grace, self._orphans_expire)
+
+    # --- the shared queue -------------------------------------------------------
+
+    def _fleet_after_pump(self) -> None:
+        """After each matching round: claim work for idle sellers; offer what waits."""
+        if self._stopping:
+            return
+        if self._pool_hint and self.matcher.ready:
+            self._claim()
+        if self.peers and self.matcher.queue and self._share_timer is None:
+            self._share_timer = asyncio.get_running_loop().call_later(SHARE_AFTER, self._share)
+
+    def _claim(self) -> None:
+        ready = list(self.matcher.ready)
+        n = min(BATCH, sum(max(1, s.credit) for s in ready))
+        rows = self._tx().claim(n, sorted({s.order.model for s in ready}),
+                                min(s.order.price_milli for s in ready),
+                                max(s.order.cpu_seconds for s in ready) * 1000)
+        if len(rows) < n:
+            self._pool_hint = False
+        if rows:
+            self.claimed += len(rows)
+            self._load_tasks(rows, "")
+            self._schedule()
+
+    def _share(self) -> None:
+        """Offer the others the tasks that waited SHARE_AFTER here with no attempt
+        running: they leave this process's memory (their buyers' refs stay)."""
+        self._share_timer = None
+        if self._stopping or self.fatal is not None or not self.peers:
+            return
+        now = time.monotonic()
+        out = []
+        for tid in self.matcher.queue:
+            t = self.tasks.get(tid)
+            if (t is None or t.session or t.lease or t.running
+                    or now - t.waiting_since < SHARE_AFTER):
+                continue
+            out.append(t)
+            if len(out) >= BATCH:
+                break
+        if out:
+            self._tx().release([t.id for t in out])
+            for t in out:
+                self.tasks.pop(t.id, None)
+                self.matcher.dequeue(t.id)
+                self._input_bytes -= t.input_in_memory
+                t.input_in_memory, t.input = 0, None
+            self.shared_out += len(out)
+        if self.matcher.queue:
+            self._share_timer = asyncio.get_running_loop().call_later(SHARE_AFTER, self._share)
+
+    # --- notifications ----------------------------------------------------------
+
+    def _on_notifies(self) -> None:
+        if self._listen is None:
+            return
+        try:
+            payloads = self._listen.poll()
+        except Exception as e:  # the database connection is gone: as a failed commit
+            self._fleet_leave()
+            self._die("the database's notifications failed", e)
+            return
+        for p in payloads:
+            kind, _, rest = p.partition(" ")
+            try:
+                args = [int(x) for x in rest.split()]
+            except ValueError:
+                args = None
+            if kind == "queue":
+                self._pool_hint = True
+            elif kind == "home" and args and len(args) == 2:
+                if args[1] == self.server_id:
+                    self.away.pop(args[0], None)
+                elif args[0] in self.buyers:  # (our connections of it are older)
+                    self.away[args[0]] = args[1]
+            elif kind == "result" and args and len(args) == 2:
+                conns = self.buyers.get(args[0])
+                if conns and args[1] in self.pending_tasks:
+                    self._deliver(conns[-1], args[1])
+            elif kind == "cancel" and args and len(args) == 1:
+                t = self.tasks.get(args[0])
+                if t is not None and not t.session:
+                    self._fail(t, "cancelled", "cancelled by the buyer")
+            else:
+                log.warning("ignored a notification of the database: %r", p[:80])
+        self._schedule()
+
+    def _cancel_elsewhere(self, tid: int) -> None:
+        """A cancel for a task this process does not hold: from the shared queue,
+        or by its holder."""
+        store = self._tx()
+        store.cancel_task(tid)  # (read by whoever loads it next: never lost)
+        got = store.claim_task(tid)
+        if got is not None:
+            self._load_tasks([got[:2] + (True,)], "")
+
+    def _announce_elsewhere(self, t: TaskState) -> None:
+        """A committed result whose buyer is not connected here: its process is
+        told, at the end of this commit's announcements (one statement)."""
+        if self.fleet:
+            self._remote_results.append((t.buy_order_id, t.id))
+
+    def _fleet_after_commit(self) -> None:
+        if self._remote_results and self._listen is not None:
+            results, self._remote_results = self._remote_results, []
+            self.store.announce_results(self._listen, results)
+            self._listened()
+
+    def _listened(self) -> None:
+        """A statement ran on the listener's connection: what it heard meanwhile
+        waits in its `pending`, and the socket may never be readable for it."""
+        if self._listen is not None and self._listen.pending:
+            asyncio.get_running_loop().call_soon(self._on_notifies)
+
+    # --- locks against the other processes ------------------------------------------
+
+    def _lock(self, kind: str, key) -> bool:
+        """Lock `key` (an account's balance, an image) against the other processes
+        until the group commit; False if one of them holds it now (then the
+        caller tries again after BUSY_RETRY: nothing ever waits for a lock, so
+        no two processes can deadlock)."""
+        if not self.fleet or (kind, key) in self._held:
+            return True
+        if not self._tx().try_lock(kind, key):
+            return False
+        self._held.add((kind, key))
+        return True
+
+    # --- buyers -----------------------------------------------------------------
+
+    def _fleet_buyer(self, b) -> None:
+        """A buyer connected here: its results come here, and the refs of its buy
+        order waiting for an ack are known here (they may come from any process)."""
+        if not self.fleet:
+            return
+        store = self._tx()
+        self.away.pop(b.order_id, None)
+        store.buyer_home(self._listen, b.order_id)
+        self._listened()
+        rows = store.undelivered_refs_of(b.order_id)
+        known = {tid for tid, p in self.pending_tasks.items() if p.buy_order_id == b.order_id}
+        now = {tid for _, _, tid, _ in rows}
+        for tid in known - now:  # acknowledged through another process
+            self._forget_pending(tid)
+        for order_id, ref, tid, account_id in rows:
+            if tid not in self.pending_tasks:
+                self.pending_refs[order_id, ref] = tid
+                self.pending_tasks[tid] = Pending(order_id, ref, account_id)
+                self.open_tasks[account_id, False] += 1
