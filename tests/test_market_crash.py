@@ -10,6 +10,7 @@ is exactly the sellers' earnings.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import signal
@@ -53,10 +54,27 @@ LOST = (OSError, ssl.SSLError, asyncio.IncompleteReadError, protocol.ProtocolErr
         asyncio.TimeoutError, AssertionError)
 
 
-async def seller_forever(o, stop: asyncio.Event) -> None:
-    while not stop.is_set():
+def connect_any(ports: list[int]) -> int | None:
+    """The first of these loopback ports that accepts a connection, or None."""
+    for port in ports:
         try:
-            s = await ScriptedSeller.connect(o, cpu_ms=random.randint(1, 3000))
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return port
+        except OSError:
+            continue
+    return None
+
+
+async def seller_forever(o, stop: asyncio.Event, ports: list[int] | None = None) -> None:
+    """A seller that reconnects (to the first of `ports` that listens) until `stop`."""
+    while not stop.is_set():
+        port = connect_any(ports or [o.port])
+        if port is None:
+            await asyncio.sleep(0.05)
+            continue
+        try:
+            s = await ScriptedSeller.connect(dataclasses.replace(o, port=port),
+                                             cpu_ms=random.randint(1, 3000))
         except LOST:
             await asyncio.sleep(0.02)
             continue
@@ -66,12 +84,27 @@ async def seller_forever(o, stop: asyncio.Event) -> None:
         await s.stop()
 
 
-async def buyer_forever(o, results: dict[str, bytes], all_done: asyncio.Event) -> None:
+async def buyer_forever(o, results: dict[str, bytes], all_done: asyncio.Event,
+                        ports: list[int] | None = None, tasks: int = TASKS,
+                        where: list[int] | None = None) -> None:
+    """A buyer of `tasks` tasks, WINDOW at a time, that reconnects (to the first
+    of `ports` that listens: each port it got is appended to `where`) and
+    resubmits what has no result, until every task has its result."""
     img = tiny_image()
     d = image_digest(img)
     while True:
+        port = connect_any(ports or [o.port])
+        if port is None:
+            await asyncio.sleep(0.05)
+            continue
         try:
-            p = await Peer.open(o, "buyer")
+            p = await Peer.open(dataclasses.replace(o, port=port), "buyer")
+        except LOST:
+            await asyncio.sleep(0.02)
+            continue
+        try:
+            if where is not None:
+                where.append(port)
             await p.send("image", img, image=d)
             await p.expect("image_ok")
             inflight: set[str] = set()
@@ -79,7 +112,7 @@ async def buyer_forever(o, results: dict[str, bytes], all_done: asyncio.Event) -
 
             async def fill() -> None:  # in order; what has a result is skipped
                 nonlocal nxt
-                while len(inflight) < WINDOW and nxt < TASKS:
+                while len(inflight) < WINDOW and nxt < tasks:
                     ref, nxt = f"r{nxt}", nxt + 1
                     if ref not in results:
                         inflight.add(ref)
@@ -91,16 +124,20 @@ async def buyer_forever(o, results: dict[str, bytes], all_done: asyncio.Event) -
                 if m is None:
                     break
                 if m.type == "done":
+                    if m.payload != (b"input " + m["ref"][1:].encode())[::-1]:
+                        raise RuntimeError(f"a wrong result: {m}")
                     results[m["ref"]] = m.payload
                     inflight.discard(m["ref"])
+                    await p.send("ack", task=m["task"])
                     await fill()
                 elif m.type == "failed":
                     raise RuntimeError(f"task {m['ref']} failed: {m['message']}")
-                if len(results) == TASKS:
+                if len(results) == tasks:
                     all_done.set()
                     await p.close()
                     return
         except LOST:  # the server was killed: reconnect, resubmit what has no result
+            p.writer.transport.abort()
             await asyncio.sleep(0.02)
 
 
@@ -157,9 +194,9 @@ def test_kill9_during_a_stream_of_work_keeps_the_ledger_whole(tmp_path, market_d
         spent = 10_000_000 - store.account("buyer").balance_milli
         earned = store.account("alice").balance_milli + store.account("bob").balance_milli
         assert spent == earned > 0
-        undelivered = store.db.execute(
-            "SELECT COUNT(*) FROM tasks WHERE state = 'queued'").fetchone()[0]
-        assert undelivered == 0
+        q = store.db.execute
+        assert q("SELECT COUNT(*) FROM tasks WHERE state = 'queued'").fetchone()[0] == 0
+        assert q("SELECT COUNT(*) FROM tasks WHERE delivered = 0").fetchone()[0] == 0
     finally:
         store.close()
     print(open(tmp_path / "server.log").read()[-2000:], file=sys.stderr)

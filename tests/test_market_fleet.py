@@ -14,23 +14,18 @@ holds, after every kill too.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from test_market_crash import LOST, PYTHON, SRC
-from test_market_peers import (LoopbackMarket, Peer, ScriptedSeller, free_port, image_digest,
-                               tiny_image)
+from test_market_crash import PYTHON, SRC, buyer_forever, seller_forever
+from test_market_peers import LoopbackMarket, free_port
 
 TASKS = 600
-WINDOW = 32
 BID = 360_000
 
 
@@ -71,88 +66,6 @@ def _listening(pid: int, port: int) -> bool:
     out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
                          text=True).stdout
     return f"pid={pid}," in out
-
-
-def _connect_any(ports):
-    """The ports in turn, the first that accepts."""
-    for port in ports:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return port
-        except OSError:
-            continue
-    return None
-
-
-async def seller_forever(o, ports: list[int], stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        port = _connect_any(ports)
-        if port is None:
-            await asyncio.sleep(0.05)
-            continue
-        try:
-            s = await ScriptedSeller.connect(dataclasses.replace(o, port=port),
-                                             cpu_ms=random.randint(1, 3000))
-        except LOST:
-            await asyncio.sleep(0.02)
-            continue
-        done = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([s._run, done], return_when=asyncio.FIRST_COMPLETED)
-        done.cancel()
-        await s.stop()
-
-
-async def buyer_forever(o, ports: list[int], results: dict[str, bytes], where: list[int],
-                        all_done: asyncio.Event) -> None:
-    img = tiny_image()
-    d = image_digest(img)
-    while True:
-        port = _connect_any(ports)
-        if port is None:
-            await asyncio.sleep(0.05)
-            continue
-        try:
-            p = await Peer.open(dataclasses.replace(o, port=port), "buyer")
-        except LOST:
-            await asyncio.sleep(0.02)
-            continue
-        try:
-            where.append(port)
-            await p.send("image", img, image=d)
-            await p.expect("image_ok")
-            inflight: set[str] = set()
-            nxt = 0
-
-            async def fill() -> None:
-                nonlocal nxt
-                while len(inflight) < WINDOW and nxt < TASKS:
-                    ref, nxt = f"r{nxt}", nxt + 1
-                    if ref not in results:
-                        inflight.add(ref)
-                        await p.send("submit", b"input %s" % ref[1:].encode(), ref=ref,
-                                     image=d)
-            await fill()
-            while True:
-                m = await p.recv(timeout=None)
-                if m is None:
-                    break
-                if m.type == "done":
-                    if m.payload != (b"input " + m["ref"][1:].encode())[::-1]:
-                        raise RuntimeError(f"a wrong result: {m}")
-                    results[m["ref"]] = m.payload
-                    inflight.discard(m["ref"])
-                    await p.send("ack", task=m["task"])
-                    await fill()
-                elif m.type == "failed":
-                    raise RuntimeError(f"task {m['ref']} failed: {m['message']}")
-                if len(results) == TASKS:
-                    all_done.set()
-                    await p.close()
-                    return
-        except LOST as e:  # its process was killed: a new connection, the old one closed
-            print(f"buyer reconnects after {e!r}", file=sys.stderr)
-            p.writer.transport.abort()
-            await asyncio.sleep(0.02)
 
 
 def _state(lm: LoopbackMarket) -> str:
@@ -202,9 +115,9 @@ def test_processes_share_the_work_and_take_over_after_kill9(tmp_path, pg_cluster
         for p in procs:
             p.start()
         seller_ports = [shared, home]  # (home only once no process has the shared address)
-        tasks = [asyncio.create_task(seller_forever(o, seller_ports, stop)) for o in sells]
+        tasks = [asyncio.create_task(seller_forever(o, stop, seller_ports)) for o in sells]
         tasks.append(asyncio.create_task(
-            buyer_forever(buy, [home, shared], results, where, all_done)))
+            buyer_forever(buy, results, all_done, [home, shared], TASKS, where)))
         try:
             for victim, after in kills:
                 deadline = time.monotonic() + 60

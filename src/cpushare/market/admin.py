@@ -139,8 +139,9 @@ def _init_ca(store: SQLiteStore, host: str, port: int, public: str, ca_days: int
             store.set_meta(k, v)
 
 
-def _init_pg(url: str, host: str, port: int, name: str | None, ca_days: int,
-             images: str | None) -> Store:
+def create_pg(url: str, images: str | None) -> tuple[Store, str]:
+    """The PostgreSQL store at `url`, its tables created, and the absolute
+    directory of its chunked images (made if need be)."""
     from .store.pg import PostgresStore
     if not images:
         raise AdminError("--images DIR: a market on PostgreSQL keeps chunked images (ISOs) "
@@ -148,9 +149,14 @@ def _init_pg(url: str, host: str, port: int, name: str | None, ca_days: int,
     images = os.path.abspath(images)
     os.makedirs(images, mode=0o700, exist_ok=True)
     try:
-        store = PostgresStore(url, image_dir=images, create=True)
+        return PostgresStore(url, image_dir=images, create=True), images
     except StoreError as e:
         raise AdminError(str(e)) from None
+
+
+def _init_pg(url: str, host: str, port: int, name: str | None, ca_days: int,
+             images: str | None) -> Store:
+    store, images = create_pg(url, images)
     if store.get_meta("ca_cert") is not None:
         store.close()
         raise AdminError(f"{store.path}: holds a market already; it keeps its CA and ledger")

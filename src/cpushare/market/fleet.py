@@ -29,6 +29,7 @@ log = logging.getLogger("cpushare.market")
 
 SHARE_AFTER = 0.02  # s: a task no seller here took in this time is offered to the others
 BATCH = 256  # tasks offered or claimed in one statement
+YIELD_FOR = 0.01  # s: a key another process asked for is left to it this long
 
 
 class Fleet:
@@ -42,6 +43,8 @@ class Fleet:
         self._remote_results: list[tuple[int, int]] = []  # (buy order, task) to announce
         # buy orders with connections here whose newest is on another process
         self.away: dict[int, int] = {}
+        self._yielding: dict[tuple, float] = {}  # key -> until when it is left to others
+        self._asked: dict[tuple, float] = {}  # key -> until when not to ask again
         self._share_timer: asyncio.TimerHandle | None = None
         self._listen = None
         self.shared_out = 0  # tasks offered to the others, claimed, taken over
@@ -206,6 +209,8 @@ class Fleet:
                 args = None
             if kind == "queue":
                 self._pool_hint = True
+            elif kind == "yield":
+                self._on_yield(rest)
             elif kind == "home" and args and len(args) == 2:
                 if args[1] == self.server_id:
                     self.away.pop(args[0], None)
@@ -222,6 +227,26 @@ class Fleet:
             else:
                 log.warning("ignored a notification of the database: %r", p[:80])
         self._schedule()
+
+    def _on_yield(self, rest: str) -> None:
+        """`yield SERVER KIND KEY`: another process waits for a key we may hold."""
+        parts = rest.split(" ", 2)
+        if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) == self.server_id:
+            return
+        kind, key = parts[1], parts[2]
+        if kind == "account" and key.isdigit():
+            k = (kind, int(key))
+        elif kind == "image" and 0 < len(key) <= 128:
+            k = (kind, key)
+        else:
+            return
+        now = time.monotonic()
+        self._yielding[k] = now + YIELD_FOR
+        self._held.discard(k)  # (used no more in this group either: it is theirs next)
+        log.debug("%s %s left to market process %s for %g s", kind, key, parts[0], YIELD_FOR)
+        if len(self._yielding) > 4096:  # (bounded: the expired go)
+            self._yielding = {x: u for x, u in self._yielding.items() if u > now}
+            self._asked = {x: u for x, u in self._asked.items() if u > now}
 
     def _cancel_elsewhere(self, tid: int) -> None:
         """A cancel for a task this process does not hold: from the shared queue,
@@ -256,12 +281,25 @@ class Fleet:
         """Lock `key` (an account's balance, an image) against the other processes
         until the group commit; False if one of them holds it now (then the
         caller tries again after BUSY_RETRY: nothing ever waits for a lock, so
-        no two processes can deadlock)."""
-        if not self.fleet or (kind, key) in self._held:
+        no two processes can deadlock).
+
+        Turns: a process refused asks the holder to yield (NOTIFY `yield`), and
+        the holder leaves the key for YIELD_FOR after its commit, so that a
+        buyer flooding one process does not starve its other connections."""
+        k = (kind, key)
+        if not self.fleet or k in self._held:
             return True
-        if not self._tx().try_lock(kind, key):
+        now = time.monotonic()
+        if self._yielding.get(k, 0.0) > now:
             return False
-        self._held.add((kind, key))
+        if not self._tx().try_lock(kind, key):
+            if self._asked.get(k, 0.0) <= now and self._listen is not None:
+                self._asked[k] = now + YIELD_FOR / 2
+                self.store.ask_yield(self._listen, kind, key)
+                log.debug("%s %s is held by another market process: asked for it", kind, key)
+                self._listened()
+            return False
+        self._held.add(k)
         return True
 
     # --- buyers -----------------------------------------------------------------

@@ -43,6 +43,7 @@ READ_BUFFER = 1 << 20
 # Payloads of more than 1 MiB being read, from all peers at once; past it a
 # peer with a big frame waits (is not read) until others are handled.
 PAYLOAD_BUDGET = 512 << 20
+FAIR_TURN = 32  # frames of one connection handled before the loop turns (fairness)
 COLLECT_EVERY = 3600.0  # seconds between collections of unused images
 # The heartbeat wheel (_sweep): a heartbeat is cut into slots of TICK seconds
 # (fewer, longer ones for a heartbeat of more than MAX_SLOTS ticks), each
@@ -232,6 +233,7 @@ class Listener:
 
     async def _serve_conn(self, conn: Conn) -> None:
         on = self._on_seller if conn.role == "seller" else self._on_buyer
+        n = 0
         while not conn.closed:
             m = await read_message(conn.reader, self.max_payload, self.payload_budget)
             if m is None:
@@ -255,6 +257,9 @@ class Listener:
                 if m.held:  # (what it keeps of the payload is counted elsewhere)
                     self.payload_budget.give(m.held)
             await self._backpressure(conn)
+            n += 1
+            if n % FAIR_TURN == 0:  # frames already buffered are read without a pause:
+                await asyncio.sleep(0)  # the other connections and timers get a turn
 
     async def _backpressure(self, conn: Conn) -> None:
         """Stop reading from `conn` while what it made the market send waits:

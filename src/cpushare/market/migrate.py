@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from .admin import AdminError
+from .admin import AdminError, create_pg
 from .store import IN_FILE, SQLiteStore, StoreError
 
 # Each table, its columns in order, and which hold bytes.
@@ -58,7 +58,6 @@ def _file_name(table: str, column: str, row_id: int) -> str:
 def migrate(src_path: str, url: str, images: str | None, out=print) -> dict:
     """Copy, check and commit; returns the copy's ledger summary.  AdminError
     says what stopped it (and then nothing is committed)."""
-    from .store.pg import PostgresStore
     if not images:
         raise AdminError("--images DIR: the directory of this machine the PostgreSQL market "
                          "keeps its chunked images in")
@@ -72,12 +71,7 @@ def migrate(src_path: str, url: str, images: str | None, out=print) -> dict:
             raise AdminError(f"{src_path}: ledger check fails; fix it before moving it: "
                              + "; ".join(problems[:3]))
         before = src.ledger_summary()
-        images = os.path.abspath(images)
-        os.makedirs(images, mode=0o700, exist_ok=True)
-        try:
-            dst = PostgresStore(url, image_dir=images, create=True)
-        except StoreError as e:
-            raise AdminError(str(e)) from None
+        dst, images = create_pg(url, images)
         try:
             if dst.db.execute("SELECT COUNT(*) FROM accounts WHERE system = 0").fetchone()[0] \
                     or dst.get_meta("ca_cert") is not None:

@@ -30,6 +30,13 @@ class AccountsMixin:
                               (name,)).fetchone()
         return Account(row[0], row[1], row[2] + self._deltas.get(row[0], 0)) if row else None
 
+    def _id(self, name: str) -> int:
+        """The id of system account `name`."""
+        row = self.db.execute("SELECT id FROM accounts WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise StoreError(f"{self.path}: system account {name} missing")
+        return row[0]
+
     def account_by_id(self, account_id: int) -> Account:
         row = self.db.execute("SELECT id, name, balance FROM accounts WHERE id = ?",
                               (account_id,)).fetchone()

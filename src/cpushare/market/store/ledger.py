@@ -39,6 +39,18 @@ class LedgerMixin:
 
     # --- the ledger -------------------------------------------------------
 
+    def _checked(self, kind: str, entries: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """A transfer's entries without zeros; StoreError unless they balance in
+        integers, inside a transaction."""
+        if not self.db.in_transaction:
+            raise StoreError("transfer outside a transaction")
+        entries = [(a, m) for a, m in entries if m != 0]
+        if sum(m for _, m in entries) != 0:
+            raise StoreError(f"{kind} transaction does not balance: {entries}")
+        if any(type(m) is not int for _, m in entries):
+            raise StoreError(f"{kind} transaction has a non-integer amount: {entries}")
+        return entries
+
     def transfer(self, kind: str, entries: list[tuple[int, int]], *,
                  task_id: int | None = None, memo: str = "") -> int:
         """One double-entry transaction: (account_id, amount) pairs summing to zero.
@@ -46,15 +58,9 @@ class LedgerMixin:
         Zero amounts are left out; a transaction with nothing left is not
         written (returns 0).  Must run inside a transaction.
         """
-        if not self.db.in_transaction:
-            raise StoreError("transfer outside a transaction")
-        entries = [(a, m) for a, m in entries if m != 0]
-        if sum(m for _, m in entries) != 0:
-            raise StoreError(f"{kind} transaction does not balance: {entries}")
+        entries = self._checked(kind, entries)
         if not entries:
             return 0
-        if any(type(m) is not int for _, m in entries):
-            raise StoreError(f"{kind} transaction has a non-integer amount: {entries}")
         txn = self.db.execute("INSERT INTO transactions (kind, task_id, memo, created) "
                               "VALUES (?, ?, ?, ?) RETURNING id",
                               (kind, task_id, memo, time.time())).fetchone()[0]

@@ -157,12 +157,6 @@ class PostgresStore(PgFilesMixin, PgFleetMixin, PgLedgerMixin, AccountsMixin, Im
         self.mint_id = self._id(MINT)
         self.escrow_id = self._id(ESCROW)
 
-    def _id(self, name: str) -> int:
-        row = self.db.execute("SELECT id FROM accounts WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            raise StoreError(f"{self.path}: system account {name} missing")
-        return row[0]
-
     # --- transactions ---------------------------------------------------
 
     def begin(self) -> None:

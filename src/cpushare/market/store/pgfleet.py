@@ -130,10 +130,15 @@ class PgFleetMixin:
         return self.db.execute(sql, (FLEET_LOCK + LOCKS[kind], key)).fetchone()[0]
 
     def carry(self, buyer_account_id: int, seller_account_id: int) -> int:
+        """This process's carry; outside a serving process (admin), all of them."""
+        if self.server_id is None:
+            return self.db.execute("SELECT COALESCE(SUM(rest), 0) FROM carries WHERE "
+                                   "buyer_account_id = ? AND seller_account_id = ?",
+                                   (buyer_account_id, seller_account_id)).fetchone()[0]
         row = self.db.execute("SELECT rest FROM carries WHERE buyer_account_id = ? AND "
                               "seller_account_id = ? AND server = ?",
                               (buyer_account_id, seller_account_id,
-                               self.server_id or 0)).fetchone()
+                               self.server_id)).fetchone()
         return row[0] if row else 0
 
     def set_carry(self, buyer_account_id: int, seller_account_id: int, rest: int) -> None:
@@ -245,6 +250,11 @@ class PgFleetMixin:
             "ON CONFLICT (buy_order_id) DO UPDATE SET server = excluded.server RETURNING server) "
             "SELECT pg_notify(%s, 'home ' || %s || ' ' || server) FROM h",
             (buy_order_id, self.server_id, CHANNEL, buy_order_id))
+
+    def ask_yield(self, listener: Listener, kind: str, key) -> None:
+        """Ask the process holding `key` of `kind` to leave it to this one for a while."""
+        listener.conn.execute("SELECT pg_notify(%s, %s)",
+                              (CHANNEL, f"yield {self.server_id} {kind} {key}"))
 
     def forget_homes(self, listener: Listener, dead: list[int]) -> None:
         """The buyers' homes at dead servers (on the listener's session, as buyer_home:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 
-from .rows import StoreError
 
 TXN_BLOCK = 1024
 
@@ -38,15 +37,9 @@ class PgLedgerMixin:
     def transfer(self, kind: str, entries: list[tuple[int, int]], *,
                  task_id: int | None = None, memo: str = "") -> int:
         """As LedgerMixin.transfer; written at the commit."""
-        if not self.db.in_transaction:
-            raise StoreError("transfer outside a transaction")
-        entries = [(a, m) for a, m in entries if m != 0]
-        if sum(m for _, m in entries) != 0:
-            raise StoreError(f"{kind} transaction does not balance: {entries}")
+        entries = self._checked(kind, entries)  # (LedgerMixin's)
         if not entries:
             return 0
-        if any(type(m) is not int for _, m in entries):
-            raise StoreError(f"{kind} transaction has a non-integer amount: {entries}")
         txn = self._txn_id()
         self._txns.append((txn, kind, task_id, memo, time.time()))
         pending, deltas = self._entries, self._deltas

@@ -101,12 +101,6 @@ class SQLiteStore(FilesMixin, AccountsMixin, ImagesMixin, TasksMixin, LedgerMixi
             migrate(self.db, version)
             self.set_meta("schema_version", str(SCHEMA_VERSION))
 
-    def _id(self, name: str) -> int:
-        row = self.db.execute("SELECT id FROM accounts WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            raise StoreError(f"{self.path}: system account {name} missing")
-        return row[0]
-
     # --- transactions ---------------------------------------------------
 
     def begin(self) -> None:

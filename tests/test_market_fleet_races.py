@@ -1,0 +1,171 @@
+"""Two serve processes on one PostgreSQL database, made to race.
+
+- One account's two buy orders, connected to different processes, spend
+  its balance at once: the processes never accept together more than it
+  holds (each locks the account against the other until its commit), and
+  both upload the same image at the same moment (one row, no deadlock).
+- A buyer cancels tasks that another process holds or that wait in the
+  shared queue: each is refunded once, and its seller is told to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from cpushare import protocol
+
+from test_market_fleet import Proc
+from test_market_peers import (LoopbackMarket, Peer, ScriptedSeller, free_port, image_digest,
+                               tiny_image)
+
+BID = 360_000
+CPU_MS = 1000
+TASK_COST = protocol.cost_milli(CPU_MS, BID)
+AFFORDABLE = 100  # tasks the account can pay for
+EACH = 150  # tasks each buy order asks for
+
+
+def _market(tmp_path, pg_cluster, coins: int):
+    lm = LoopbackMarket(tmp_path, pg_cluster.database())
+    lm.account("buyer", coins)
+    return lm
+
+
+async def _replies(p: Peer, n: int) -> dict[str, protocol.Message]:
+    """The `accepted` or `failed` of `n` submits, by ref."""
+    out: dict[str, protocol.Message] = {}
+    while len(out) < n:
+        m = await p.recv(timeout=30)
+        assert m is not None, "the market closed the connection"
+        if m.type in ("accepted", "failed"):
+            out[m["ref"]] = m
+    return out
+
+
+def test_two_processes_never_spend_one_balance_twice(tmp_path, pg_cluster):
+    lm = _market(tmp_path, pg_cluster, AFFORDABLE * TASK_COST)
+    orders = [lm.buy("buyer", BID, max_cpu_seconds=1), lm.buy("buyer", BID, max_cpu_seconds=1)]
+    lm.close()
+    log = open(tmp_path / "server.log", "ab")
+    procs = [Proc(lm, free_port(), log), Proc(lm, free_port(), log)]
+    img = tiny_image(7)
+    d = image_digest(img)
+
+    async def buyer(o, port, ready: asyncio.Barrier):
+        p = await Peer.open(dataclasses.replace(o, port=port), "buyer")
+        await ready.wait()
+        await p.send("image", img, image=d)  # both at once: one row, and both told ok
+        await p.expect("image_ok")
+        await ready.wait()  # and the submits of both at once
+        for i in range(EACH):  # (in bursts, as a buyer's window opens)
+            await p.send("submit", b"x", ref=f"o{o.name}-{i}", image=d, cpu_ms=CPU_MS)
+            if i % 10 == 9:
+                await asyncio.sleep(0.002)
+        replies = await _replies(p, EACH)
+        await p.close()
+        return replies
+
+    async def main():
+        for p in procs:
+            p.start()
+        try:
+            ready = asyncio.Barrier(2)
+            return await asyncio.gather(*(buyer(o, p.port, ready)
+                                          for o, p in zip(orders, procs)))
+        finally:
+            for p in procs:
+                p.stop()
+
+    try:
+        both = asyncio.run(main())
+    finally:
+        log.close()
+    accepted = [m for r in both for m in r.values() if m.type == "accepted"]
+    failed = [m for r in both for m in r.values() if m.type == "failed"]
+    # every process accepted some: they did race
+    per = [sum(m.type == "accepted" for m in r.values()) for r in both]
+    assert all(per), per
+    assert len(accepted) == AFFORDABLE, (len(accepted), len(failed))
+    assert {m["code"] for m in failed} == {"funds"}
+    assert len(failed) == 2 * EACH - AFFORDABLE
+    store = lm.open_store()
+    try:
+        assert store.check() == []
+        assert store.account("buyer").balance_milli == 0
+        assert store.ledger_summary()["escrow"] == AFFORDABLE * TASK_COST
+        assert store.db.execute("SELECT COUNT(*) FROM images WHERE digest = ?",
+                                (d,)).fetchone()[0] == 1
+    finally:
+        store.close()
+    text = open(tmp_path / "server.log").read()
+    assert "Traceback" not in text and "stopping the market" not in text, text[-3000:]
+
+
+def test_a_cancel_reaches_the_task_wherever_it_is(tmp_path, pg_cluster):
+    n = 12
+    lm = _market(tmp_path, pg_cluster, 10 * n * TASK_COST)
+    lm.account("seller")
+    buy = lm.buy("buyer", BID, max_cpu_seconds=1)
+    sell = lm.sell("seller", 36_000)
+    lm.close()
+    log = open(tmp_path / "server.log", "ab")
+    procs = [Proc(lm, free_port(), log), Proc(lm, free_port(), log)]
+    img = tiny_image(3)
+    d = image_digest(img)
+
+    async def main():
+        for p in procs:
+            p.start()
+        try:
+            # the seller holds what it gets, on the other process
+            s = await ScriptedSeller.connect(dataclasses.replace(sell, port=procs[1].port),
+                                             hold=True)
+            b = await Peer.open(dataclasses.replace(buy, port=procs[0].port), "buyer")
+            await b.send("image", img, image=d)
+            await b.expect("image_ok")
+            for i in range(n):
+                await b.send("submit", b"y", ref=f"c{i}", image=d, cpu_ms=CPU_MS)
+            got = await _replies(b, n)
+            assert all(m.type == "accepted" for m in got.values())
+            await asyncio.wait_for(s.got_task.wait(), 20)  # (it crossed to the seller's process)
+            await asyncio.sleep(0.3)  # the rest waits in the shared queue, or held
+            s._run.cancel()  # (from here its frames are read below)
+            await asyncio.gather(s._run, return_exceptions=True)
+            for i in range(n):
+                await b.send("cancel", ref=f"c{i}")
+            failed = {}
+            while len(failed) < n:
+                m = await b.recv(timeout=30)
+                assert m is not None
+                if m.type == "failed":
+                    failed[m["ref"]] = m
+            held = {m["attempt"] for m in s.tasks}
+            stops = set()
+            while held - stops:  # its seller is told to stop each
+                m = await s.peer.recv(timeout=30)
+                assert m is not None
+                if m.type == "stop":
+                    stops.add(m["attempt"])
+            await s.peer.close()
+            await b.close()
+            return failed, held
+        finally:
+            for p in procs:
+                p.stop()
+
+    try:
+        failed, held = asyncio.run(main())
+    finally:
+        log.close()
+    assert {m["code"] for m in failed.values()} == {"cancelled"}
+    assert held
+    store = lm.open_store()
+    try:
+        assert store.check() == []
+        assert store.account("buyer").balance_milli == 10 * n * TASK_COST  # all refunded
+        q = store.db.execute
+        assert q("SELECT COUNT(*) FROM tasks WHERE state = 'failed'").fetchone()[0] == n
+        assert q("SELECT COUNT(*) FROM transactions WHERE kind = 'refund'").fetchone()[0] == n
+    finally:
+        store.close()
