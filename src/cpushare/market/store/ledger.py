@@ -64,14 +64,17 @@ class LedgerMixin:
         txn = self.db.execute("INSERT INTO transactions (kind, task_id, memo, created) "
                               "VALUES (?, ?, ?, ?) RETURNING id",
                               (kind, task_id, memo, time.time())).fetchone()[0]
-        # The entries and the balances they change are written once per group
-        # commit (_write_ledger), in the same SQLite transaction: one statement
-        # each for many transfers.  Reads of balances add what is pending.
+        self._pend(txn, entries)
+        return txn
+
+    def _pend(self, txn: int, entries: list[tuple[int, int]]) -> None:
+        """The entries and the balances they change are written once per group
+        commit (_write_ledger), in the same transaction: one statement each for
+        many transfers.  Reads of balances add what is pending."""
         pending, deltas = self._entries, self._deltas
         for a, m in entries:
             pending.append((txn, a, m))
             deltas[a] = deltas.get(a, 0) + m
-        return txn
 
     def _write_ledger(self) -> None:
         if self._entries:

@@ -173,12 +173,6 @@ class PostgresStore(PgFilesMixin, PgFleetMixin, PgLedgerMixin, AccountsMixin, Im
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
 
-    @property
-    def in_transaction(self) -> bool:
-        return self.db.in_transaction
-
-
-
     def close(self) -> None:
         try:
             self.rollback()

@@ -42,10 +42,7 @@ class PgLedgerMixin:
             return 0
         txn = self._txn_id()
         self._txns.append((txn, kind, task_id, memo, time.time()))
-        pending, deltas = self._entries, self._deltas
-        for a, m in entries:
-            pending.append((txn, a, m))
-            deltas[a] = deltas.get(a, 0) + m
+        self._pend(txn, entries)  # (LedgerMixin's)
         return txn
 
     def _write_ledger(self) -> None:

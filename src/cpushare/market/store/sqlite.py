@@ -130,12 +130,6 @@ class SQLiteStore(FilesMixin, AccountsMixin, ImagesMixin, TasksMixin, LedgerMixi
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
 
-    @property
-    def in_transaction(self) -> bool:
-        return self.db.in_transaction
-
-
-
     def close(self) -> None:
         if self._checkpointer is not None:
             self._stop_checkpoints.set()

@@ -12,6 +12,10 @@ class TxnMixin:
 
     _sp: int
 
+    @property
+    def in_transaction(self) -> bool:
+        return self.db.in_transaction
+
     @contextlib.contextmanager
     def op(self) -> Iterator[None]:
         """One logical operation inside the open transaction (a savepoint)."""
