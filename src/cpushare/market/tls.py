@@ -33,6 +33,10 @@ from typing import Callable
 RECV = 256 << 10  # bytes one read of a socket takes (shared by every connection)
 PIECE = 16 << 10  # ciphertext or plaintext moved at a time: one TLS record
 CLOSE_TIMEOUT = 30.0  # seconds a closed connection may take to hand over what it has left
+# ... and with nothing left to hand over, how long it lingers for the peer's
+# end: a socket closed with unread input sends a reset, which may make the
+# peer's kernel drop what it had not read yet (the last `error` frame)
+LINGER = 2.0
 
 
 class Server:
@@ -99,8 +103,8 @@ class Link(asyncio.Transport, asyncio.BufferedProtocol):
         return self._server.recv
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._sslobj is None:
-            return
+        if self._sslobj is None or self._closing:
+            return  # (closing: what still comes is read and dropped)
         data = self._server.recv
         for i in range(0, nbytes, PIECE):
             self._in.write(data[i:min(nbytes, i + PIECE)])
@@ -116,6 +120,8 @@ class Link(asyncio.Transport, asyncio.BufferedProtocol):
         hears it after the plaintext before it.  The TCP transport stays open
         while some of that waits for a paused reader."""
         self._tcp_eof = True
+        if self._closing:
+            return False  # (the end a lingering close waited for)
         if self._sslobj is not None and not self._handshake.done():
             self._handshake.set_exception(
                 ConnectionResetError("the peer closed the connection during the TLS handshake"))
@@ -258,8 +264,10 @@ class Link(asyncio.Transport, asyncio.BufferedProtocol):
         return not self._paused and self._tcp is not None and self._tcp.is_reading()
 
     def close(self) -> None:
-        """Send close_notify, then close once what is queued is written (or
-        after CLOSE_TIMEOUT, for a peer that no longer reads)."""
+        """Send close_notify, then end the stream once what is queued is
+        written, and close when the peer ends its own (reading and dropping
+        what it still sends): after CLOSE_TIMEOUT at most, for a peer that no
+        longer reads, or LINGER when nothing was left to send."""
         if self._closing or self._tcp is None:
             return
         self._closing = True
@@ -269,9 +277,17 @@ class Link(asyncio.Transport, asyncio.BufferedProtocol):
             except (ssl.SSLError, OSError):
                 pass  # (its answer is not waited for)
             self._flush()
-        self._tcp.close()
-        if not self._lost:
-            self._timer = self._server.loop.call_later(CLOSE_TIMEOUT, self._tcp.abort)
+        if self._lost:
+            return
+        left = self._tcp.get_write_buffer_size()
+        if self._tcp_eof or not self._tcp.can_write_eof():
+            self._tcp.close()
+        else:
+            self._tcp.write_eof()
+            if self._paused:
+                self._tcp.resume_reading()
+        self._timer = self._server.loop.call_later(CLOSE_TIMEOUT if left else LINGER,
+                                                   self._tcp.abort)
 
     def abort(self) -> None:
         self._closing = True
