@@ -2,10 +2,11 @@
 (docs/scale.md, "Several processes"; the store's side is store/pgfleet.py).
 
 Each process keeps in memory the tasks it holds (`tasks.owner`) and runs
-them on its own sellers, exactly as a lone process does.  What it cannot
-start within SHARE_AFTER it offers to the others (the shared queue); a
-process whose sellers are idle claims from that queue (FOR UPDATE SKIP
-LOCKED), woken by NOTIFY.  A result reaches its buyer's process by NOTIFY
+them on its own sellers, exactly as a lone process does.  A process whose
+sellers are idle claims from the shared queue (FOR UPDATE SKIP LOCKED,
+woken by NOTIFY queue), and, finding too little there, says so (NOTIFY
+idle); then the others offer it what they could not start within
+SHARE_AFTER.  A result reaches its buyer's process by NOTIFY
 too.  Once a second every process looks for dead ones, and takes over
 their tasks: their running attempts are lost and their tasks requeued,
 as after a restart.
@@ -30,6 +31,11 @@ log = logging.getLogger("cpushare.market")
 SHARE_AFTER = 0.02  # s: a task no seller here took in this time is offered to the others
 BATCH = 256  # tasks offered or claimed in one statement
 YIELD_FOR = 0.01  # s: a key another process asked for is left to it this long
+# A process whose sellers found no work says so (NOTIFY idle) at most every
+# IDLE_EVERY; the others offer what waits for IDLE_HEARD after hearing it.
+# So the database carries no sharing while every process has work enough.
+IDLE_EVERY = 0.1
+IDLE_HEARD = 0.25
 
 
 class Fleet:
@@ -43,6 +49,8 @@ class Fleet:
         self._remote_results: list[tuple[int, int]] = []  # (buy order, task) to announce
         # buy orders with connections here whose newest is on another process
         self.away: dict[int, int] = {}
+        self._idle_said = 0.0  # when we last said our sellers wait for work
+        self._idle_peers_until = 0.0  # another process's sellers wait, until then
         self._yielding: dict[tuple, float] = {}  # key -> until when it is left to others
         self._asked: dict[tuple, float] = {}  # key -> until when not to ask again
         self._share_timer: asyncio.TimerHandle | None = None
@@ -147,7 +155,12 @@ class Fleet:
             return
         if self._pool_hint and self.matcher.ready:
             self._claim()
-        if self.peers and self.matcher.queue and self._share_timer is None:
+        self._share_later()
+
+    def _share_later(self) -> None:
+        """Offer waiting work in SHARE_AFTER, if another process said it has idle sellers."""
+        if (self.peers and self.matcher.queue and self._share_timer is None
+                and self._idle_peers_until > time.monotonic() and not self._stopping):
             self._share_timer = asyncio.get_running_loop().call_later(SHARE_AFTER, self._share)
 
     def _claim(self) -> None:
@@ -158,6 +171,12 @@ class Fleet:
                                 max(s.order.cpu_seconds for s in ready) * 1000)
         if len(rows) < n:
             self._pool_hint = False
+            now = time.monotonic()
+            if self.peers and now >= self._idle_said + IDLE_EVERY and self._listen is not None:
+                # sellers here wait for work: the others offer theirs (_share)
+                self._idle_said = now
+                self.store.notify_idle(self._listen)
+                self._listened()
         if rows:
             self.claimed += len(rows)
             self._load_tasks(rows, "")
@@ -167,7 +186,8 @@ class Fleet:
         """Offer the others the tasks that waited SHARE_AFTER here with no attempt
         running: they leave this process's memory (their buyers' refs stay)."""
         self._share_timer = None
-        if self._stopping or self.fatal is not None or not self.peers:
+        if (self._stopping or self.fatal is not None or not self.peers
+                or self._idle_peers_until <= time.monotonic()):
             return
         now = time.monotonic()
         out = []
@@ -187,8 +207,7 @@ class Fleet:
                 self._input_bytes -= t.input_in_memory
                 t.input_in_memory, t.input = 0, None
             self.shared_out += len(out)
-        if self.matcher.queue:
-            self._share_timer = asyncio.get_running_loop().call_later(SHARE_AFTER, self._share)
+        self._share_later()
 
     # --- notifications ----------------------------------------------------------
 
@@ -209,6 +228,10 @@ class Fleet:
                 args = None
             if kind == "queue":
                 self._pool_hint = True
+            elif kind == "idle" and args and len(args) == 1:
+                if args[0] != self.server_id:
+                    self._idle_peers_until = time.monotonic() + IDLE_HEARD
+                    self._share_later()
             elif kind == "yield":
                 self._on_yield(rest)
             elif kind == "home" and args and len(args) == 2:

@@ -35,6 +35,8 @@ class SellerHandlers:
             # never more than the running task and PREFETCH waiting behind it
             s.credit = max(0, min(s.credit + slots, 1 + PREFETCH - len(s.attempts)))
             if s.credit and self.matcher.seller_ready(s):
+                if self.fleet and self.peers:  # (fleet.py: work may wait in the shared queue)
+                    self._pool_hint = True
                 self._schedule()
         elif m.type == "need_image":
             self._on_need_image(s, m)

@@ -190,4 +190,4 @@ class Store(abc.ABC):
 
     join = listener = servers = take_over = release = claim = claim_task = _one_process
     attempts_of = buyer_home = announce_results = notify_all = undelivered_refs_of = _one_process
-    forget_homes = try_lock = cancel_task = claim_cancelled = ask_yield = _one_process
+    forget_homes = try_lock = cancel_task = claim_cancelled = ask_yield = notify_idle = _one_process

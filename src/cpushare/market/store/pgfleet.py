@@ -15,7 +15,8 @@ process holds which task, and the notifications between them
   (release), and a process with idle sellers takes from the shared queue
   with FOR UPDATE SKIP LOCKED (claim): two claims never wait on each
   other, and never take the same task.
-- NOTIFY: `queue` (to all, at the commit) when tasks were offered,
+- NOTIFY: `idle SERVER` (to all) when a process's sellers find no work,
+  `queue` (to all, at the commit) when tasks were offered,
   `cancel TASK` (to all, at the commit), `home ORDER SERVER` (to all) when
   a buyer connects, and once a result is committed, `result ORDER TASK` to
   the process its buyer's newest connection is on (`buyer_homes`).
@@ -250,6 +251,10 @@ class PgFleetMixin:
             "ON CONFLICT (buy_order_id) DO UPDATE SET server = excluded.server RETURNING server) "
             "SELECT pg_notify(%s, 'home ' || %s || ' ' || server) FROM h",
             (buy_order_id, self.server_id, CHANNEL, buy_order_id))
+
+    def notify_idle(self, listener: Listener) -> None:
+        """Tell the others this process's sellers wait for work."""
+        listener.conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"idle {self.server_id}"))
 
     def ask_yield(self, listener: Listener, kind: str, key) -> None:
         """Ask the process holding `key` of `kind` to leave it to this one for a while."""
