@@ -241,3 +241,35 @@ def test_every_file_written_at_the_bounds_loads(db, tmp_path):
         assert (b.redundancy, b.max_cpu_seconds) == (getattr(lim["redundancy"], end),
                                                      getattr(lim["max_cpu_seconds"], end))
         assert (s.price_milli, b.price_milli) == (0, order.MAX_PRICE_MILLI)
+
+
+def test_a_sqlite_market_is_served_by_one_process(tmp_path):
+    from test_market_peers import free_port
+    d = tmp_path / "one.db"
+    cli(d, "init", "--listen", f"127.0.0.1:{free_port()}")
+    env = dict(os.environ, PYTHONPATH=SRC)
+    first = subprocess.Popen([PYTHON, "-m", "cpushare.market", "--db", str(d), "serve"],
+                             stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in first.stderr:  # (until it listens)
+            if "listening on" in line:
+                break
+        p = cli(d, "serve", check=False)
+        assert p.returncode == 1, p
+        assert "another cpushare-server serves this database" in p.stderr
+        assert "Traceback" not in p.stderr
+        assert first.poll() is None  # the first serves on
+    finally:
+        first.terminate()
+        first.wait(15)
+    # once it has stopped, another may serve
+    again = subprocess.Popen([PYTHON, "-m", "cpushare.market", "--db", str(d), "serve"],
+                             stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in again.stderr:
+            if "listening on" in line:
+                break
+        assert again.poll() is None
+    finally:
+        again.terminate()
+        again.wait(15)

@@ -202,6 +202,12 @@ def cmd_serve(args) -> int:
         return 2
     sync = args.synchronous or (None if admin.is_url(args.db) else "normal")  # (the default)
     store = admin.open_store(args.db, sync, args.images)
+    if not store.shared:
+        try:
+            store.lock_serving()
+        except admin.StoreError as e:
+            store.close()
+            raise admin.AdminError(str(e)) from None
     store.checkpoint_in_background()
     host, port = orders.split_hostport(args.listen or store.get_meta("listen"))
     ctx = admin.tls_context(store)

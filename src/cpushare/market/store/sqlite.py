@@ -8,6 +8,7 @@ state, and share the attributes `__init__` sets up.
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import os
 import sqlite3
 import threading
@@ -129,6 +130,22 @@ class SQLiteStore(FilesMixin, AccountsMixin, ImagesMixin, TasksMixin, LedgerMixi
         self._deltas = {}
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
+
+    def lock_serving(self) -> None:
+        """StoreError unless this is the only process serving the database: a
+        SQLite market is served by one (several need PostgreSQL).  The lock
+        is on a file beside it (never on the database's own file, whose
+        POSIX locks are SQLite's), held until this process ends."""
+        path = self.path + ".serving"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"{self.path}: another cpushare-server serves this database (a "
+                             f"SQLite market is served by one process; several serve one on "
+                             f"PostgreSQL: cpushare-server migrate)") from None
+        self._serving_fd = fd
 
     def close(self) -> None:
         if self._checkpointer is not None:
