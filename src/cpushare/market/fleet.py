@@ -30,6 +30,7 @@ log = logging.getLogger("cpushare.market")
 
 SHARE_AFTER = 0.02  # s: a task no seller here took in this time is offered to the others
 BATCH = 256  # tasks offered or claimed in one statement
+CLAIM_AHEAD = 8  # tasks claimed per task the idle sellers may take now
 YIELD_FOR = 0.01  # s: a key another process asked for is left to it this long
 # A process whose sellers found no work says so (NOTIFY idle) at most every
 # IDLE_EVERY; the others offer what waits for IDLE_HEARD after hearing it.
@@ -165,7 +166,10 @@ class Fleet:
 
     def _claim(self) -> None:
         ready = list(self.matcher.ready)
-        n = min(BATCH, sum(max(1, s.credit) for s in ready))
+        # (more than the sellers take at once: a claim per task crossing
+        # processes would cost more than the task; what is left over waits
+        # here, and is offered again if another process goes idle)
+        n = min(BATCH, CLAIM_AHEAD * sum(max(1, s.credit) for s in ready))
         rows = self._tx().claim(n, sorted({s.order.model for s in ready}),
                                 min(s.order.price_milli for s in ready),
                                 max(s.order.cpu_seconds for s in ready) * 1000)
