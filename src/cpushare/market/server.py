@@ -1,4 +1,5 @@
-"""The market: one asyncio process, made of the pieces beside this module.
+"""The market: an asyncio process, made of the pieces beside this module
+(on PostgreSQL, one of several that may serve one database: fleet.py).
 
 Every connection is a seller (one sell order, one CPU) or a buyer (one buy
 order); who it is comes from its client certificate, looked up in the
@@ -17,6 +18,7 @@ running when it stopped are lost and requeued (their escrow stays held).
     images.py      images: whole, or in chunks from files (imagefiles.py)
     leases.py      kvm nodes: sessions paid as they run
     state.py       TaskState, the named shapes, Rejection
+    fleet.py       several processes on one PostgreSQL database
     server.py      this: the attempts of tasks on sellers, recovery
 
 Group commit (commit.py).  Soon after every event the matcher runs and

@@ -12,10 +12,11 @@ What differs from SQLite:
 - chunked images (ISOs) are files in `image_dir`, a directory of this
   machine given at open (`--images`);
 - transactions are explicit (the connection is in autocommit and the store
-  says BEGIN and COMMIT), at READ COMMITTED, one connection per store.
+  says BEGIN and COMMIT), at READ COMMITTED, one connection per store (and,
+  in a serving process, a second that listens: pgfleet.Listener).
 
 Several `serve` processes may serve one database, on one machine or many:
-pgfleet.py.
+pgfleet.py (the store's side) and market/fleet.py (the market's).
 """
 
 from __future__ import annotations
