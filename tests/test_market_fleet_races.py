@@ -169,3 +169,58 @@ def test_a_cancel_reaches_the_task_wherever_it_is(tmp_path, pg_cluster):
         assert q("SELECT COUNT(*) FROM transactions WHERE kind = 'refund'").fetchone()[0] == n
     finally:
         store.close()
+
+
+def test_a_result_goes_to_the_newest_connection_on_another_process(tmp_path, pg_cluster):
+    """A buy order connected to A, then to B: a task submitted through A (after
+    B connected) and run on A's seller is delivered on B, the newest."""
+    lm = _market(tmp_path, pg_cluster, 100 * TASK_COST)
+    lm.account("seller")
+    buy = lm.buy("buyer", BID, max_cpu_seconds=1)
+    sell = lm.sell("seller", 36_000)
+    lm.close()
+    log = open(tmp_path / "server.log", "ab")
+    procs = [Proc(lm, free_port(), log), Proc(lm, free_port(), log)]
+    img = tiny_image(5)
+    d = image_digest(img)
+
+    async def main():
+        for p in procs:
+            p.start()
+        try:
+            s = await ScriptedSeller.connect(dataclasses.replace(sell, port=procs[0].port))
+            old = await Peer.open(dataclasses.replace(buy, port=procs[0].port), "buyer")
+            await old.send("image", img, image=d)
+            await old.expect("image_ok")
+            new = await Peer.open(dataclasses.replace(buy, port=procs[1].port), "buyer")
+            await asyncio.sleep(0.5)  # (A hears that the newest connection is on B)
+            await old.send("submit", b"abc", ref="r", image=d, cpu_ms=CPU_MS)
+            await old.expect("accepted")
+
+            async def done():
+                m = await new.recv(timeout=20)
+                while m is not None and m.type != "done":
+                    m = await new.recv(timeout=20)
+                return m
+            m = await asyncio.wait_for(done(), 20)  # (pings alone never end a recv)
+            await new.send("ack", task=m["task"])
+            await asyncio.sleep(0.2)
+            await s.stop()
+            await old.close()
+            await new.close()
+            return m
+        finally:
+            for p in procs:
+                p.stop()
+
+    try:
+        m = asyncio.run(main())
+    finally:
+        log.close()
+    assert m is not None and m.type == "done" and m["ref"] == "r" and m.payload == b"cba", m
+    store = lm.open_store()
+    try:
+        assert store.check() == []
+        assert store.db.execute("SELECT delivered FROM tasks").fetchall() == [(1,)]
+    finally:
+        store.close()

@@ -245,6 +245,9 @@ class Fleet:
                     self.away[args[0]] = args[1]
             elif kind == "result" and args and len(args) == 2:
                 conns = self.buyers.get(args[0])
+                if conns and args[1] not in self.pending_tasks:
+                    # (submitted through another process since the buyer connected here)
+                    self._reload_pending(args[0])
                 if conns and args[1] in self.pending_tasks:
                     self._deliver(conns[-1], args[1])
             elif kind == "cancel" and args and len(args) == 1:
@@ -310,9 +313,10 @@ class Fleet:
         caller tries again after BUSY_RETRY: nothing ever waits for a lock, so
         no two processes can deadlock).
 
-        Turns: a process refused asks the holder to yield (NOTIFY `yield`), and
-        the holder leaves the key for YIELD_FOR after its commit, so that a
-        buyer flooding one process does not starve its other connections."""
+        Turns: a process refused asks the holder to yield (NOTIFY `yield`); the
+        holder, when it hears that, uses the key no more in its open group and
+        refuses it to itself for YIELD_FOR, so that a buyer flooding one
+        process does not starve its other connections."""
         k = (kind, key)
         if not self.fleet or k in self._held:
             return True
@@ -336,15 +340,19 @@ class Fleet:
         order waiting for an ack are known here (they may come from any process)."""
         if not self.fleet:
             return
-        store = self._tx()
         self.away.pop(b.order_id, None)
-        store.buyer_home(self._listen, b.order_id)
+        self._tx().buyer_home(self._listen, b.order_id)
         self._listened()
-        rows = store.undelivered_refs_of(b.order_id)
-        known = {tid for tid, p in self.pending_tasks.items() if p.buy_order_id == b.order_id}
+        self._reload_pending(b.order_id)
+
+    def _reload_pending(self, order_id: int) -> None:
+        """The refs of buy order `order_id` waiting for an ack, as the store has them."""
+        rows = self._tx().undelivered_refs_of(order_id)
+        known = {tid for tid, p in self.pending_tasks.items() if p.buy_order_id == order_id}
         now = {tid for _, _, tid, _ in rows}
         for tid in known - now:  # acknowledged through another process
-            self._forget_pending(tid)
+            if tid not in self.tasks:
+                self._forget_pending(tid)
         for order_id, ref, tid, account_id in rows:
             if tid not in self.pending_tasks:
                 self.pending_refs[order_id, ref] = tid
