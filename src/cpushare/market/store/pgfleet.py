@@ -34,6 +34,8 @@ CHANNEL = "cpushare"  # to every process; each also listens on cpushare_<id>
 # that waits this long is a bug, and the process stops (its successor
 # recovers) rather than hang.
 LOCK_TIMEOUT = 10
+KEEPALIVES = (("tcp_keepalives_idle", 10), ("tcp_keepalives_interval", 5),
+              ("tcp_keepalives_count", 3))
 
 PG_FLEET_SCHEMA = """
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS owner BIGINT
@@ -119,6 +121,12 @@ class PgFleetMixin:
                         (sid, host[:255], pid, time.time()))
         self.db.execute("SELECT set_config('cpushare.server', ?, false)", (str(sid),))
         self.db.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}s'")
+        # A machine that vanishes (power, network) closes no socket: the
+        # server's keepalives end its session in about 25 s, and with it the
+        # lock, so that another process takes its tasks over (over TCP; a
+        # unix socket ends with its process).
+        for key, value in KEEPALIVES:
+            self.db.execute(f"SET {key} = {value}")
         self.server_id = sid
         return sid
 
