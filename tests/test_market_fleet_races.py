@@ -32,6 +32,18 @@ def _market(tmp_path, pg_cluster, coins: int):
     return lm
 
 
+def _buyer_and_seller(tmp_path, pg_cluster, coins: int):
+    """A market with a buyer holding `coins` and a seller, and two processes
+    for it (not started): (market, buy order, sell order, log, processes)."""
+    lm = _market(tmp_path, pg_cluster, coins)
+    lm.account("seller")
+    buy = lm.buy("buyer", BID, max_cpu_seconds=1)
+    sell = lm.sell("seller", 36_000)
+    lm.close()
+    log = open(tmp_path / "server.log", "ab")
+    return lm, buy, sell, log, [Proc(lm, free_port(), log), Proc(lm, free_port(), log)]
+
+
 async def _replies(p: Peer, n: int) -> dict[str, protocol.Message]:
     """The `accepted` or `failed` of `n` submits, by ref."""
     out: dict[str, protocol.Message] = {}
@@ -104,13 +116,7 @@ def test_two_processes_never_spend_one_balance_twice(tmp_path, pg_cluster):
 
 def test_a_cancel_reaches_the_task_wherever_it_is(tmp_path, pg_cluster):
     n = 12
-    lm = _market(tmp_path, pg_cluster, 10 * n * TASK_COST)
-    lm.account("seller")
-    buy = lm.buy("buyer", BID, max_cpu_seconds=1)
-    sell = lm.sell("seller", 36_000)
-    lm.close()
-    log = open(tmp_path / "server.log", "ab")
-    procs = [Proc(lm, free_port(), log), Proc(lm, free_port(), log)]
+    lm, buy, sell, log, procs = _buyer_and_seller(tmp_path, pg_cluster, 10 * n * TASK_COST)
     img = tiny_image(3)
     d = image_digest(img)
 
@@ -174,13 +180,7 @@ def test_a_cancel_reaches_the_task_wherever_it_is(tmp_path, pg_cluster):
 def test_a_result_goes_to_the_newest_connection_on_another_process(tmp_path, pg_cluster):
     """A buy order connected to A, then to B: a task submitted through A (after
     B connected) and run on A's seller is delivered on B, the newest."""
-    lm = _market(tmp_path, pg_cluster, 100 * TASK_COST)
-    lm.account("seller")
-    buy = lm.buy("buyer", BID, max_cpu_seconds=1)
-    sell = lm.sell("seller", 36_000)
-    lm.close()
-    log = open(tmp_path / "server.log", "ab")
-    procs = [Proc(lm, free_port(), log), Proc(lm, free_port(), log)]
+    lm, buy, sell, log, procs = _buyer_and_seller(tmp_path, pg_cluster, 100 * TASK_COST)
     img = tiny_image(5)
     d = image_digest(img)
 
