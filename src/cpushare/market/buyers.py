@@ -141,10 +141,10 @@ class BuyerHandlers:
             self._input_bytes += len(payload)
         if session:
             b.sessions[tid] = t
-        if not session:
-            self.pending_refs[o.id, ref] = tid
-            self.pending_tasks[tid] = Pending(o.id, ref, b.account_id)
-        self.open_tasks[b.account_id, session] += 1
+        if session:
+            self.open_tasks[b.account_id, True] += 1
+        else:
+            self._remember_pending(o.id, ref, tid, b.account_id)
         self.tasks[tid] = t
         self.matcher.enqueue(t)
         return t
@@ -280,6 +280,13 @@ class BuyerHandlers:
         # written now, in the group transaction: a resubmission of its ref in the
         # same group must see it (store.delivered_task)
         self._tx().mark_delivered([tid])
+
+    def _remember_pending(self, buy_order_id: int, ref: str, tid: int,
+                          buyer_account_id: int) -> None:
+        """Task `tid`'s result will wait for its buyer's ack (see _forget_pending)."""
+        self.pending_refs[buy_order_id, ref] = tid
+        self.pending_tasks[tid] = Pending(buy_order_id, ref, buyer_account_id)
+        self.open_tasks[buyer_account_id, False] += 1
 
     def _forget_pending(self, tid: int) -> None:
         """Task `tid`'s result is no longer waiting for its ack (acked, or dropped)."""

@@ -24,7 +24,7 @@ import socket
 import time
 
 from .leases import LEASE_MODELS
-from .state import Pending, ResultKey, Returned, TaskState
+from .state import ResultKey, Returned, TaskState
 
 log = logging.getLogger("cpushare.market")
 
@@ -56,9 +56,6 @@ class Fleet:
         self._asked: dict[tuple, float] = {}  # key -> until when not to ask again
         self._share_timer: asyncio.TimerHandle | None = None
         self._listen = None
-        self.shared_out = 0  # tasks offered to the others, claimed, taken over
-        self.claimed = 0
-        self.taken_over = 0
 
     # --- joining, leaving --------------------------------------------------------
 
@@ -98,7 +95,6 @@ class Fleet:
         self._listened()
         store.notify_all("queue")  # (what the dead had offered is claimable again)
         self._load_tasks(rows, "the market process serving it stopped")
-        self.taken_over += len(rows)
         log.info("took over %d queued tasks of market process(es) %s, which stopped; %d "
                  "of their running attempts were lost and are requeued", len(rows),
                  ", ".join(map(str, dead)), lost)
@@ -182,7 +178,6 @@ class Fleet:
                 self.store.notify_idle(self._listen)
                 self._listened()
         if rows:
-            self.claimed += len(rows)
             self._load_tasks(rows, "")
             self._schedule()
 
@@ -210,7 +205,6 @@ class Fleet:
                 self.matcher.dequeue(t.id)
                 self._input_bytes -= t.input_in_memory
                 t.input_in_memory, t.input = 0, None
-            self.shared_out += len(out)
         self._share_later()
 
     # --- notifications ----------------------------------------------------------
@@ -347,14 +341,12 @@ class Fleet:
 
     def _reload_pending(self, order_id: int) -> None:
         """The refs of buy order `order_id` waiting for an ack, as the store has them."""
-        rows = self._tx().undelivered_refs_of(order_id)
+        rows = self._tx().undelivered_refs(order_id)
         known = {tid for tid, p in self.pending_tasks.items() if p.buy_order_id == order_id}
         now = {tid for _, _, tid, _ in rows}
         for tid in known - now:  # acknowledged through another process
             if tid not in self.tasks:
                 self._forget_pending(tid)
-        for order_id, ref, tid, account_id in rows:
-            if tid not in self.pending_tasks:
-                self.pending_refs[order_id, ref] = tid
-                self.pending_tasks[tid] = Pending(order_id, ref, account_id)
-                self.open_tasks[account_id, False] += 1
+        for row in rows:
+            if row[2] not in self.pending_tasks:
+                self._remember_pending(*row)

@@ -134,18 +134,11 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
             self._collect_at_start()
             self._fleet_join()
             return
-        store.begin()
-        try:
+        with store.transaction():
             n = store.lose_running_attempts(keep_models=LEASE_MODELS)
-            store.commit()
-        except BaseException:
-            store.rollback()
-            raise
         self._collect_at_start()
-        for order_id, ref, tid, account_id in store.undelivered_refs():
-            self.pending_refs[order_id, ref] = tid
-            self.pending_tasks[tid] = Pending(order_id, ref, account_id)
-            self.open_tasks[account_id, False] += 1
+        for ref_row in store.undelivered_refs():
+            self._remember_pending(*ref_row)
         self._load_tasks([(row, None, False) for row in store.queued_tasks()],
                          "the market restarted")
         if n or self.tasks:
@@ -155,13 +148,8 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
 
     def _collect_at_start(self) -> None:
         store = self.store
-        store.begin()
-        try:
+        with store.transaction():
             images = store.collect_images(self.image_ttl)
-            store.commit()
-        except BaseException:
-            store.rollback()
-            raise
         if images:
             log.info("removed %d images no task used for %g s", images, self.image_ttl)
         stale = store.collect_garbage()

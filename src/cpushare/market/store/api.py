@@ -25,6 +25,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def op(self) -> contextlib.AbstractContextManager: ...
     @abc.abstractmethod
+    def transaction(self) -> contextlib.AbstractContextManager:
+        """A transaction of its own, committed at the end (rolled back on error)."""
+    @abc.abstractmethod
     def close(self) -> None: ...
 
     def collect_garbage(self) -> int:
@@ -112,7 +115,8 @@ class Store(abc.ABC):
                  escrow_milli: int = 0, session: bool = False,
                  model: str = "seccomp") -> int: ...
     @abc.abstractmethod
-    def undelivered_refs(self) -> list[tuple[int, str, int, int]]: ...
+    def undelivered_refs(self, buy_order_id: int | None = None
+                         ) -> list[tuple[int, str, int, int]]: ...
     @abc.abstractmethod
     def pending_task(self, buy_order_id: int, ref: str) -> TaskRow | None: ...
     @abc.abstractmethod
@@ -189,5 +193,5 @@ class Store(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} is served by one process")
 
     join = listener = servers = take_over = release = claim = claim_task = _one_process
-    attempts_of = buyer_home = announce_results = notify_all = undelivered_refs_of = _one_process
+    attempts_of = buyer_home = announce_results = notify_all = _one_process
     forget_homes = try_lock = cancel_task = claim_cancelled = ask_yield = notify_idle = _one_process

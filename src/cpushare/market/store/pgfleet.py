@@ -200,7 +200,7 @@ class PgFleetMixin:
         """These queued tasks of this server go to the shared queue."""
         self.db.execute("UPDATE tasks SET owner = NULL WHERE id = ANY(?::bigint[]) AND owner = ?",
                         (task_ids, self.server_id))
-        self._notify_all.add("queue")
+        self.notify_all("queue")
 
     def claim(self, n: int, models: list[str], min_bid: int, max_cpu_ms: int) -> list:
         """At most `n` tasks of the shared queue that sellers of these models,
@@ -227,7 +227,7 @@ class PgFleetMixin:
         """Ask whoever holds or will hold task `task_id` to cancel it."""
         self.db.execute("INSERT INTO cancels (task_id, created) VALUES (?, ?)",
                         (task_id, time.time()))
-        self._notify_all.add(f"cancel {task_id}")
+        self.notify_all(f"cancel {task_id}")
 
     def claim_cancelled(self) -> list:
         """The tasks of the shared queue whose cancel is asked (as claim)."""
@@ -260,14 +260,18 @@ class PgFleetMixin:
             "SELECT pg_notify(%s, 'home ' || %s || ' ' || server) FROM h",
             (buy_order_id, self.server_id, CHANNEL, buy_order_id))
 
+    @staticmethod
+    def _tell(listener: Listener, payload: str) -> None:
+        """NOTIFY every process now (on the listener's session, out of any group)."""
+        listener.conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+
     def notify_idle(self, listener: Listener) -> None:
         """Tell the others this process's sellers wait for work."""
-        listener.conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"idle {self.server_id}"))
+        self._tell(listener, f"idle {self.server_id}")
 
     def ask_yield(self, listener: Listener, kind: str, key) -> None:
         """Ask the process holding `key` of `kind` to leave it to this one for a while."""
-        listener.conn.execute("SELECT pg_notify(%s, %s)",
-                              (CHANNEL, f"yield {self.server_id} {kind} {key}"))
+        self._tell(listener, f"yield {self.server_id} {kind} {key}")
 
     def forget_homes(self, listener: Listener, dead: list[int]) -> None:
         """The buyers' homes at dead servers (on the listener's session, as buyer_home:
@@ -297,8 +301,3 @@ class PgFleetMixin:
 
     def _drop_notes(self) -> None:
         self._notify_all = set()
-
-    def undelivered_refs_of(self, buy_order_id: int) -> list[tuple[int, str, int, int]]:
-        return list(self.db.execute(
-            "SELECT buy_order_id, ref, id, buyer_account_id FROM tasks "
-            "WHERE buy_order_id = ? AND delivered = 0 AND session = 0", (buy_order_id,)))

@@ -34,11 +34,14 @@ class TasksMixin:
             self._put(f"t{tid}.in", input_)
         return tid
 
-    def undelivered_refs(self) -> list[tuple[int, str, int, int]]:
-        """(buy order, ref, task, buyer account) of every task whose result the
-        buyer has not acknowledged."""
-        return list(self.db.execute("SELECT buy_order_id, ref, id, buyer_account_id FROM tasks "
-                                    "WHERE delivered = 0 AND session = 0"))
+    def undelivered_refs(self, buy_order_id: int | None = None) -> list[tuple[int, str, int, int]]:
+        """(buy order, ref, task, buyer account) of every task (of one buy order)
+        whose result the buyer has not acknowledged."""
+        sql = ("SELECT buy_order_id, ref, id, buyer_account_id FROM tasks "
+               "WHERE delivered = 0 AND session = 0")
+        if buy_order_id is None:
+            return list(self.db.execute(sql))
+        return list(self.db.execute(sql + " AND buy_order_id = ?", (buy_order_id,)))
 
     def pending_task(self, buy_order_id: int, ref: str) -> TaskRow | None:
         row = self.db.execute(self._TASK + "WHERE buy_order_id = ? AND delivered = 0 AND ref = ? "
