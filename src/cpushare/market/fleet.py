@@ -23,6 +23,7 @@ import os
 import socket
 import time
 
+from .buyers import INPUT_BUDGET, SMALL_INPUT
 from .leases import LEASE_MODELS
 from .state import ResultKey, Returned, TaskState
 
@@ -113,7 +114,9 @@ class Fleet:
                           row.redundancy, row.cpu_ms, row.bid_milli, row.escrow_milli,
                           session=row.session, model=row.model,
                           memory=self._image_memory(row.image, row.model) or 0)
-            if input_ is not None and len(input_) <= 64 << 10:
+            # (as a submitted task's: small ones, within the market's budget)
+            if (input_ is not None and len(input_) <= SMALL_INPUT
+                    and self._input_bytes + len(input_) <= INPUT_BUDGET):
                 t.input, t.input_in_memory = input_, len(input_)
                 self._input_bytes += len(input_)
             mine = attempts.get(row.id, [])
