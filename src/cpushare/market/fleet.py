@@ -271,8 +271,13 @@ class Fleet:
         self._yielding[k] = now + YIELD_FOR
         self._held.discard(k)  # (used no more in this group either: it is theirs next)
         log.debug("%s %s left to market process %s for %g s", kind, key, parts[0], YIELD_FOR)
-        if len(self._yielding) > 4096:  # (bounded: the expired go)
+        self._forget_expired(now)
+
+    def _forget_expired(self, now: float) -> None:
+        """The turns of keys (bounded: past 4096, the expired go)."""
+        if len(self._yielding) > 4096:
             self._yielding = {x: u for x, u in self._yielding.items() if u > now}
+        if len(self._asked) > 4096:
             self._asked = {x: u for x, u in self._asked.items() if u > now}
 
     def _cancel_elsewhere(self, tid: int) -> None:
@@ -323,6 +328,7 @@ class Fleet:
         if not self._tx().try_lock(kind, key):
             if self._asked.get(k, 0.0) <= now and self._listen is not None:
                 self._asked[k] = now + YIELD_FOR / 2
+                self._forget_expired(now)
                 self.store.ask_yield(self._listen, kind, key)
                 log.debug("%s %s is held by another market process: asked for it", kind, key)
                 self._listened()
