@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GENERATOR = ROOT / "systemd" / "cpushare-generator"
 UNIT = ROOT / "systemd" / "cpushare@.service"
 SERVER_UNIT = ROOT / "systemd" / "cpushare-server.service"
+SERVER_TEMPLATE = ROOT / "systemd" / "cpushare-server@.service"
 INIT = ROOT / "debian" / "cpushare.init"
 EXPOSURE_BOUND = 2.0
 KVM_EXPOSURE_BOUND = 2.5  # a kvm instance: the unit plus the generator's drop-in
@@ -352,8 +353,9 @@ def test_syscall_filter_lets_the_sandbox_and_qemu_work(needs):
 
 
 @pytest.mark.parametrize("unit, instance", [(UNIT, "cpushare@x.service"),
-                                            (SERVER_UNIT, "cpushare-server.service")],
-                         ids=["cpushare@", "cpushare-server"])
+                                            (SERVER_UNIT, "cpushare-server.service"),
+                                            (SERVER_TEMPLATE, "cpushare-server@1.service")],
+                         ids=["cpushare@", "cpushare-server", "cpushare-server@"])
 def test_offline_security_exposure_is_within_the_bound(tmp_path, unit, instance):
     analyze = _analyze()
     shutil.copy(unit, tmp_path / unit.name)
@@ -402,6 +404,25 @@ def test_server_unit_serves_the_default_database_as_its_own_user():
     assert int(unit_values("LimitNOFILE", SERVER_UNIT)[0]) >= 1 << 20
     assert unit_values("CapabilityBoundingSet", SERVER_UNIT) == [""]
     assert "systemd/cpushare-server.service lib/systemd/system/" in (
+        ROOT / "debian" / "cpushare-server.install").read_text().splitlines()
+
+
+def _directives(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def test_server_template_is_the_server_unit_but_for_its_name_and_database():
+    """cpushare-server@.service (several processes of a PostgreSQL market)
+    runs exactly what cpushare-server.service runs, hardened alike; it only
+    names its instance and does not wait for the SQLite file."""
+    unit, template = _directives(SERVER_UNIT), _directives(SERVER_TEMPLATE)
+    differ = ("Description=", "ConditionPathExists=")
+    assert [d for d in unit if not d.startswith(differ)] == \
+        [d for d in template if not d.startswith(differ)]
+    assert unit_values("Description", SERVER_TEMPLATE) == ["CPUShare market server, process %i"]
+    assert unit_values("ConditionPathExists", SERVER_TEMPLATE) == []
+    assert "systemd/cpushare-server@.service lib/systemd/system/" in (
         ROOT / "debian" / "cpushare-server.install").read_text().splitlines()
 
 
