@@ -279,7 +279,7 @@ class BuyerHandlers:
         self._forget_pending(tid)
         # written now, in the group transaction: a resubmission of its ref in the
         # same group must see it (store.delivered_task)
-        self._tx().mark_delivered([tid])
+        self._tx().mark_delivered([tid], [where.key])
 
     def _remember_pending(self, buy_order_id: int, ref: str, tid: int,
                           buyer_account_id: int) -> None:

@@ -163,7 +163,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def result(self, task_id: int) -> Result: ...
     @abc.abstractmethod
-    def mark_delivered(self, task_ids: Iterable[int]) -> None: ...
+    def mark_delivered(self, task_ids: Iterable[int],
+                       refs: Iterable[tuple[int, str]] | None = None) -> None:
+        """The buyer has these tasks' results.  `refs`, where the caller knows
+        them: the (buy order, ref) of each (the PostgreSQL store's journal
+        answers delivered_task from them)."""
     @abc.abstractmethod
     def add_dispute(self, task_id: int, attempt_id: int, seller_account_id: int,
                     output_sha256: str | None, majority_sha256: str | None) -> None: ...
@@ -195,3 +199,4 @@ class Store(abc.ABC):
     join = listener = servers = take_over = release = claim = claim_task = _one_process
     attempts_of = buyer_home = announce_results = notify_all = _one_process
     forget_homes = try_lock = cancel_task = claim_cancelled = ask_yield = notify_idle = _one_process
+    revoked_among = _one_process

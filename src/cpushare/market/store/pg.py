@@ -29,12 +29,16 @@ from .api import Store
 from .images import ImagesMixin
 from .ledger import LedgerMixin
 from .pgfleet import PG_FLEET_SCHEMA, PgFleetMixin
+from .pgjournal import JOURNALED, PG_JOURNAL_SCHEMA, Journal, PgJournalMixin
 from .pgledger import PgLedgerMixin
 from .pgschema import PG_SCHEMA
 from .rows import ESCROW, MINT, StoreError
 from .schema import SCHEMA_VERSION
 from .tasks import TasksMixin
 from .txn import TxnMixin
+
+
+PIPELINED = 32768  # bytes: a bigger journal is sent before the commit's pipeline, on its own
 
 
 def is_url(db: str) -> bool:
@@ -61,27 +65,44 @@ def _redact(url: str) -> str:
 
 
 class PgDb:
-    """What the mixins need of a connection (sqlite3's face) over psycopg."""
+    """What the mixins need of a connection (sqlite3's face) over psycopg,
+    and the journal of writes not yet sent (pgjournal.py)."""
 
     def __init__(self, conn):
         self.conn = conn
-        self._sql: dict[str, str] = {}
+        self.journal = Journal()
+        self._sql: dict[str, tuple[str, bool]] = {}
 
-    def _q(self, sql: str) -> str:
+    def _q(self, sql: str) -> tuple[str, bool]:
+        """(psycopg's form of `sql`, whether it names a journaled table)."""
         q = self._sql.get(sql)
         if q is None:
-            q = self._sql[sql] = sql.replace("%", "%%").replace("?", "%s")
+            q = self._sql[sql] = (sql.replace("%", "%%").replace("?", "%s"),
+                                  JOURNALED.search(sql) is not None)
         return q
 
-    def execute(self, sql: str, params=()):
+    def execute(self, sql: str, params=(), *, journal: bool = True):
+        """`sql`, after the journal if it names a journaled table (and `journal`:
+        False where the caller knows the journal holds nothing it reads)."""
+        q, journaled = self._q(sql)
+        if journaled and journal and self.journal.layers:
+            self.send_journal()
         cur = self.conn.cursor()
-        cur.execute(self._q(sql), tuple(params) if params else None)
+        cur.execute(q, tuple(params) if params else None)
         return cur
 
     def executemany(self, sql: str, seq):
+        q, journaled = self._q(sql)
+        if journaled and self.journal.layers:
+            self.send_journal()
         cur = self.conn.cursor()
-        cur.executemany(self._q(sql), [tuple(p) for p in seq])
+        cur.executemany(q, [tuple(p) for p in seq])
         return cur
+
+    def send_journal(self, runs: str | None = None) -> None:
+        runs = self.journal.take() if runs is None else runs
+        if runs is not None:
+            self.conn.execute("SELECT cpushare_apply(%s::jsonb)", (runs,))
 
     @property
     def in_transaction(self) -> bool:
@@ -111,7 +132,7 @@ class PgFilesMixin:
         return 0
 
 
-class PostgresStore(PgFilesMixin, PgFleetMixin, PgLedgerMixin, AccountsMixin, ImagesMixin, TasksMixin,
+class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, AccountsMixin, ImagesMixin, TasksMixin,
                     LedgerMixin, TxnMixin, Store):
     big = float("inf")  # every input and output stays in its column
     in_file = b"file"  # the data of an image whose bytes are a file in image_dir
@@ -136,10 +157,13 @@ class PostgresStore(PgFilesMixin, PgFleetMixin, PgLedgerMixin, AccountsMixin, Im
         self._txns: list[tuple] = []  # ledger transactions not yet written (pgledger)
         self._txn_ids: list[int] = []
         self._unlink: list[str] = []
+        self._id_blocks: dict[str, list[int]] = {}
+        self._carries: dict[tuple[int, int], int] = {}
         if create:
             with self.transaction():
                 conn.execute(PG_SCHEMA)
                 conn.execute(PG_FLEET_SCHEMA)
+                conn.execute(PG_JOURNAL_SCHEMA)
                 if self.get_meta("schema_version") is None:
                     self.set_meta("schema_version", str(SCHEMA_VERSION))
                 for name in (MINT, ESCROW):
@@ -150,6 +174,9 @@ class PostgresStore(PgFilesMixin, PgFleetMixin, PgLedgerMixin, AccountsMixin, Im
             self.db.close()
             raise StoreError(f"{self.path}: not a CPUShare market database of schema "
                              f"{SCHEMA_VERSION} (found {version!r}; run init first?)")
+        if self.db.execute("SELECT to_regprocedure('cpushare_apply(jsonb)')").fetchone()[0] is None:
+            with self.transaction():  # (a database made before the journal)
+                conn.execute(PG_JOURNAL_SCHEMA)
         image_dir = image_dir or self.get_meta("image_dir")
         if not image_dir:
             self.db.close()
@@ -164,13 +191,22 @@ class PostgresStore(PgFilesMixin, PgFleetMixin, PgLedgerMixin, AccountsMixin, Im
         self.db.execute("BEGIN")
 
     def commit(self) -> None:
-        self._write_ledger()
-        self._write_notes()
-        self.db.execute("COMMIT")
+        """The journal, the ledger, the notifications and COMMIT: one round trip."""
+        runs = self.db.journal.take()
+        if runs is not None and len(runs) > PIPELINED:
+            self.db.send_journal(runs)  # (psycopg 3.1's pipeline can hang on a big query)
+            runs = None
+        with self.db.conn.pipeline():
+            self.db.send_journal(runs)
+            self._write_ledger()
+            self._write_notes()
+            self.db.execute("COMMIT")
+        self._journal_committed()
 
     def rollback(self) -> None:
         self._entries, self._deltas, self._txns = [], {}, []
         self._drop_notes()
+        self._journal_dropped()
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
 

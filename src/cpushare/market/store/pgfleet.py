@@ -138,24 +138,6 @@ class PgFleetMixin:
             sql = "SELECT pg_try_advisory_xact_lock(?::int, ?::int)"
         return self.db.execute(sql, (FLEET_LOCK + LOCKS[kind], key)).fetchone()[0]
 
-    def carry(self, buyer_account_id: int, seller_account_id: int) -> int:
-        """This process's carry; outside a serving process (admin), all of them."""
-        if self.server_id is None:
-            return self.db.execute("SELECT COALESCE(SUM(rest), 0) FROM carries WHERE "
-                                   "buyer_account_id = ? AND seller_account_id = ?",
-                                   (buyer_account_id, seller_account_id)).fetchone()[0]
-        row = self.db.execute("SELECT rest FROM carries WHERE buyer_account_id = ? AND "
-                              "seller_account_id = ? AND server = ?",
-                              (buyer_account_id, seller_account_id,
-                               self.server_id)).fetchone()
-        return row[0] if row else 0
-
-    def set_carry(self, buyer_account_id: int, seller_account_id: int, rest: int) -> None:
-        self.db.execute("INSERT INTO carries (buyer_account_id, seller_account_id, server, rest)"
-                        " VALUES (?, ?, ?, ?) ON CONFLICT (buyer_account_id, seller_account_id,"
-                        " server) DO UPDATE SET rest = excluded.rest",
-                        (buyer_account_id, seller_account_id, self.server_id or 0, rest))
-
     def touch_images(self, digests) -> None:
         """(In one order everywhere, and by one process at a time: collect_images.)"""
         if self.try_lock("collect", 0):

@@ -160,7 +160,7 @@ class TasksMixin:
             raise StoreError(f"no task {task_id}")
         return self._result(row)
 
-    def mark_delivered(self, task_ids: Iterable[int]) -> None:
+    def mark_delivered(self, task_ids: Iterable[int], refs=None) -> None:
         task_ids = list(task_ids)
         self.db.executemany("UPDATE tasks SET delivered = 1, output = NULL WHERE id = ?",
                             [(t,) for t in task_ids])

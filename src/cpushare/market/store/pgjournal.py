@@ -1,0 +1,314 @@
+"""The PostgreSQL store's write journal: a group commit's writes to tasks,
+attempts, disputes and carries go to the database as one statement.
+
+On PostgreSQL a statement costs a round trip, and with psycopg's Python
+binding 60 .. 180 us of our CPU on top of the server's (docs/scale.md); a
+tiny task wrote seven.  Here they are journaled instead: the ids of new
+rows come from blocks of their sequences (as the ledger's transactions
+do, pgledger.py), each write is a row appended to the journal in memory,
+and the journal goes to the server as one call of `cpushare_apply`, a
+function of the schema that replays it run by run: all the rows of one
+kind of write, passed as one JSON array and written by one INSERT or
+UPDATE over `jsonb_to_recordset` (see Journal for the order).
+
+Reads see every write before them, exactly as before: a statement that
+names a journaled table sends the journal first (`PgDb.execute`); one
+that names none of them (accounts, orders, certificates, advisory locks,
+sequences) runs without.  The ledger's rows go in at the commit, after the
+journal (their foreign keys name tasks through transactions).  The
+commit sends journal, ledger and COMMIT in one pipeline: one round trip.
+
+A run never holds two writes of one row (a second starts a new layer):
+an UPDATE ... FROM joins each row once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+# the tables whose writes are journaled: a statement naming one of them sends the journal first
+JOURNALED = re.compile(r"\b(tasks|attempts|disputes|carries)\b")
+ID_BLOCK = 128  # ids taken from a sequence at a time, per table
+CARRY_CACHE = 65536  # (buyer, seller) pairs whose carry is kept in memory, at most
+
+# kind: (the statement's columns and their types, the statement over the recordset `x`)
+_KINDS = {
+    "task": ("id bigint, buy_order_id bigint, buyer_account_id bigint, ref text, image text, "
+             "input bytea, redundancy bigint, cpu_ms bigint, bid_milli bigint, "
+             "escrow_milli bigint, session bigint, created float8, model text",
+             "INSERT INTO tasks (id, buy_order_id, buyer_account_id, ref, image, input, "
+             "redundancy, cpu_ms, bid_milli, escrow_milli, session, created, model) "
+             "SELECT x.* FROM x"),
+    "attempt": ("id bigint, task_id bigint, sell_order_id bigint, seller_account_id bigint, "
+                "ask_milli bigint, started float8",
+                "INSERT INTO attempts (id, task_id, sell_order_id, seller_account_id, "
+                "ask_milli, started) SELECT x.* FROM x"),
+    "returned": ("id bigint, cpu_ms bigint, output_sha256 text, exit_status bigint, "
+                 "signal bigint, reason text, output bytea",
+                 "UPDATE attempts a SET state = 'returned', cpu_ms = x.cpu_ms, "
+                 "output_sha256 = x.output_sha256, exit_status = x.exit_status, "
+                 "signal = x.signal, reason = x.reason, output = x.output FROM x "
+                 "WHERE a.id = x.id"),
+    "metered": ("id bigint, cpu_ms bigint, paid_milli bigint",
+                "UPDATE attempts a SET cpu_ms = x.cpu_ms, paid_milli = x.paid_milli "
+                "FROM x WHERE a.id = x.id"),
+    "settled": ("id bigint, state text, paid_milli bigint",
+                "UPDATE attempts a SET state = x.state, paid_milli = x.paid_milli, "
+                "output = NULL FROM x WHERE a.id = x.id"),
+    "settled_result": ("id bigint, state text, paid_milli bigint, cpu_ms bigint, "
+                       "output_sha256 text, exit_status bigint, signal bigint, reason text",
+                       "UPDATE attempts a SET state = x.state, paid_milli = x.paid_milli, "
+                       "output = NULL, cpu_ms = x.cpu_ms, output_sha256 = x.output_sha256, "
+                       "exit_status = x.exit_status, signal = x.signal, reason = x.reason "
+                       "FROM x WHERE a.id = x.id"),
+    "finished": ("id bigint, state text, exit_status bigint, signal bigint, reason text, "
+                 "used_cpu_ms bigint, cost_milli bigint, attempts bigint, output bytea, "
+                 "fail_code text, fail_message text",
+                 "UPDATE tasks t SET state = x.state, exit_status = x.exit_status, "
+                 "signal = x.signal, reason = x.reason, used_cpu_ms = x.used_cpu_ms, "
+                 "cost_milli = x.cost_milli, attempts = x.attempts, output = x.output, "
+                 "fail_code = x.fail_code, fail_message = x.fail_message, input = NULL, "
+                 "escrow_milli = 0 FROM x WHERE t.id = x.id"),
+    "delivered": ("id bigint",
+                  "UPDATE tasks t SET delivered = 1, output = NULL FROM x WHERE t.id = x.id"),
+    "dispute": ("task_id bigint, attempt_id bigint, seller_account_id bigint, "
+                "output_sha256 text, majority_sha256 text, created float8",
+                "INSERT INTO disputes (task_id, attempt_id, seller_account_id, output_sha256, "
+                "majority_sha256, created) SELECT x.* FROM x"),
+    "carry": ("buyer_account_id bigint, seller_account_id bigint, server bigint, rest bigint",
+              "INSERT INTO carries (buyer_account_id, seller_account_id, server, rest) "
+              "SELECT x.buyer_account_id, x.seller_account_id, x.server, x.rest FROM x "
+              "ON CONFLICT (buyer_account_id, seller_account_id, server) "
+              "DO UPDATE SET rest = excluded.rest"),
+}
+
+
+# the table of each kind's rows (a row's key is its table's)
+_TABLE = {"task": "tasks", "finished": "tasks", "delivered": "tasks", "attempt": "attempts",
+          "returned": "attempts", "metered": "attempts", "settled": "attempts",
+          "settled_result": "attempts", "dispute": "disputes", "carry": "carries"}
+_ORDER = {kind: i for i, kind in enumerate(_KINDS)}  # the order of the kinds in a layer
+_INSERTS = {"task", "attempt", "dispute"}  # (the others update, or upsert, a row)
+
+
+def _function() -> str:
+    cases = "\n".join(
+        f"    WHEN '{kind}' THEN\n      WITH x AS (SELECT * FROM jsonb_to_recordset(r->1) "
+        f"AS y({cols}))\n      {sql};" for kind, (cols, sql) in _KINDS.items())
+    # (each run joins a few rows to their tables by primary key: the planner,
+    # which guesses 100 rows for a recordset, would hash a whole table instead)
+    return f"""
+CREATE OR REPLACE FUNCTION cpushare_apply(runs jsonb) RETURNS void LANGUAGE plpgsql
+SET enable_hashjoin = off SET enable_mergejoin = off AS $f$
+DECLARE r jsonb;
+BEGIN
+  FOR r IN SELECT jsonb_array_elements(runs) LOOP
+    CASE r->>0
+{cases}
+    END CASE;
+  END LOOP;
+END $f$;
+"""
+
+
+PG_JOURNAL_SCHEMA = _function()
+
+
+def _bytea(b: bytes | None) -> str | None:
+    """bytea's text input (hex), inside JSON."""
+    return None if b is None else "\\x" + bytes(b).hex()
+
+
+class Journal:
+    """The writes waiting to be sent, of PgDb: in layers, each a run of rows
+    per kind, replayed in the order of _KINDS (a lifecycle's: a task's row is
+    inserted before it is finished, finished before it is delivered).  A
+    write joins the open layer unless its row was already written there by
+    a kind of that order or later: then it opens a layer, so that no row is
+    ever written out of the order it was written in.  A second update of a
+    row by the same kind (a carry, a meter) replaces the first: each sets
+    the same columns."""
+
+    def __init__(self):
+        self.layers: list[dict[str, list]] = []  # kind: rows
+        # row: (the order of its last kind, its place in that run), in the open layer
+        self._last: dict[tuple[str, object], tuple[int, int]] = {}
+        # what delivered_task asks of the journal without sending it
+        self.delivered: set[int] = set()  # tasks marked delivered, of refs not given
+        self.acked: set[tuple[int, str]] = set()  # (buy order, ref) of tasks marked delivered
+        self.refs: dict[tuple[int, str], int] = {}  # (buy order, ref): task, of tasks added
+
+    def add(self, kind: str, key, row: dict) -> None:
+        order, k = _ORDER[kind], (_TABLE[kind], key)
+        last = self._last.get(k)
+        if last is not None and last[0] == order and kind not in _INSERTS:
+            self.layers[-1][kind][last[1]] = row  # (it sets what the earlier one set)
+            return
+        if not self.layers or (last is not None and last[0] >= order):
+            self.layers.append({})
+            self._last = {}
+        rows = self.layers[-1].setdefault(kind, [])
+        self._last[k] = (order, len(rows))
+        rows.append(row)
+
+    def take(self) -> str | None:
+        """The journal as cpushare_apply's argument, emptied; None if empty."""
+        if not self.layers:
+            return None
+        runs = [[kind, rows] for layer in self.layers
+                for kind, rows in sorted(layer.items(), key=lambda kr: _ORDER[kr[0]])]
+        self.clear()
+        return json.dumps(runs, separators=(",", ":"))
+
+    def clear(self) -> None:
+        self.layers, self._last, self.refs = [], {}, {}
+        self.delivered, self.acked = set(), set()
+
+
+class PgJournalMixin:
+    """Of PostgresStore (pg.py): the journaled writes of TasksMixin and the
+    carries of this process, kept in memory."""
+
+    _id_blocks: dict[str, list[int]]
+    _carries: dict[tuple[int, int], int]
+    server_id: int | None
+
+    def _new_id(self, table: str) -> int:
+        ids = self._id_blocks.get(table)
+        if not ids:
+            ids = self._id_blocks[table] = [i for i, in self.db.execute(
+                "SELECT nextval(pg_get_serial_sequence(?, 'id')) FROM generate_series(1, ?)",
+                (table, ID_BLOCK))]
+            ids.reverse()
+        return ids.pop()
+
+    def _journal(self, kind: str, key, row: dict) -> None:
+        self.db.journal.add(kind, key, row)
+        if not self.db.in_transaction:  # (an admin's write: at once, as before)
+            self.db.send_journal()
+
+    def add_task(self, buy_order_id, buyer_account_id, ref, image, input_, redundancy,
+                 cpu_ms, bid_milli, escrow_milli=0, session=False, model="seccomp") -> int:
+        tid = self._new_id("tasks")
+        self._journal("task", tid, {
+            "id": tid, "buy_order_id": buy_order_id, "buyer_account_id": buyer_account_id,
+            "ref": ref, "image": image, "input": _bytea(input_), "redundancy": redundancy,
+            "cpu_ms": cpu_ms, "bid_milli": bid_milli, "escrow_milli": escrow_milli,
+            "session": int(session), "created": time.time(), "model": model})
+        if not session:
+            self.db.journal.refs[buy_order_id, ref] = tid
+        return tid
+
+    def add_attempt(self, task_id, sell_order_id, seller_account_id, ask_milli) -> int:
+        aid = self._new_id("attempts")
+        self._journal("attempt", aid, {
+            "id": aid, "task_id": task_id, "sell_order_id": sell_order_id,
+            "seller_account_id": seller_account_id, "ask_milli": ask_milli,
+            "started": time.time()})
+        return aid
+
+    def attempt_returned(self, attempt_id, cpu_ms, output_sha256, exit_status, signal, reason,
+                         output) -> None:
+        self._journal("returned", attempt_id, {
+            "id": attempt_id, "cpu_ms": cpu_ms, "output_sha256": output_sha256,
+            "exit_status": exit_status, "signal": signal, "reason": reason,
+            "output": _bytea(output)})
+
+    def set_attempt_state(self, attempt_id: int, state: str, paid_milli: int = 0,
+                          result: tuple | None = None) -> None:
+        row = {"id": attempt_id, "state": state, "paid_milli": paid_milli}
+        if result is None:
+            self._journal("settled", attempt_id, row)
+        else:
+            cpu_ms, sha, status, sig, reason = result
+            row.update(cpu_ms=cpu_ms, output_sha256=sha, exit_status=status, signal=sig,
+                       reason=reason)
+            self._journal("settled_result", attempt_id, row)
+
+    def metered(self, attempt_id: int, cpu_ms: int, paid_milli: int) -> None:
+        self._journal("metered", attempt_id,
+                      {"id": attempt_id, "cpu_ms": cpu_ms, "paid_milli": paid_milli})
+
+    def finish_task(self, task_id, state, *, exit_status=None, signal=None, reason="",
+                    cpu_ms=0, cost_milli=0, attempts=0, output=b"", fail_code=None,
+                    fail_message=None) -> None:
+        self._journal("finished", task_id, {
+            "id": task_id, "state": state, "exit_status": exit_status, "signal": signal,
+            "reason": reason, "used_cpu_ms": cpu_ms, "cost_milli": cost_milli,
+            "attempts": attempts, "output": _bytea(output), "fail_code": fail_code,
+            "fail_message": fail_message})
+
+    def mark_delivered(self, task_ids, refs=None) -> None:
+        j = self.db.journal
+        task_ids = list(task_ids)
+        if refs is None:
+            j.delivered.update(task_ids)
+        else:
+            j.acked.update(refs)
+        for t in task_ids:
+            self._journal("delivered", t, {"id": t})
+
+    def delivered_task(self, buy_order_id: int, ref: str) -> int | None:
+        """As TasksMixin's, without sending the journal: it answers for what it holds
+        (every submit asks this, and the journal would go out a task at a time)."""
+        j = self.db.journal
+        if (buy_order_id, ref) in j.acked:
+            row = self.db.execute("SELECT id FROM tasks WHERE buy_order_id = ? AND ref = ? "
+                                  "AND session = 0 AND delivered = 1",
+                                  (buy_order_id, ref)).fetchone()  # (sends the journal)
+            return row[0] if row else None
+        tid = j.refs.get((buy_order_id, ref))
+        if tid is not None and tid in j.delivered:
+            return tid
+        sql = "SELECT id FROM tasks WHERE buy_order_id = ? AND delivered = 1 AND ref = ? " \
+              "AND session = 0"
+        args: tuple = (buy_order_id, ref)
+        if j.delivered:  # (or marked so in the journal: by their keys, not a scan)
+            sql += (" UNION ALL SELECT id FROM tasks WHERE id = ANY(?::bigint[]) AND "
+                    "buy_order_id = ? AND ref = ? AND session = 0")
+            args += (list(j.delivered), buy_order_id, ref)
+        row = self.db.execute(sql + " LIMIT 1", args, journal=False).fetchone()
+        return row[0] if row else None
+
+    def add_dispute(self, task_id, attempt_id, seller_account_id, output_sha256,
+                    majority_sha256) -> None:
+        self._journal("dispute", (task_id, attempt_id), {
+            "task_id": task_id, "attempt_id": attempt_id,
+            "seller_account_id": seller_account_id, "output_sha256": output_sha256,
+            "majority_sha256": majority_sha256, "created": time.time()})
+
+    # --- carries: each serving process writes only its own rows, so it keeps them
+
+    def carry(self, buyer_account_id: int, seller_account_id: int) -> int:
+        """This process's carry; outside a serving process (admin), all of them."""
+        if self.server_id is None:
+            return self.db.execute("SELECT COALESCE(SUM(rest), 0) FROM carries WHERE "
+                                   "buyer_account_id = ? AND seller_account_id = ?",
+                                   (buyer_account_id, seller_account_id)).fetchone()[0]
+        key = (buyer_account_id, seller_account_id)
+        rest = self._carries.get(key)
+        if rest is None:  # (the journal holds no write of it: it would be in memory)
+            row = self.db.execute("SELECT rest FROM carries WHERE buyer_account_id = ? AND "
+                                  "seller_account_id = ? AND server = ?",
+                                  (*key, self.server_id), journal=False).fetchone()
+            rest = self._carries[key] = row[0] if row else 0
+        return rest
+
+    def set_carry(self, buyer_account_id: int, seller_account_id: int, rest: int) -> None:
+        key = (buyer_account_id, seller_account_id)
+        self._journal("carry", key, {
+            "buyer_account_id": buyer_account_id,
+            "seller_account_id": seller_account_id, "server": self.server_id or 0,
+            "rest": rest})
+        if self.server_id is not None:
+            self._carries[key] = rest
+
+    def _journal_committed(self) -> None:
+        if len(self._carries) > CARRY_CACHE:  # (all written: read again when needed)
+            self._carries.clear()
+
+    def _journal_dropped(self) -> None:
+        self.db.journal.clear()
+        self._carries.clear()  # (some may be of the writes rolled back)

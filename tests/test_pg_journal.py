@@ -1,0 +1,198 @@
+"""The PostgreSQL store's write journal (store/pgjournal.py): the order it
+replays writes in, and, against a real cluster, that any interleaving of
+journaled writes and reads gives the same answers and the same rows as
+the SQLite store, where every write is a statement at once."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from cpushare.market.store import SQLiteStore
+from cpushare.market.store.pgjournal import Journal
+
+
+def _runs(j: Journal) -> list[tuple[str, list]]:
+    return [(kind, [r["id"] for r in rows]) for kind, rows in json.loads(j.take())]
+
+
+def test_a_layer_replays_each_rows_writes_in_the_order_they_were_made():
+    j = Journal()
+    j.add("finished", 1, {"id": 1})
+    j.add("task", 2, {"id": 2})  # another row: an earlier kind joins the layer
+    j.add("finished", 2, {"id": 2})
+    j.add("delivered", 1, {"id": 1})
+    assert _runs(j) == [("task", [2]), ("finished", [1, 2]), ("delivered", [1])]
+
+
+def test_a_row_written_again_by_an_earlier_kind_opens_a_layer():
+    j = Journal()
+    j.add("settled", 7, {"id": 7})
+    j.add("metered", 7, {"id": 7})  # (metered comes before settled in a layer)
+    j.add("metered", 8, {"id": 8})
+    assert _runs(j) == [("settled", [7]), ("metered", [7, 8])]
+
+
+def test_a_second_update_by_the_same_kind_replaces_the_first_but_an_insert_never_does():
+    j = Journal()
+    j.add("carry", (1, 2), {"id": 0, "rest": 5})
+    j.add("carry", (1, 3), {"id": 1, "rest": 6})
+    j.add("carry", (1, 2), {"id": 0, "rest": 9})
+    assert [(k, [r["rest"] for r in rows]) for k, rows in json.loads(j.take())] == \
+        [("carry", [9, 6])]
+    j.add("dispute", (1, 1), {"id": 1})
+    j.add("dispute", (1, 1), {"id": 1})
+    assert _runs(j) == [("dispute", [1]), ("dispute", [1])]
+
+
+def test_the_same_kind_on_another_table_is_another_row():
+    j = Journal()
+    j.add("finished", 3, {"id": 3})  # task 3
+    j.add("settled", 3, {"id": 3})  # attempt 3: an earlier kind, another table
+    assert _runs(j) == [("settled", [3]), ("finished", [3])]
+
+
+def _stores(tmp_path, url):
+    from cpushare.market.store.pg import PostgresStore
+    lite = SQLiteStore(str(tmp_path / "m.db"), create=True)
+    pg = PostgresStore(url, image_dir=str(tmp_path / "images"), create=True)
+    return lite, pg
+
+
+def _setup(s) -> tuple:
+    with s.transaction():
+        buyer, seller = s.add_account("buyer"), s.add_account("seller")
+        so = s.add_sell_order(seller, 10, "seccomp", 60, 120, 64 << 20, 1 << 20)
+        bo = s.add_buy_order(buyer, 20, 1, 60)
+    return buyer, seller, so, bo
+
+
+_TASK_COLS = ("id, buy_order_id, ref, input, state, exit_status, signal, reason, used_cpu_ms, "
+              "cost_milli, attempts, output, fail_code, fail_message, delivered, escrow_milli")
+_ATTEMPT_COLS = ("id, task_id, state, cpu_ms, output_sha256, exit_status, signal, reason, "
+                 "output, paid_milli")
+
+
+def _rows(s) -> dict:
+    """The journaled tables, their ids as ranks (PostgreSQL takes ids from
+    blocks, SQLite one more than the last: only their order is the same)."""
+    def norm(rows):
+        return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in rows]
+    tasks = norm(s.db.execute(f"SELECT {_TASK_COLS} FROM tasks ORDER BY id"))
+    attempts = norm(s.db.execute(f"SELECT {_ATTEMPT_COLS} FROM attempts ORDER BY id"))
+    t_rank = {r[0]: i for i, r in enumerate(tasks)}
+    a_rank = {r[0]: i for i, r in enumerate(attempts)}
+    disputes = norm(s.db.execute("SELECT task_id, attempt_id, output_sha256 FROM disputes"))
+    return {
+        "tasks": [(t_rank[r[0]], *r[1:]) for r in tasks],
+        "attempts": [(a_rank[r[0]], t_rank[r[1]], *r[2:]) for r in attempts],
+        "disputes": sorted((t_rank[t], a_rank[a], h) for t, a, h in disputes),
+        "carries": norm(s.db.execute("SELECT buyer_account_id, seller_account_id, rest "
+                                     "FROM carries ORDER BY 1, 2")),
+    }
+
+
+class _Twin:
+    """One random script played on both stores, in group transactions; every
+    read's answer compared as it is made."""
+
+    def __init__(self, stores, rng):
+        self.stores, self.rng = stores, rng
+        self.tasks: list[tuple[int, str]] = []  # (id, ref), as both stores gave them
+        self.attempts: list[int] = []
+        self.n = 0
+
+    def both(self, fn):
+        answers = [fn(s, i) for i, s in enumerate(self.stores)]
+        assert answers[0] == answers[1], answers
+        return answers[0]
+
+    def step(self, bo, buyer, seller, so):
+        r, rng = self.rng.random(), self.rng
+        if r < 0.2 or not self.tasks:
+            self.n += 1
+            ref = f"r{self.n}"
+            data = rng.randbytes(rng.choice((0, 3, 40)))
+            ids = [s.add_task(bo, buyer, ref, "img", data, 1, 100, 20, 7) for s in self.stores]
+            self.tasks.append((ids, ref))
+        elif r < 0.35:
+            ids, _ = rng.choice(self.tasks)
+            aids = [s.add_attempt(t, so, seller, 10) for s, t in zip(self.stores, ids)]
+            self.attempts.append(aids)
+        elif r < 0.45 and self.attempts:
+            aids = rng.choice(self.attempts)
+            out = rng.randbytes(5)
+            for s, a in zip(self.stores, aids):
+                s.attempt_returned(a, 5, "ab" * 32, 0, None, "", out)
+        elif r < 0.55 and self.attempts:
+            aids, state = rng.choice(self.attempts), rng.choice(("accepted", "void", "lost"))
+            res = rng.choice((None, (9, "cd" * 32, 1, 9, "why")))
+            for s, a in zip(self.stores, aids):
+                s.set_attempt_state(a, state, 3, res)
+        elif r < 0.6 and self.attempts:
+            aids, cpu = rng.choice(self.attempts), rng.randrange(1000)
+            for s, a in zip(self.stores, aids):
+                s.metered(a, cpu, cpu // 10)
+        elif r < 0.7:
+            ids, _ = rng.choice(self.tasks)
+            state = rng.choice(("done", "failed"))
+            out = rng.randbytes(4)
+            for s, t in zip(self.stores, ids):
+                s.finish_task(t, state, exit_status=0, cpu_ms=5, cost_milli=2, attempts=1,
+                              output=out, fail_code=None if state == "done" else "x")
+        elif r < 0.8:
+            ids, ref = rng.choice(self.tasks)
+            give = rng.random() < 0.5
+            for s, t in zip(self.stores, ids):
+                s.mark_delivered([t], [(bo, ref)] if give else None)
+        elif r < 0.85 and self.attempts:
+            ids, _ = rng.choice(self.tasks)
+            aids = rng.choice(self.attempts)
+            for s, t, a in zip(self.stores, ids, aids):
+                s.add_dispute(t, a, seller, "ef" * 32, "ab" * 32)
+        elif r < 0.9:
+            rest = rng.randrange(3_600_000)
+            for s in self.stores:
+                s.set_carry(buyer, seller, rest)
+            self.both(lambda s, i: s.carry(buyer, seller))
+        else:  # the reads a market makes while its group is open
+            ids, ref = rng.choice(self.tasks)
+            self.both(lambda s, i: s.delivered_task(bo, ref) is None)
+            self.both(lambda s, i: s.delivered_task(bo, ref + "-new"))
+            self.both(lambda s, i: s.pending_task(bo, ref) is None)
+            self.both(lambda s, i: s.task(ids[i]).state)
+            self.both(lambda s, i: [a.state for a in s.attempts(ids[i])])
+            self.both(lambda s, i: s.carry(buyer, seller))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_any_interleaving_of_writes_and_reads_is_what_sqlite_makes(tmp_path, pg_cluster, seed):
+    lite, pg = _stores(tmp_path, pg_cluster.database())
+    try:
+        pg.server_id = 1  # (a serving process: carries kept in memory, its own rows)
+        buyer, seller, so, bo = _setup(lite)
+        assert _setup(pg) == (buyer, seller, so, bo)
+        twin = _Twin((lite, pg), random.Random(seed))
+        for group in range(30):
+            for s in twin.stores:
+                s.begin()
+            for _ in range(twin.rng.randrange(1, 25)):
+                twin.step(bo, buyer, seller, so)
+            if twin.rng.random() < 0.1:  # a group rolled back: on both, nothing of it stays
+                for s in twin.stores:
+                    s.rollback()
+                twin.tasks = [t for t in twin.tasks if lite.db.execute(
+                    "SELECT 1 FROM tasks WHERE id = ?", (t[0][0],)).fetchone()]
+                twin.attempts = [a for a in twin.attempts if lite.db.execute(
+                    "SELECT 1 FROM attempts WHERE id = ?", (a[0],)).fetchone()]
+                continue
+            for s in twin.stores:
+                s.commit()
+        want = _rows(lite)
+        assert _rows(pg) == want
+        assert sum(len(v) for v in want.values()) > 30  # (the script wrote something)
+    finally:
+        lite.close()
+        pg.close()
