@@ -13,6 +13,21 @@ as after a restart.
 
 What stays with the buyer's process: sessions and leases (their streams
 and consoles flow through it), so they run on its sellers.
+
+Certificates: a heartbeat looks nothing up here (on a store one process
+serves, it reads the certificate's row: a function call).  The hello
+reads the certificate from the store, and the connection keeps what it
+read; `cert revoke` sends `NOTIFY revoke FINGERPRINT` in its
+transaction, and every process closes that certificate's connections
+when it hears it (one whose listener's session fails stops).  A
+notification is heard only by a session listening when it commits, and
+the listener's session listens from before the market accepts its first
+connection: a certificate revoked after a hello's read is heard after
+that connection is served (the hello does not yield to the loop between
+its read and then), and one revoked before is read revoked.  Against a
+notification missed all the same (a listener's session lost unnoticed),
+every CERT_RECHECK seconds the certificates of this process's
+connections are read again in one statement.
 """
 
 from __future__ import annotations
@@ -38,6 +53,8 @@ YIELD_FOR = 0.01  # s: a key another process asked for is left to it this long
 # So the database carries no sharing while every process has work enough.
 IDLE_EVERY = 0.1
 IDLE_HEARD = 0.25
+# A revocation is heard at once (NOTIFY revoke); one missed is found within this.
+CERT_RECHECK = 60.0
 
 
 class Fleet:
@@ -56,7 +73,9 @@ class Fleet:
         self._yielding: dict[tuple, float] = {}  # key -> until when it is left to others
         self._asked: dict[tuple, float] = {}  # key -> until when not to ask again
         self._share_timer: asyncio.TimerHandle | None = None
-        self._listen = None
+        self._listen = None  # the listener's session (store.listener()), and its descriptor
+        self._listen_fd = -1
+        self._certs_checked = time.monotonic()
 
     # --- joining, leaving --------------------------------------------------------
 
@@ -64,14 +83,16 @@ class Fleet:
         """In recover(): register, listen, and take over the dead (our predecessor too)."""
         self.server_id = self.store.join(socket.gethostname(), os.getpid())
         self._listen = self.store.listener()
-        asyncio.get_running_loop().add_reader(self._listen.fileno(), self._on_notifies)
+        # (its descriptor kept: a session that is lost has none to ask for)
+        self._listen_fd = self._listen.fileno()
+        asyncio.get_running_loop().add_reader(self._listen_fd, self._on_notifies)
         log.info("serving as market process %d of this database", self.server_id)
         self._fleet_look()
 
     def _fleet_leave(self) -> None:
         if self._listen is not None:
             try:
-                asyncio.get_running_loop().remove_reader(self._listen.fileno())
+                asyncio.get_running_loop().remove_reader(self._listen_fd)
             except (ValueError, OSError):
                 pass
             self._listen.close()
@@ -221,6 +242,7 @@ class Fleet:
             self._fleet_leave()
             self._die("the database's notifications failed", e)
             return
+        revoked: set[str] = set()
         for p in payloads:
             kind, _, rest = p.partition(" ")
             try:
@@ -251,9 +273,37 @@ class Fleet:
                 t = self.tasks.get(args[0])
                 if t is not None and not t.session:
                     self._fail(t, "cancelled", "cancelled by the buyer")
+            elif kind == "revoke" and 0 < len(rest) <= 128:
+                revoked.add(rest)
             else:
                 log.warning("ignored a notification of the database: %r", p[:80])
+        if revoked:
+            self._close_certs(revoked)
         self._schedule()
+
+    # --- certificates --------------------------------------------------------------
+
+    def _close_certs(self, fingerprints: set[str]) -> None:
+        """These certificates are revoked: their connections here are closed."""
+        if self._stopping:
+            return
+        for c in [c for c in self._conns if c.fingerprint in fingerprints]:
+            self._close_revoked(c)
+
+    def _recheck_certs(self, now: float) -> None:
+        """Every CERT_RECHECK (the sweeper's second): the certificates of this
+        process's connections, read again in one statement, for a revocation
+        whose notification was missed."""
+        if now - self._certs_checked < CERT_RECHECK:
+            return
+        self._certs_checked = now
+        fingerprints = sorted({c.fingerprint for c in self._conns})
+        if fingerprints:
+            gone = self.store.revoked_among(fingerprints)
+            if gone:
+                log.warning("%d revoked certificates found by their recheck (their "
+                            "notification was not heard)", len(gone))
+                self._close_certs(gone)
 
     def _on_yield(self, rest: str) -> None:
         """`yield SERVER KIND KEY`: another process waits for a key we may hold."""

@@ -357,22 +357,29 @@ class Listener:
 
     def _heartbeat(self, conns: set, now: float, ping: bytes) -> None:
         """The heartbeat of the connections of one slot: a revoked certificate
-        closes its connection, a peer silent for 3 heartbeats (and not paused
-        by the market) is cut, the others are pinged."""
+        closes its connection (looked up here on a store one process serves;
+        on PostgreSQL no statement: revocations are pushed, fleet.py), a peer
+        silent for 3 heartbeats (and not paused by the market) is cut, the
+        others are pinged."""
         for c in list(conns):
-            cert = self.store.cert(c.fingerprint)
-            if cert is None or cert.revoked:
-                log.warning("closing %s: its certificate %s was revoked", c, c.fingerprint[:16])
-                c.write(encode("error", code="auth", ref=None,
-                               message=f"certificate {c.fingerprint[:16]} was revoked"))
-                self._gone(c)
-                c.close()
-            elif not c.paused and now - c.last_seen > 3 * self.heartbeat:
+            if not self.fleet:
+                cert = self.store.cert(c.fingerprint)
+                if cert is None or cert.revoked:
+                    self._close_revoked(c)
+                    continue
+            if not c.paused and now - c.last_seen > 3 * self.heartbeat:
                 log.warning("closing %s: silent for %.0f s", c, now - c.last_seen)
                 self._gone(c)
                 c.writer.transport.abort()
             else:
                 c.write(ping)
+
+    def _close_revoked(self, c: Conn) -> None:
+        log.warning("closing %s: its certificate %s was revoked", c, c.fingerprint[:16])
+        c.write(encode("error", code="auth", ref=None,
+                       message=f"certificate {c.fingerprint[:16]} was revoked"))
+        self._gone(c)
+        c.close()
 
     async def _sweep(self) -> None:
         """Deadlines every second; every connection's heartbeat (ping, silence,
@@ -403,8 +410,10 @@ class Listener:
             if self.fleet:
                 try:
                     self._fleet_look()
+                    self._recheck_certs(now)
                 except Exception as e:  # the database is gone: as a failed commit
-                    self._die("looking for the market's other processes failed", e)
+                    self._die("looking for the market's other processes or revoked "
+                              "certificates failed", e)
             if now - last_collect >= COLLECT_EVERY:
                 last_collect = now
                 self.collect()

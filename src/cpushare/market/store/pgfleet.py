@@ -18,8 +18,12 @@ process holds which task, and the notifications between them
 - NOTIFY: `idle SERVER` (to all) when a process's sellers find no work,
   `queue` (to all, at the commit) when tasks were offered,
   `cancel TASK` (to all, at the commit), `home ORDER SERVER` (to all) when
-  a buyer connects, and once a result is committed, `result ORDER TASK` to
-  the process its buyer's newest connection is on (`buyer_homes`).
+  a buyer connects, once a result is committed, `result ORDER TASK` to
+  the process its buyer's newest connection is on (`buyer_homes`), and
+  `revoke FINGERPRINT` (to all, at the commit of `cert revoke`): the
+  serving processes keep their connections' certificates in memory and
+  look nothing up at a heartbeat (`revoked_among` rechecks them, now and
+  then, in case a notification was missed).
 """
 
 from __future__ import annotations
@@ -150,6 +154,21 @@ class PgFleetMixin:
         self.db.execute("DELETE FROM cancels c USING tasks t WHERE t.id = c.task_id AND "
                         "t.state <> 'queued'")
         return super().collect_images(unused_for)
+
+    def revoke(self, fingerprint: str) -> bool:
+        """(And every serving process hears it, at the commit: `revoke FINGERPRINT`.)"""
+        done = super().revoke(fingerprint)
+        if done and self.db.in_transaction:
+            self.notify_all(f"revoke {fingerprint}")
+        elif done:  # (autocommit: the UPDATE is committed already)
+            self.db.execute("SELECT pg_notify(?, ?)", (CHANNEL, f"revoke {fingerprint}"))
+        return done
+
+    def revoked_among(self, fingerprints: list[str]) -> set[str]:
+        """Those of these certificates that are revoked, or unknown: one statement."""
+        return {r[0] for r in self.db.execute(
+            "SELECT f FROM unnest(?::text[]) AS f WHERE NOT EXISTS (SELECT 1 FROM certs c "
+            "WHERE c.fingerprint = f AND c.revoked = 0)", (fingerprints,))}
 
     def listener(self) -> Listener:
         return Listener(self._psycopg, self._url, self.server_id)
