@@ -286,6 +286,7 @@ class BuyerHandlers:
         """Task `tid`'s result will wait for its buyer's ack (see _forget_pending)."""
         self.pending_refs[buy_order_id, ref] = tid
         self.pending_tasks[tid] = Pending(buy_order_id, ref, buyer_account_id)
+        self.pending_of.setdefault(buy_order_id, set()).add(tid)
         self.open_tasks[buyer_account_id, False] += 1
 
     def _forget_pending(self, tid: int) -> None:
@@ -293,4 +294,8 @@ class BuyerHandlers:
         where = self.pending_tasks.pop(tid, None)
         if where is not None:
             self.pending_refs.pop(where.key, None)
+            of = self.pending_of[where.buy_order_id]
+            of.discard(tid)
+            if not of:
+                del self.pending_of[where.buy_order_id]
             self.open_tasks[where.buyer_account_id, False] -= 1

@@ -65,7 +65,6 @@ class Fleet:
         self.server_id: int | None = None
         self.peers: list[int] = []  # the other live servers
         self._pool_hint = True  # the shared queue may hold work for our sellers
-        self._remote_results: list[tuple[int, int]] = []  # (buy order, task) to announce
         # buy orders with connections here whose newest is on another process
         self.away: dict[int, int] = {}
         self._idle_said = 0.0  # when we last said our sellers wait for work
@@ -339,17 +338,11 @@ class Fleet:
         if got is not None:
             self._load_tasks([got[:2] + (True,)], "")
 
-    def _announce_elsewhere(self, t: TaskState) -> None:
-        """A committed result whose buyer is not connected here: its process is
-        told, at the end of this commit's announcements (one statement)."""
-        if self.fleet:
-            self._remote_results.append((t.buy_order_id, t.id))
-
-    def _fleet_after_commit(self) -> None:
-        if self._remote_results and self._listen is not None:
-            results, self._remote_results = self._remote_results, []
-            self.store.announce_results(self._listen, results)
-            self._listened()
+    def _tell_home(self, t: TaskState) -> None:
+        """Task `t`'s result is written in this group: if its buyer's newest
+        connection is on another process, that one is told by the commit."""
+        if self.fleet and not t.session:
+            self._tx().notify_result(t.buy_order_id, t.id)
 
     def _listened(self) -> None:
         """A statement ran on the listener's connection: what it heard meanwhile
@@ -401,7 +394,7 @@ class Fleet:
     def _reload_pending(self, order_id: int) -> None:
         """The refs of buy order `order_id` waiting for an ack, as the store has them."""
         rows = self._tx().undelivered_refs(order_id)
-        known = {tid for tid, p in self.pending_tasks.items() if p.buy_order_id == order_id}
+        known = set(self.pending_of.get(order_id, ()))
         now = {tid for _, _, tid, _ in rows}
         for tid in known - now:  # acknowledged through another process
             if tid not in self.tasks:

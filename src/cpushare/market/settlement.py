@@ -148,6 +148,7 @@ class Settlement:
                 s.stale.add(aid)  # its result, when it comes, is paid nothing
                 if not s.gone:  # and it may stop now (or not start)
                     s.write(encode("stop", attempt=aid))
+        self._tell_home(t)
         self._after_commit(lambda: self._announce(t, notes, final))
 
     def _seller_of(self, aid: int, t: TaskState):
@@ -176,8 +177,7 @@ class Settlement:
         conns = self.buyers.get(t.buy_order_id)
         if not conns or t.buy_order_id in self.away:
             # kept in the store until the buyer comes back; or its newest
-            # connection is on another market process, which is told
-            self._announce_elsewhere(t)
+            # connection is on another market process, told by the commit
             return
         b = conns[-1]
         if ahead is not None and ahead[0] is b and ahead[1]:

@@ -71,43 +71,79 @@ class PgDb:
     def __init__(self, conn):
         self.conn = conn
         self.journal = Journal()
-        self._sql: dict[str, tuple[str, bool]] = {}
+        self.in_transaction = False  # (kept here: asking libpq costs a call through ctypes)
+        self._begin = False  # BEGIN is owed: it goes with the first statement (begin_later)
+        self._sql: dict[str, tuple[str, bool, int]] = {}
 
-    def _q(self, sql: str) -> tuple[str, bool]:
-        """(psycopg's form of `sql`, whether it names a journaled table)."""
+    def _q(self, sql: str) -> tuple[str, bool, int]:
+        """(psycopg's form of `sql`, whether it names a journaled table,
+        1 if it begins a transaction, -1 if it ends one, else 0)."""
         q = self._sql.get(sql)
         if q is None:
+            words = sql.split(None, 2)[:2] + [""]
+            tx = (1 if words[0].upper() in ("BEGIN", "START") else
+                  -1 if words[0].upper() in ("COMMIT", "END", "ABORT") or
+                  (words[0].upper() == "ROLLBACK" and words[1].upper() != "TO") else 0)
             q = self._sql[sql] = (sql.replace("%", "%%").replace("?", "%s"),
-                                  JOURNALED.search(sql) is not None)
+                                  JOURNALED.search(sql) is not None, tx)
         return q
 
     def execute(self, sql: str, params=(), *, journal: bool = True):
         """`sql`, after the journal if it names a journaled table (and `journal`:
         False where the caller knows the journal holds nothing it reads)."""
-        q, journaled = self._q(sql)
+        q, journaled, tx = self._q(sql)
         if journaled and journal and self.journal.layers:
             self.send_journal()
+        if tx > 0:
+            self._begin = False
+        elif tx < 0:  # (over, whether it succeeds or not)
+            self.in_transaction = False
+            if self._begin:  # (nothing was sent: nothing to end)
+                self._begin = False
+                return self.conn.cursor()
+        else:
+            self.begun()
         cur = self.conn.cursor()
         cur.execute(q, tuple(params) if params else None)
+        if tx > 0:
+            self.in_transaction = True
         return cur
 
     def executemany(self, sql: str, seq):
-        q, journaled = self._q(sql)
+        q, journaled, _ = self._q(sql)
         if journaled and self.journal.layers:
             self.send_journal()
+        self.begun()
         cur = self.conn.cursor()
         cur.executemany(q, [tuple(p) for p in seq])
         return cur
 
+    def begin_later(self) -> None:
+        """A transaction, whose BEGIN goes out with its first statement: a group
+        commit that only journals sends it with its COMMIT, in one round trip."""
+        self._begin = self.in_transaction = True
+
+    def begun(self) -> None:
+        """The BEGIN owed, now (before a statement of the transaction)."""
+        if self._begin:
+            self._begin = False
+            self.conn.execute("BEGIN")
+
+    def raw(self, sql: str) -> None:
+        """`sql` as it is (no placeholders), in the transaction."""
+        self.begun()
+        self.conn.execute(sql)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing of the open transaction was sent yet."""
+        return self._begin
+
     def send_journal(self, runs: str | None = None) -> None:
         runs = self.journal.take() if runs is None else runs
         if runs is not None:
+            self.begun()
             self.conn.execute("SELECT cpushare_apply(%s::jsonb)", (runs,))
-
-    @property
-    def in_transaction(self) -> bool:
-        from psycopg.pq import TransactionStatus
-        return self.conn.info.transaction_status != TransactionStatus.IDLE
 
     def close(self) -> None:
         self.conn.close()
@@ -159,11 +195,12 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
         self._unlink: list[str] = []
         self._id_blocks: dict[str, list[int]] = {}
         self._carries: dict[tuple[int, int], int] = {}
+        self._balances: dict[int, tuple[str, int]] = {}
         if create:
             with self.transaction():
-                conn.execute(PG_SCHEMA)
-                conn.execute(PG_FLEET_SCHEMA)
-                conn.execute(PG_JOURNAL_SCHEMA)
+                self.db.raw(PG_SCHEMA)
+                self.db.raw(PG_FLEET_SCHEMA)
+                self.db.raw(PG_JOURNAL_SCHEMA)
                 if self.get_meta("schema_version") is None:
                     self.set_meta("schema_version", str(SCHEMA_VERSION))
                 for name in (MINT, ESCROW):
@@ -176,7 +213,7 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
                              f"{SCHEMA_VERSION} (found {version!r}; run init first?)")
         if self.db.execute("SELECT to_regprocedure('cpushare_apply(jsonb)')").fetchone()[0] is None:
             with self.transaction():  # (a database made before the journal)
-                conn.execute(PG_JOURNAL_SCHEMA)
+                self.db.raw(PG_JOURNAL_SCHEMA)
         image_dir = image_dir or self.get_meta("image_dir")
         if not image_dir:
             self.db.close()
@@ -188,10 +225,17 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
     # --- transactions ---------------------------------------------------
 
     def begin(self) -> None:
-        self.db.execute("BEGIN")
+        self._balances.clear()
+        self.db.begin_later()
 
     def commit(self) -> None:
-        """The journal, the ledger, the notifications and COMMIT: one round trip."""
+        """The journal, the ledger, the notifications and COMMIT (and BEGIN, if
+        nothing was sent before): one round trip."""
+        if self.db.idle and not (self.db.journal.layers or self._txns or self._entries
+                                 or self._notes_pending()):
+            self.db.execute("COMMIT")  # (sends nothing)
+            self._journal_committed()
+            return
         runs = self.db.journal.take()
         if runs is not None and len(runs) > PIPELINED:
             self.db.send_journal(runs)  # (psycopg 3.1's pipeline can hang on a big query)

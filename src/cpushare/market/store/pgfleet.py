@@ -114,6 +114,7 @@ class PgFleetMixin:
 
     def _init_fleet(self) -> None:
         self._notify_all: set[str] = set()
+        self._result_notes: list[tuple[int, int]] = []  # (buy order, task)
 
     def join(self, host: str, pid: int) -> int:
         """Register this process as a server of the market; its id."""
@@ -281,15 +282,12 @@ class PgFleetMixin:
         listener.conn.execute("DELETE FROM buyer_homes WHERE server = ANY(%s::bigint[])",
                               (dead,))
 
-    def announce_results(self, listener: Listener, results: list[tuple[int, int]]) -> None:
-        """Tell the servers the buyers of these committed results (buy order,
-        task) are connected to (on the listener's session: at once)."""
-        orders, tids = zip(*results)
-        listener.conn.execute(
-            "SELECT pg_notify(%s::text || h.server, 'result ' || x.o || ' ' || x.t) FROM "
-            "unnest(%s::bigint[], %s::bigint[]) AS x(o, t) JOIN buyer_homes h "
-            "ON h.buy_order_id = x.o AND h.server <> %s",
-            (CHANNEL + "_", list(orders), list(tids), self.server_id))
+    def notify_result(self, buy_order_id: int, task_id: int) -> None:
+        """A result this transaction writes: at its commit, the process its
+        buyer's newest connection is on, if another, hears `result ORDER TASK`
+        (a notification of the commit itself, so sent if and only if it
+        commits: a process killed after its commit has told it already)."""
+        self._result_notes.append((buy_order_id, task_id))
 
     def notify_all(self, payload: str) -> None:
         self._notify_all.add(payload)
@@ -299,6 +297,18 @@ class PgFleetMixin:
         for p in sorted(self._notify_all):
             self.db.execute("SELECT pg_notify(?, ?)", (CHANNEL, p))
         self._notify_all = set()
+        if self._result_notes:
+            orders, tids = zip(*self._result_notes)
+            self.db.execute(
+                "SELECT pg_notify(?::text || h.server, 'result ' || x.o || ' ' || x.t) FROM "
+                "unnest(?::bigint[], ?::bigint[]) AS x(o, t) JOIN buyer_homes h "
+                "ON h.buy_order_id = x.o AND h.server <> ?",
+                (CHANNEL + "_", list(orders), list(tids), self.server_id))
+            self._result_notes = []
+
+    def _notes_pending(self) -> bool:
+        return bool(self._notify_all or self._result_notes)
 
     def _drop_notes(self) -> None:
         self._notify_all = set()
+        self._result_notes = []

@@ -28,6 +28,8 @@ import json
 import re
 import time
 
+from .rows import Account, StoreError
+
 # the tables whose writes are journaled: a statement naming one of them sends the journal first
 JOURNALED = re.compile(r"\b(tasks|attempts|disputes|carries)\b")
 ID_BLOCK = 128  # ids taken from a sequence at a time, per table
@@ -173,6 +175,8 @@ class PgJournalMixin:
 
     _id_blocks: dict[str, list[int]]
     _carries: dict[tuple[int, int], int]
+    _balances: dict[int, tuple[str, int]]
+    _deltas: dict[int, int]
     server_id: int | None
 
     def _new_id(self, table: str) -> int:
@@ -305,10 +309,30 @@ class PgJournalMixin:
         if self.server_id is not None:
             self._carries[key] = rest
 
+    # --- balances: read once a group
+
+    def account_by_id(self, account_id: int) -> Account:
+        """As AccountsMixin's, the balance read once in a transaction: the market
+        reads it under the account's lock (Fleet._lock, until the commit), so no
+        other process takes from it meanwhile; what they give it counts from
+        the next group on."""
+        if not self.db.in_transaction:
+            return super().account_by_id(account_id)
+        got = self._balances.get(account_id)
+        if got is None:
+            row = self.db.execute("SELECT id, name, balance FROM accounts WHERE id = ?",
+                                  (account_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no account with id {account_id}")
+            got = self._balances[account_id] = (row[1], row[2])
+        return Account(account_id, got[0], got[1] + self._deltas.get(account_id, 0))
+
     def _journal_committed(self) -> None:
+        self._balances.clear()
         if len(self._carries) > CARRY_CACHE:  # (all written: read again when needed)
             self._carries.clear()
 
     def _journal_dropped(self) -> None:
         self.db.journal.clear()
+        self._balances.clear()
         self._carries.clear()  # (some may be of the writes rolled back)
