@@ -4,6 +4,12 @@ is committed, and only then go out the frames that announce what it wrote.
 
 So a peer never hears of a state the store may lose, the commits of many
 tasks share their cost, and a seller never waits for a commit.
+
+A store with a writer thread (PostgreSQL: store.commit_apart) commits
+there: the loop goes on meanwhile with the next group, whose writes are
+journaled and whose first statement waits for that commit; its
+announcements go out when it is done.  Commits stay in order: a group
+due while the one before is on its way follows it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from concurrent import futures
 from typing import Iterator
 
 from .store import Store
@@ -40,6 +47,8 @@ class GroupCommit:
         self._commit_timer: asyncio.TimerHandle | None = None
         self._files_since = 0.0  # when the commit first waited for big files
         self._held: set = set()  # keys locked against other processes until the commit
+        self._inflight: tuple | None = None  # (future, announcements) of a commit on its way
+        self._commit_again = False  # a group waits for the commit on its way
 
     def dirty(self, conn) -> None:
         """`conn` has frames in its outbox: send them at the end of this turn."""
@@ -121,14 +130,52 @@ class GroupCommit:
                     FILES_POLL, self._commit)
                 return
         self._files_since = 0.0
+        if self._inflight is not None:  # the group before is still being committed
+            if not wait:
+                self._commit_again = True  # (this one follows it)
+                return
+            futures.wait([self._inflight[0]])
+            self._committed(self._inflight[0])
+            if self.fatal is not None:
+                return
         try:
+            f = None
             if self.store.in_transaction:
-                self.store.commit()
+                f = self.store.commit_apart() if not wait else self.store.commit()
         except BaseException as e:  # the store is unusable: stop, restart recovers
             self._die("store commit failed", e)
             return
         self._held.clear()
         after, self._after = self._after, []
+        if f is None:
+            self._tell_committed(after)
+            return
+        # on its way in the store's thread: the loop goes on with the next group
+        self._inflight = (f, after)
+        loop = asyncio.get_running_loop()
+        f.add_done_callback(lambda f: loop.call_soon_threadsafe(self._committed, f))
+
+    def _committing(self) -> bool:
+        """A commit is on its way: a statement now would wait for it."""
+        return self._inflight is not None and not self._inflight[0].done()
+
+    def _committed(self, f) -> None:
+        """The commit on its way is done: what it made true is told."""
+        if self._inflight is None or self._inflight[0] is not f:
+            return  # (told already: commit_now waited for it)
+        after, self._inflight = self._inflight[1], None
+        if self.fatal is not None:
+            return
+        e = f.exception()
+        if e is not None:
+            self._die("store commit failed", e)
+            return
+        self._tell_committed(after)
+        if self._commit_again:
+            self._commit_again = False
+            self._schedule_commit()
+
+    def _tell_committed(self, after: list) -> None:
         for fn in after:
             try:
                 fn()

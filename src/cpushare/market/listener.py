@@ -407,7 +407,7 @@ class Listener:
                 self._expire(now)
             if self.leases:
                 self._check_leases(now)
-            if self.fleet:
+            if self.fleet and not self._committing():  # (else at the next second)
                 try:
                     self._fleet_look()
                     self._recheck_certs(now)

@@ -19,6 +19,13 @@ class Store(abc.ABC):
     def commit(self) -> None: ...
     @abc.abstractmethod
     def rollback(self) -> None: ...
+
+    def commit_apart(self):
+        """As commit(), in a thread of the store's where it has one: then a
+        concurrent.futures.Future, and the caller goes on (the store's next
+        statement waits for that commit); None when it is committed already."""
+        self.commit()
+        return None
     @property
     @abc.abstractmethod
     def in_transaction(self) -> bool: ...

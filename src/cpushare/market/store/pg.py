@@ -22,6 +22,7 @@ pgfleet.py (the store's side) and market/fleet.py (the market's).
 from __future__ import annotations
 
 import time
+from concurrent import futures
 from decimal import Decimal
 
 from .accounts import AccountsMixin
@@ -39,6 +40,7 @@ from .txn import TxnMixin
 
 
 PIPELINED = 32768  # bytes: a bigger journal is sent before the commit's pipeline, on its own
+APPLY = "SELECT cpushare_apply(%s::jsonb)"
 
 
 def is_url(db: str) -> bool:
@@ -73,6 +75,7 @@ class PgDb:
         self.journal = Journal()
         self.in_transaction = False  # (kept here: asking libpq costs a call through ctypes)
         self._begin = False  # BEGIN is owed: it goes with the first statement (begin_later)
+        self.inflight: futures.Future | None = None  # a commit on its way, in another thread
         self._sql: dict[str, tuple[str, bool, int]] = {}
 
     def _q(self, sql: str) -> tuple[str, bool, int]:
@@ -91,6 +94,7 @@ class PgDb:
     def execute(self, sql: str, params=(), *, journal: bool = True):
         """`sql`, after the journal if it names a journaled table (and `journal`:
         False where the caller knows the journal holds nothing it reads)."""
+        self.wait()
         q, journaled, tx = self._q(sql)
         if journaled and journal and self.journal.layers:
             self.send_journal()
@@ -110,6 +114,7 @@ class PgDb:
         return cur
 
     def executemany(self, sql: str, seq):
+        self.wait()
         q, journaled, _ = self._q(sql)
         if journaled and self.journal.layers:
             self.send_journal()
@@ -123,8 +128,17 @@ class PgDb:
         commit that only journals sends it with its COMMIT, in one round trip."""
         self._begin = self.in_transaction = True
 
+    def wait(self) -> None:
+        """Until the commit on its way (PostgresStore.commit_apart) is done: no
+        statement of the next transaction goes before it."""
+        f = self.inflight
+        if f is not None:
+            futures.wait([f])
+            self.inflight = None
+
     def begun(self) -> None:
         """The BEGIN owed, now (before a statement of the transaction)."""
+        self.wait()
         if self._begin:
             self._begin = False
             self.conn.execute("BEGIN")
@@ -143,7 +157,32 @@ class PgDb:
         runs = self.journal.take() if runs is None else runs
         if runs is not None:
             self.begun()
-            self.conn.execute("SELECT cpushare_apply(%s::jsonb)", (runs,))
+            self.conn.execute(APPLY, (runs,))
+
+    def take_commit(self) -> bool:
+        """The open transaction ends here: whether its BEGIN is still owed."""
+        self.wait()
+        begin, self._begin, self.in_transaction = self._begin, False, False
+        return begin
+
+    def send_commit(self, begin: bool, runs: str | None, stmts: list) -> None:
+        """A transaction's end in one pipeline (BEGIN, if owed, the journal, then
+        `stmts`, then COMMIT): in any thread, while no other uses the connection."""
+        conn = self.conn
+        if runs is not None and len(runs) > PIPELINED:
+            if begin:  # (psycopg 3.1's pipeline can hang on a big query: it goes first)
+                conn.execute("BEGIN")
+                begin = False
+            conn.execute(APPLY, (runs,))
+            runs = None
+        with conn.pipeline():
+            if begin:
+                conn.execute("BEGIN")
+            if runs is not None:
+                conn.execute(APPLY, (runs,))
+            for sql, params in stmts:
+                conn.execute(self._q(sql)[0], tuple(params) if params else None)
+            conn.execute("COMMIT")
 
     def close(self) -> None:
         self.conn.close()
@@ -196,6 +235,7 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
         self._id_blocks: dict[str, list[int]] = {}
         self._carries: dict[tuple[int, int], int] = {}
         self._balances: dict[int, tuple[str, int]] = {}
+        self._writer: futures.ThreadPoolExecutor | None = None  # commit_apart's thread
         if create:
             with self.transaction():
                 self.db.raw(PG_SCHEMA)
@@ -231,21 +271,37 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
     def commit(self) -> None:
         """The journal, the ledger, the notifications and COMMIT (and BEGIN, if
         nothing was sent before): one round trip."""
-        if self.db.idle and not (self.db.journal.layers or self._txns or self._entries
-                                 or self._notes_pending()):
-            self.db.execute("COMMIT")  # (sends nothing)
+        self._end_transaction()()
+
+    def commit_apart(self) -> futures.Future:
+        """As commit(), in the store's writer thread: the caller goes on (with
+        the next transaction: what it writes is journaled, and its first
+        statement waits for this commit).  The future says how it went."""
+        send = self._end_transaction()
+        if self._writer is None:
+            self._writer = futures.ThreadPoolExecutor(1, thread_name_prefix="cpushare-commit")
+        f = self.db.inflight = self._writer.submit(send)
+        return f
+
+    def _end_transaction(self):
+        """What the open transaction wrote, taken (and the store ready for the
+        next): the call that sends it and commits."""
+        db = self.db
+        if db.idle and not (db.journal.layers or self._txns or self._entries
+                            or self._notes_pending()):
+            db.execute("COMMIT")  # (sends nothing)
             self._journal_committed()
-            return
-        runs = self.db.journal.take()
-        if runs is not None and len(runs) > PIPELINED:
-            self.db.send_journal(runs)  # (psycopg 3.1's pipeline can hang on a big query)
-            runs = None
-        with self.db.conn.pipeline():
-            self.db.send_journal(runs)
-            self._write_ledger()
-            self._write_notes()
-            self.db.execute("COMMIT")
+            return _nothing
+        stmts: list = []
+
+        def q(sql, params=()):
+            stmts.append((sql, params))
+        runs = db.journal.take()
+        self._write_ledger(q)
+        self._write_notes(q)
+        begin = db.take_commit()
         self._journal_committed()
+        return lambda: db.send_commit(begin, runs, stmts)
 
     def rollback(self) -> None:
         self._entries, self._deltas, self._txns = [], {}, []
@@ -259,6 +315,8 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
             self.rollback()
         except Exception:
             pass
+        if self._writer is not None:
+            self._writer.shutdown()
         self.db.close()
 
     def checkpoint_in_background(self, *args, **kw) -> None:
@@ -275,6 +333,10 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
             return None
         return row[0] if row else None
 
+
+
+def _nothing() -> None:
+    pass
 
 
 def _int_sums(conn, psycopg) -> None:

@@ -292,14 +292,16 @@ class PgFleetMixin:
     def notify_all(self, payload: str) -> None:
         self._notify_all.add(payload)
 
-    def _write_notes(self) -> None:
-        """Inside the commit's transaction: NOTIFY is sent when it commits."""
+    def _write_notes(self, q=None) -> None:
+        """Inside the commit's transaction: NOTIFY is sent when it commits.
+        (`q`: what runs a statement; the connection's at once by default.)"""
+        q = q or self.db.execute
         for p in sorted(self._notify_all):
-            self.db.execute("SELECT pg_notify(?, ?)", (CHANNEL, p))
+            q("SELECT pg_notify(?, ?)", (CHANNEL, p))
         self._notify_all = set()
         if self._result_notes:
             orders, tids = zip(*self._result_notes)
-            self.db.execute(
+            q(
                 "SELECT pg_notify(?::text || h.server, 'result ' || x.o || ' ' || x.t) FROM "
                 "unnest(?::bigint[], ?::bigint[]) AS x(o, t) JOIN buyer_homes h "
                 "ON h.buy_order_id = x.o AND h.server <> ?",

@@ -45,10 +45,11 @@ class PgLedgerMixin:
         self._pend(txn, entries)  # (LedgerMixin's)
         return txn
 
-    def _write_ledger(self) -> None:
+    def _write_ledger(self, q=None) -> None:
+        """(`q`: what runs a statement; the connection's at once by default.)"""
         if not self._txns and not self._entries:
             return
-        q = self.db.execute
+        q = q or self.db.execute
         changed = sorted((a, m) for a, m in self._deltas.items() if m)
         if changed:
             # The balances first, their rows locked in one order (their ids) by
