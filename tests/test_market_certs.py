@@ -91,6 +91,14 @@ async def _closed_with_auth(p: Peer, timeout: float) -> None:
         pass
 
 
+
+def _run(lm, coro, timeout: float = 60) -> None:
+    """Run a test's main coroutine; the market's store is closed after, however it ends."""
+    try:
+        asyncio.run(asyncio.wait_for(coro, timeout))
+    finally:
+        lm.close()
+
 def test_a_heartbeat_runs_no_statement_on_postgresql(tmp_path, market_db):
     """30 connections of 3 certificates: on PostgreSQL their heartbeats run
     no statement at all (pg_stat_statements, around heartbeats called
@@ -147,10 +155,7 @@ def test_a_heartbeat_runs_no_statement_on_postgresql(tmp_path, market_db):
         for p in peers:
             await p.close()
         await lm.stop()
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        lm.close()
+    _run(lm, main())
 
 
 def test_a_revocation_by_the_cli_closes_its_connections_at_once_on_postgresql(
@@ -180,10 +185,7 @@ def test_a_revocation_by_the_cli_closes_its_connections_at_once_on_postgresql(
         for p in (o, b, again):
             await p.close()
         await lm.stop()
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        lm.close()
+    _run(lm, main())
 
 
 def test_every_process_closes_the_revoked_certificates_connections(tmp_path, pg_cluster):
@@ -244,10 +246,7 @@ def test_a_missed_notification_is_made_up_by_the_recheck(tmp_path, pg_cluster, m
         assert await o.sync() == [] and len(m._conns) == 1
         await o.close()
         await lm.stop()
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        lm.close()
+    _run(lm, main())
 
 
 def test_a_revocation_just_after_the_hellos_lookup_is_not_missed(tmp_path, pg_cluster):
@@ -274,10 +273,7 @@ def test_a_revocation_just_after_the_hellos_lookup_is_not_missed(tmp_path, pg_cl
         await _closed_with_auth(v, 10)
         assert not m._conns
         await lm.stop()
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        lm.close()
+    _run(lm, main())
 
 
 def test_a_process_whose_listener_is_lost_stops(tmp_path, pg_cluster, caplog):
@@ -302,8 +298,5 @@ def test_a_process_whose_listener_is_lost_stops(tmp_path, pg_cluster, caplog):
             pass
         m.store.close()
         lm.market = None
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        lm.close()
+    _run(lm, main())
     assert "the database's notifications failed, stopping the market" in caplog.text
