@@ -15,7 +15,7 @@ from cpushare.market.store.pgjournal import Journal
 
 
 def _runs(j: Journal) -> list[tuple[str, list]]:
-    return [(kind, [r["id"] for r in rows]) for kind, rows in json.loads(j.take())]
+    return [(kind, [r["id"] for r in rows]) for kind, rows in json.loads(j.take()[0])]
 
 
 def test_a_layer_replays_each_rows_writes_in_the_order_they_were_made():
@@ -40,7 +40,7 @@ def test_a_second_update_by_the_same_kind_replaces_the_first_but_an_insert_never
     j.add("carry", (1, 2), {"id": 0, "rest": 5})
     j.add("carry", (1, 3), {"id": 1, "rest": 6})
     j.add("carry", (1, 2), {"id": 0, "rest": 9})
-    assert [(k, [r["rest"] for r in rows]) for k, rows in json.loads(j.take())] == \
+    assert [(k, [r["rest"] for r in rows]) for k, rows in json.loads(j.take()[0])] == \
         [("carry", [9, 6])]
     j.add("dispute", (1, 1), {"id": 1})
     j.add("dispute", (1, 1), {"id": 1})
@@ -114,7 +114,7 @@ class _Twin:
         if r < 0.2 or not self.tasks:
             self.n += 1
             ref = f"r{self.n}"
-            data = rng.randbytes(rng.choice((0, 3, 40)))
+            data = rng.randbytes(rng.choice((0, 3, 40, 5000)))  # (past INLINE: a blob)
             ids = [s.add_task(bo, buyer, ref, "img", data, 1, 100, 20, 7) for s in self.stores]
             self.tasks.append((ids, ref))
         elif r < 0.35:
@@ -123,7 +123,7 @@ class _Twin:
             self.attempts.append(aids)
         elif r < 0.45 and self.attempts:
             aids = rng.choice(self.attempts)
-            out = rng.randbytes(5)
+            out = rng.randbytes(rng.choice((5, 9000)))
             for s, a in zip(self.stores, aids):
                 s.attempt_returned(a, 5, "ab" * 32, 0, None, "", out)
         elif r < 0.55 and self.attempts:
@@ -138,7 +138,7 @@ class _Twin:
         elif r < 0.7:
             ids, _ = rng.choice(self.tasks)
             state = rng.choice(("done", "failed"))
-            out = rng.randbytes(4)
+            out = rng.randbytes(rng.choice((4, 6000)))
             for s, t in zip(self.stores, ids):
                 s.finish_task(t, state, exit_status=0, cpu_ms=5, cost_milli=2, attempts=1,
                               output=out, fail_code=None if state == "done" else "x")

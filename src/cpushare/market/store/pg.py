@@ -40,7 +40,7 @@ from .txn import TxnMixin
 
 
 PIPELINED = 32768  # bytes: a bigger journal is sent before the commit's pipeline, on its own
-APPLY = "SELECT cpushare_apply(%s::jsonb)"
+APPLY = "SELECT cpushare_apply(%s::jsonb, %b::bytea[])"
 
 
 def is_url(db: str) -> bool:
@@ -153,11 +153,11 @@ class PgDb:
         """Nothing of the open transaction was sent yet."""
         return self._begin
 
-    def send_journal(self, runs: str | None = None) -> None:
+    def send_journal(self, runs: tuple | None = None) -> None:
         runs = self.journal.take() if runs is None else runs
         if runs is not None:
             self.begun()
-            self.conn.execute(APPLY, (runs,))
+            self.conn.execute(APPLY, runs[:2])
 
     def take_commit(self) -> bool:
         """The open transaction ends here: whether its BEGIN is still owed."""
@@ -165,21 +165,21 @@ class PgDb:
         begin, self._begin, self.in_transaction = self._begin, False, False
         return begin
 
-    def send_commit(self, begin: bool, runs: str | None, stmts: list) -> None:
+    def send_commit(self, begin: bool, runs: tuple | None, stmts: list) -> None:
         """A transaction's end in one pipeline (BEGIN, if owed, the journal, then
         `stmts`, then COMMIT): in any thread, while no other uses the connection."""
         conn = self.conn
-        if runs is not None and len(runs) > PIPELINED:
+        if runs is not None and runs[2] > PIPELINED:
             if begin:  # (psycopg 3.1's pipeline can hang on a big query: it goes first)
                 conn.execute("BEGIN")
                 begin = False
-            conn.execute(APPLY, (runs,))
+            conn.execute(APPLY, runs[:2])
             runs = None
         with conn.pipeline():
             if begin:
                 conn.execute("BEGIN")
             if runs is not None:
-                conn.execute(APPLY, (runs,))
+                conn.execute(APPLY, runs[:2])
             for sql, params in stmts:
                 conn.execute(self._q(sql)[0], tuple(params) if params else None)
             conn.execute("COMMIT")
@@ -251,7 +251,7 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
             self.db.close()
             raise StoreError(f"{self.path}: not a CPUShare market database of schema "
                              f"{SCHEMA_VERSION} (found {version!r}; run init first?)")
-        if self.db.execute("SELECT to_regprocedure('cpushare_apply(jsonb)')").fetchone()[0] is None:
+        if self.db.execute("SELECT to_regprocedure('cpushare_apply(jsonb, bytea[])')").fetchone()[0] is None:
             with self.transaction():  # (a database made before the journal)
                 self.db.raw(PG_JOURNAL_SCHEMA)
         image_dir = image_dir or self.get_meta("image_dir")

@@ -6,7 +6,8 @@ binding 60 .. 180 us of our CPU on top of the server's (docs/scale.md); a
 tiny task wrote seven.  Here they are journaled instead: the ids of new
 rows come from blocks of their sequences (as the ledger's transactions
 do, pgledger.py), each write is a row appended to the journal in memory,
-and the journal goes to the server as one call of `cpushare_apply`, a
+and the journal goes to the server as one call of `cpushare_apply` (big
+inputs and outputs beside it, as bytea, not inside its JSON), a
 function of the schema that replays it run by run: all the rows of one
 kind of write, passed as one JSON array and written by one INSERT or
 UPDATE over `jsonb_to_recordset` (see Journal for the order).
@@ -34,24 +35,28 @@ from .rows import Account, StoreError
 JOURNALED = re.compile(r"\b(tasks|attempts|disputes|carries)\b")
 ID_BLOCK = 128  # ids taken from a sequence at a time, per table
 CARRY_CACHE = 65536  # (buyer, seller) pairs whose carry is kept in memory, at most
+INLINE = 4096  # bytes: a bigger input or output goes beside the JSON, as a bytea of its own
 
 # kind: (the statement's columns and their types, the statement over the recordset `x`)
 _KINDS = {
     "task": ("id bigint, buy_order_id bigint, buyer_account_id bigint, ref text, image text, "
-             "input bytea, redundancy bigint, cpu_ms bigint, bid_milli bigint, "
+             "input bytea, input_b int, redundancy bigint, cpu_ms bigint, bid_milli bigint, "
              "escrow_milli bigint, session bigint, created float8, model text",
              "INSERT INTO tasks (id, buy_order_id, buyer_account_id, ref, image, input, "
              "redundancy, cpu_ms, bid_milli, escrow_milli, session, created, model) "
-             "SELECT x.* FROM x"),
+             "SELECT x.id, x.buy_order_id, x.buyer_account_id, x.ref, x.image, "
+             "COALESCE(x.input, blobs[x.input_b]), x.redundancy, x.cpu_ms, x.bid_milli, "
+             "x.escrow_milli, x.session, x.created, x.model FROM x"),
     "attempt": ("id bigint, task_id bigint, sell_order_id bigint, seller_account_id bigint, "
                 "ask_milli bigint, started float8",
                 "INSERT INTO attempts (id, task_id, sell_order_id, seller_account_id, "
                 "ask_milli, started) SELECT x.* FROM x"),
     "returned": ("id bigint, cpu_ms bigint, output_sha256 text, exit_status bigint, "
-                 "signal bigint, reason text, output bytea",
+                 "signal bigint, reason text, output bytea, output_b int",
                  "UPDATE attempts a SET state = 'returned', cpu_ms = x.cpu_ms, "
                  "output_sha256 = x.output_sha256, exit_status = x.exit_status, "
-                 "signal = x.signal, reason = x.reason, output = x.output FROM x "
+                 "signal = x.signal, reason = x.reason, "
+                 "output = COALESCE(x.output, blobs[x.output_b]) FROM x "
                  "WHERE a.id = x.id"),
     "metered": ("id bigint, cpu_ms bigint, paid_milli bigint",
                 "UPDATE attempts a SET cpu_ms = x.cpu_ms, paid_milli = x.paid_milli "
@@ -67,10 +72,11 @@ _KINDS = {
                        "FROM x WHERE a.id = x.id"),
     "finished": ("id bigint, state text, exit_status bigint, signal bigint, reason text, "
                  "used_cpu_ms bigint, cost_milli bigint, attempts bigint, output bytea, "
-                 "fail_code text, fail_message text",
+                 "output_b int, fail_code text, fail_message text",
                  "UPDATE tasks t SET state = x.state, exit_status = x.exit_status, "
                  "signal = x.signal, reason = x.reason, used_cpu_ms = x.used_cpu_ms, "
-                 "cost_milli = x.cost_milli, attempts = x.attempts, output = x.output, "
+                 "cost_milli = x.cost_milli, attempts = x.attempts, "
+                 "output = COALESCE(x.output, blobs[x.output_b]), "
                  "fail_code = x.fail_code, fail_message = x.fail_message, input = NULL, "
                  "escrow_milli = 0 FROM x WHERE t.id = x.id"),
     "delivered": ("id bigint",
@@ -102,7 +108,8 @@ def _function() -> str:
     # (each run joins a few rows to their tables by primary key: the planner,
     # which guesses 100 rows for a recordset, would hash a whole table instead)
     return f"""
-CREATE OR REPLACE FUNCTION cpushare_apply(runs jsonb) RETURNS void LANGUAGE plpgsql
+CREATE OR REPLACE FUNCTION cpushare_apply(runs jsonb, blobs bytea[]) RETURNS void
+LANGUAGE plpgsql
 SET enable_hashjoin = off SET enable_mergejoin = off AS $f$
 DECLARE r jsonb;
 BEGIN
@@ -116,11 +123,6 @@ END $f$;
 
 
 PG_JOURNAL_SCHEMA = _function()
-
-
-def _bytea(b: bytes | None) -> str | None:
-    """bytea's text input (hex), inside JSON."""
-    return None if b is None else "\\x" + bytes(b).hex()
 
 
 class Journal:
@@ -141,6 +143,19 @@ class Journal:
         self.delivered: set[int] = set()  # tasks marked delivered, of refs not given
         self.acked: set[tuple[int, str]] = set()  # (buy order, ref) of tasks marked delivered
         self.refs: dict[tuple[int, str], int] = {}  # (buy order, ref): task, of tasks added
+        self.blobs: list[bytes] = []  # values past INLINE, passed beside the JSON
+        self.size = 0  # bytes of the blobs
+
+    def bytea(self, row: dict, col: str, b: bytes | None) -> None:
+        """`b` into `row` as column `col`: bytea's text input (hex) inside the
+        JSON, or past INLINE bytes a place in the blobs (`col`_b, from 1)."""
+        if b is None or len(b) <= INLINE:
+            row[col] = None if b is None else "\\x" + bytes(b).hex()
+        else:
+            self.blobs.append(bytes(b))
+            self.size += len(b)
+            row[col] = None
+            row[col + "_b"] = len(self.blobs)
 
     def add(self, kind: str, key, row: dict) -> None:
         order, k = _ORDER[kind], (_TABLE[kind], key)
@@ -155,18 +170,22 @@ class Journal:
         self._last[k] = (order, len(rows))
         rows.append(row)
 
-    def take(self) -> str | None:
-        """The journal as cpushare_apply's argument, emptied; None if empty."""
+    def take(self) -> tuple[str, list[bytes] | None, int] | None:
+        """The journal as cpushare_apply's arguments, and their size in bytes,
+        emptied; None if empty."""
         if not self.layers:
             return None
         runs = [[kind, rows] for layer in self.layers
                 for kind, rows in sorted(layer.items(), key=lambda kr: _ORDER[kr[0]])]
+        blobs, size = self.blobs or None, self.size
         self.clear()
-        return json.dumps(runs, separators=(",", ":"))
+        text = json.dumps(runs, separators=(",", ":"))
+        return text, blobs, size + len(text)
 
     def clear(self) -> None:
         self.layers, self._last, self.refs = [], {}, {}
         self.delivered, self.acked = set(), set()
+        self.blobs, self.size = [], 0
 
 
 class PgJournalMixin:
@@ -196,11 +215,12 @@ class PgJournalMixin:
     def add_task(self, buy_order_id, buyer_account_id, ref, image, input_, redundancy,
                  cpu_ms, bid_milli, escrow_milli=0, session=False, model="seccomp") -> int:
         tid = self._new_id("tasks")
-        self._journal("task", tid, {
-            "id": tid, "buy_order_id": buy_order_id, "buyer_account_id": buyer_account_id,
-            "ref": ref, "image": image, "input": _bytea(input_), "redundancy": redundancy,
-            "cpu_ms": cpu_ms, "bid_milli": bid_milli, "escrow_milli": escrow_milli,
-            "session": int(session), "created": time.time(), "model": model})
+        row = {"id": tid, "buy_order_id": buy_order_id, "buyer_account_id": buyer_account_id,
+               "ref": ref, "image": image, "redundancy": redundancy, "cpu_ms": cpu_ms,
+               "bid_milli": bid_milli, "escrow_milli": escrow_milli,
+               "session": int(session), "created": time.time(), "model": model}
+        self.db.journal.bytea(row, "input", input_)
+        self._journal("task", tid, row)
         if not session:
             self.db.journal.refs[buy_order_id, ref] = tid
         return tid
@@ -215,10 +235,10 @@ class PgJournalMixin:
 
     def attempt_returned(self, attempt_id, cpu_ms, output_sha256, exit_status, signal, reason,
                          output) -> None:
-        self._journal("returned", attempt_id, {
-            "id": attempt_id, "cpu_ms": cpu_ms, "output_sha256": output_sha256,
-            "exit_status": exit_status, "signal": signal, "reason": reason,
-            "output": _bytea(output)})
+        row = {"id": attempt_id, "cpu_ms": cpu_ms, "output_sha256": output_sha256,
+               "exit_status": exit_status, "signal": signal, "reason": reason}
+        self.db.journal.bytea(row, "output", output)
+        self._journal("returned", attempt_id, row)
 
     def set_attempt_state(self, attempt_id: int, state: str, paid_milli: int = 0,
                           result: tuple | None = None) -> None:
@@ -238,11 +258,11 @@ class PgJournalMixin:
     def finish_task(self, task_id, state, *, exit_status=None, signal=None, reason="",
                     cpu_ms=0, cost_milli=0, attempts=0, output=b"", fail_code=None,
                     fail_message=None) -> None:
-        self._journal("finished", task_id, {
-            "id": task_id, "state": state, "exit_status": exit_status, "signal": signal,
-            "reason": reason, "used_cpu_ms": cpu_ms, "cost_milli": cost_milli,
-            "attempts": attempts, "output": _bytea(output), "fail_code": fail_code,
-            "fail_message": fail_message})
+        row = {"id": task_id, "state": state, "exit_status": exit_status, "signal": signal,
+               "reason": reason, "used_cpu_ms": cpu_ms, "cost_milli": cost_milli,
+               "attempts": attempts, "fail_code": fail_code, "fail_message": fail_message}
+        self.db.journal.bytea(row, "output", output)
+        self._journal("finished", task_id, row)
 
     def mark_delivered(self, task_ids, refs=None) -> None:
         j = self.db.journal
