@@ -824,6 +824,9 @@ MALFORMED = {
     "missing field": frame(b'{"type":"result","attempt":1}'),
     "bool for int": frame(b'{"type":"handback","attempt":true}'),
     "not a digest": frame(b'{"type":"need_image","image":"../../etc/passwd"}'),
+    "a NUL in a string": frame(b'{"type":"result","attempt":1,"exit_status":0,"signal":null,'
+                               b'"reason":"\\u0000","cpu_ms":1,"output_sha256":"' + b"0" * 64
+                               + b'"}'),
     "a buyer's message": frame(b'{"type":"submit","ref":"r","image":"' + b"a" * 64 + b'"}'),
 }
 

@@ -196,3 +196,32 @@ def test_any_interleaving_of_writes_and_reads_is_what_sqlite_makes(tmp_path, pg_
     finally:
         lite.close()
         pg.close()
+
+
+@pytest.mark.parametrize("read_first", [False, True], ids=["at the commit", "at a read"])
+def test_a_write_the_server_refuses_fails_the_commit_and_nothing_of_its_group_stays(
+        tmp_path, pg_cluster, read_first):
+    """A journaled write PostgreSQL refuses (a NUL in a text: the protocol
+    refuses it from peers, the store must not count on that) fails the
+    commit, whether the journal went out at a read or at the commit itself;
+    the group is lost whole, and the store serves the next one."""
+    import psycopg
+    from cpushare.market.store import StoreError
+    _, pg = _stores(tmp_path, pg_cluster.database())
+    try:
+        buyer, seller, so, bo = _setup(pg)
+        pg.begin()
+        pg.add_task(bo, buyer, "fine", "img", b"x", 1, 100, 20, 7)
+        pg.add_task(bo, buyer, "bad\x00ref", "img", b"x", 1, 100, 20, 7)
+        if read_first:
+            with pytest.raises(Exception):
+                pg.task(1)  # (the read sends the journal, which fails)
+        with pytest.raises((StoreError, psycopg.Error)):
+            pg.commit()  # (never as if it had committed)
+        pg.rollback()
+        assert pg.db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 0
+        with pg.transaction():
+            pg.add_task(bo, buyer, "next", "img", b"y", 1, 100, 20, 7)
+        assert [r[0] for r in pg.db.execute("SELECT ref FROM tasks")] == ["next"]
+    finally:
+        pg.close()

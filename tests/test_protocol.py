@@ -108,6 +108,9 @@ def test_clean_eof_is_none_and_a_cut_frame_is_an_error():
      "nested too deeply"),
     (raw(b'{"type":"settled","attempt":1,"paid_milli":1,"accepted":1}'),
      "field 'accepted' must be bool"),
+    (raw(b'{"type":"result","attempt":1,"exit_status":0,"signal":null,"reason":"a\\u0000b",'
+         b'"cpu_ms":1,"output_sha256":"' + b"0" * 64 + b'"}'),
+     "field 'reason' holds a NUL character"),
     (raw(b'{"type":"hello","role":"seller"}'), "missing field 'version'"),
     (raw(b'{"type":"need_image","image":"ABC"}'), "not a SHA-256 hex digest"),
     (raw(b'{"type":"submit","image":"' + b"0" * 64 + b'","ref":"' + b"r" * 129 + b'"}'),

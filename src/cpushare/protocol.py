@@ -189,6 +189,8 @@ def validate(type_: str, fields: dict) -> None:
             raise ProtocolError(
                 "frame", f"{type_}: field {name!r} must be {tag}, not {fields[name]!r:.40}")
         v = fields[name]
+        if type(v) is str and "\x00" in v:  # (no database's text holds one)
+            raise ProtocolError("frame", f"{type_}: field {name!r} holds a NUL character")
         if type(v) is str and not v.isascii():
             try:  # JSON may escape a lone surrogate, which is not UTF-8
                 v.encode()

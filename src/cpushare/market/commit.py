@@ -181,6 +181,12 @@ class GroupCommit:
                 fn()
             except Exception:  # a bug: the other announcements still go out
                 log.exception("internal error announcing a committed change")
+        if self.fleet:
+            try:
+                self._fleet_after_commit()
+            except Exception as e:  # the database is gone: as a failed commit
+                self._die("telling the market's other processes failed", e)
+                return
         self._send_outboxes()
 
     def commit_now(self) -> None:
@@ -206,6 +212,8 @@ class GroupCommit:
 
     # hooks of the market
     def _pump(self) -> None: ...
+
+    def _fleet_after_commit(self) -> None: ...
 
     def _after_pump(self) -> None: ...
 

@@ -62,6 +62,7 @@ class Fleet:
 
     def _init_fleet(self) -> None:
         self.fleet = bool(getattr(self.store, "shared", False))
+        self._remote_results: list[tuple[int, int]] = []  # (buy order, task) to announce
         self.server_id: int | None = None
         self.peers: list[int] = []  # the other live servers
         self._pool_hint = True  # the shared queue may hold work for our sellers
@@ -339,10 +340,25 @@ class Fleet:
             self._load_tasks([got[:2] + (True,)], "")
 
     def _tell_home(self, t: TaskState) -> None:
-        """Task `t`'s result is written in this group: if its buyer's newest
-        connection is on another process, that one is told by the commit."""
-        if self.fleet and not t.session:
+        """Task `t`'s result is written in this group, and its buyer is not
+        connected here: its process is told by the commit itself (so a kill
+        after the commit loses nothing), and again after it (_announce_elsewhere)."""
+        if self.fleet and not t.session and (not self.buyers.get(t.buy_order_id)
+                                             or t.buy_order_id in self.away):
             self._tx().notify_result(t.buy_order_id, t.id)
+
+    def _announce_elsewhere(self, t: TaskState) -> None:
+        """A committed result whose buyer is not connected here: its process is
+        told, at the end of this commit's announcements (one statement on the
+        listener; a process that has the result already ignores it)."""
+        if self.fleet:
+            self._remote_results.append((t.buy_order_id, t.id))
+
+    def _fleet_after_commit(self) -> None:
+        if self._remote_results and self._listen is not None:
+            results, self._remote_results = self._remote_results, []
+            self.store.announce_results(self._listen, results)
+            self._listened()
 
     def _listened(self) -> None:
         """A statement ran on the listener's connection: what it heard meanwhile

@@ -177,7 +177,8 @@ class Settlement:
         conns = self.buyers.get(t.buy_order_id)
         if not conns or t.buy_order_id in self.away:
             # kept in the store until the buyer comes back; or its newest
-            # connection is on another market process, told by the commit
+            # connection is on another market process, which is told
+            self._announce_elsewhere(t)
             return
         b = conns[-1]
         if ahead is not None and ahead[0] is b and ahead[1]:

@@ -204,6 +204,6 @@ class Store(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} is served by one process")
 
     join = listener = servers = take_over = release = claim = claim_task = _one_process
-    attempts_of = buyer_home = notify_result = notify_all = _one_process
+    attempts_of = buyer_home = notify_result = announce_results = notify_all = _one_process
     forget_homes = try_lock = cancel_task = claim_cancelled = ask_yield = notify_idle = _one_process
     revoked_among = _one_process

@@ -40,6 +40,7 @@ from .txn import TxnMixin
 
 
 PIPELINED = 32768  # bytes: a bigger journal is sent before the commit's pipeline, on its own
+PIPELINED_ITEMS = 4096  # values in a commit's arrays past which it is sent without a pipeline
 APPLY = "SELECT cpushare_apply(%s::jsonb, %b::bytea[])"
 
 
@@ -76,20 +77,34 @@ class PgDb:
         self.in_transaction = False  # (kept here: asking libpq costs a call through ctypes)
         self._begin = False  # BEGIN is owed: it goes with the first statement (begin_later)
         self.inflight: futures.Future | None = None  # a commit on its way, in another thread
+        # a statement of the open transaction failed: it cannot commit (and the
+        # journal it took with it is lost), only roll back
+        self.failed: BaseException | None = None
         self._sql: dict[str, tuple[str, bool, int]] = {}
 
     def _q(self, sql: str) -> tuple[str, bool, int]:
-        """(psycopg's form of `sql`, whether it names a journaled table,
-        1 if it begins a transaction, -1 if it ends one, else 0)."""
+        """(psycopg's form of `sql`, whether it must follow the journal (it names
+        a journaled table, or is a savepoint's), 1 if it begins a transaction,
+        -1 if it ends one, 2 if it rolls back to a savepoint, else 0)."""
         q = self._sql.get(sql)
         if q is None:
-            words = sql.split(None, 2)[:2] + [""]
-            tx = (1 if words[0].upper() in ("BEGIN", "START") else
-                  -1 if words[0].upper() in ("COMMIT", "END", "ABORT") or
-                  (words[0].upper() == "ROLLBACK" and words[1].upper() != "TO") else 0)
-            q = self._sql[sql] = (sql.replace("%", "%%").replace("?", "%s"),
-                                  JOURNALED.search(sql) is not None, tx)
+            w0, w1 = [w.upper() for w in sql.split(None, 2)[:2] + [""]][:2]
+            tx = (1 if w0 in ("BEGIN", "START") else
+                  -1 if w0 in ("COMMIT", "END", "ABORT") or (w0 == "ROLLBACK" and w1 != "TO")
+                  else 2 if w0 == "ROLLBACK" else 0)
+            follows = (JOURNALED.search(sql) is not None or tx == 2
+                       or w0 in ("SAVEPOINT", "RELEASE"))
+            q = self._sql[sql] = (sql.replace("%", "%%").replace("?", "%s"), follows, tx)
         return q
+
+    def _sent(self, fn, *args):
+        """fn(*args) on the connection: a failure inside a transaction marks it failed."""
+        try:
+            return fn(*args)
+        except BaseException as e:
+            if self.in_transaction:
+                self.failed = e
+            raise
 
     def execute(self, sql: str, params=(), *, journal: bool = True):
         """`sql`, after the journal if it names a journaled table (and `journal`:
@@ -108,9 +123,11 @@ class PgDb:
         else:
             self.begun()
         cur = self.conn.cursor()
-        cur.execute(q, tuple(params) if params else None)
+        self._sent(cur.execute, q, tuple(params) if params else None)
         if tx > 0:
             self.in_transaction = True
+        elif tx < 0 or tx == 2:  # (whatever failed is undone)
+            self.failed = None
         return cur
 
     def executemany(self, sql: str, seq):
@@ -120,7 +137,7 @@ class PgDb:
             self.send_journal()
         self.begun()
         cur = self.conn.cursor()
-        cur.executemany(q, [tuple(p) for p in seq])
+        self._sent(cur.executemany, q, [tuple(p) for p in seq])
         return cur
 
     def begin_later(self) -> None:
@@ -141,12 +158,12 @@ class PgDb:
         self.wait()
         if self._begin:
             self._begin = False
-            self.conn.execute("BEGIN")
+            self._sent(self.conn.execute, "BEGIN")
 
     def raw(self, sql: str) -> None:
         """`sql` as it is (no placeholders), in the transaction."""
         self.begun()
-        self.conn.execute(sql)
+        self._sent(self.conn.execute, sql)
 
     @property
     def idle(self) -> bool:
@@ -157,32 +174,53 @@ class PgDb:
         runs = self.journal.take() if runs is None else runs
         if runs is not None:
             self.begun()
-            self.conn.execute(APPLY, runs[:2])
+            self._sent(self.conn.execute, APPLY, runs[:2])
 
     def take_commit(self) -> bool:
-        """The open transaction ends here: whether its BEGIN is still owed."""
+        """The open transaction ends here: whether its BEGIN is still owed.
+        StoreError if a statement of it failed (then only a rollback ends it)."""
         self.wait()
+        if self.failed is not None:
+            raise StoreError(f"a statement of the transaction failed, it cannot commit: "
+                             f"{self.failed!r}")
         begin, self._begin, self.in_transaction = self._begin, False, False
         return begin
 
     def send_commit(self, begin: bool, runs: tuple | None, stmts: list) -> None:
         """A transaction's end in one pipeline (BEGIN, if owed, the journal, then
-        `stmts`, then COMMIT): in any thread, while no other uses the connection."""
+        `stmts`, then COMMIT): in any thread, while no other uses the connection.
+        StoreError unless the server says COMMIT (a transaction that failed
+        on the way is rolled back by its COMMIT)."""
+        try:
+            self._send_commit(begin, runs, stmts)
+        except BaseException as e:
+            self.failed = e  # (rollback() ends what is left of it)
+            raise
+
+    def _send_commit(self, begin: bool, runs: tuple | None, stmts: list) -> None:
         conn = self.conn
-        if runs is not None and runs[2] > PIPELINED:
-            if begin:  # (psycopg 3.1's pipeline can hang on a big query: it goes first)
-                conn.execute("BEGIN")
-                begin = False
-            conn.execute(APPLY, runs[:2])
-            runs = None
-        with conn.pipeline():
+        big = sum(len(p) for _, params in stmts for p in params if type(p) is list)
+        if (runs is not None and runs[2] > PIPELINED) or big > PIPELINED_ITEMS:
+            # (psycopg 3.1's pipeline can hang on a big query: one at a time)
             if begin:
                 conn.execute("BEGIN")
             if runs is not None:
                 conn.execute(APPLY, runs[:2])
             for sql, params in stmts:
                 conn.execute(self._q(sql)[0], tuple(params) if params else None)
-            conn.execute("COMMIT")
+            end = conn.execute("COMMIT")
+        else:
+            with conn.pipeline():
+                if begin:
+                    conn.execute("BEGIN")
+                if runs is not None:
+                    conn.execute(APPLY, runs[:2])
+                for sql, params in stmts:
+                    conn.execute(self._q(sql)[0], tuple(params) if params else None)
+                end = conn.execute("COMMIT")
+        if end.statusmessage != "COMMIT":
+            raise StoreError(f"the transaction did not commit (the server says "
+                             f"{end.statusmessage}): a statement of it failed")
 
     def close(self) -> None:
         self.conn.close()
@@ -307,7 +345,7 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
         self._entries, self._deltas, self._txns = [], {}, []
         self._drop_notes()
         self._journal_dropped()
-        if self.db.in_transaction:
+        if self.db.in_transaction or self.db.failed is not None:
             self.db.execute("ROLLBACK")
 
     def close(self) -> None:

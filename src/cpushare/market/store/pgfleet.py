@@ -62,6 +62,11 @@ ALTER TABLE carries DROP CONSTRAINT IF EXISTS carries_pkey;
 ALTER TABLE carries ADD PRIMARY KEY (buyer_account_id, seller_account_id, server);
 """
 
+# `result ORDER TASK` to the processes of these results' buyers (if not this one)
+_RESULTS = ("SELECT pg_notify(?::text || h.server, 'result ' || x.o || ' ' || x.t) FROM "
+            "unnest(?::bigint[], ?::bigint[]) AS x(o, t) JOIN buyer_homes h "
+            "ON h.buy_order_id = x.o AND h.server <> ?")
+
 # the classes of the advisory locks a group transaction takes with try (never waits)
 LOCKS = {"account": 1, "image": 2, "collect": 3}
 
@@ -283,11 +288,20 @@ class PgFleetMixin:
                               (dead,))
 
     def notify_result(self, buy_order_id: int, task_id: int) -> None:
-        """A result this transaction writes: at its commit, the process its
-        buyer's newest connection is on, if another, hears `result ORDER TASK`
-        (a notification of the commit itself, so sent if and only if it
-        commits: a process killed after its commit has told it already)."""
+        """A result this transaction writes, whose buyer is not connected here:
+        at its commit, the process its buyer's newest connection is on hears
+        `result ORDER TASK` (a notification of the commit itself, so sent if
+        and only if it commits: a process killed after its commit has told
+        it already)."""
         self._result_notes.append((buy_order_id, task_id))
+
+    def announce_results(self, listener: Listener, results: list[tuple[int, int]]) -> None:
+        """The same, once committed, on the listener's session (at once): for
+        a buyer whose connection moved while the commit was on its way (its
+        new process may have read what waits for it before this commit)."""
+        orders, tids = zip(*results)
+        listener.conn.execute(_RESULTS.replace("?", "%s"),
+                              (CHANNEL + "_", list(orders), list(tids), self.server_id))
 
     def notify_all(self, payload: str) -> None:
         self._notify_all.add(payload)
@@ -301,11 +315,7 @@ class PgFleetMixin:
         self._notify_all = set()
         if self._result_notes:
             orders, tids = zip(*self._result_notes)
-            q(
-                "SELECT pg_notify(?::text || h.server, 'result ' || x.o || ' ' || x.t) FROM "
-                "unnest(?::bigint[], ?::bigint[]) AS x(o, t) JOIN buyer_homes h "
-                "ON h.buy_order_id = x.o AND h.server <> ?",
-                (CHANNEL + "_", list(orders), list(tids), self.server_id))
+            q(_RESULTS, (CHANNEL + "_", list(orders), list(tids), self.server_id))
             self._result_notes = []
 
     def _notes_pending(self) -> bool:
