@@ -21,6 +21,7 @@ pgfleet.py (the store's side) and market/fleet.py (the market's).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent import futures
 from decimal import Decimal
@@ -113,7 +114,7 @@ class PgDb:
         q, journaled, tx = self._q(sql)
         if journaled and journal and self.journal.layers:
             self.send_journal()
-        if tx > 0:
+        if tx == 1:
             self._begin = False
         elif tx < 0:  # (over, whether it succeeds or not)
             self.in_transaction = False
@@ -124,7 +125,7 @@ class PgDb:
             self.begun()
         cur = self.conn.cursor()
         self._sent(cur.execute, q, tuple(params) if params else None)
-        if tx > 0:
+        if tx == 1:
             self.in_transaction = True
         elif tx < 0 or tx == 2:  # (whatever failed is undone)
             self.failed = None
@@ -200,8 +201,9 @@ class PgDb:
     def _send_commit(self, begin: bool, runs: tuple | None, stmts: list) -> None:
         conn = self.conn
         big = sum(len(p) for _, params in stmts for p in params if type(p) is list)
-        if (runs is not None and runs[2] > PIPELINED) or big > PIPELINED_ITEMS:
-            # (psycopg 3.1's pipeline can hang on a big query: one at a time)
+        one_by_one = (runs is not None and runs[2] > PIPELINED) or big > PIPELINED_ITEMS
+        # (psycopg 3.1's pipeline can hang on a big query: then one at a time)
+        with contextlib.nullcontext() if one_by_one else conn.pipeline():
             if begin:
                 conn.execute("BEGIN")
             if runs is not None:
@@ -209,15 +211,6 @@ class PgDb:
             for sql, params in stmts:
                 conn.execute(self._q(sql)[0], tuple(params) if params else None)
             end = conn.execute("COMMIT")
-        else:
-            with conn.pipeline():
-                if begin:
-                    conn.execute("BEGIN")
-                if runs is not None:
-                    conn.execute(APPLY, runs[:2])
-                for sql, params in stmts:
-                    conn.execute(self._q(sql)[0], tuple(params) if params else None)
-                end = conn.execute("COMMIT")
         if end.statusmessage != "COMMIT":
             raise StoreError(f"the transaction did not commit (the server says "
                              f"{end.statusmessage}): a statement of it failed")
