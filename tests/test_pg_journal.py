@@ -225,3 +225,26 @@ def test_a_write_the_server_refuses_fails_the_commit_and_nothing_of_its_group_st
         assert [r[0] for r in pg.db.execute("SELECT ref FROM tasks")] == ["next"]
     finally:
         pg.close()
+
+
+def test_a_savepoint_rolled_back_takes_its_journaled_writes_with_it(tmp_path, pg_cluster):
+    """Writes journaled inside a savepoint that is rolled back are gone, those
+    before it stay (the savepoint's statements send the journal first)."""
+    lite, pg = _stores(tmp_path, pg_cluster.database())
+    try:
+        for s in (lite, pg):
+            buyer, seller, so, bo = _setup(s)
+            s.begin()
+            s.add_task(bo, buyer, "kept", "img", b"a", 1, 100, 20, 7)
+            with pytest.raises(ZeroDivisionError):
+                with s.op():
+                    s.add_task(bo, buyer, "undone", "img", b"b", 1, 100, 20, 7)
+                    1 / 0
+            s.add_task(bo, buyer, "after", "img", b"c", 1, 100, 20, 7)
+            s.commit()
+        assert [r[0] for r in pg.db.execute("SELECT ref FROM tasks ORDER BY id")] == \
+            [r[0] for r in lite.db.execute("SELECT ref FROM tasks ORDER BY id")] == \
+            ["kept", "after"]
+    finally:
+        lite.close()
+        pg.close()
