@@ -52,16 +52,6 @@ def _db_statements(lm: LoopbackMarket) -> int:
                              (q.path.lstrip("/"),)).fetchone()[0])
 
 
-async def _answer_pings(p: Peer, pings: list) -> None:
-    while True:
-        m = await protocol.read_message(p.reader)
-        if m is None:
-            return
-        if m.type == "ping":
-            pings.append(m)
-            await p.send("pong", t=m.get("t", 0))
-
-
 async def _revoke_by_cli(db: str, fingerprint: str) -> str:
     """`cpushare-server --db DB cert revoke FP`, a process of its own."""
     proc = await asyncio.create_subprocess_exec(
@@ -112,7 +102,7 @@ def test_a_heartbeat_runs_no_statement_on_postgresql(tmp_path, market_db):
         pings: list = []
         peers = [await Peer.open(o, "seller", instance=f"cpu{i}")
                  for o in orders for i in range(INSTANCES)]
-        tasks = [asyncio.create_task(_answer_pings(p, pings)) for p in peers]
+        tasks = [asyncio.create_task(p.answer_pings(pings.append)) for p in peers]
         n = len(peers)
         await asyncio.sleep(0.2)
         m.commit_now()

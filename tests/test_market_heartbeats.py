@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from cpushare import protocol
 from cpushare.market import listener
 
 from test_market import run
@@ -36,16 +35,8 @@ def test_pings_are_spread_over_the_heartbeat(lm):
         peers = [await Peer.open(lm.sell("alice", 10), "seller") for _ in range(N)]
         times: list[list[float]] = [[] for _ in peers]
 
-        async def answer(i: int, p: Peer) -> None:
-            while True:
-                msg = await protocol.read_message(p.reader)
-                if msg is None:
-                    return
-                if msg.type == "ping":
-                    times[i].append(time.monotonic())
-                    await p.send("pong", t=msg.get("t", 0))
-
-        tasks = [asyncio.create_task(answer(i, p)) for i, p in enumerate(peers)]
+        tasks = [asyncio.create_task(p.answer_pings(lambda m, t=t: t.append(time.monotonic())))
+                 for p, t in zip(peers, times)]
         await asyncio.sleep(3.2)
         slots = [len(s) for s in m._wheel]
         assert sum(slots) == N and max(slots) == 1  # one each: round the wheel

@@ -160,6 +160,17 @@ class Peer:
         assert m.type == type_, f"{self.role}: expected {type_}, got {m.type} {m.fields}"
         return m
 
+    async def answer_pings(self, seen) -> None:
+        """Until the connection ends: answer every ping, each first given to `seen`
+        (and drop everything else)."""
+        while True:
+            m = await protocol.read_message(self.reader)
+            if m is None:
+                return
+            if m.type == "ping":
+                seen(m)
+                await self.send("pong", t=m.get("t", 0))
+
     async def sync(self) -> list[protocol.Message]:
         """Round trip: everything the market sent before answering our ping."""
         await self.send("ping", t=-1)

@@ -62,10 +62,10 @@ class Fleet:
 
     def _init_fleet(self) -> None:
         self.fleet = bool(getattr(self.store, "shared", False))
-        self._remote_results: list[tuple[int, int]] = []  # (buy order, task) to announce
         self.server_id: int | None = None
         self.peers: list[int] = []  # the other live servers
         self._pool_hint = True  # the shared queue may hold work for our sellers
+        self._remote_results: list[tuple[int, int]] = []  # (buy order, task) to announce
         # buy orders with connections here whose newest is on another process
         self.away: dict[int, int] = {}
         self._idle_said = 0.0  # when we last said our sellers wait for work
@@ -343,9 +343,12 @@ class Fleet:
         """Task `t`'s result is written in this group, and its buyer is not
         connected here: its process is told by the commit itself (so a kill
         after the commit loses nothing), and again after it (_announce_elsewhere)."""
-        if self.fleet and not t.session and (not self.buyers.get(t.buy_order_id)
-                                             or t.buy_order_id in self.away):
+        if self.fleet and not t.session and self._buyer_not_here(t.buy_order_id):
             self._tx().notify_result(t.buy_order_id, t.id)
+
+    def _buyer_not_here(self, buy_order_id: int) -> bool:
+        """No connection of the buy order here, or its newest is on another process."""
+        return not self.buyers.get(buy_order_id) or buy_order_id in self.away
 
     def _announce_elsewhere(self, t: TaskState) -> None:
         """A committed result whose buyer is not connected here: its process is

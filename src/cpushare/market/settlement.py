@@ -174,13 +174,12 @@ class Settlement:
                              reason=f"{fields['code']}: {fields['message']}")
                 t.buyer.write(encode("closed", session=t.id, **f))
             return
-        conns = self.buyers.get(t.buy_order_id)
-        if not conns or t.buy_order_id in self.away:
+        if self._buyer_not_here(t.buy_order_id):
             # kept in the store until the buyer comes back; or its newest
             # connection is on another market process, which is told
             self._announce_elsewhere(t)
             return
-        b = conns[-1]
+        b = self.buyers[t.buy_order_id][-1]
         if ahead is not None and ahead[0] is b and ahead[1]:
             # the connection has the first n bytes already: `done` carries the rest
             n = ahead[1]

@@ -238,8 +238,8 @@ class PgFilesMixin:
         return 0
 
 
-class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, AccountsMixin, ImagesMixin, TasksMixin,
-                    LedgerMixin, TxnMixin, Store):
+class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, AccountsMixin,
+                    ImagesMixin, TasksMixin, LedgerMixin, TxnMixin, Store):
     big = float("inf")  # every input and output stays in its column
     in_file = b"file"  # the data of an image whose bytes are a file in image_dir
     snapshot_begin = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
@@ -261,7 +261,6 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
         self._entries: list[tuple[int, int, int]] = []
         self._deltas: dict[int, int] = {}
         self._txns: list[tuple] = []  # ledger transactions not yet written (pgledger)
-        self._txn_ids: list[int] = []
         self._unlink: list[str] = []
         self._id_blocks: dict[str, list[int]] = {}
         self._carries: dict[tuple[int, int], int] = {}
@@ -282,7 +281,8 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
             self.db.close()
             raise StoreError(f"{self.path}: not a CPUShare market database of schema "
                              f"{SCHEMA_VERSION} (found {version!r}; run init first?)")
-        if self.db.execute("SELECT to_regprocedure('cpushare_apply(jsonb, bytea[])')").fetchone()[0] is None:
+        if self.db.execute("SELECT to_regprocedure('cpushare_apply(jsonb, bytea[])')"
+                           ).fetchone()[0] is None:
             with self.transaction():  # (a database made before the journal)
                 self.db.raw(PG_JOURNAL_SCHEMA)
         image_dir = image_dir or self.get_meta("image_dir")

@@ -29,7 +29,7 @@ import json
 import re
 import time
 
-from .rows import Account, StoreError
+from .rows import Account
 
 # the tables whose writes are journaled: a statement naming one of them sends the journal first
 JOURNALED = re.compile(r"\b(tasks|attempts|disputes|carries)\b")
@@ -198,12 +198,13 @@ class PgJournalMixin:
     _deltas: dict[int, int]
     server_id: int | None
 
-    def _new_id(self, table: str) -> int:
+    def _new_id(self, table: str, block: int = ID_BLOCK) -> int:
+        """A new id of `table`'s rows, from a block of `block` taken of its sequence."""
         ids = self._id_blocks.get(table)
         if not ids:
             ids = self._id_blocks[table] = [i for i, in self.db.execute(
                 "SELECT nextval(pg_get_serial_sequence(?, 'id')) FROM generate_series(1, ?)",
-                (table, ID_BLOCK))]
+                (table, block))]
             ids.reverse()
         return ids.pop()
 
@@ -340,11 +341,9 @@ class PgJournalMixin:
             return super().account_by_id(account_id)
         got = self._balances.get(account_id)
         if got is None:
-            row = self.db.execute("SELECT id, name, balance FROM accounts WHERE id = ?",
-                                  (account_id,)).fetchone()
-            if row is None:
-                raise StoreError(f"no account with id {account_id}")
-            got = self._balances[account_id] = (row[1], row[2])
+            a = super().account_by_id(account_id)  # (its balance with what is pending)
+            got = self._balances[account_id] = (
+                a.name, a.balance_milli - self._deltas.get(account_id, 0))
         return Account(account_id, got[0], got[1] + self._deltas.get(account_id, 0))
 
     def _journal_committed(self) -> None:

@@ -24,15 +24,9 @@ TXN_BLOCK = 1024
 
 class PgLedgerMixin:
     _txns: list[tuple]
-    _txn_ids: list[int]
 
     def _txn_id(self) -> int:
-        if not self._txn_ids:
-            self._txn_ids = [i for i, in self.db.execute(
-                "SELECT nextval(pg_get_serial_sequence('transactions', 'id')) "
-                "FROM generate_series(1, ?)", (TXN_BLOCK,))]
-            self._txn_ids.reverse()
-        return self._txn_ids.pop()
+        return self._new_id("transactions", TXN_BLOCK)  # (PgJournalMixin's)
 
     def transfer(self, kind: str, entries: list[tuple[int, int]], *,
                  task_id: int | None = None, memo: str = "") -> int:
