@@ -25,7 +25,9 @@ import pytest
 from test_market_crash import PYTHON, SRC, buyer_forever, seller_forever
 from test_market_peers import LoopbackMarket, free_port
 
-TASKS = 600
+# Enough that the survivors cannot finish the work while the test waits for
+# a takeover (about a second, at some 300 tasks/s): every kill is mid-run.
+TASKS = 2000
 BID = 360_000
 
 
