@@ -82,6 +82,7 @@ def test_admin_errors(db, args, err):
      "not a size"),
     (("serve", "--max-wait", "-1"), "--max-wait -1"),
     (("serve", "--max-wait", "soon"), "invalid float value"),
+    (("serve", "--link", "127.0.0.1"), "--link is for several processes on a postgresql://"),
 ])
 def test_bad_arguments_are_usage_errors(db, args, err):
     p = cli(db, *args, check=False)

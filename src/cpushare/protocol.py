@@ -168,6 +168,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
     "stream": {"session": (ID, R), "eof": (BOOL, O)},
     "closed": {"session": (ID, R), "exit_status": (EXIT, O), "signal": (SIGNAL, O),
                "reason": (STR, O), "cpu_ms": (MS, O), "cost_milli": (MONEY, O)},
+    # between the market's own processes (market/links.py): the payload of
+    # to_buyer and from_buyer is one whole frame, relayed
+    "peer": {"server": (ID, R)},
+    "to_buyer": {"order": (ID, R)},
+    "from_buyer": {"order": (ID, R)},
+    "buyer_gone": {"order": (ID, R)},
 }
 # The length of refs and digests is bounded so that a peer cannot make the
 # server store big keys.
@@ -399,6 +405,20 @@ def decode_header(header: bytes) -> tuple[str, dict]:
     return type_, obj
 
 
+def decode_frame(data: bytes) -> Message:
+    """One whole frame held in memory (a relayed one): its message, checked
+    as read_message checks it; ProtocolError('frame') unless `data` is
+    exactly one frame."""
+    if len(data) < 8:
+        raise ProtocolError("frame", f"a frame of {len(data)} bytes, shorter than its lengths")
+    hlen, plen = _LENGTHS.unpack_from(data)
+    if not 1 <= hlen <= MAX_HEADER or 8 + hlen + plen != len(data):
+        raise ProtocolError("frame", f"a frame of {len(data)} bytes whose lengths say "
+                                     f"{hlen} + {plen}")
+    type_, fields = decode_header(data[8:8 + hlen])
+    return Message(type_, fields, bytes(data[8 + hlen:]))
+
+
 class ByteBudget:
     """Bytes that many readers share: a reader takes what a big payload needs
     before it reads it, and waits (reading nothing) while the budget is
@@ -573,6 +593,17 @@ def client_context(ca_pem: str, cert_pem: str, key_pem: str) -> ssl.SSLContext:
 def server_context(ca_pem: str, cert_pem: str, key_pem: str) -> ssl.SSLContext:
     """For the market: client certificates of the CA are required."""
     return _base(ssl.PROTOCOL_TLS_SERVER, ca_pem, cert_pem, key_pem)
+
+
+def link_contexts(ca_pem: str, cert_pem: str,
+                  key_pem: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts for a link between the market's own
+    processes: each end shows a certificate of `ca_pem`; no host name is
+    checked (the caller checks the peer's common name)."""
+    client = _base(ssl.PROTOCOL_TLS_CLIENT, ca_pem, cert_pem, key_pem)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_REQUIRED
+    return server_context(ca_pem, cert_pem, key_pem), client
 
 
 def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[str, str]:

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0: it waits for ever)")
     s.add_argument("--synchronous", choices=("full", "normal"),
                    help="SQLite durability of each group commit (default normal)")
+    s.add_argument("--link", metavar="HOST[:PORT]",
+                   help="with a postgresql:// database: where this process listens for "
+                        "links from the market's other processes, an address they reach "
+                        "(default 127.0.0.1, any port: every process on this machine)")
     s.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"))
 
@@ -200,6 +204,15 @@ def cmd_serve(args) -> int:
         print(f"{PROG}: --max-wait {args.max_wait:g}: must be 0 (never) or a number of "
               f"seconds", file=sys.stderr)
         return 2
+    if args.link is not None and not admin.is_url(args.db):
+        print(f"{PROG}: --link is for several processes on a postgresql:// database; "
+              f"{args.db} is served by one", file=sys.stderr)
+        return 2
+    try:
+        link = orders.split_hostport(args.link or "127.0.0.1", default_port=0)
+    except ValueError as e:
+        print(f"{PROG}: --link {args.link}: {e}", file=sys.stderr)
+        return 2
     sync = args.synchronous or (None if admin.is_url(args.db) else "normal")  # (the default)
     store = admin.open_store(args.db, sync, args.images)
     if not store.shared:
@@ -211,7 +224,7 @@ def cmd_serve(args) -> int:
     store.checkpoint_in_background()
     host, port = orders.split_hostport(args.listen or store.get_meta("listen"))
     ctx = admin.tls_context(store)
-    market = Market(store, heartbeat=args.heartbeat, max_wait=args.max_wait)
+    market = Market(store, heartbeat=args.heartbeat, max_wait=args.max_wait, link=link)
     try:
         asyncio.run(_serve(market, host, port, ctx))
     except _ListenError as e:

@@ -63,10 +63,13 @@ class BuyerHandlers:
         elif m.type == "ack":
             self._on_ack(b, m["task"])
         elif m.type == "close":
-            self._on_close(b, m["session"])
+            if m["session"] in b.sessions or not self._to_holder(b, m):
+                self._on_close(b, m["session"])
         elif m.type == "stream":
             t = self.tasks.get(m["session"])
             if t is None or not t.session or t.buyer is not b:
+                if self._to_holder(b, m):  # (a lease another process holds: links.py)
+                    return
                 b.write(encode("error", code="task", ref=None,
                                message=f"no open session {m['session']} on this connection"))
                 return

@@ -71,12 +71,14 @@ def make_ca(name: str = "CPUShare market CA", days: int = DEFAULT_CA_DAYS) -> Is
 
 
 def issue(ca_cert_pem: str, ca_key_pem: str, common_name: str, *, server_names=(),
-          days: int = DEFAULT_CERT_DAYS, not_before: dt.datetime | None = None) -> Issued:
+          days: int = DEFAULT_CERT_DAYS, not_before: dt.datetime | None = None,
+          link: bool = False) -> Issued:
     """A leaf certificate signed by the CA.
 
     With `server_names` it is a server certificate (those names and
-    addresses as subjectAltName); otherwise a client certificate.
-    `not_before` lets tests make certificates already expired.
+    addresses as subjectAltName); with `link`, one for both ends of a link
+    between market processes (market/links.py); otherwise a client
+    certificate.  `not_before` lets tests make certificates already expired.
     """
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem.encode())
     ca_key = serialization.load_pem_private_key(ca_key_pem.encode(), password=None)
@@ -103,8 +105,9 @@ def issue(ca_cert_pem: str, ca_key_pem: str, common_name: str, *, server_names=(
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                                   critical=False))
     else:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        usage = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH]
+                                                     if link else [])
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     return Issued(_cert_pem(cert), _key_pem(key), fingerprint(cert), cert.serial_number,
                   cert.not_valid_after.isoformat())

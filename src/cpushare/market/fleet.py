@@ -11,8 +11,9 @@ too.  Once a second every process looks for dead ones, and takes over
 their tasks: their running attempts are lost and their tasks requeued,
 as after a restart.
 
-What stays with the buyer's process: sessions and leases (their streams
-and consoles flow through it), so they run on its sellers.
+What stays with the buyer's process: sessions and leases, which run on
+its sellers.  A lease follows its buyer when the buyer connects to
+another process: its frames go there over a link (links.py).
 
 Certificates: a heartbeat looks nothing up here (on a store one process
 serves, it reads the certificate's row: a function call).  The hello
@@ -81,7 +82,7 @@ class Fleet:
 
     def _fleet_join(self) -> None:
         """In recover(): register, listen, and take over the dead (our predecessor too)."""
-        self.server_id = self.store.join(socket.gethostname(), os.getpid())
+        self.server_id = self.store.join(socket.gethostname(), os.getpid(), self._link_where)
         self._listen = self.store.listener()
         # (its descriptor kept: a session that is lost has none to ask for)
         self._listen_fd = self._listen.fileno()
@@ -104,7 +105,13 @@ class Fleet:
     def _fleet_look(self) -> None:
         """Once a second: who else serves; take over the tasks of the dead."""
         store = self._tx()
-        self.peers, dead = store.servers()
+        self.peer_links, dead = store.servers()
+        self.peers = list(self.peer_links)
+        for sid in dead:
+            pc = self._links_out.get(sid)
+            if pc is not None:
+                pc.close()
+            self._link_lost(sid)
         self._pool_hint = True
         self._schedule()  # (idle sellers look into the shared queue again)
         cancelled = store.claim_cancelled()
@@ -262,6 +269,7 @@ class Fleet:
                     self.away.pop(args[0], None)
                 elif args[0] in self.buyers:  # (our connections of it are older)
                     self.away[args[0]] = args[1]
+                self._lease_home(args[0], args[1])  # (its leases here follow it: links.py)
             elif kind == "result" and args and len(args) == 2:
                 conns = self.buyers.get(args[0])
                 if conns and args[1] not in self.pending_tasks:

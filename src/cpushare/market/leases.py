@@ -77,13 +77,28 @@ class Leases:
 
     def _adopt_leases(self, b: BuyerConn) -> None:
         """A buyer connection takes over the leases of its buy order whose
-        connection is gone (they ran on meanwhile): it hears their state."""
+        connection is gone (they ran on meanwhile), or on another process
+        (links.py): it hears their state."""
         for t in self.leases.values():
-            if t.buy_order_id == b.order_id and (t.buyer is None or t.buyer.gone):
+            if t.buy_order_id == b.order_id and (t.buyer is None or t.buyer.gone
+                                                 or getattr(t.buyer, "remote", False)):
+                if t.buyer is not None:
+                    t.buyer.sessions.pop(t.id, None)
                 t.buyer = b
                 t.buyer_away_since = None
                 b.sessions[t.id] = t
                 self._after_commit(lambda t=t: self._tell(t, t.lease_state, t.ending or None))
+
+    def _seek_buyer(self, t: TaskState) -> None:
+        """Lease `t` came back (its seller reconnected after a restart or a
+        takeover): its buyer's newest connection, here or elsewhere, hears it."""
+        conns = self.buyers.get(t.buy_order_id)
+        if conns:
+            self._follow(t, conns[-1])
+        elif self.fleet:
+            home = self.store.buyer_home_of(t.buy_order_id)
+            if home is not None and home in self.peer_links:
+                self._lease_home(t.buy_order_id, home)
 
     # --- a market restart -----------------------------------------------------
 
@@ -113,6 +128,9 @@ class Leases:
         again, paid for what ran meanwhile; an attempt the market does not
         hold for it is stopped."""
         t = self.orphans.get(aid)
+        if t is None and self.fleet:  # (its process may have died a moment ago: taken over now)
+            self._fleet_look()
+            t = self.orphans.get(aid)
         if t is None or t.orphan[1] != s.order_id or s.attempts:
             log.info("%s runs lease attempt %d, which is not its: stopping it", s, aid)
             s.stale.add(aid)
@@ -132,6 +150,8 @@ class Leases:
         log.info("lease %d is back on %s", t.id, s)
         self._pay_lease(t, s, aid, cpu_ms)
         self._after_commit(lambda: self._tell(t, t.lease_state, seller=s.account))
+        if t.buyer is None or t.buyer.gone:
+            self._after_commit(lambda: self._seek_buyer(t))
 
     def _orphans_expire(self) -> None:
         """LEASE_GRACE after a restart: the leases whose seller did not come back end."""

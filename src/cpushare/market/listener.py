@@ -307,7 +307,7 @@ class Listener:
                 s = t.session_seller()
                 if s is not None and not s.gone and s.buffered > CONN_BUDGET:
                     return s
-            return None
+            return self._remote_full(conn)
         t = conn.running_task()
         if t is not None:
             b = t.buyer if t.session else None
@@ -344,6 +344,7 @@ class Listener:
                 lst.remove(conn)
             if not lst:
                 self.buyers.pop(conn.order_id, None)
+                self._buyer_left(conn.order_id)  # (its sessions held elsewhere: links.py)
         self._schedule()
 
     def _join_wheel(self, conn: Conn) -> None:
@@ -441,6 +442,8 @@ class Listener:
     async def serve(self, host: str, port: int, ssl_ctx: ssl.SSLContext,
                     started: asyncio.Future | None = None) -> None:
         if not self._recovered:
+            if self.fleet:  # (its address goes in its row of the servers: links.py)
+                self._link_where = await self._links_listen()
             self.recover()
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
@@ -465,6 +468,7 @@ class Listener:
                 self._commit_timer.cancel()
             sweeper.cancel()
             self._fleet_leave()
+            self._links_close()
             server.close()
             for c in list(self._conns):
                 c.close()

@@ -19,6 +19,7 @@ running when it stopped are lost and requeued (their escrow stays held).
     leases.py      kvm nodes: sessions paid as they run
     state.py       TaskState, the named shapes, Rejection
     fleet.py       several processes on one PostgreSQL database
+    links.py       ... and the links between them: leases follow their buyer
     server.py      this: the attempts of tasks on sellers, recovery
 
 Group commit (commit.py).  Soon after every event the matcher runs and
@@ -43,6 +44,7 @@ from .fleet import Fleet
 from .imagefiles import ImageFiles
 from .images import IMAGE_TTL, ImageHandlers
 from .leases import BUYER_GRACE, LEASE_GRACE, LEASE_MODELS, Leases
+from .links import Links
 from .listener import MAX_SLOTS, PAYLOAD_BUDGET, TICK, Listener
 from .matching import Matcher
 from .sellers import SellerHandlers
@@ -58,16 +60,17 @@ GRACE_MS = 5000  # a seller's deadline is wall_ms + this
 
 
 class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Settlement,
-             Fleet, GroupCommit):
+             Fleet, Links, GroupCommit):
     def __init__(self, store: Store, *, heartbeat: int = DEFAULT_HEARTBEAT,
                  max_payload: int = DEFAULT_MAX_PAYLOAD, grace_ms: int = GRACE_MS,
                  commit_delay: float = COMMIT_DELAY, max_wait: float = 0.0,
                  max_open_tasks: int = MAX_OPEN_TASKS, max_sessions: int = MAX_SESSIONS,
                  result_budget: int = RESULT_BUDGET, image_ttl: float = IMAGE_TTL,
                  result_ttl: float = RESULT_TTL, lease_grace: float = LEASE_GRACE,
-                 buyer_grace: float = BUYER_GRACE):
+                 buyer_grace: float = BUYER_GRACE, link: tuple[str, int] = ("127.0.0.1", 0)):
         self._init_commit(store, commit_delay)
         self._init_fleet()
+        self._init_links(link)  # (several processes: links.py)
         self.heartbeat = heartbeat
         self.max_wait = max_wait  # seconds a task may wait for a seller (0: for ever)
         self.max_payload = max_payload

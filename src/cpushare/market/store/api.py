@@ -206,4 +206,4 @@ class Store(abc.ABC):
     join = listener = servers = take_over = release = claim = claim_task = _one_process
     attempts_of = buyer_home = notify_result = announce_results = notify_all = _one_process
     forget_homes = try_lock = cancel_task = claim_cancelled = ask_yield = notify_idle = _one_process
-    revoked_among = _one_process
+    revoked_among = buyer_home_of = server_link = _one_process
