@@ -21,7 +21,9 @@ import bench.__main__ as agg  # noqa: E402
 def fake_modules(monkeypatch):
     """bench.compute passes, bench.study misses its goal, bench.relay raises,
     bench.connections is not there, bench.market_tasks answers in its own
-    shape, bench.sandbox_start returns no number."""
+    shape, bench.sandbox_start returns no number; every other row's module
+    (the kvm and link ones, attack_rss: minutes of qemu, iperf3 and attacks
+    if they ran for real) measures exactly its goal."""
     def mod(name, run):
         m = types.ModuleType(f"bench.{name}")
         m.run = run
@@ -37,6 +39,12 @@ def fake_modules(monkeypatch):
     mod("market_tasks", lambda quick: {"tasks_per_second": 1500.0})
     mod("sandbox_start", lambda quick: {"detail": {}})
     monkeypatch.setitem(sys.modules, "bench.connections", None)   # import fails
+    for row in agg.ROWS:
+        if row.module not in FAKED:
+            mod(row.module, lambda quick, goal=row.goal: {"measured": goal})
+
+
+FAKED = ("compute", "study", "relay", "market_tasks", "sandbox_start", "connections")
 
 
 def test_rows_goals_skips_and_errors(fake_modules, tmp_path, capsys):
@@ -52,6 +60,8 @@ def test_rows_goals_skips_and_errors(fake_modules, tmp_path, capsys):
     assert rows["relay"]["status"] == "error" and "the relay fell over" in rows["relay"]["reason"]
     assert rows["sandbox_start"]["status"] == "error"
     assert "no measured value" in rows["sandbox_start"]["reason"]
+    for m in set(by) - set(FAKED):
+        assert rows[m]["status"] == "pass" and rows[m]["measured"] == by[m].goal, rows[m]
     assert record["quick"] is True and record["machine"]["cpus"] >= 1
     for m in ("compute", "study", "relay", "market_tasks"):
         assert by[m].label in out
