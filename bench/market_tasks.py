@@ -224,7 +224,7 @@ def _run_all(n: int, load: list) -> dict:
     finally:
         pg.stop()
     keys = ("tasks_per_second", "cpu_us_per_task", "seconds", "per_task", "log_errors",
-            "log_warnings")
+            "log_warnings", "loop_waits")
     out["postgresql"] = {k: p[k] for k in keys}
     out["postgresql_2_processes"] = {k: p2[k] for k in keys + ("cpu_us_per_process",
                                                                "crossed")}
@@ -292,6 +292,10 @@ def _run_one(n: int, pg, processes: int = 1) -> dict:
             m.close()
         logs = [p.log for p in m.procs if p.name == "server"]
         errors = _log_lines(logs, r"\b(ERROR|CRITICAL|Traceback)\b")
+        waits = [re.search(r"on its way (\d+) times, (\d+) ms", line)
+                 for line in _log_lines(logs, r"waited for a commit on its way")]
+        loop_waits = {"times": sum(int(w[1]) for w in waits if w),
+                      "ms": sum(int(w[2]) for w in waits if w)}
         warnings = _log_lines(logs, r"\bWARNING\b")
     if bad:
         raise RuntimeError(f"bench.market_tasks: {bad} of {n} tasks failed")
@@ -301,7 +305,8 @@ def _run_one(n: int, pg, processes: int = 1) -> dict:
     rate = n / seconds
     if pg:
         r = {"tasks_per_second": rate, "cpu_us_per_task": cpu_us, "seconds": seconds,
-             "per_task": db, "log_errors": errors, "log_warnings": warnings}
+             "per_task": db, "log_errors": errors, "log_warnings": warnings,
+             "loop_waits": loop_waits}
         if processes > 1:
             r["cpu_us_per_process"] = {k: v for k, v in each.items() if k.startswith("server ")}
             r["crossed"] = crossed
@@ -341,6 +346,10 @@ def main(argv: list[str]) -> int:
         d = p["per_task"]
         print(f"  per task on PostgreSQL: {d['statements']:.1f} statements, "
               f"{d['rows_written']:.1f} rows written, {d['commits']:.2f} commits")
+        for label, x in (("one process", p), ("two processes", p2)):
+            w = x["loop_waits"]
+            print(f"  the event loop waited for a commit on its way, {label}: {w['times']} "
+                  f"times, {w['ms']} ms in all ({w['ms'] / x['seconds'] / 10:.1f}% of the run)")
         each = ", ".join(f"{k} {v:.0f} us" for k, v in p2["cpu_us_per_process"].items())
         print(f"  on PostgreSQL, two market processes on one database (buyer and alice on A, "
               f"bob on B), same run: {p2['tasks_per_second']:.0f} tasks/s "

@@ -66,3 +66,66 @@ def test_a_commit_waiting_for_a_lock_does_not_stop_the_event_loop(tmp_path, pg_c
     finally:
         other.close()
         lm.close()
+
+
+def test_frames_that_read_the_store_wait_for_a_held_commit_and_the_loop_goes_on(
+        tmp_path, pg_cluster):
+    """While the commit waits, a submit (its ref check, its balance) and a
+    hello (the certificate) arrive: they wait for the commit, the loop does
+    not, and the statements the loop ran while a commit was on its way
+    waited for none (the store counts them)."""
+    import psycopg
+    url = pg_cluster.database()
+    lm = LoopbackMarket(tmp_path, url)
+    lm.account("buyer", COINS)
+    lm.account("alice")
+    other = psycopg.connect(url, autocommit=True)
+    released = threading.Event()
+
+    def release():
+        if not released.is_set():
+            released.set()
+            other.execute("ROLLBACK")
+
+    try:
+        async def main():
+            m = await lm.start()
+            b, d = await buyer(lm)
+            watcher = await Peer.open(lm.sell("alice", BID), "seller")
+            waits0 = m.store.db.waits
+            late_order = lm.sell("alice", BID)  # (before the lock: the test's loop is the market's)
+            other.execute("BEGIN")
+            other.execute("SELECT 1 FROM accounts WHERE name = '@escrow' FOR UPDATE")
+            timer = threading.Timer(HELD_AT_MOST, release)
+            timer.start()
+            try:
+                await b.send("submit", b"abc", ref="r1", image=d)
+                await asyncio.sleep(0.3)  # (its commit is on its way, and waits)
+                await b.send("submit", b"def", ref="r2", image=d)
+                late = asyncio.ensure_future(Peer.open(late_order, "seller"))
+                await asyncio.sleep(0.3)
+                await watcher.send("ping", t=-1)
+                await watcher.expect("pong", timeout=HELD_AT_MOST + 5)
+                answered_while_held = not released.is_set()
+                release()
+                assert answered_while_held, "the loop waited for the commit"
+                got = {(await b.expect("accepted"))["ref"] for _ in range(2)}
+                assert got == {"r1", "r2"}
+                seller = await late
+                assert seller.welcome.type == "welcome", seller.welcome
+                assert m.store.db.waits == waits0, "a statement waited for the commit"
+                await seller.close()
+                s = await ScriptedSeller.connect(lm.sell("alice", BID))
+                outputs = {(await b.expect("done")).payload for _ in range(2)}
+                assert outputs == {b"cba", b"fed"}
+            finally:
+                timer.cancel()
+                release()
+            await watcher.close()
+            await s.stop()
+            await lm.stop()
+        run(main())
+        assert_ledger_ok(lm)
+    finally:
+        other.close()
+        lm.close()

@@ -254,6 +254,9 @@ class BuyerHandlers:
                     await b.drained()
                     await asyncio.sleep(0)
                     continue
+                await self._commit_done()
+                if not b.owed or b.gone:
+                    break
                 tid = next(iter(b.owed))
                 del b.owed[tid]
                 if tid in self.pending_tasks and tid not in b.unacked:

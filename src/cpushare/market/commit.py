@@ -159,6 +159,14 @@ class GroupCommit:
         """A commit is on its way: a statement now would wait for it."""
         return self._inflight is not None and not self._inflight[0].done()
 
+    async def _commit_done(self) -> None:
+        """Until no commit is on its way, its announcements made: a statement
+        after this (before the caller yields to the loop) waits for none."""
+        while self._committing():
+            f = self._inflight[0]
+            await asyncio.wait([asyncio.wrap_future(f)])
+            self._committed(f)
+
     def _committed(self, f) -> None:
         """The commit on its way is done: what it made true is told."""
         if self._inflight is None or self._inflight[0] is not f:
@@ -171,6 +179,7 @@ class GroupCommit:
             self._die("store commit failed", e)
             return
         self._tell_committed(after)
+        self._schedule()  # (what waited for it: claims, notifications)
         if self._commit_again:
             self._commit_again = False
             self._schedule_commit()

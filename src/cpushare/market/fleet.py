@@ -67,6 +67,7 @@ class Fleet:
         self.peers: list[int] = []  # the other live servers
         self._pool_hint = True  # the shared queue may hold work for our sellers
         self._remote_results: list[tuple[int, int]] = []  # (buy order, task) to announce
+        self._heard: list[str] = []  # notifications heard during a commit on its way
         # buy orders with connections here whose newest is on another process
         self.away: dict[int, int] = {}
         self._idle_said = 0.0  # when we last said our sellers wait for work
@@ -181,8 +182,8 @@ class Fleet:
         """After each matching round: claim work for idle sellers; offer what waits."""
         if self._stopping:
             return
-        if self._pool_hint and self.matcher.ready:
-            self._claim()
+        if self._pool_hint and self.matcher.ready and not self._committing():
+            self._claim()  # (else after that commit: _committed schedules a round)
         self._share_later()
 
     def _share_later(self) -> None:
@@ -219,6 +220,9 @@ class Fleet:
         if (self._stopping or self.fatal is not None or not self.peers
                 or self._idle_peers_until <= time.monotonic()):
             return
+        if self._committing():  # (its statement would wait for that commit)
+            self._share_later()
+            return
         now = time.monotonic()
         out = []
         for tid in self.matcher.queue:
@@ -249,6 +253,10 @@ class Fleet:
             self._fleet_leave()
             self._die("the database's notifications failed", e)
             return
+        if self._committing():  # (what they ask reads the store: after that commit)
+            self._heard += payloads
+            return
+        payloads, self._heard = self._heard + payloads, []
         revoked: set[str] = set()
         for p in payloads:
             kind, _, rest = p.partition(" ")
@@ -366,6 +374,8 @@ class Fleet:
             self._remote_results.append((t.buy_order_id, t.id))
 
     def _fleet_after_commit(self) -> None:
+        if self._heard:
+            asyncio.get_running_loop().call_soon(self._on_notifies)
         if self._remote_results and self._listen is not None:
             results, self._remote_results = self._remote_results, []
             self.store.announce_results(self._listen, results)

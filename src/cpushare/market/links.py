@@ -163,6 +163,7 @@ class Links:
     async def _link_open(self, server: int) -> None:
         address = self.peer_links.get(server)
         if address is None:  # (it started since the last look: fleet._fleet_look)
+            await self._commit_done()
             address = self.peer_links[server] = self.store.server_link(server)
         try:
             if address is None:

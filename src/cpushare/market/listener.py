@@ -50,7 +50,11 @@ COLLECT_EVERY = 3600.0  # seconds between collections of unused images
 # connection has one, and the sweeper handles one slot per tick.
 TICK = 0.1
 MAX_SLOTS = 600
-PAUSE_POLL = 0.02  # seconds between looks at a peer that another one waits for
+PAUSE_POLL = 0.02
+# Frames whose handling may read the store: on a store that commits in its
+# own thread, they wait (the connection, not the loop) for a commit on its way.
+READS_STORE = frozenset({"submit", "open", "cancel", "close", "image", "image_offer",
+                         "need_image"})  # seconds between looks at a peer that another one waits for
 
 
 class Listener:
@@ -172,6 +176,7 @@ class Listener:
         if not INSTANCE_RE.fullmatch(instance):
             raise ProtocolError("frame", f"hello: instance {instance[:80]!r} is not 0 to 64 "
                                          f"of A-Z a-z 0-9 _ . @ : -")
+        await self._commit_done()  # (nothing yields from here to the welcome)
         cert = self.store.cert(fingerprint)
         if cert is None:
             raise ProtocolError("auth", f"certificate {fingerprint[:16]} (CN={cn}) was not "
@@ -247,6 +252,8 @@ class Listener:
                     if m.type == "error":
                         log.warning("%s reports: %s: %s", conn, m["code"], m["message"])
                 else:
+                    if m.type in READS_STORE and self._committing():
+                        await self._commit_done()  # (the loop goes on meanwhile)
                     while True:
                         try:
                             on(conn, m)
@@ -475,6 +482,10 @@ class Listener:
             for t in list(self._handlers):
                 t.cancel()
             await asyncio.gather(*self._handlers, sweeper, return_exceptions=True)
+            n, s = self.store.loop_waits()
+            if n:
+                log.info("the event loop waited for a commit on its way %d times, %.0f ms "
+                         "in all", n, s * 1000)
             log.info("market stopped")
         if self.fatal is not None:
             raise self.fatal

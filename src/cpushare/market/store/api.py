@@ -200,6 +200,10 @@ class Store(abc.ABC):
     # --- several processes on one database (only where `shared`: store/pgfleet.py)
     shared: bool = False
 
+    def loop_waits(self) -> tuple[int, float]:
+        """(statements that waited for a commit on its way, seconds): none here."""
+        return 0, 0.0
+
     def _one_process(self, *_a, **_k):
         raise NotImplementedError(f"{type(self).__name__} is served by one process")
 

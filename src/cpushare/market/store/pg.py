@@ -82,6 +82,8 @@ class PgDb:
         # journal it took with it is lost), only roll back
         self.failed: BaseException | None = None
         self._sql: dict[str, tuple[str, bool, int]] = {}
+        # how often, and how long in all (s), a statement waited for a commit on its way
+        self.waits, self.waited = 0, 0.0
 
     def _q(self, sql: str) -> tuple[str, bool, int]:
         """(psycopg's form of `sql`, whether it must follow the journal (it names
@@ -151,7 +153,11 @@ class PgDb:
         statement of the next transaction goes before it."""
         f = self.inflight
         if f is not None:
-            futures.wait([f])
+            if not f.done():
+                t0 = time.perf_counter()
+                futures.wait([f])
+                self.waits += 1
+                self.waited += time.perf_counter() - t0
             self.inflight = None
 
     def begun(self) -> None:
@@ -263,6 +269,8 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
         self._txns: list[tuple] = []  # ledger transactions not yet written (pgledger)
         self._unlink: list[str] = []
         self._id_blocks: dict[str, list[int]] = {}
+        self._ids_wanted: dict[str, int] = {}  # blocks to take after the next commit
+        self._ids_ahead: dict[str, list[int]] = {}  # ... taken (by the writer thread)
         self._carries: dict[tuple[int, int], int] = {}
         self._balances: dict[int, tuple[str, int]] = {}
         self._writer: futures.ThreadPoolExecutor | None = None  # commit_apart's thread
@@ -304,11 +312,24 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
         nothing was sent before): one round trip."""
         self._end_transaction()()
 
+    def loop_waits(self) -> tuple[int, float]:
+        """(how many statements of the loop's thread waited for a commit on its
+        way, how long in all, s)."""
+        return self.db.waits, self.db.waited
+
     def commit_apart(self) -> futures.Future:
         """As commit(), in the store's writer thread: the caller goes on (with
         the next transaction: what it writes is journaled, and its first
         statement waits for this commit).  The future says how it went."""
         send = self._end_transaction()
+        wanted, self._ids_wanted = self._ids_wanted, {}
+        if wanted:
+            def send(send=send):
+                send()
+                def q(sql, params):  # (after the COMMIT, no transaction open)
+                    return self.db.conn.execute(self.db._q(sql)[0], params)
+                for table, n in wanted.items():
+                    self._ids_ahead[table] = self._id_block(q, table, n)
         if self._writer is None:
             self._writer = futures.ThreadPoolExecutor(1, thread_name_prefix="cpushare-commit")
         f = self.db.inflight = self._writer.submit(send)

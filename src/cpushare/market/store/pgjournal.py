@@ -199,14 +199,26 @@ class PgJournalMixin:
     server_id: int | None
 
     def _new_id(self, table: str, block: int = ID_BLOCK) -> int:
-        """A new id of `table`'s rows, from a block of `block` taken of its sequence."""
+        """A new id of `table`'s rows, from a block of `block` taken of its sequence.
+        Half-way through a block the next is asked for: the writer thread takes
+        it after its next commit (commit_apart), and the loop waits for none."""
         ids = self._id_blocks.get(table)
         if not ids:
-            ids = self._id_blocks[table] = [i for i, in self.db.execute(
-                "SELECT nextval(pg_get_serial_sequence(?, 'id')) FROM generate_series(1, ?)",
-                (table, block))]
-            ids.reverse()
+            ids = self._ids_ahead.pop(table, None)  # (the writer thread's, if it came)
+            if not ids:
+                ids = self._id_block(self.db.execute, table, block)
+            self._id_blocks[table] = ids
+        if len(ids) == block // 2:
+            self._ids_wanted[table] = block
         return ids.pop()
+
+    @staticmethod
+    def _id_block(execute, table: str, n: int) -> list[int]:
+        """`n` new ids of `table`, the smallest last."""
+        ids = [i for i, in execute("SELECT nextval(pg_get_serial_sequence(?, 'id')) "
+                                   "FROM generate_series(1, ?)", (table, n))]
+        ids.reverse()
+        return ids
 
     def _journal(self, kind: str, key, row: dict) -> None:
         self.db.journal.add(kind, key, row)
