@@ -405,6 +405,25 @@ def decode_header(header: bytes) -> tuple[str, dict]:
     return type_, obj
 
 
+def peek_headers(buf, limit: int) -> list[tuple[str, dict]]:
+    """The headers of the whole frames at the start of `buf` (a reader's
+    buffer, not consumed), checked as read_message checks them, up to
+    `limit` of them; the first that is not whole, or not valid, ends it."""
+    out: list[tuple[str, dict]] = []
+    off = 0
+    while len(out) < limit and off + 8 <= len(buf):
+        hlen, plen = _LENGTHS.unpack_from(buf, off)
+        end = off + 8 + hlen + plen
+        if not 1 <= hlen <= MAX_HEADER or end > len(buf):
+            break
+        try:
+            out.append(decode_header(bytes(buf[off + 8:off + 8 + hlen])))
+        except ProtocolError:
+            break
+        off = end
+    return out
+
+
 def decode_frame(data: bytes) -> Message:
     """One whole frame held in memory (a relayed one): its message, checked
     as read_message checks it; ProtocolError('frame') unless `data` is

@@ -17,7 +17,7 @@ import logging
 import time
 
 from .. import models
-from ..protocol import Message, ProtocolError, cost_milli, encode, frame
+from ..protocol import Message, ProtocolError, cost_milli, encode, frame, peek_headers
 from .conn import BuyerConn
 from .state import MAX_REDUNDANCY, Busy, Pending, Rejection, TaskState
 from .store import Result
@@ -36,6 +36,7 @@ INPUT_BUDGET = 16 << 20  # small inputs of queued tasks kept in memory, in all
 # after its task was submitted (refs of a process that is gone would otherwise
 # hold the account's MAX_OPEN_TASKS for ever).
 RESULT_TTL = 30 * 86400
+AHEAD_BATCH = 64  # submits whose refs one read ahead asks about (store/pgahead.py)
 
 
 class BuyerHandlers:
@@ -82,6 +83,42 @@ class BuyerHandlers:
                 t.streamed_bytes += len(f)
         else:
             raise ProtocolError("frame", f"a buyer may not send {m.type!r}")
+
+    async def _read_ahead(self, b: BuyerConn, m: Message) -> None:
+        """What this submit or open will ask the store (its ref's result acked
+        already; the account's lock, then its balance), read in the store's
+        thread while the loop goes on (store/pgahead.py)."""
+        for _ in range(2):  # (a commit cut meanwhile voids the answers: once more)
+            store = self._tx()
+            refs = []
+            ref = m["ref"]
+            if (m.type == "submit" and (b.order_id, ref) not in self.pending_refs
+                    and store.asks_ref(b.order_id, ref)):
+                refs.append(ref)
+                # (and those of the submits already in its buffer, read next: asked once)
+                more = peek_headers(getattr(b.reader, "_buffer", b""), AHEAD_BATCH)
+                for r in [f["ref"] for t, f in more if t == "submit"]:
+                    if ((b.order_id, r) not in self.pending_refs and r not in refs
+                            and store.asks_ref(b.order_id, r)):
+                        refs.append(r)
+            account = b.account_id
+            k = ("account", account)
+            if (k in self._held or not store.asks_lock(*k)
+                    or self._yielding.get(k, 0.0) > time.monotonic()):  # (Fleet._lock's turns)
+                account = None
+            if not refs and account is None:
+                return
+            self._reading += 1  # (the group's commit waits a little for it)
+            try:
+                f = store.read_ahead(b.order_id, refs, account)
+                await asyncio.wait([asyncio.wrap_future(f)])
+                await self._commit_done(reads=False)  # (told before what this frame makes)
+                if f.exception() is not None:  # (the transaction failed: its commit says so)
+                    return
+                if store.took_ahead(f.result()):
+                    return
+            finally:
+                self._reading -= 1
 
     def _check_request(self, b: BuyerConn, m: Message, k: int) -> int:
         """The CPU time of a valid submit/open; raises Rejection."""

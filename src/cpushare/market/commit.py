@@ -28,6 +28,7 @@ log = logging.getLogger("cpushare.market")
 COMMIT_DELAY = 0.005  # seconds: a group commit gathers what happened in this time
 FILES_POLL = 0.002  # seconds: a commit waiting for big files looks again after this
 FILES_WAIT_MAX = 0.25  # ... for at most this long; then it waits for them, blocking
+READ_WAIT_MAX = 0.02  # s a commit waits for reads ahead of the group (store.read_ahead)
 
 
 class GroupCommit:
@@ -49,6 +50,8 @@ class GroupCommit:
         self._held: set = set()  # keys locked against other processes until the commit
         self._inflight: tuple | None = None  # (future, announcements) of a commit on its way
         self._commit_again = False  # a group waits for the commit on its way
+        self._reading = 0  # reads ahead on their way (Market._read_ahead)
+        self._read_since = 0.0  # when the commit first waited for them
 
     def dirty(self, conn) -> None:
         """`conn` has frames in its outbox: send them at the end of this turn."""
@@ -130,6 +133,16 @@ class GroupCommit:
                     FILES_POLL, self._commit)
                 return
         self._files_since = 0.0
+        if self._reading and not wait and not self._stopping:
+            # (their answers are of this transaction: a commit now would void them)
+            now = time.monotonic()
+            if not self._read_since:
+                self._read_since = now
+            if now - self._read_since < READ_WAIT_MAX:
+                self._commit_timer = asyncio.get_running_loop().call_later(
+                    FILES_POLL, self._commit)
+                return
+        self._read_since = 0.0
         if self._inflight is not None:  # the group before is still being committed
             if not wait:
                 self._commit_again = True  # (this one follows it)
@@ -156,16 +169,25 @@ class GroupCommit:
         f.add_done_callback(lambda f: loop.call_soon_threadsafe(self._committed, f))
 
     def _committing(self) -> bool:
-        """A commit is on its way: a statement now would wait for it."""
+        """A commit is on its way: a statement now would wait for it.  (Reads ahead
+        may be too, after it: they are short, and each is some frame's.)"""
         return self._inflight is not None and not self._inflight[0].done()
 
-    async def _commit_done(self) -> None:
-        """Until no commit is on its way, its announcements made: a statement
-        after this (before the caller yields to the loop) waits for none."""
-        while self._committing():
-            f = self._inflight[0]
+    async def _commit_done(self, reads: bool = True) -> None:
+        """Until no commit is on its way, its announcements made, nor (`reads`)
+        a read ahead: a statement after this (before the caller yields to the
+        loop) waits for none."""
+        while True:
+            if self._inflight is not None:
+                f = self._inflight[0]
+                if not f.done():
+                    await asyncio.wait([asyncio.wrap_future(f)])
+                self._committed(f)
+                continue
+            f = self.store.pending() if reads else None
+            if f is None:
+                return
             await asyncio.wait([asyncio.wrap_future(f)])
-            self._committed(f)
 
     def _committed(self, f) -> None:
         """The commit on its way is done: what it made true is told."""

@@ -68,6 +68,7 @@ class Fleet:
         self._pool_hint = True  # the shared queue may hold work for our sellers
         self._remote_results: list[tuple[int, int]] = []  # (buy order, task) to announce
         self._heard: list[str] = []  # notifications heard during a commit on its way
+        self._share_due = False  # an offer waits for the commit on its way
         # buy orders with connections here whose newest is on another process
         self.away: dict[int, int] = {}
         self._idle_said = 0.0  # when we last said our sellers wait for work
@@ -220,8 +221,8 @@ class Fleet:
         if (self._stopping or self.fatal is not None or not self.peers
                 or self._idle_peers_until <= time.monotonic()):
             return
-        if self._committing():  # (its statement would wait for that commit)
-            self._share_later()
+        if self._committing():  # (its statement would wait for that commit: right after it)
+            self._share_due = True
             return
         now = time.monotonic()
         out = []
@@ -376,6 +377,9 @@ class Fleet:
     def _fleet_after_commit(self) -> None:
         if self._heard:
             asyncio.get_running_loop().call_soon(self._on_notifies)
+        if self._share_due:
+            self._share_due = False
+            self._share()
         if self._remote_results and self._listen is not None:
             results, self._remote_results = self._remote_results, []
             self.store.announce_results(self._listen, results)

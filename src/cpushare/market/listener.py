@@ -54,7 +54,8 @@ PAUSE_POLL = 0.02
 # Frames whose handling may read the store: on a store that commits in its
 # own thread, they wait (the connection, not the loop) for a commit on its way.
 READS_STORE = frozenset({"submit", "open", "cancel", "close", "image", "image_offer",
-                         "need_image"})  # seconds between looks at a peer that another one waits for
+                         "need_image"})
+READ_AHEAD = frozenset({"submit", "open"})  # ... and what they ask, read first (pgahead)  # seconds between looks at a peer that another one waits for
 
 
 class Listener:
@@ -252,14 +253,14 @@ class Listener:
                     if m.type == "error":
                         log.warning("%s reports: %s: %s", conn, m["code"], m["message"])
                 else:
-                    if m.type in READS_STORE and self._committing():
-                        await self._commit_done()  # (the loop goes on meanwhile)
+                    await self._store_ready(conn, m)
                     while True:
                         try:
                             on(conn, m)
                             break
                         except Busy:  # (another process's commit comes within ms)
                             await asyncio.sleep(BUSY_RETRY)
+                            await self._store_ready(conn, m)
             finally:
                 if m.held:  # (what it keeps of the payload is counted elsewhere)
                     self.payload_budget.give(m.held)
@@ -267,6 +268,23 @@ class Listener:
             n += 1
             if n % FAIR_TURN == 0:  # frames already buffered are read without a pause:
                 await asyncio.sleep(0)  # the other connections and timers get a turn
+
+    async def _store_ready(self, conn: Conn, m) -> None:
+        """Before `m` is handled: the commit on its way, if it reads the store,
+        and what it will ask, read ahead (pgahead).  Its connection waits (it
+        is paused: not read, so not silent), the loop goes on."""
+        ahead = m.type in READ_AHEAD and self.store.reads_ahead
+        if not ahead and not (m.type in READS_STORE and self._committing()):
+            return
+        conn.paused = True
+        try:
+            if ahead:
+                await self._read_ahead(conn, m)
+            else:
+                await self._commit_done()
+        finally:
+            conn.paused = False
+            conn.last_seen = time.monotonic()
 
     async def _backpressure(self, conn: Conn) -> None:
         """Stop reading from `conn` while what it made the market send waits:

@@ -199,6 +199,13 @@ class Store(abc.ABC):
 
     # --- several processes on one database (only where `shared`: store/pgfleet.py)
     shared: bool = False
+    # what a submit or an open will ask, read in another thread first (store/pgahead.py)
+    reads_ahead: bool = False
+
+    def pending(self):
+        """What the store's own thread still does (a concurrent Future), or None:
+        a statement now would wait for it.  None here."""
+        return None
 
     def loop_waits(self) -> tuple[int, float]:
         """(statements that waited for a commit on its way, seconds): none here."""
@@ -211,3 +218,5 @@ class Store(abc.ABC):
     attempts_of = buyer_home = notify_result = announce_results = notify_all = _one_process
     forget_homes = try_lock = cancel_task = claim_cancelled = ask_yield = notify_idle = _one_process
     revoked_among = buyer_home_of = server_link = _one_process
+    # (only where reads_ahead: store/pgahead.py)
+    asks_ref = asks_lock = read_ahead = took_ahead = _one_process

@@ -31,6 +31,7 @@ from .api import Store
 from .images import ImagesMixin
 from .ledger import LedgerMixin
 from .pgfleet import PG_FLEET_SCHEMA, PgFleetMixin
+from .pgahead import PgAheadMixin
 from .pgjournal import JOURNALED, PG_JOURNAL_SCHEMA, Journal, PgJournalMixin
 from .pgledger import PgLedgerMixin
 from .pgschema import PG_SCHEMA
@@ -84,6 +85,7 @@ class PgDb:
         self._sql: dict[str, tuple[str, bool, int]] = {}
         # how often, and how long in all (s), a statement waited for a commit on its way
         self.waits, self.waited = 0, 0.0
+        self.sent = 0  # statements sent from the loop's thread (the writer's are not)
 
     def _q(self, sql: str) -> tuple[str, bool, int]:
         """(psycopg's form of `sql`, whether it must follow the journal (it names
@@ -113,6 +115,7 @@ class PgDb:
         """`sql`, after the journal if it names a journaled table (and `journal`:
         False where the caller knows the journal holds nothing it reads)."""
         self.wait()
+        self.sent += 1
         q, journaled, tx = self._q(sql)
         if journaled and journal and self.journal.layers:
             self.send_journal()
@@ -244,7 +247,8 @@ class PgFilesMixin:
         return 0
 
 
-class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, AccountsMixin,
+class PostgresStore(PgFilesMixin, PgAheadMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin,
+                    AccountsMixin,
                     ImagesMixin, TasksMixin, LedgerMixin, TxnMixin, Store):
     big = float("inf")  # every input and output stays in its column
     in_file = b"file"  # the data of an image whose bytes are a file in image_dir
@@ -274,6 +278,7 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
         self._carries: dict[tuple[int, int], int] = {}
         self._balances: dict[int, tuple[str, int]] = {}
         self._writer: futures.ThreadPoolExecutor | None = None  # commit_apart's thread
+        self._init_ahead()
         if create:
             with self.transaction():
                 self.db.raw(PG_SCHEMA)
@@ -305,12 +310,17 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
 
     def begin(self) -> None:
         self._balances.clear()
+        self._ahead_begin()
         self.db.begin_later()
 
     def commit(self) -> None:
         """The journal, the ledger, the notifications and COMMIT (and BEGIN, if
         nothing was sent before): one round trip."""
         self._end_transaction()()
+
+    def pending(self) -> futures.Future | None:
+        f = self.db.inflight
+        return f if f is not None and not f.done() else None
 
     def loop_waits(self) -> tuple[int, float]:
         """(how many statements of the loop's thread waited for a commit on its
@@ -330,9 +340,14 @@ class PostgresStore(PgFilesMixin, PgJournalMixin, PgFleetMixin, PgLedgerMixin, A
                     return self.db.conn.execute(self.db._q(sql)[0], params)
                 for table, n in wanted.items():
                     self._ids_ahead[table] = self._id_block(q, table, n)
+        return self._writer_submit(send)
+
+    def _writer_submit(self, fn) -> futures.Future:
+        """`fn` in the store's writer thread, after what was given it before; the
+        loop's next statement waits for it."""
         if self._writer is None:
             self._writer = futures.ThreadPoolExecutor(1, thread_name_prefix="cpushare-commit")
-        f = self.db.inflight = self._writer.submit(send)
+        f = self.db.inflight = self._writer.submit(fn)
         return f
 
     def _end_transaction(self):

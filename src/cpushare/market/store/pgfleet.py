@@ -146,6 +146,9 @@ class PgFleetMixin:
 
     def try_lock(self, kind: str, key) -> bool:
         """Lock `key` of `kind` until this transaction ends, if no other holds it."""
+        got = self._lock_ahead(kind, key)  # (asked already: pgahead)
+        if got is not None:
+            return got
         if kind == "image":
             sql = "SELECT pg_try_advisory_xact_lock(?::int, hashtext(?))"
         else:

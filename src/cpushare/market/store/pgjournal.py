@@ -145,6 +145,7 @@ class Journal:
         self.refs: dict[tuple[int, str], int] = {}  # (buy order, ref): task, of tasks added
         self.blobs: list[bytes] = []  # values past INLINE, passed beside the JSON
         self.size = 0  # bytes of the blobs
+        self.taken = 0  # times it was sent or dropped (pgahead: answers read before)
 
     def bytea(self, row: dict, col: str, b: bytes | None) -> None:
         """`b` into `row` as column `col`: bytea's text input (hex) inside the
@@ -183,6 +184,7 @@ class Journal:
         return text, blobs, size + len(text)
 
     def clear(self) -> None:
+        self.taken += 1
         self.layers, self._last, self.refs = [], {}, {}
         self.delivered, self.acked = set(), set()
         self.blobs, self.size = [], 0
@@ -299,15 +301,25 @@ class PgJournalMixin:
         tid = j.refs.get((buy_order_id, ref))
         if tid is not None and tid in j.delivered:
             return tid
+        held, answer = self._ref_ahead(buy_order_id, ref)  # (pgahead)
+        if held:
+            return answer
+        row = self.db.execute(*self._delivered_sql(buy_order_id, ref, j.delivered),
+                              journal=False).fetchone()
+        return row[0] if row else None
+
+    @staticmethod
+    def _delivered_sql(buy_order_id: int, ref: str, delivered) -> tuple[str, tuple]:
+        """The statement of delivered_task, the tasks the journal marks
+        delivered (without their refs) being `delivered`."""
         sql = "SELECT id FROM tasks WHERE buy_order_id = ? AND delivered = 1 AND ref = ? " \
               "AND session = 0"
         args: tuple = (buy_order_id, ref)
-        if j.delivered:  # (or marked so in the journal: by their keys, not a scan)
+        if delivered:  # (or marked so in the journal: by their keys, not a scan)
             sql += (" UNION ALL SELECT id FROM tasks WHERE id = ANY(?::bigint[]) AND "
                     "buy_order_id = ? AND ref = ? AND session = 0")
-            args += (list(j.delivered), buy_order_id, ref)
-        row = self.db.execute(sql + " LIMIT 1", args, journal=False).fetchone()
-        return row[0] if row else None
+            args += (list(delivered), buy_order_id, ref)
+        return sql + " LIMIT 1", args
 
     def add_dispute(self, task_id, attempt_id, seller_account_id, output_sha256,
                     majority_sha256) -> None:

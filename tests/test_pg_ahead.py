@@ -1,0 +1,185 @@
+"""Reads ahead on the PostgreSQL store (store/pgahead.py): what a submit will
+ask (its ref's result acknowledged already, the buyer account's lock, its
+balance) is read in the store's writer thread, and answers the statements
+of that transaction without sending them, as long as it holds; then the
+statement is sent as before.  And through the market: a submit sends no
+statement from the event loop's thread."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+
+from test_market import BID, COINS, buyer, run
+from test_market_peers import LoopbackMarket, ScriptedSeller
+from test_pg_journal import _setup
+
+IMAGE = "ab" * 32
+
+
+def _store(tmp_path, url):
+    from cpushare.market.store.pg import PostgresStore
+    return PostgresStore(url, image_dir=str(tmp_path / "images"), create=True)
+
+
+def _task(s, bo, buyer_id, ref) -> int:
+    return s.add_task(bo, buyer_id, ref, IMAGE, b"in", 1, 1000, 20, 0, False, "seccomp")
+
+
+def _ahead(s, bo, refs, account=None) -> None:
+    s.took_ahead(s.read_ahead(bo, refs, account).result(10))
+
+
+def test_answers_read_ahead_are_used_while_they_hold_and_only_then(tmp_path, pg_cluster):
+    url = pg_cluster.database()
+    s = _store(tmp_path, url)
+    other = psycopg.connect(url, autocommit=True)
+    try:
+        buyer_id, _, _, bo = _setup(s)
+        with s.transaction():
+            s.transfer("mint", [(s.mint_id, -5000), (buyer_id, 5000)])
+            acked = _task(s, bo, buyer_id, "acked")
+            later = _task(s, bo, buyer_id, "later")
+            s.mark_delivered([acked], [(bo, "acked")])
+
+        # read ahead: the answers, and nothing sent for them
+        s.begin()
+        _ahead(s, bo, ["acked", "fresh", "later"], buyer_id)
+        sent = s.db.sent
+        assert s.delivered_task(bo, "acked") == acked
+        assert s.delivered_task(bo, "fresh") is None
+        assert s.try_lock("account", buyer_id) is True
+        assert s.account_by_id(buyer_id).balance_milli == 5000
+        assert s.db.sent == sent, "a statement was sent for an answer read ahead"
+        # the lock is this transaction's: another session cannot take it
+        assert other.execute("SELECT pg_try_advisory_lock(%s::int, %s::int)",
+                             (0x43505553 + 1, buyer_id)).fetchone()[0] is False
+
+        # a delivery journaled without its ref, since: asked again
+        s.mark_delivered([later])
+        assert s.delivered_task(bo, "later") == later
+        assert s.db.sent == sent + 1
+
+        # a journal sent since the read: asked again (its acks are not in memory now)
+        _ahead(s, bo, ["x"])
+        x = _task(s, bo, buyer_id, "x")
+        s.mark_delivered([x], [(bo, "x")])
+        s.db.send_journal()
+        n = s.db.sent
+        assert s.delivered_task(bo, "x") == x
+        assert s.db.sent == n + 1
+        s.commit()
+
+        # another transaction: what was read in the last holds no more
+        s.begin()
+        sent = s.db.sent
+        assert s.delivered_task(bo, "fresh") is None
+        assert s.db.sent == sent + 1
+        # ... nor does an answer read in one transaction and taken in the next
+        f = s.read_ahead(bo, ["fresh2"], None)
+        answer = f.result(10)
+        s.commit()
+        s.begin()
+        s.took_ahead(answer)
+        sent = s.db.sent
+        assert s.delivered_task(bo, "fresh2") is None
+        assert s.db.sent == sent + 1
+        s.commit()
+        assert s.check() == []
+    finally:
+        other.close()
+        s.close()
+
+
+def test_a_submit_sends_no_statement_from_the_event_loop(tmp_path, pg_cluster):
+    """100 submits, each with a fresh ref: their ref checks, the account's
+    lock and its balance go in the store's writer thread (a few statements
+    of the market's own, its once-a-second look, may come meanwhile)."""
+    lm = LoopbackMarket(tmp_path, pg_cluster.database())
+    lm.account("buyer", COINS)
+    lm.account("alice")
+    n = 100
+
+    async def main():
+        m = await lm.start()
+        b, d = await buyer(lm)
+        await b.sync()
+        sent = m.store.db.sent
+        for i in range(n):
+            await b.send("submit", b"x%d" % i, ref=f"r{i}", image=d)
+        accepted = set()
+        while len(accepted) < n:
+            msg = await b.recv()
+            assert msg is not None and msg.type == "accepted", msg
+            accepted.add(msg["ref"])
+        from_loop = m.store.db.sent - sent
+        s = await ScriptedSeller.connect(lm.sell("alice", BID))
+        done = 0
+        while done < n:
+            msg = await b.recv()
+            if msg.type == "done":
+                done += 1
+                await b.send("ack", task=msg["task"])
+        await b.sync()
+        await s.stop()
+        await b.close()
+        await lm.stop()
+        return from_loop
+    from_loop = run(main())
+    assert from_loop < 10, f"{from_loop} statements from the loop for {n} submits"
+    assert lm.check() == []
+    lm.close()
+
+
+def test_a_buyer_resubmitting_an_acked_ref_is_refused_with_reads_ahead(tmp_path, pg_cluster):
+    """The ref check read ahead still refuses a second paid task under a ref
+    whose result was acknowledged, in the same group and after it."""
+    lm = LoopbackMarket(tmp_path, pg_cluster.database())
+    lm.account("buyer", COINS)
+    lm.account("alice")
+
+    async def main():
+        await lm.start()
+        b, d = await buyer(lm)
+        s = await ScriptedSeller.connect(lm.sell("alice", BID))
+        await b.send("submit", b"abc", ref="once", image=d)
+        assert (await b.expect("accepted"))["ref"] == "once"
+        done = await b.expect("done")
+        await b.send("ack", task=done["task"])
+        await b.send("submit", b"abc", ref="once", image=d)  # (likely in the ack's group)
+        again = await b.expect("failed")
+        await asyncio.sleep(0.1)
+        await b.send("submit", b"abc", ref="once", image=d)  # (a later group)
+        later = await b.expect("failed")
+        await s.stop()
+        await b.close()
+        await lm.stop()
+        return again, later
+    again, later = run(main())
+    for m in (again, later):
+        assert m["code"] == "order" and "acknowledged" in m["message"], m
+    assert lm.check() == []
+    lm.close()
+
+
+def test_a_lock_refused_ahead_leaves_the_balance_to_be_read_under_the_lock(tmp_path,
+                                                                          pg_cluster):
+    url = pg_cluster.database()
+    s = _store(tmp_path, url)
+    other = psycopg.connect(url)  # (in a transaction: its lock is held until it ends)
+    try:
+        buyer_id, _, _, bo = _setup(s)
+        other.execute("SELECT pg_advisory_xact_lock(%s::int, %s::int)",
+                      (0x43505553 + 1, buyer_id))
+        s.begin()
+        _ahead(s, bo, [], buyer_id)
+        sent = s.db.sent
+        assert s.try_lock("account", buyer_id) is False  # (the answer read ahead)
+        assert s.db.sent == sent
+        s.account_by_id(buyer_id)  # (read now: nothing was kept of a refused lock)
+        assert s.db.sent == sent + 1
+        s.rollback()
+    finally:
+        other.close()
+        s.close()
