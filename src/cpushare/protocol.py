@@ -174,6 +174,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
     "to_buyer": {"order": (ID, R)},
     "from_buyer": {"order": (ID, R)},
     "buyer_gone": {"order": (ID, R)},
+    "buyer_back": {"order": (ID, R)},
 }
 # The length of refs and digests is bounded so that a peer cannot make the
 # server store big keys.

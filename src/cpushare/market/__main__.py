@@ -210,6 +210,9 @@ def cmd_serve(args) -> int:
         return 2
     try:
         link = orders.split_hostport(args.link or "127.0.0.1", default_port=0)
+        if link[0] in ("0.0.0.0", "::"):
+            raise ValueError("the other processes connect to it: name one address of "
+                             "this machine they reach")
     except ValueError as e:
         print(f"{PROG}: --link {args.link}: {e}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ INPUT_BUDGET = 16 << 20  # small inputs of queued tasks kept in memory, in all
 # hold the account's MAX_OPEN_TASKS for ever).
 RESULT_TTL = 30 * 86400
 AHEAD_BATCH = 64  # submits whose refs one read ahead asks about (store/pgahead.py)
+AHEAD_PEEK = 64 << 10  # ... found in at most these bytes of the connection's buffer
 
 
 class BuyerHandlers:
@@ -96,7 +97,9 @@ class BuyerHandlers:
                     and store.asks_ref(b.order_id, ref)):
                 refs.append(ref)
                 # (and those of the submits already in its buffer, read next: asked once)
-                more = peek_headers(getattr(b.reader, "_buffer", b""), AHEAD_BATCH)
+                # (a copy: a view would keep the reader from resizing its buffer)
+                more = peek_headers(bytes(getattr(b.reader, "_buffer", b"")[:AHEAD_PEEK]),
+                                    AHEAD_BATCH)
                 for r in [f["ref"] for t, f in more if t == "submit"]:
                     if ((b.order_id, r) not in self.pending_refs and r not in refs
                             and store.asks_ref(b.order_id, r)):

@@ -128,7 +128,9 @@ class Leases:
         again, paid for what ran meanwhile; an attempt the market does not
         hold for it is stopped."""
         t = self.orphans.get(aid)
-        if t is None and self.fleet:  # (its process may have died a moment ago: taken over now)
+        now = time.monotonic()
+        if t is None and self.fleet and now - self._reclaim_looked >= 0.1:
+            self._reclaim_looked = now  # (its process may have died a moment ago: now)
             self._fleet_look()
             t = self.orphans.get(aid)
         if t is None or t.orphan[1] != s.order_id or s.attempts:

@@ -30,15 +30,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 
 from ..order import join_hostport, split_hostport
-from ..protocol import (ProtocolError, decode_frame, encode, link_contexts, peer_identity,
-                        read_message)
+from ..protocol import (MAX_HEADER, ProtocolError, decode_frame, encode, link_contexts,
+                        peer_identity, read_message)
 from . import ca
 from .conn import Conn
-from .state import Busy, BUSY_RETRY
+from .state import BUSY_RETRY, Busy
+
+STREAM_BUDGET = 1 << 20  # (listener.STREAM_BUDGET: a lease's input before a seller has it)
 
 log = logging.getLogger("cpushare.market")
 
@@ -48,6 +51,12 @@ FROM_BUYER = frozenset({"stream", "close"})  # relayed from a buyer to the lease
 LINK_TIMEOUT = 10.0  # s: to connect and say who it is
 LINK_BUDGET = 1 << 20  # bytes waiting for a link, or relayed to a buyer, before pausing
 PAUSE_POLL = 0.02
+LINK_TYPES = frozenset({"to_buyer", "from_buyer", "buyer_gone", "buyer_back"})
+MAX_HANDSHAKES = 64  # links not yet past their `peer` frame, at once
+# A link's TCP: a peer that vanishes is found within about half a minute
+KEEPALIVE = ((socket.TCP_KEEPIDLE, 10), (socket.TCP_KEEPINTVL, 5), (socket.TCP_KEEPCNT, 3))
+USER_TIMEOUT_MS = 30_000  # TCP_USER_TIMEOUT: data unacknowledged this long ends it
+GONE_KEPT = 10_000  # buy orders whose buyer_gone was sent, remembered for buyer_back
 
 
 class PeerConn(Conn):
@@ -90,6 +99,15 @@ class RemoteBuyer:
         return f"buyer of buy order {self.order_id} on market process {self.server}"
 
 
+def _keepalive(writer) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, value in KEEPALIVE:
+            sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+
+
 class Links:
     """Mixed into Market."""
 
@@ -106,6 +124,9 @@ class Links:
         # sessions another process holds whose buyer is connected here
         self.remote_sessions: dict[int, tuple[PeerConn, int]] = {}  # -> (link, order)
         self._remote_of: dict[int, set[int]] = {}  # order -> those sessions
+        self._told_gone: dict[int, set[PeerConn]] = {}  # order -> links told buyer_gone
+        self._handshakes = 0  # links accepted and not yet past their `peer`
+        self._reclaim_looked = 0.0  # when a seller's hello last made us look (leases.py)
 
     # --- listening, opening ------------------------------------------------------
 
@@ -116,11 +137,19 @@ class Links:
         server_ctx, self._link_client_ctx = link_contexts(get("ca_cert"), mine.cert_pem,
                                                           mine.key_pem)
         host, port = self.link_address
-        self._link_server = await asyncio.start_server(self._link_accepted, host, port,
-                                                       ssl=server_ctx, backlog=256)
+        try:
+            self._link_server = await self._link_listen(server_ctx, host, port)
+        except OSError as e:  # (said as the link's, not the market's address)
+            raise OSError(e.errno, f"{e.strerror} (the --link address "
+                                   f"{join_hostport(host, port)})") from None
         where = join_hostport(host, self._link_server.sockets[0].getsockname()[1])
         log.info("links from the market's other processes on %s", where)
         return where
+
+    async def _link_listen(self, server_ctx, host: str, port: int):
+        return await asyncio.start_server(
+            self._link_accepted, host, port, ssl=server_ctx, backlog=256,
+            ssl_handshake_timeout=LINK_TIMEOUT)
 
     def _links_close(self) -> None:
         if self._link_server is not None:
@@ -172,6 +201,7 @@ class Links:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(
                 host, port, ssl=self._link_client_ctx), LINK_TIMEOUT)
             self._check_link_peer(writer)
+            _keepalive(writer)
         except (OSError, ssl.SSLError, ProtocolError, ValueError, asyncio.TimeoutError) as e:
             self._link_waiting.pop(server, None)
             log.error("cannot open a link to market process %d at %s: %s (its buyers do not "
@@ -195,11 +225,18 @@ class Links:
             self._link_lost(server)
 
     async def _link_accepted(self, reader, writer) -> None:
-        peer = join_hostport(*writer.get_extra_info("peername")[:2])
+        peer = join_hostport(*(writer.get_extra_info("peername") or ("?", 0))[:2])
         pc = PeerConn(self, reader, writer, peer)
+        if self._handshakes >= MAX_HANDSHAKES:
+            log.warning("refused a link from %s: %d others are being opened", peer,
+                        self._handshakes)
+            pc.close()
+            return
+        self._handshakes += 1
         try:
             self._check_link_peer(writer)
-            m = await asyncio.wait_for(read_message(reader, self.max_payload), LINK_TIMEOUT)
+            _keepalive(writer)
+            m = await asyncio.wait_for(read_message(reader, 4096), LINK_TIMEOUT)
             if m is None or m.type != "peer":
                 raise ProtocolError("frame", "a link begins with `peer`")
             pc.server = m["server"]
@@ -207,6 +244,8 @@ class Links:
             log.warning("refused a link from %s: %s", peer, e)
             pc.close()
             return
+        finally:
+            self._handshakes -= 1
         self._links_in.add(pc)
         try:
             await self._serve_link(pc)
@@ -230,7 +269,9 @@ class Links:
     async def _serve_link(self, pc: PeerConn) -> None:
         try:
             while not pc.closed and not self._stopping:
-                m = await read_message(pc.reader, self.max_payload, self.payload_budget)
+                # (a relayed frame is a payload: its lengths and header besides)
+                m = await read_message(pc.reader, self.max_payload + 8 + MAX_HEADER,
+                                       self.payload_budget)
                 if m is None:
                     log.info("%s closed", pc)
                     return
@@ -241,18 +282,33 @@ class Links:
                             break
                         except Busy:
                             await asyncio.sleep(BUSY_RETRY)
+                        except ProtocolError as e:  # (one relayed frame: the link goes on)
+                            log.warning("%s: dropped a relayed frame: %s", pc, e)
+                            full = None
+                            break
                 finally:
                     if m.held:
                         self.payload_budget.give(m.held)
-                while full is not None and not full.gone and full.buffered > LINK_BUDGET:
-                    await full.drained()
-                    await asyncio.sleep(0)
+                await self._link_paced(full)
         except (ProtocolError, ConnectionError, OSError, ssl.SSLError) as e:
             log.warning("%s ended: %s", pc, e)
 
+    async def _link_paced(self, full) -> None:
+        """Until what a link's frame fed has room: a connection (its queue), or
+        a lease no seller runs yet (its input waiting for one)."""
+        if isinstance(full, Conn):
+            while not full.gone and not full.closed and full.buffered > LINK_BUDGET:
+                await full.drained()
+                await asyncio.sleep(0)
+        elif full is not None:
+            while (self.tasks.get(full.id) is full and full.session_seller() is None
+                   and full.streamed_bytes > STREAM_BUDGET):
+                await asyncio.sleep(PAUSE_POLL)
+
     def _on_link(self, pc: PeerConn, m):
-        """Handle one frame of a link: the connection it fed, if it is to be
-        waited for."""
+        """Handle one frame of a link: what it fed, to be waited for (_link_paced)."""
+        if m.type in ("to_buyer", "from_buyer") and m.type not in LINK_TYPES:
+            raise ProtocolError("frame", f"{m.type!r}")  # (never: the schema's own)
         if m.type == "to_buyer":  # (we have the buyer; pc's process holds the lease)
             inner = decode_frame(m.payload)
             if inner.type not in TO_BUYER:
@@ -284,41 +340,51 @@ class Links:
                 return None
             self._on_buyer(b, inner)
             s = t.session_seller()
-            return s if s is not None else None
+            return s if s is not None and not s.gone else t
         if m.type == "buyer_gone":
             rb = self._remote_buyers.get((pc.server, m["order"]))
             if rb is not None:
                 self._remote_buyer_gone(rb)
             return None
+        if m.type == "buyer_back":  # (after its buyer_gone, on this link: in order)
+            self._lease_home(m["order"], pc.server, again=True)
+            return None
         raise ProtocolError("frame", f"{m.type!r} is not a frame of a link")
 
     # --- the holder's side: leases follow their buyer ------------------------------
 
-    def _lease_home(self, order: int, server: int) -> None:
+    def _lease_home(self, order: int, server: int, again: bool = False) -> None:
         """The newest connection of buy order `order` is on process `server` now
-        (NOTIFY home): the leases held here tell it from now on."""
-        if server == self.server_id:
-            return  # (its hello here adopted them: _adopt_leases)
+        (NOTIFY home; or `again`: its buyer came back there, buyer_back): the
+        leases held here tell it from now on, and how each stands."""
         leases = [t for t in self.leases.values() if t.buy_order_id == order]
         if not leases:
+            return
+        if server == self.server_id:  # (a hello here adopted them; unless a home of before
+            conns = self.buyers.get(order)  # moved them away since)
+            if conns:
+                for t in leases:
+                    if getattr(t.buyer, "remote", False):
+                        self._follow(t, conns[-1])
             return
         rb = self._remote_buyers.get((server, order))
         if rb is None or rb.gone:
             rb = self._remote_buyers[server, order] = RemoteBuyer(self, server, order)
         for t in leases:
-            self._follow(t, rb)
+            self._follow(t, rb, again=True)  # (a connection there may be new: tell it)
         self._schedule()
 
-    def _follow(self, t, b) -> None:
-        """Lease `t` tells buyer `b` from now on (and at once, how it stands)."""
-        if t.buyer is b:
+    def _follow(self, t, b, again: bool = False) -> None:
+        """Lease `t` tells buyer `b` from now on (and, once committed, how it
+        stands; `again`: even if it told `b` already)."""
+        if t.buyer is b and not again:
             return
-        if t.buyer is not None:
+        if t.buyer is not None and t.buyer is not b:
             t.buyer.sessions.pop(t.id, None)
         t.buyer = b
         t.buyer_away_since = None
         b.sessions[t.id] = t
-        self._tell(t, t.lease_state, t.ending or None)
+        self._after_commit(lambda: self._tell(t, t.lease_state, t.ending or None))
 
     def _remote_buyer_gone(self, rb: RemoteBuyer) -> None:
         """The buyer on another process is gone: its leases here tell a connection
@@ -349,7 +415,10 @@ class Links:
         got = self.remote_sessions.get(m["session"])
         if got is None or got[1] != b.order_id or got[0].closed:
             return False
-        got[0].write(encode("from_buyer", encode(m.type, m.payload, **m.fields),
+        fields = {"session": m["session"]}  # (no other field: a peer's extras stay here)
+        if m.type == "stream" and m.get("eof") is not None:
+            fields["eof"] = m["eof"]
+        got[0].write(encode("from_buyer", encode(m.type, m.payload, **fields),
                             order=b.order_id))
         return True
 
@@ -369,6 +438,17 @@ class Links:
             self._forget_remote(sid)
         for pc in links:
             pc.write(encode("buyer_gone", order=order))
+        if links:
+            self._told_gone[order] = links
+            while len(self._told_gone) > GONE_KEPT:
+                del self._told_gone[next(iter(self._told_gone))]
+
+    def _buyer_back(self, order: int) -> None:
+        """A connection of buy order `order` here again, after a buyer_gone: its
+        holders hear it behind that (a NOTIFY home may reach them before it)."""
+        for pc in self._told_gone.pop(order, ()):
+            if not pc.closed:
+                pc.write(encode("buyer_back", order=order))
 
     def _forget_remote(self, sid: int) -> None:
         got = self.remote_sessions.pop(sid, None)

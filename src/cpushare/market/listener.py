@@ -226,6 +226,8 @@ class Listener:
             conns.append(conn)
             self._adopt_leases(conn)
             self._fleet_buyer(conn)
+            if self.fleet:
+                self._buyer_back(conn.order_id)  # (links.py)
         extra = {"output_chunks": OUTPUT_CHUNK} if role == "seller" else {"acks": True}
         conn.write(encode("welcome", version=VERSION, account=cert.account,
                           order=cert.order_id, max_payload=self.max_payload,
@@ -273,7 +275,7 @@ class Listener:
         """Before `m` is handled: the commit on its way, if it reads the store,
         and what it will ask, read ahead (pgahead).  Its connection waits (it
         is paused: not read, so not silent), the loop goes on."""
-        ahead = m.type in READ_AHEAD and self.store.reads_ahead
+        ahead = m.type in READ_AHEAD and self.store.reads_ahead and conn.role == "buyer"
         if not ahead and not (m.type in READS_STORE and self._committing()):
             return
         conn.paused = True

@@ -339,7 +339,10 @@ class PostgresStore(PgFilesMixin, PgAheadMixin, PgJournalMixin, PgFleetMixin, Pg
                 def q(sql, params):  # (after the COMMIT, no transaction open)
                     return self.db.conn.execute(self.db._q(sql)[0], params)
                 for table, n in wanted.items():
-                    self._ids_ahead[table] = self._id_block(q, table, n)
+                    try:
+                        self._ids_ahead[table] = self._id_block(q, table, n)
+                    except Exception:  # noqa: BLE001 (committed: _new_id takes one itself)
+                        return
         return self._writer_submit(send)
 
     def _writer_submit(self, fn) -> futures.Future:

@@ -124,6 +124,7 @@ class PgFleetMixin:
     def join(self, host: str, pid: int, link: str | None = None) -> int:
         """Register this process as a server of the market, its links reached
         at `link` (HOST:PORT, links.py); its id."""
+        self.db.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}s'")
         if not self.db.execute("SELECT 1 FROM information_schema.columns WHERE table_name = "
                                "'servers' AND column_name = 'link'").fetchone():
             self.db.execute("ALTER TABLE servers ADD COLUMN IF NOT EXISTS link TEXT")
