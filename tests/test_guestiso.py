@@ -304,7 +304,9 @@ def _dnsmasq(lan, name: str) -> netns.Dnsmasq:
 
 
 def _wait_ip(vm: Qemu, timeout: float) -> tuple[str, float] | None:
-    m = vm.search(rf"^{re.escape(guestiso.IP_PREFIX)}([0-9.]+)$", timeout)
+    # The line's end, not the console's: "$" also matches after a line still
+    # arriving ("cpushare-guest: ip 1" of 10.205.0.x).
+    m = vm.search(rf"^{re.escape(guestiso.IP_PREFIX)}([0-9.]+)\n", timeout)
     return None if m is None else (m.group(1), time.monotonic() - vm.started)
 
 
