@@ -188,15 +188,34 @@ def _run_script(args: list[str], timeout: float) -> subprocess.CompletedProcess:
         raise GuestIsoError(f"{BUILD_SCRIPT.name} {' '.join(args)} took over {timeout} s") from None
 
 
+APT_LISTS = Path("/var/lib/apt/lists")
+_kernels: dict[tuple, tuple[str, str]] = {}
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 def kernel_package(deb_dir: Path | None = None) -> tuple[str, str]:
     """The kernel package the ISO is built from: (name, version), as
     ``build-iso --print-kernel`` says (apt's candidate of
-    linux-image-amd64's versioned dependency, else the kept .deb)."""
+    linux-image-amd64's versioned dependency, else the kept .deb).  The
+    answer is kept in the process while what it comes from (build-iso,
+    apt's lists, the folder of kept .debs) is unchanged: apt-cache takes
+    over a second, and each iso_path() asks."""
     deb_dir = cache_dir() / "debs" if deb_dir is None else deb_dir
-    out = _run_script(["--print-kernel", "--deb-dir", str(deb_dir)], timeout=60).stdout.split()
-    if len(out) != 2:
-        raise GuestIsoError(f"build-iso --print-kernel said {' '.join(out)!r}, not NAME VERSION")
-    return out[0], out[1]
+    key = (str(deb_dir), _mtime(deb_dir), _mtime(APT_LISTS), _mtime(BUILD_SCRIPT))
+    if key not in _kernels:
+        out = _run_script(["--print-kernel", "--deb-dir", str(deb_dir)],
+                          timeout=60).stdout.split()
+        if len(out) != 2:
+            raise GuestIsoError(f"build-iso --print-kernel said {' '.join(out)!r}, "
+                                "not NAME VERSION")
+        _kernels[key] = (out[0], out[1])
+    return _kernels[key]
 
 
 def iso_key(kind: str, kernel: tuple[str, str], ssh_pub: bytes | None = None) -> str:
