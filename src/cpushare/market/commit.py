@@ -173,6 +173,10 @@ class GroupCommit:
         may be too, after it: they are short, and each is some frame's.)"""
         return self._inflight is not None and not self._inflight[0].done()
 
+    def _store_busy(self) -> bool:
+        """A commit or a read ahead is on its way: a statement now would wait."""
+        return self._committing() or self.store.pending() is not None
+
     async def _commit_done(self, reads: bool = True) -> None:
         """Until no commit is on its way, its announcements made, nor (`reads`)
         a read ahead: a statement after this (before the caller yields to the

@@ -183,7 +183,7 @@ class Fleet:
         """After each matching round: claim work for idle sellers; offer what waits."""
         if self._stopping:
             return
-        if self._pool_hint and self.matcher.ready and not self._committing():
+        if self._pool_hint and self.matcher.ready and not self._store_busy():
             self._claim()  # (else after that commit: _committed schedules a round)
         self._share_later()
 
@@ -221,7 +221,7 @@ class Fleet:
         if (self._stopping or self.fatal is not None or not self.peers
                 or self._idle_peers_until <= time.monotonic()):
             return
-        if self._committing():  # (its statement would wait for that commit: right after it)
+        if self._store_busy():  # (its statement would wait for that commit: right after it)
             self._share_due = True
             return
         now = time.monotonic()
@@ -254,7 +254,7 @@ class Fleet:
             self._fleet_leave()
             self._die("the database's notifications failed", e)
             return
-        if self._committing():  # (what they ask reads the store: after that commit)
+        if self._store_busy():  # (what they ask reads the store: after that commit)
             self._heard += payloads
             return
         payloads, self._heard = self._heard + payloads, []
