@@ -16,7 +16,9 @@ from test_market import BID, COINS, assert_ledger_ok, buyer, run
 HELD_AT_MOST = 6.0  # s: a loop that waits for the commit would be freed only by this
 
 
-def test_a_commit_waiting_for_a_lock_does_not_stop_the_event_loop(tmp_path, pg_cluster):
+def _market_and_holder(tmp_path, pg_cluster):
+    """A market with a buyer and alice, and another session of its database
+    (to hold a row), with release() to end that session's transaction once."""
     import psycopg
     url = pg_cluster.database()
     lm = LoopbackMarket(tmp_path, url)
@@ -29,6 +31,16 @@ def test_a_commit_waiting_for_a_lock_does_not_stop_the_event_loop(tmp_path, pg_c
         if not released.is_set():
             released.set()
             other.execute("ROLLBACK")
+    return lm, other, released, release
+
+
+def _close(lm, other) -> None:
+    other.close()
+    lm.close()
+
+
+def test_a_commit_waiting_for_a_lock_does_not_stop_the_event_loop(tmp_path, pg_cluster):
+    lm, other, released, release = _market_and_holder(tmp_path, pg_cluster)
 
     try:
         async def main():
@@ -64,8 +76,7 @@ def test_a_commit_waiting_for_a_lock_does_not_stop_the_event_loop(tmp_path, pg_c
         run(main())
         assert_ledger_ok(lm)
     finally:
-        other.close()
-        lm.close()
+        _close(lm, other)
 
 
 def test_frames_that_read_the_store_wait_for_a_held_commit_and_the_loop_goes_on(
@@ -74,18 +85,7 @@ def test_frames_that_read_the_store_wait_for_a_held_commit_and_the_loop_goes_on(
     hello (the certificate) arrive: they wait for the commit, the loop does
     not, and the statements the loop ran while a commit was on its way
     waited for none (the store counts them)."""
-    import psycopg
-    url = pg_cluster.database()
-    lm = LoopbackMarket(tmp_path, url)
-    lm.account("buyer", COINS)
-    lm.account("alice")
-    other = psycopg.connect(url, autocommit=True)
-    released = threading.Event()
-
-    def release():
-        if not released.is_set():
-            released.set()
-            other.execute("ROLLBACK")
+    lm, other, released, release = _market_and_holder(tmp_path, pg_cluster)
 
     try:
         async def main():
@@ -127,5 +127,4 @@ def test_frames_that_read_the_store_wait_for_a_held_commit_and_the_loop_goes_on(
         run(main())
         assert_ledger_ok(lm)
     finally:
-        other.close()
-        lm.close()
+        _close(lm, other)

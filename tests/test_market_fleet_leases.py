@@ -39,6 +39,22 @@ def _setup(tmp_path, pg_cluster, processes: int = 2):
     return lm, buy, sell, log, [Proc(lm, free_port(), log) for _ in range(processes)]
 
 
+def _serve(procs, log, main):
+    """Run `main()` with the processes started, then stopped (and the log closed)."""
+    async def run():
+        for p in procs:
+            p.start()
+        try:
+            return await main()
+        finally:
+            for p in procs:
+                p.stop()
+    try:
+        return asyncio.run(run())
+    finally:
+        log.close()
+
+
 def at(o, proc: Proc):
     return dataclasses.replace(o, port=proc.port)
 
@@ -99,47 +115,38 @@ def test_a_lease_follows_its_buyer_to_another_process_and_back(tmp_path, pg_clus
     lm, buy, sell, log, (a, b_proc) = _setup(tmp_path, pg_cluster)
 
     async def main():
-        for p in (a, b_proc):
-            p.start()
-        try:
-            b1, s, sid, aid = await _lease_on(buy, sell, a)
-            b1.writer.transport.abort()
-            b2 = await _buyer(buy, b_proc)  # the lease is held by A, its buyer is on B
-            back = await until(b2, "lease", session=sid)
-            assert (back["ref"], back["state"], back["seller"]) == ("node-1", "running",
-                                                                    "alice")
-            await s.send("stream", b"more\n", session=sid)
-            assert (await until(b2, "stream", session=sid)).payload == b"more\n"
-            await b2.send("stream", b"root\n", session=sid)
-            assert (await until(s, "stream", session=sid)).payload == b"root\n"
-            await s.send("meter", attempt=aid, cpu_ms=5000, state="running")
-            paid = await until(b2, "lease", session=sid, cpu_ms=5000)
-            assert paid["cost_milli"] == protocol.cost_milli(5000, ASK)
-            # ... and back to A: the lease tells that connection, and B no more
-            await b2.close()
-            b3 = await _buyer(buy, a)
-            assert (await until(b3, "lease", session=sid))["state"] == "running"
-            await s.send("stream", b"again\n", session=sid)
-            assert (await until(b3, "stream", session=sid)).payload == b"again\n"
-            # to B once more (A's connection stays), and when it leaves, back to
-            # the connection on A, which closes it
-            b4 = await _buyer(buy, b_proc)
-            await until(b4, "lease", session=sid)
-            await s.send("stream", b"to b4\n", session=sid)
-            assert (await until(b4, "stream", session=sid)).payload == b"to b4\n"
-            await b4.close()
-            assert (await until(b3, "lease", session=sid))["state"] == "running"
-            closed = await _end(b3, s, sid, aid, 6000)
-            assert closed["cpu_ms"] == 6000, closed
-            for p in (b3, s):
-                await p.close()
-        finally:
-            for p in (a, b_proc):
-                p.stop()
-    try:
-        asyncio.run(main())
-    finally:
-        log.close()
+        b1, s, sid, aid = await _lease_on(buy, sell, a)
+        b1.writer.transport.abort()
+        b2 = await _buyer(buy, b_proc)  # the lease is held by A, its buyer is on B
+        back = await until(b2, "lease", session=sid)
+        assert (back["ref"], back["state"], back["seller"]) == ("node-1", "running",
+                                                                "alice")
+        await s.send("stream", b"more\n", session=sid)
+        assert (await until(b2, "stream", session=sid)).payload == b"more\n"
+        await b2.send("stream", b"root\n", session=sid)
+        assert (await until(s, "stream", session=sid)).payload == b"root\n"
+        await s.send("meter", attempt=aid, cpu_ms=5000, state="running")
+        paid = await until(b2, "lease", session=sid, cpu_ms=5000)
+        assert paid["cost_milli"] == protocol.cost_milli(5000, ASK)
+        # ... and back to A: the lease tells that connection, and B no more
+        await b2.close()
+        b3 = await _buyer(buy, a)
+        assert (await until(b3, "lease", session=sid))["state"] == "running"
+        await s.send("stream", b"again\n", session=sid)
+        assert (await until(b3, "stream", session=sid)).payload == b"again\n"
+        # to B once more (A's connection stays), and when it leaves, back to
+        # the connection on A, which closes it
+        b4 = await _buyer(buy, b_proc)
+        await until(b4, "lease", session=sid)
+        await s.send("stream", b"to b4\n", session=sid)
+        assert (await until(b4, "stream", session=sid)).payload == b"to b4\n"
+        await b4.close()
+        assert (await until(b3, "lease", session=sid))["state"] == "running"
+        closed = await _end(b3, s, sid, aid, 6000)
+        assert closed["cpu_ms"] == 6000, closed
+        for p in (b3, s):
+            await p.close()
+    _serve((a, b_proc), log, main)
     spent, earned = _check(lm)
     assert spent == earned == protocol.cost_milli(6000, ASK)
 
@@ -151,40 +158,31 @@ def test_a_stream_to_a_buyer_on_another_process_is_paced_by_that_buyer(tmp_path,
     chunk = b"x" * (256 << 10)
 
     async def main():
-        for p in (a, b_proc):
-            p.start()
-        try:
-            b1, s, sid, aid = await _lease_on(buy, sell, a)
-            await b1.close()
-            b2 = await _buyer(buy, b_proc)
-            await until(b2, "lease", session=sid)
-            sent = 0
+        b1, s, sid, aid = await _lease_on(buy, sell, a)
+        await b1.close()
+        b2 = await _buyer(buy, b_proc)
+        await until(b2, "lease", session=sid)
+        sent = 0
 
-            async def flood():
-                nonlocal sent
-                while True:
-                    await s.send("stream", chunk, session=sid)
-                    sent += len(chunk)
-            flooding = asyncio.ensure_future(flood())
-            await asyncio.sleep(3)  # (b2 reads nothing meanwhile)
-            stalled = sent
-            await asyncio.sleep(1)
-            assert sent == stalled, "the seller was read on while its buyer did not read"
-            # the budgets of the two processes and the sockets between, not all of it
-            assert sent < 64 << 20, sent
-            got = 0
-            while got < stalled:
-                m = await until(b2, "stream", session=sid)
-                got += len(m.payload)
-            flooding.cancel()
-            assert got >= stalled
-        finally:
-            for p in (a, b_proc):
-                p.stop()
-    try:
-        asyncio.run(main())
-    finally:
-        log.close()
+        async def flood():
+            nonlocal sent
+            while True:
+                await s.send("stream", chunk, session=sid)
+                sent += len(chunk)
+        flooding = asyncio.ensure_future(flood())
+        await asyncio.sleep(3)  # (b2 reads nothing meanwhile)
+        stalled = sent
+        await asyncio.sleep(1)
+        assert sent == stalled, "the seller was read on while its buyer did not read"
+        # the budgets of the two processes and the sockets between, not all of it
+        assert sent < 64 << 20, sent
+        got = 0
+        while got < stalled:
+            m = await until(b2, "stream", session=sid)
+            got += len(m.payload)
+        flooding.cancel()
+        assert got >= stalled
+    _serve((a, b_proc), log, main)
     _check(lm)
 
 
@@ -192,38 +190,29 @@ def test_kill9_of_the_buyers_process_and_of_the_leases_holder(tmp_path, pg_clust
     lm, buy, sell, log, (a, b_proc) = _setup(tmp_path, pg_cluster)
 
     async def main():
-        for p in (a, b_proc):
-            p.start()
-        try:
-            b1, s, sid, aid = await _lease_on(buy, sell, a)
-            await b1.close()
-            b2 = await _buyer(buy, b_proc)
-            await until(b2, "lease", session=sid)
-            b_proc.kill()  # the buyer's process: it comes back on A, where the lease is
-            b3 = await _buyer(buy, a)
-            assert (await until(b3, "lease", session=sid))["state"] == "running"
-            await s.send("meter", attempt=aid, cpu_ms=2000, state="running")
-            await until(b3, "lease", session=sid, cpu_ms=2000)
-            b_proc.start()
-            await b3.close()
-            b4 = await _buyer(buy, b_proc)
-            await until(b4, "lease", session=sid)
-            a.kill()  # the lease's holder: B takes it over, its seller comes back to B
-            await s.close()
-            s2 = await _seller(sell, b_proc, lease_attempt=aid, lease_cpu_ms=3000)
-            back = await until(b4, "lease", session=sid, cpu_ms=3000)
-            assert back["state"] == "running", back
-            closed = await _end(b4, s2, sid, aid, 3500)
-            assert closed["cpu_ms"] == 3500, closed
-            await b4.close()
-            await s2.close()
-        finally:
-            for p in (a, b_proc):
-                p.stop()
-    try:
-        asyncio.run(main())
-    finally:
-        log.close()
+        b1, s, sid, aid = await _lease_on(buy, sell, a)
+        await b1.close()
+        b2 = await _buyer(buy, b_proc)
+        await until(b2, "lease", session=sid)
+        b_proc.kill()  # the buyer's process: it comes back on A, where the lease is
+        b3 = await _buyer(buy, a)
+        assert (await until(b3, "lease", session=sid))["state"] == "running"
+        await s.send("meter", attempt=aid, cpu_ms=2000, state="running")
+        await until(b3, "lease", session=sid, cpu_ms=2000)
+        b_proc.start()
+        await b3.close()
+        b4 = await _buyer(buy, b_proc)
+        await until(b4, "lease", session=sid)
+        a.kill()  # the lease's holder: B takes it over, its seller comes back to B
+        await s.close()
+        s2 = await _seller(sell, b_proc, lease_attempt=aid, lease_cpu_ms=3000)
+        back = await until(b4, "lease", session=sid, cpu_ms=3000)
+        assert back["state"] == "running", back
+        closed = await _end(b4, s2, sid, aid, 3500)
+        assert closed["cpu_ms"] == 3500, closed
+        await b4.close()
+        await s2.close()
+    _serve((a, b_proc), log, main)
     spent, earned = _check(lm)
     assert spent == earned == protocol.cost_milli(3500, ASK)
 
@@ -250,40 +239,31 @@ def test_a_link_from_anything_but_a_market_process_is_refused(tmp_path, pg_clust
     lm, buy, sell, log, (a, b_proc) = _setup(tmp_path, pg_cluster)
 
     async def main():
-        for p in (a, b_proc):
-            p.start()
-        try:
-            b1, s, sid, aid = await _lease_on(buy, sell, a)
-            with psycopg.connect(lm.db) as c:
-                links = [r[0] for r in c.execute("SELECT link FROM servers ORDER BY id")]
-            assert len(links) == 2 and all(links), links
-            b2 = await _buyer(buy, b_proc)  # (B has the buyer now: forged frames would reach it)
-            await until(b2, "lease", session=sid)
-            as_buyer = protocol.client_context(buy.ca_pem, buy.cert_pem, buy.key_pem)
-            as_buyer.check_hostname = False
-            anonymous = ssl.create_default_context(cadata=buy.ca_pem)
-            anonymous.check_hostname = False
-            await b2.sync()  # (what came before the forgeries)
-            for address in links:
-                for ctx in (as_buyer, anonymous):
-                    how = await _forge(address, ctx, b1.welcome["order"])
-                    assert how.startswith(("closed", "refused")), how
-            await s.send("stream", b"still here\n", session=sid)
-            await asyncio.sleep(0.3)
-            got = await b2.sync()  # (everything b2 was sent since)
-            assert not [x for x in got if x.get("message") == "forged"], got
-            assert [x.payload for x in got if x.type == "stream"] == [b"still here\n"], got
-            closed = await _end(b2, s, sid, aid, 2000)
-            assert closed["cpu_ms"] == 2000
-            for p in (b1, b2, s):
-                await p.close()
-        finally:
-            for p in (a, b_proc):
-                p.stop()
-    try:
-        asyncio.run(main())
-    finally:
-        log.close()
+        b1, s, sid, aid = await _lease_on(buy, sell, a)
+        with psycopg.connect(lm.db) as c:
+            links = [r[0] for r in c.execute("SELECT link FROM servers ORDER BY id")]
+        assert len(links) == 2 and all(links), links
+        b2 = await _buyer(buy, b_proc)  # (B has the buyer now: forged frames would reach it)
+        await until(b2, "lease", session=sid)
+        as_buyer = protocol.client_context(buy.ca_pem, buy.cert_pem, buy.key_pem)
+        as_buyer.check_hostname = False
+        anonymous = ssl.create_default_context(cadata=buy.ca_pem)
+        anonymous.check_hostname = False
+        await b2.sync()  # (what came before the forgeries)
+        for address in links:
+            for ctx in (as_buyer, anonymous):
+                how = await _forge(address, ctx, b1.welcome["order"])
+                assert how.startswith(("closed", "refused")), how
+        await s.send("stream", b"still here\n", session=sid)
+        await asyncio.sleep(0.3)
+        got = await b2.sync()  # (everything b2 was sent since)
+        assert not [x for x in got if x.get("message") == "forged"], got
+        assert [x.payload for x in got if x.type == "stream"] == [b"still here\n"], got
+        closed = await _end(b2, s, sid, aid, 2000)
+        assert closed["cpu_ms"] == 2000
+        for p in (b1, b2, s):
+            await p.close()
+    _serve((a, b_proc), log, main)
     log_text = (tmp_path / "server.log").read_text()
     assert "refused a link from" in log_text and "Traceback" not in log_text
     spent, earned = _check(lm)
@@ -299,46 +279,37 @@ def test_input_for_a_lease_no_seller_runs_yet_is_paced_across_processes(tmp_path
     total = 192 * len(chunk)  # 48 MiB: more than the budgets and every socket between
 
     async def main():
-        for p in (a, b_proc):
-            p.start()
-        try:
-            b1 = await _buyer(buy, a)
-            d, _ = await upload(b1, fake_iso())
-            await b1.send("open", ref="node-1", image=d)
-            sid = (await b1.expect("opened"))["session"]
-            await until(b1, "lease", session=sid, state="waiting")
-            await b1.close()
-            b2 = await _buyer(buy, b_proc)
-            await until(b2, "lease", session=sid)
+        b1 = await _buyer(buy, a)
+        d, _ = await upload(b1, fake_iso())
+        await b1.send("open", ref="node-1", image=d)
+        sid = (await b1.expect("opened"))["session"]
+        await until(b1, "lease", session=sid, state="waiting")
+        await b1.close()
+        b2 = await _buyer(buy, b_proc)
+        await until(b2, "lease", session=sid)
 
-            async def typing():
-                for _ in range(total // len(chunk)):
-                    await b2.send("stream", chunk, session=sid)
-            typed = asyncio.ensure_future(typing())
-            await asyncio.sleep(3)
-            assert not typed.done(), "48 MiB of input were read with no seller to take it"
-            s = await _seller(sell, a)
-            await s.send("ready")
-            got, task = 0, None
-            while got < total or task is None:  # (what waited comes with the task)
-                m = await s.recv()
-                assert m is not None, "the seller's connection closed"
-                if m.type == "task":
-                    task = m
-                elif m.type == "stream":
-                    assert m["session"] == sid
-                    got += len(m.payload)
-            await asyncio.wait_for(typed, 30)
-            assert got == total
-            closed = await _end(b2, s, sid, task["attempt"], 1000)
-            assert closed["cpu_ms"] == 1000
-            for p in (b2, s):
-                await p.close()
-        finally:
-            for p in (a, b_proc):
-                p.stop()
-    try:
-        asyncio.run(main())
-    finally:
-        log.close()
+        async def typing():
+            for _ in range(total // len(chunk)):
+                await b2.send("stream", chunk, session=sid)
+        typed = asyncio.ensure_future(typing())
+        await asyncio.sleep(3)
+        assert not typed.done(), "48 MiB of input were read with no seller to take it"
+        s = await _seller(sell, a)
+        await s.send("ready")
+        got, task = 0, None
+        while got < total or task is None:  # (what waited comes with the task)
+            m = await s.recv()
+            assert m is not None, "the seller's connection closed"
+            if m.type == "task":
+                task = m
+            elif m.type == "stream":
+                assert m["session"] == sid
+                got += len(m.payload)
+        await asyncio.wait_for(typed, 30)
+        assert got == total
+        closed = await _end(b2, s, sid, task["attempt"], 1000)
+        assert closed["cpu_ms"] == 1000
+        for p in (b2, s):
+            await p.close()
+    _serve((a, b_proc), log, main)
     _check(lm)
