@@ -313,3 +313,47 @@ def test_input_for_a_lease_no_seller_runs_yet_is_paced_across_processes(tmp_path
             await p.close()
     _serve((a, b_proc), log, main)
     _check(lm)
+
+
+def _holder(lm, sid: int) -> int:
+    """The pid of the process holding lease `sid` (after a takeover: its taker)."""
+    with psycopg.connect(lm.db, autocommit=True) as c:
+        row = c.execute("SELECT s.pid FROM tasks t JOIN servers s ON s.id = t.owner "
+                        "WHERE t.id = %s", (sid,)).fetchone()
+    return row[0] if row else 0
+
+
+def test_kill9_of_the_holder_of_three_the_seller_back_on_the_other_survivor(tmp_path,
+                                                                             pg_cluster):
+    """Three processes; the lease is held by A, its buyer is on B.  A is killed
+    and one survivor takes the lease over; its seller comes back to the other
+    one, which asks the taker for the lease over a link: it runs on, paid, and
+    its buyer hears it."""
+    lm, buy, sell, log, procs = _setup(tmp_path, pg_cluster, processes=3)
+    a = procs[0]
+
+    async def main():
+        b1, s, sid, aid = await _lease_on(buy, sell, a)
+        await b1.close()
+        buyer_on = procs[1]
+        b2 = await _buyer(buy, buyer_on)
+        await until(b2, "lease", session=sid)
+        a.kill()
+        deadline = asyncio.get_running_loop().time() + 20
+        while _holder(lm, sid) in (0, a.p.pid):  # (until a survivor took it over)
+            assert asyncio.get_running_loop().time() < deadline, "no takeover"
+            await asyncio.sleep(0.1)
+        taker = _holder(lm, sid)
+        other = next(p for p in procs[1:] if p.p.pid != taker)
+        await s.close()
+        s2 = await _seller(sell, other, lease_attempt=aid, lease_cpu_ms=4000)
+        back = await until(b2, "lease", session=sid, cpu_ms=4000)
+        assert back["state"] == "running", back
+        assert _holder(lm, sid) == other.p.pid
+        closed = await _end(b2, s2, sid, aid, 4500)
+        assert closed["cpu_ms"] == 4500, closed
+        await b2.close()
+        await s2.close()
+    _serve(procs, log, main)
+    spent, earned = _check(lm)
+    assert spent == earned == protocol.cost_milli(4500, ASK)

@@ -175,6 +175,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
     "from_buyer": {"order": (ID, R)},
     "buyer_gone": {"order": (ID, R)},
     "buyer_back": {"order": (ID, R)},
+    # a lease's seller came back to another process than its holder's
+    "lease_wanted": {"attempt": (ID, R)},
+    "lease_given": {"attempt": (ID, R), "task": (ID, R)},
+    "lease_kept": {"attempt": (ID, R)},
 }
 # The length of refs and digests is bounded so that a peer cannot make the
 # server store big keys.

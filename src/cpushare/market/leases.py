@@ -29,6 +29,7 @@ LEASE_AHEAD_MS = 60_000  # CPU time held in escrow ahead of a lease's use
 # After a restart the market waits this long for the seller of each lease that
 # was running (its guest runs on, and it reconnects saying so) before ending it.
 LEASE_GRACE = 120.0
+LEASE_ASK = 5.0  # s a seller back on another process waits for its lease's holder to answer
 LEASE_MODELS = ("kvm",)  # models whose work is leases (models.Model.leases)
 # A lease whose buyer has had no connection this long is powered off (a buyer
 # that comes back within it takes its leases back).
@@ -123,7 +124,7 @@ class Leases:
         t.orphan = (a.id, a.sell_order_id)
         self.orphans[a.id] = t
 
-    def _reclaim_lease(self, s: SellerConn, aid: int, cpu_ms: int) -> None:
+    def _reclaim_lease(self, s: SellerConn, aid: int, cpu_ms: int, ask: bool = True) -> None:
         """Seller `s` reconnected running lease attempt `aid` (hello): it is its
         again, paid for what ran meanwhile; an attempt the market does not
         hold for it is stopped."""
@@ -133,6 +134,9 @@ class Leases:
             self._reclaim_looked = now  # (its process may have died a moment ago: now)
             self._fleet_look()
             t = self.orphans.get(aid)
+        if (t is None and self.fleet and ask and not s.attempts
+                and self._want_lease(s, aid, cpu_ms)):
+            return  # (another process holds it: asked for it, the seller waits)
         if t is None or t.orphan[1] != s.order_id or s.attempts:
             log.info("%s runs lease attempt %d, which is not its: stopping it", s, aid)
             s.stale.add(aid)
@@ -154,6 +158,57 @@ class Leases:
         self._after_commit(lambda: self._tell(t, t.lease_state, seller=s.account))
         if t.buyer is None or t.buyer.gone:
             self._after_commit(lambda: self._seek_buyer(t))
+
+    # --- a lease whose seller came back to another process ------------------------
+
+    def _want_lease(self, s: SellerConn, aid: int, cpu_ms: int) -> bool:
+        """Seller `s` came back here running lease attempt `aid`, which another
+        live process holds (it took the lease over from its dead holder, and
+        waits for the seller): ask it for the lease (lease_wanted, over a link)."""
+        got = self.store.lease_holder(aid)
+        if got is None or got[1] is None or got[1] == self.server_id or got[1] not in self.peers:
+            return False
+        self._wanted[aid] = (s, cpu_ms)
+        self._link_write(got[1], encode("lease_wanted", attempt=aid))
+        asyncio.get_running_loop().call_later(LEASE_ASK, self._lease_answer, aid, None)
+        log.info("%s runs lease attempt %d of task %d, held by market process %d: asked "
+                 "for it", s, aid, got[0], got[1])
+        return True
+
+    def _give_lease(self, pc, aid: int) -> None:
+        """Process `pc.server` asks for lease attempt `aid`, whose seller came
+        back there: it is its, if it still waits for its seller here."""
+        t = self.orphans.get(aid)
+        if t is None or self.tasks.get(t.id) is not t or not self._tx().hand_lease(
+                t.id, pc.server):
+            pc.write(encode("lease_kept", attempt=aid))
+            return
+        del self.orphans[aid]
+        self.tasks.pop(t.id, None)
+        self.leases.pop(t.id, None)
+        self.open_leases[t.buy_order_id] -= 1
+        self.open_tasks[t.buyer_account_id, True] -= 1
+        if t.buyer is not None:
+            t.buyer.sessions.pop(t.id, None)
+        log.info("lease %d goes to market process %d, where its seller came back", t.id,
+                 pc.server)
+        self._after_commit(lambda: pc.write(encode("lease_given", attempt=aid, task=t.id)))
+
+    def _lease_answer(self, aid: int, task_id: int | None) -> None:
+        """The holder's answer to lease_wanted (task_id None: kept, or no answer
+        within LEASE_ASK): the seller waiting for it runs it on, or stops."""
+        want = self._wanted.pop(aid, None)
+        if task_id is not None:
+            rows = self._tx().handed_lease(task_id)
+            if rows:
+                self._load_tasks(rows, "")  # (a lease waiting for its seller: orphans)
+                self._expire_orphans_later()
+        if want is None:
+            return
+        s, cpu_ms = want
+        if not s.gone and self.sellers.get((s.order_id, s.instance)) is s:
+            self._reclaim_lease(s, aid, cpu_ms, ask=False)  # (or it is stopped)
+        self._schedule()
 
     def _orphans_expire(self) -> None:
         """LEASE_GRACE after a restart: the leases whose seller did not come back end."""

@@ -51,7 +51,8 @@ FROM_BUYER = frozenset({"stream", "close"})  # relayed from a buyer to the lease
 LINK_TIMEOUT = 10.0  # s: to connect and say who it is
 LINK_BUDGET = 1 << 20  # bytes waiting for a link, or relayed to a buyer, before pausing
 PAUSE_POLL = 0.02
-LINK_TYPES = frozenset({"to_buyer", "from_buyer", "buyer_gone", "buyer_back"})
+LINK_TYPES = frozenset({"to_buyer", "from_buyer", "buyer_gone", "buyer_back", "lease_wanted",
+                        "lease_given", "lease_kept"})
 MAX_HANDSHAKES = 64  # links not yet past their `peer` frame, at once
 # A link's TCP: a peer that vanishes is found within about half a minute
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 10), (socket.TCP_KEEPINTVL, 5), (socket.TCP_KEEPCNT, 3))
@@ -127,6 +128,7 @@ class Links:
         self._told_gone: dict[int, set[PeerConn]] = {}  # order -> links told buyer_gone
         self._handshakes = 0  # links accepted and not yet past their `peer`
         self._reclaim_looked = 0.0  # when a seller's hello last made us look (leases.py)
+        self._wanted: dict[int, tuple] = {}  # lease attempt -> (seller, cpu_ms) asked of its holder
 
     # --- listening, opening ------------------------------------------------------
 
@@ -348,6 +350,12 @@ class Links:
             return None
         if m.type == "buyer_back":  # (after its buyer_gone, on this link: in order)
             self._lease_home(m["order"], pc.server, again=True)
+            return None
+        if m.type == "lease_wanted":  # (we hold it: its seller came back there)
+            self._give_lease(pc, m["attempt"])
+            return None
+        if m.type in ("lease_given", "lease_kept"):
+            self._lease_answer(m["attempt"], m.get("task"))
             return None
         raise ProtocolError("frame", f"{m.type!r} is not a frame of a link")
 

@@ -218,5 +218,6 @@ class Store(abc.ABC):
     attempts_of = buyer_home = notify_result = announce_results = notify_all = _one_process
     forget_homes = try_lock = cancel_task = claim_cancelled = ask_yield = notify_idle = _one_process
     revoked_among = buyer_home_of = server_link = _one_process
+    lease_holder = hand_lease = handed_lease = _one_process
     # (only where reads_ahead: store/pgahead.py)
     asks_ref = asks_lock = read_ahead = took_ahead = _one_process

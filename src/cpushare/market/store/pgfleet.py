@@ -279,6 +279,25 @@ class PgFleetMixin:
             "SELECT pg_notify(%s, 'home ' || %s || ' ' || server) FROM h",
             (buy_order_id, self.server_id, CHANNEL, buy_order_id))
 
+    def lease_holder(self, attempt_id: int) -> tuple[int, int | None] | None:
+        """(task, the server holding it) of a lease's running attempt, if queued."""
+        return self.db.execute(
+            "SELECT t.id, t.owner FROM attempts a JOIN tasks t ON t.id = a.task_id WHERE "
+            "a.id = ? AND a.state = 'running' AND t.state = 'queued' AND t.session = 1",
+            (attempt_id,)).fetchone()
+
+    def hand_lease(self, task_id: int, server: int) -> bool:
+        """The lease `task_id` this server holds becomes `server`'s (at the commit)."""
+        return self.db.execute("UPDATE tasks SET owner = ? WHERE id = ? AND owner = ? AND "
+                               "state = 'queued'", (server, task_id, self.server_id)
+                               ).rowcount == 1
+
+    def handed_lease(self, task_id: int) -> list:
+        """The lease handed to this server, as take_over's rows (none if it is not)."""
+        r = self.db.execute(f"SELECT {_COLS} FROM tasks WHERE id = ? AND owner = ? AND "
+                            f"state = 'queued'", (task_id, self.server_id)).fetchone()
+        return [_loaded(r, False)] if r else []
+
     def server_link(self, server: int) -> str | None:
         """Where server `server` listens for links (None: no such server)."""
         row = self.db.execute("SELECT link FROM servers WHERE id = ?", (server,)).fetchone()
