@@ -70,10 +70,11 @@ def test_two_processes_never_spend_one_balance_twice(tmp_path, pg_cluster):
         await p.send("image", img, image=d)  # both at once: one row, and both told ok
         await p.expect("image_ok")
         await ready.wait()  # and the submits of both at once
-        for i in range(EACH):  # (in bursts, as a buyer's window opens)
+        for i in range(EACH):  # (in bursts, as a buyer's window opens: a process
+            # takes a burst in one read ahead, so bursts 10 ms apart, for both to race)
             await p.send("submit", b"x", ref=f"o{o.name}-{i}", image=d, cpu_ms=CPU_MS)
             if i % 10 == 9:
-                await asyncio.sleep(0.002)
+                await asyncio.sleep(0.01)
         replies = await _replies(p, EACH)
         await p.close()
         return replies

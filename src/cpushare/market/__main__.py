@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--link", metavar="HOST[:PORT]",
                    help="with a postgresql:// database: where this process listens for "
                         "links from the market's other processes, an address they reach "
-                        "(default 127.0.0.1, any port: every process on this machine)")
+                        "(default 127.0.0.1 and a free port of 20000-29999: the processes of "
+                        "this machine)")
     s.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"))
 

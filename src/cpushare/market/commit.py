@@ -36,6 +36,7 @@ class GroupCommit:
     for it, and the connections with frames to send."""
 
     fleet = False  # one of several processes on one database (fleet.py)
+    _yielding: dict = {}  # (fleet.py's)
 
     def _init_commit(self, store: Store, commit_delay: float) -> None:
         self.store = store
@@ -133,7 +134,7 @@ class GroupCommit:
                     FILES_POLL, self._commit)
                 return
         self._files_since = 0.0
-        if self._reading and not wait and not self._stopping:
+        if self._reading and not wait and not self._stopping and not self._yields():
             # (their answers are of this transaction: a commit now would void them)
             now = time.monotonic()
             if not self._read_since:
@@ -172,6 +173,14 @@ class GroupCommit:
         """A commit is on its way: a statement now would wait for it.  (Reads ahead
         may be too, after it: they are short, and each is some frame's.)"""
         return self._inflight is not None and not self._inflight[0].done()
+
+    def _yields(self) -> bool:
+        """A key is being left to another process: the commit that frees it
+        waits for nothing (fleet.Fleet._on_yield)."""
+        if not self._yielding:
+            return False
+        now = time.monotonic()
+        return any(until > now for until in self._yielding.values())
 
     def _store_busy(self) -> bool:
         """A commit or a read ahead is on its way: a statement now would wait."""

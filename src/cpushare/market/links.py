@@ -29,7 +29,9 @@ begin with a letter or a digit).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import random
 import socket
 import ssl
 import time
@@ -54,6 +56,7 @@ PAUSE_POLL = 0.02
 LINK_TYPES = frozenset({"to_buyer", "from_buyer", "buyer_gone", "buyer_back", "lease_wanted",
                         "lease_given", "lease_kept"})
 MAX_HANDSHAKES = 64  # links not yet past their `peer` frame, at once
+LINK_PORTS = range(20000, 30000)  # where --link without a port listens
 # A link's TCP: a peer that vanishes is found within about half a minute
 KEEPALIVE = ((socket.TCP_KEEPIDLE, 10), (socket.TCP_KEEPINTVL, 5), (socket.TCP_KEEPCNT, 3))
 USER_TIMEOUT_MS = 30_000  # TCP_USER_TIMEOUT: data unacknowledged this long ends it
@@ -149,6 +152,15 @@ class Links:
         return where
 
     async def _link_listen(self, server_ctx, host: str, port: int):
+        if port == 0:  # (a free one of LINK_PORTS: not the kernel's ephemeral ports,
+            for p in random.sample(LINK_PORTS, 64):  # which others take and free)
+                try:
+                    return await self._link_listen(server_ctx, host, p)
+                except OSError as e:
+                    if e.errno != errno.EADDRINUSE:
+                        raise
+            raise OSError(errno.EADDRINUSE, f"no free port of {LINK_PORTS.start}.."
+                                            f"{LINK_PORTS.stop - 1} in 64 tries")
         return await asyncio.start_server(
             self._link_accepted, host, port, ssl=server_ctx, backlog=256,
             ssl_handshake_timeout=LINK_TIMEOUT)
