@@ -316,8 +316,9 @@ class PgJournalMixin:
               "AND session = 0"
         args: tuple = (buy_order_id, ref)
         if delivered:  # (or marked so in the journal: by their keys, not a scan)
-            sql += (" UNION ALL SELECT id FROM tasks WHERE id = ANY(?::bigint[]) AND "
-                    "buy_order_id = ? AND ref = ? AND session = 0")
+            sql += (" UNION ALL SELECT t.id FROM unnest(?::bigint[]) AS d(id) CROSS JOIN "
+                    "LATERAL (SELECT id FROM tasks WHERE id = d.id AND buy_order_id = ? AND "
+                    "ref = ? AND session = 0 OFFSET 0) t")  # (a key lookup each: pgahead._REFS)
             args += (list(delivered), buy_order_id, ref)
         return sql + " LIMIT 1", args
 
