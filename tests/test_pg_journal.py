@@ -248,3 +248,66 @@ def test_a_savepoint_rolled_back_takes_its_journaled_writes_with_it(tmp_path, pg
     finally:
         lite.close()
         pg.close()
+
+
+def test_a_store_upgrades_an_older_apply_function_and_id_sequences_and_commits_in_one_call(
+        tmp_path, pg_cluster):
+    """A database whose cpushare_apply is of an older version (no ledger runs:
+    its commits sent the ledger as statements of their own) gets this
+    version's when a store opens it; a commit is then BEGIN, one call and
+    COMMIT, and writes the same ledger, balances and notifications."""
+    import psycopg
+    from cpushare.market.store.pg import PostgresStore
+    from cpushare.market.store.pgfleet import CHANNEL
+    from cpushare.market.store.pgjournal import ID_BLOCKS, JOURNAL_BODY
+    url = pg_cluster.database()
+    _, pg = _stores(tmp_path, url)
+    pg.close()
+    old = JOURNAL_BODY.split("    WHEN 'ledger' THEN")[0] + "    END CASE;\n  END LOOP;\nEND "
+    increments = ("SELECT seqincrement FROM pg_sequence WHERE seqrelid = "
+                  "pg_get_serial_sequence(%s, 'id')::regclass")
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("CREATE OR REPLACE FUNCTION cpushare_apply(runs jsonb, blobs bytea[]) "
+                  "RETURNS void LANGUAGE plpgsql AS $f$" + old + "$f$")
+        for t in ID_BLOCKS:  # (an older version's sequences: an id a nextval)
+            seq = c.execute("SELECT pg_get_serial_sequence(%s, 'id')", (t,)).fetchone()[0]
+            c.execute(f"ALTER SEQUENCE {seq} INCREMENT BY 1")
+        c.execute("SELECT nextval(pg_get_serial_sequence('tasks', 'id'))")  # (one taken)
+    pg = PostgresStore(url, image_dir=str(tmp_path / "images"))
+    other = PostgresStore(url, image_dir=str(tmp_path / "images"))
+    listener = psycopg.connect(url, autocommit=True)
+    try:
+        assert pg.db.execute("SELECT prosrc FROM pg_proc WHERE proname = 'cpushare_apply'"
+                             ).fetchone()[0] == JOURNAL_BODY
+        for t, n in ID_BLOCKS.items():
+            assert listener.execute(increments, (t,)).fetchone()[0] == n
+        # two stores' blocks, taken in turn: never an id twice, each a whole block
+        taken = [pg._id_block(pg.db.execute, "tasks"), other._id_block(other.db.execute, "tasks"),
+                 pg._id_block(pg.db.execute, "tasks")]
+        assert all(len(b) == ID_BLOCKS["tasks"] for b in taken)
+        assert len(set().union(*taken)) == 3 * ID_BLOCKS["tasks"]
+        heard = []
+        listener.add_notify_handler(lambda n: heard.append(n.payload))
+        listener.execute(f"LISTEN {CHANNEL}")
+        buyer, seller, so, bo = _setup(pg)
+        pg.begin()
+        pg.transfer("mint", [(pg.mint_id, -5000), (buyer, 5000)], memo="it's \"quoted\"")
+        pg.transfer("mint", [(pg.mint_id, -700), (seller, 700)], task_id=None)
+        pg.notify_all("hello there")
+        sent = pg.db.sent
+        pg.commit_apart().result(10)
+        assert pg.db.sent == sent, "the commit sent a statement of the loop's"
+        assert pg.account_by_id(buyer).balance_milli == 5000
+        assert pg.account_by_id(seller).balance_milli == 700
+        rows = pg.db.execute("SELECT t.kind, t.memo, e.account_id, e.amount FROM entries e "
+                             "JOIN transactions t ON t.id = e.txn_id ORDER BY e.id").fetchall()
+        assert rows == [("mint", "it's \"quoted\"", pg.mint_id, -5000),
+                        ("mint", "it's \"quoted\"", buyer, 5000),
+                        ("mint", "", pg.mint_id, -700), ("mint", "", seller, 700)]
+        listener.execute("SELECT 1")  # (its notifications are taken in on the way)
+        assert heard == ["hello there"]
+        assert pg.check() == []
+    finally:
+        listener.close()
+        other.close()
+        pg.close()

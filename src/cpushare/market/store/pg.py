@@ -42,7 +42,6 @@ from .txn import TxnMixin
 
 
 PIPELINED = 32768  # bytes: a bigger journal is sent before the commit's pipeline, on its own
-PIPELINED_ITEMS = 4096  # values in a commit's arrays past which it is sent without a pipeline
 APPLY = "SELECT cpushare_apply(%s::jsonb, %b::bytea[])"
 
 
@@ -196,29 +195,26 @@ class PgDb:
         begin, self._begin, self.in_transaction = self._begin, False, False
         return begin
 
-    def send_commit(self, begin: bool, runs: tuple | None, stmts: list) -> None:
-        """A transaction's end in one pipeline (BEGIN, if owed, the journal, then
-        `stmts`, then COMMIT): in any thread, while no other uses the connection.
-        StoreError unless the server says COMMIT (a transaction that failed
-        on the way is rolled back by its COMMIT)."""
+    def send_commit(self, begin: bool, runs: tuple | None) -> None:
+        """A transaction's end in one pipeline (BEGIN, if owed, the journal with
+        its ledger and notifications, then COMMIT): in any thread, while no
+        other uses the connection.  StoreError unless the server says COMMIT
+        (a transaction that failed on the way is rolled back by its COMMIT)."""
         try:
-            self._send_commit(begin, runs, stmts)
+            self._send_commit(begin, runs)
         except BaseException as e:
             self.failed = e  # (rollback() ends what is left of it)
             raise
 
-    def _send_commit(self, begin: bool, runs: tuple | None, stmts: list) -> None:
+    def _send_commit(self, begin: bool, runs: tuple | None) -> None:
         conn = self.conn
-        big = sum(len(p) for _, params in stmts for p in params if type(p) is list)
-        one_by_one = (runs is not None and runs[2] > PIPELINED) or big > PIPELINED_ITEMS
+        one_by_one = runs is not None and runs[2] > PIPELINED
         # (psycopg 3.1's pipeline can hang on a big query: then one at a time)
         with contextlib.nullcontext() if one_by_one else conn.pipeline():
             if begin:
                 conn.execute("BEGIN")
             if runs is not None:
                 conn.execute(APPLY, runs[:2])
-            for sql, params in stmts:
-                conn.execute(self._q(sql)[0], tuple(params) if params else None)
             end = conn.execute("COMMIT")
         if end.statusmessage != "COMMIT":
             raise StoreError(f"the transaction did not commit (the server says "
@@ -294,10 +290,7 @@ class PostgresStore(PgFilesMixin, PgAheadMixin, PgJournalMixin, PgFleetMixin, Pg
             self.db.close()
             raise StoreError(f"{self.path}: not a CPUShare market database of schema "
                              f"{SCHEMA_VERSION} (found {version!r}; run init first?)")
-        if self.db.execute("SELECT to_regprocedure('cpushare_apply(jsonb, bytea[])')"
-                           ).fetchone()[0] is None:
-            with self.transaction():  # (a database made before the journal)
-                self.db.raw(PG_JOURNAL_SCHEMA)
+        self._upgrade_journal()  # (PgJournalMixin's)
         image_dir = image_dir or self.get_meta("image_dir")
         if not image_dir:
             self.db.close()
@@ -338,9 +331,9 @@ class PostgresStore(PgFilesMixin, PgAheadMixin, PgJournalMixin, PgFleetMixin, Pg
                 send()
                 def q(sql, params):  # (after the COMMIT, no transaction open)
                     return self.db.conn.execute(self.db._q(sql)[0], params)
-                for table, n in wanted.items():
+                for table in wanted:
                     try:
-                        self._ids_ahead[table] = self._id_block(q, table, n)
+                        self._ids_ahead[table] = self._id_block(q, table)
                     except Exception:  # noqa: BLE001 (committed: _new_id takes one itself)
                         return
         return self._writer_submit(send)
@@ -362,16 +355,11 @@ class PostgresStore(PgFilesMixin, PgAheadMixin, PgJournalMixin, PgFleetMixin, Pg
             db.execute("COMMIT")  # (sends nothing)
             self._journal_committed()
             return _nothing
-        stmts: list = []
-
-        def q(sql, params=()):
-            stmts.append((sql, params))
-        runs = db.journal.take()
-        self._write_ledger(q)
-        self._write_notes(q)
+        ledger = self._ledger_run()
+        runs = db.journal.take(([ledger] if ledger else []) + self._notes_runs())
         begin = db.take_commit()
         self._journal_committed()
-        return lambda: db.send_commit(begin, runs, stmts)
+        return lambda: db.send_commit(begin, runs)
 
     def rollback(self) -> None:
         self._entries, self._deltas, self._txns = [], {}, []

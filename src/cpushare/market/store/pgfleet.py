@@ -69,6 +69,7 @@ _RESULTS = ("SELECT pg_notify(?::text || h.server, 'result ' || x.o || ' ' || x.
 
 # the classes of the advisory locks a group transaction takes with try (never waits)
 LOCKS = {"account": 1, "image": 2, "collect": 3}
+SCHEMA_LOCK = 4  # (its class: waited for, by a store replacing cpushare_apply, pg.py)
 
 _COLS = ("id, buy_order_id, buyer_account_id, ref, image, redundancy, cpu_ms, bid_milli, "
          "escrow_milli, state, session, model, "
@@ -348,17 +349,19 @@ class PgFleetMixin:
     def notify_all(self, payload: str) -> None:
         self._notify_all.add(payload)
 
-    def _write_notes(self, q=None) -> None:
-        """Inside the commit's transaction: NOTIFY is sent when it commits.
-        (`q`: what runs a statement; the connection's at once by default.)"""
-        q = q or self.db.execute
-        for p in sorted(self._notify_all):
-            q("SELECT pg_notify(?, ?)", (CHANNEL, p))
-        self._notify_all = set()
+    def _notes_runs(self) -> list:
+        """The notifications of the transaction, taken, as runs of its commit's
+        cpushare_apply call (pgjournal's _TAIL_CASES): inside the transaction,
+        so NOTIFY is sent when, and only if, it commits."""
+        runs = []
+        if self._notify_all:
+            runs.append(["notify", [CHANNEL, sorted(self._notify_all)]])
+            self._notify_all = set()
         if self._result_notes:
-            orders, tids = zip(*self._result_notes)
-            q(_RESULTS, (CHANNEL + "_", list(orders), list(tids), self.server_id))
+            runs.append(["results", [CHANNEL + "_", [{"o": o, "t": t} for o, t in
+                                                     self._result_notes], self.server_id]])
             self._result_notes = []
+        return runs
 
     def _notes_pending(self) -> bool:
         return bool(self._notify_all or self._result_notes)

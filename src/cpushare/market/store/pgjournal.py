@@ -15,9 +15,9 @@ UPDATE over `jsonb_to_recordset` (see Journal for the order).
 Reads see every write before them, exactly as before: a statement that
 names a journaled table sends the journal first (`PgDb.execute`); one
 that names none of them (accounts, orders, certificates, advisory locks,
-sequences) runs without.  The ledger's rows go in at the commit, after the
-journal (their foreign keys name tasks through transactions).  The
-commit sends journal, ledger and COMMIT in one pipeline: one round trip.
+sequences) runs without.  The ledger's rows and the notifications go in
+at the commit, as runs after the journal's in the same call (_TAIL_CASES):
+a commit is BEGIN, one call and COMMIT, in one pipeline, one round trip.
 
 A run never holds two writes of one row (a second starts a new layer):
 an UPDATE ... FROM joins each row once.
@@ -29,11 +29,15 @@ import json
 import re
 import time
 
+from .pgfleet import FLEET_LOCK, SCHEMA_LOCK
 from .rows import Account
 
 # the tables whose writes are journaled: a statement naming one of them sends the journal first
 JOURNALED = re.compile(r"\b(tasks|attempts|disputes|carries)\b")
-ID_BLOCK = 128  # ids taken from a sequence at a time, per table
+# ids taken from a sequence at a time, per table: its increment (one nextval
+# is a block; a block per row was 3 us of the server's CPU an id, and as much
+# of ours to read it back)
+ID_BLOCKS = {"tasks": 128, "attempts": 128, "transactions": 1024}
 CARRY_CACHE = 65536  # (buyer, seller) pairs whose carry is kept in memory, at most
 INLINE = 4096  # bytes: a bigger input or output goes beside the JSON, as a bytea of its own
 
@@ -101,6 +105,32 @@ _ORDER = {kind: i for i, kind in enumerate(_KINDS)}  # the order of the kinds in
 _INSERTS = {"task", "attempt", "dispute"}  # (the others update, or upsert, a row)
 
 
+# The runs a commit adds after the journal's (Journal.take's `tail`): its
+# ledger (pgledger.py: the balances' rows locked in the order of their ids,
+# then changed; its transactions; their entries) and its notifications
+# (pgfleet.py), each a run of its own, so that a commit is BEGIN, one call
+# and COMMIT: psycopg's Python binding costs more CPU a statement, and
+# more again an element of an array parameter, than a JSON value does.
+_TAIL_CASES = """\
+    WHEN 'ledger' THEN
+      PERFORM 1 FROM accounts WHERE id = ANY(ARRAY(SELECT (d->>0)::bigint FROM
+        jsonb_array_elements(r->1->'l') d)) ORDER BY id FOR NO KEY UPDATE;
+      UPDATE accounts a SET balance = a.balance + (d->>1)::bigint
+        FROM jsonb_array_elements(r->1->'l') d WHERE a.id = (d->>0)::bigint;
+      INSERT INTO transactions (id, kind, task_id, memo, created)
+        SELECT (d->>0)::bigint, d->>1, (d->>2)::bigint, d->>3, (d->>4)::float8
+        FROM jsonb_array_elements(r->1->'t') d;
+      INSERT INTO entries (txn_id, account_id, amount)
+        SELECT (d->>0)::bigint, (d->>1)::bigint, (d->>2)::bigint
+        FROM jsonb_array_elements(r->1->'e') d;
+    WHEN 'notify' THEN
+      PERFORM pg_notify(r->1->>0, p) FROM jsonb_array_elements_text(r->1->1) p;
+    WHEN 'results' THEN
+      PERFORM pg_notify((r->1->>0) || h.server, 'result ' || x.o || ' ' || x.t)
+        FROM jsonb_to_recordset(r->1->1) AS x(o bigint, t bigint)
+        JOIN buyer_homes h ON h.buy_order_id = x.o AND h.server <> (r->1->>2)::bigint;"""
+
+
 def _function() -> str:
     cases = "\n".join(
         f"    WHEN '{kind}' THEN\n      WITH x AS (SELECT * FROM jsonb_to_recordset(r->1) "
@@ -116,6 +146,7 @@ BEGIN
   FOR r IN SELECT jsonb_array_elements(runs) LOOP
     CASE r->>0
 {cases}
+{_TAIL_CASES}
     END CASE;
   END LOOP;
 END $f$;
@@ -123,6 +154,8 @@ END $f$;
 
 
 PG_JOURNAL_SCHEMA = _function()
+JOURNAL_BODY = PG_JOURNAL_SCHEMA.split("$f$")[1]  # (pg_proc.prosrc: a store that finds
+# another replaces it, every run the older knew being the same here)
 
 
 class Journal:
@@ -171,13 +204,15 @@ class Journal:
         self._last[k] = (order, len(rows))
         rows.append(row)
 
-    def take(self) -> tuple[str, list[bytes] | None, int] | None:
+    def take(self, tail: list | None = None) -> tuple[str, list[bytes] | None, int] | None:
         """The journal as cpushare_apply's arguments, and their size in bytes,
-        emptied; None if empty."""
-        if not self.layers:
+        emptied; None if empty.  `tail`: runs to replay after it (_TAIL_CASES)."""
+        if not self.layers and not tail:
             return None
         runs = [[kind, rows] for layer in self.layers
                 for kind, rows in sorted(layer.items(), key=lambda kr: _ORDER[kr[0]])]
+        if tail:
+            runs += tail
         blobs, size = self.blobs or None, self.size
         self.clear()
         text = json.dumps(runs, separators=(",", ":"))
@@ -200,27 +235,50 @@ class PgJournalMixin:
     _deltas: dict[int, int]
     server_id: int | None
 
-    def _new_id(self, table: str, block: int = ID_BLOCK) -> int:
-        """A new id of `table`'s rows, from a block of `block` taken of its sequence.
+    def _new_id(self, table: str) -> int:
+        """A new id of `table`'s rows, from a block taken of its sequence (ID_BLOCKS).
         Half-way through a block the next is asked for: the writer thread takes
         it after its next commit (commit_apart), and the loop waits for none."""
         ids = self._id_blocks.get(table)
         if not ids:
             ids = self._ids_ahead.pop(table, None)  # (the writer thread's, if it came)
             if not ids:
-                ids = self._id_block(self.db.execute, table, block)
+                ids = self._id_block(self.db.execute, table)
             self._id_blocks[table] = ids
-        if len(ids) == block // 2:
-            self._ids_wanted[table] = block
+        if len(ids) == ID_BLOCKS[table] // 2:
+            self._ids_wanted[table] = True
         return ids.pop()
 
     @staticmethod
-    def _id_block(execute, table: str, n: int) -> list[int]:
-        """`n` new ids of `table`, the smallest last."""
-        ids = [i for i, in execute("SELECT nextval(pg_get_serial_sequence(?, 'id')) "
-                                   "FROM generate_series(1, ?)", (table, n))]
-        ids.reverse()
-        return ids
+    def _id_block(execute, table: str) -> list[int]:
+        """New ids of `table`, the smallest last: as many as its sequence's
+        increment, read in the same statement (a sequence another version
+        left at 1 gives blocks of one: slower, never an id twice)."""
+        first, n = execute("SELECT nextval(pg_get_serial_sequence(?, 'id')), seqincrement "
+                           "FROM pg_sequence WHERE seqrelid = "
+                           "pg_get_serial_sequence(?, 'id')::regclass", (table, table)).fetchone()
+        return list(range(first + n - 1, first - 1, -1))
+
+    def _upgrade_journal(self) -> None:
+        """A database made before the journal, or by an older version of it: this
+        version's cpushare_apply (which knows every run the older did), and
+        sequences that give ID_BLOCKS.  Processes starting together do it one
+        at a time (no "tuple concurrently updated")."""
+        tables = sorted(ID_BLOCKS)
+        row = self.db.execute(
+            "SELECT (SELECT prosrc FROM pg_proc WHERE oid = "
+            "to_regprocedure('cpushare_apply(jsonb, bytea[])')), ARRAY(SELECT seqincrement "
+            "FROM unnest(?::text[]) WITH ORDINALITY AS t(name, i) JOIN pg_sequence s ON "
+            "s.seqrelid = pg_get_serial_sequence(t.name, 'id')::regclass ORDER BY t.i)",
+            (tables,)).fetchone()
+        if row[0] == JOURNAL_BODY and row[1] == [ID_BLOCKS[t] for t in tables]:
+            return
+        with self.transaction():
+            self.db.execute("SELECT pg_advisory_xact_lock(?::int, 0)", (FLEET_LOCK + SCHEMA_LOCK,))
+            self.db.raw(PG_JOURNAL_SCHEMA)
+            for t in tables:  # (a lock of the sequence only, not of its table)
+                seq = self.db.execute("SELECT pg_get_serial_sequence(?, 'id')", (t,)).fetchone()[0]
+                self.db.raw(f"ALTER SEQUENCE {seq} INCREMENT BY {ID_BLOCKS[t]}")
 
     def _journal(self, kind: str, key, row: dict) -> None:
         self.db.journal.add(kind, key, row)
