@@ -273,6 +273,8 @@ def test_a_store_upgrades_an_older_apply_function_and_id_sequences_and_commits_i
             seq = c.execute("SELECT pg_get_serial_sequence(%s, 'id')", (t,)).fetchone()[0]
             c.execute(f"ALTER SEQUENCE {seq} INCREMENT BY 1")
         c.execute("SELECT nextval(pg_get_serial_sequence('tasks', 'id'))")  # (one taken)
+        c.execute("ALTER TABLE entries ADD FOREIGN KEY (txn_id) REFERENCES transactions(id), "
+                  "ADD FOREIGN KEY (account_id) REFERENCES accounts(id)")  # (an older schema's)
     pg = PostgresStore(url, image_dir=str(tmp_path / "images"))
     other = PostgresStore(url, image_dir=str(tmp_path / "images"))
     listener = psycopg.connect(url, autocommit=True)
@@ -281,6 +283,8 @@ def test_a_store_upgrades_an_older_apply_function_and_id_sequences_and_commits_i
                              ).fetchone()[0] == JOURNAL_BODY
         for t, n in ID_BLOCKS.items():
             assert listener.execute(increments, (t,)).fetchone()[0] == n
+        assert listener.execute("SELECT COUNT(*) FROM pg_constraint WHERE contype = 'f' AND "
+                                "conrelid = 'entries'::regclass").fetchone()[0] == 0
         # two stores' blocks, taken in turn: never an id twice, each a whole block
         taken = [pg._id_block(pg.db.execute, "tasks"), other._id_block(other.db.execute, "tasks"),
                  pg._id_block(pg.db.execute, "tasks")]
@@ -310,4 +314,43 @@ def test_a_store_upgrades_an_older_apply_function_and_id_sequences_and_commits_i
     finally:
         listener.close()
         other.close()
+        pg.close()
+
+
+def test_an_entry_naming_no_account_fails_its_commit_and_ledger_check_finds_one(
+        tmp_path, pg_cluster):
+    """The entries have no foreign keys on PostgreSQL (pgschema._ENTRY_KEYS): the
+    commit's ledger run refuses an entry that names no account, and the group
+    is lost whole; an entry written past it (by hand) is found by `ledger
+    check`, as on SQLite."""
+    import contextlib
+    import psycopg
+    from cpushare.market.store import StoreError
+    url = pg_cluster.database()
+    lite, pg = _stores(tmp_path, url)
+    try:
+        buyer, seller, so, bo = _setup(pg)
+        pg.begin()
+        pg.add_task(bo, buyer, "in the group", "img", b"x", 1, 100, 20, 7)
+        pg.transfer("mint", [(pg.mint_id, -10), (99999, 10)])
+        with pytest.raises((StoreError, psycopg.Error), match="names no account"):
+            pg.commit_apart().result(10)
+        pg.rollback()
+        assert pg.db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 0
+        assert pg.db.execute("SELECT COUNT(*) FROM entries").fetchone()[0] == 0
+        assert pg.check() == []
+        import sqlite3
+        by_hand = {lite: lambda: sqlite3.connect(str(tmp_path / "m.db")),  # (keys off)
+                   pg: lambda: psycopg.connect(url)}
+        for s, someone in ((lite, _setup(lite)[0]), (pg, buyer)):
+            with s.transaction():
+                s.transfer("mint", [(s.mint_id, -10), (someone, 10)])
+            txn = s.db.execute("SELECT MAX(id) FROM transactions").fetchone()[0]
+            with contextlib.closing(by_hand[s]()) as c:
+                c.execute("INSERT INTO entries (txn_id, account_id, amount) VALUES "
+                          f"({int(txn)}, 99999, 0)")
+                c.commit()
+            assert "1 entries name no account" in s.check()
+    finally:
+        lite.close()
         pg.close()

@@ -123,6 +123,10 @@ class LedgerMixin:
                         "(SELECT id FROM transactions)"):
                 if n:
                     problems.append(f"{n} entries belong to no transaction")
+            for n, in q("SELECT COUNT(*) FROM entries WHERE account_id NOT IN "
+                        "(SELECT id FROM accounts)"):
+                if n:
+                    problems.append(f"{n} entries name no account")
             total = q("SELECT COALESCE(SUM(balance), 0) FROM accounts").fetchone()[0]
             if total != 0:
                 problems.append(f"the balances of all accounts sum to {total}, not 0")

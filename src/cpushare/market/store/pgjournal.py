@@ -123,6 +123,10 @@ _TAIL_CASES = """\
       INSERT INTO entries (txn_id, account_id, amount)
         SELECT (d->>0)::bigint, (d->>1)::bigint, (d->>2)::bigint
         FROM jsonb_array_elements(r->1->'e') d;
+      IF (SELECT COUNT(*) FROM accounts WHERE id = ANY(ARRAY(SELECT a::bigint FROM
+          jsonb_array_elements_text(r->1->'a') a))) <> jsonb_array_length(r->1->'a') THEN
+        RAISE EXCEPTION 'cpushare_apply: a ledger entry names no account';
+      END IF;
     WHEN 'notify' THEN
       PERFORM pg_notify(r->1->>0, p) FROM jsonb_array_elements_text(r->1->1) p;
     WHEN 'results' THEN
@@ -261,8 +265,9 @@ class PgJournalMixin:
 
     def _upgrade_journal(self) -> None:
         """A database made before the journal, or by an older version of it: this
-        version's cpushare_apply (which knows every run the older did), and
-        sequences that give ID_BLOCKS.  Processes starting together do it one
+        version's cpushare_apply (which knows every run the older did),
+        sequences that give ID_BLOCKS, and entries without foreign keys
+        (pgschema._ENTRY_KEYS: the ledger run checks what they did).  Processes starting together do it one
         at a time (no "tuple concurrently updated")."""
         tables = sorted(ID_BLOCKS)
         row = self.db.execute(
@@ -271,7 +276,9 @@ class PgJournalMixin:
             "FROM unnest(?::text[]) WITH ORDINALITY AS t(name, i) JOIN pg_sequence s ON "
             "s.seqrelid = pg_get_serial_sequence(t.name, 'id')::regclass ORDER BY t.i)",
             (tables,)).fetchone()
-        if row[0] == JOURNAL_BODY and row[1] == [ID_BLOCKS[t] for t in tables]:
+        keyed = self.db.execute("SELECT COUNT(*) FROM pg_constraint WHERE contype = 'f' AND "
+                                "conrelid = 'entries'::regclass").fetchone()[0]
+        if row[0] == JOURNAL_BODY and row[1] == [ID_BLOCKS[t] for t in tables] and not keyed:
             return
         with self.transaction():
             self.db.execute("SELECT pg_advisory_xact_lock(?::int, 0)", (FLEET_LOCK + SCHEMA_LOCK,))
@@ -279,6 +286,9 @@ class PgJournalMixin:
             for t in tables:  # (a lock of the sequence only, not of its table)
                 seq = self.db.execute("SELECT pg_get_serial_sequence(?, 'id')", (t,)).fetchone()[0]
                 self.db.raw(f"ALTER SEQUENCE {seq} INCREMENT BY {ID_BLOCKS[t]}")
+            for name, in self.db.execute("SELECT conname FROM pg_constraint WHERE contype = "
+                                         "'f' AND conrelid = 'entries'::regclass").fetchall():
+                self.db.raw(f'ALTER TABLE entries DROP CONSTRAINT "{name}"')  # (pgschema)
 
     def _journal(self, kind: str, key, row: dict) -> None:
         self.db.journal.add(kind, key, row)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import time
 
+from .rows import StoreError
+
 
 class PgLedgerMixin:
     _txns: list[tuple]
@@ -43,8 +45,12 @@ class PgLedgerMixin:
         _TAIL_CASES: the same statements, in the same order), taken."""
         if not self._txns and not self._entries:
             return None
+        txns = {t[0] for t in self._txns}
+        if not all(e[0] in txns for e in self._entries):  # (what a foreign key checked)
+            raise StoreError("the ledger's entries name a transaction it does not write")
         run = ["ledger", {"l": sorted((a, m) for a, m in self._deltas.items() if m),
-                          "t": self._txns, "e": self._entries}]
+                          "t": self._txns, "e": self._entries,
+                          "a": sorted(self._deltas)}]  # (the accounts named: all must be)
         self._txns, self._entries, self._deltas = [], [], {}
         return run
 
