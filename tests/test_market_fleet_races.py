@@ -225,3 +225,70 @@ def test_a_result_goes_to_the_newest_connection_on_another_process(tmp_path, pg_
         assert store.db.execute("SELECT delivered FROM tasks").fetchall() == [(1,)]
     finally:
         store.close()
+
+
+def _calls(store, like: str) -> int:
+    """How many times statements like `like` ran (pg_stat_statements)."""
+    return store.db.execute("SELECT COALESCE(SUM(calls), 0) FROM pg_stat_statements s JOIN "
+                            "pg_database d ON d.oid = s.dbid WHERE d.datname = "
+                            "current_database() AND query LIKE ?", (like,)).fetchone()[0]
+
+
+def test_results_from_another_process_reach_the_buyer_once_read_together(tmp_path, pg_cluster):
+    """The buyer on A, the only seller on B: every result comes to A by
+    notification, twice (by B's commit, then after it).  Each reaches the
+    buyer once; results heard together are read in one statement; and a
+    notification of a result acked already reads nothing (it read all the
+    order's waiting refs again, once per late notification)."""
+    n = 60
+    lm, buy, sell, log, procs = _buyer_and_seller(tmp_path, pg_cluster, 100 * TASK_COST)
+    img = tiny_image(6)
+    d = image_digest(img)
+    store = lm.open_store()
+    store.db.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    store.db.execute("SELECT pg_stat_statements_reset()")
+    reload = "SELECT buy_order_id, ref, id, buyer_account_id FROM tasks WHERE delivered = % " \
+             "AND session = % AND buy_order_id = %"
+
+    async def main():
+        for p in procs:
+            p.start()
+        try:
+            b = await Peer.open(dataclasses.replace(buy, port=procs[0].port), "buyer")
+            s = await ScriptedSeller.connect(dataclasses.replace(sell, port=procs[1].port))
+            await b.send("image", img, image=d)
+            await b.expect("image_ok")
+            for i in range(n):
+                await b.send("submit", b"in %d" % i, ref=f"r{i}", image=d, cpu_ms=CPU_MS)
+            done: dict[str, int] = {}
+            while sum(done.values()) < n:
+                m = await b.recv(timeout=30)
+                assert m is not None and m.type != "failed", m
+                if m.type == "done":
+                    done[m["ref"]] = done.get(m["ref"], 0) + 1
+                    await b.send("ack", task=m["task"])
+            try:  # (the late notifications are heard meanwhile)
+                while (m := await b.recv(timeout=1.0)) is not None:
+                    if m.type == "done":
+                        done[m["ref"]] = done.get(m["ref"], 0) + 1
+            except asyncio.TimeoutError:
+                pass
+            await s.stop()
+            await b.close()
+            return done
+        finally:
+            for p in procs:
+                p.stop()
+
+    try:
+        done = asyncio.run(main())
+        assert done == {f"r{i}": 1 for i in range(n)}
+        assert _calls(store, reload) <= 2, "a late notification read the order's refs again"
+        reads = _calls(store, "SELECT id, ref, state, exit_status%WHERE id IN%")
+        assert 0 < reads <= n, reads
+        assert store.check() == []
+        assert store.db.execute("SELECT COUNT(*) FROM tasks WHERE delivered = 1"
+                                ).fetchone()[0] == n
+    finally:
+        store.close()
+        log.close()

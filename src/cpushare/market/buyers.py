@@ -38,6 +38,7 @@ INPUT_BUDGET = 16 << 20  # small inputs of queued tasks kept in memory, in all
 RESULT_TTL = 30 * 86400
 AHEAD_BATCH = 64  # submits whose refs one read ahead asks about (store/pgahead.py)
 AHEAD_PEEK = 64 << 10  # ... found in at most these bytes of the connection's buffer
+ACKED_LATELY = 8192  # tasks acked here whose result notifications are ignored (fleet.py)
 
 
 class BuyerHandlers:
@@ -323,6 +324,9 @@ class BuyerHandlers:
         if where is None or where.buy_order_id != b.order_id or tid in self.tasks:
             return  # not a result of this buy order waiting for its ack: nothing to do
         self._forget_pending(tid)
+        self.acked_lately[tid] = None  # (a late notification of its result: fleet.py)
+        if len(self.acked_lately) > ACKED_LATELY:
+            del self.acked_lately[next(iter(self.acked_lately))]
         # written now, in the group transaction: a resubmission of its ref in the
         # same group must see it (store.delivered_task)
         self._tx().mark_delivered([tid], [where.key])

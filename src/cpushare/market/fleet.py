@@ -259,6 +259,7 @@ class Fleet:
             return
         payloads, self._heard = self._heard + payloads, []
         revoked: set[str] = set()
+        results: list[tuple[int, int]] = []
         for p in payloads:
             kind, _, rest = p.partition(" ")
             try:
@@ -280,12 +281,7 @@ class Fleet:
                     self.away[args[0]] = args[1]
                 self._lease_home(args[0], args[1])  # (its leases here follow it: links.py)
             elif kind == "result" and args and len(args) == 2:
-                conns = self.buyers.get(args[0])
-                if conns and args[1] not in self.pending_tasks:
-                    # (submitted through another process since the buyer connected here)
-                    self._reload_pending(args[0])
-                if conns and args[1] in self.pending_tasks:
-                    self._deliver(conns[-1], args[1])
+                results.append((args[0], args[1]))
             elif kind == "cancel" and args and len(args) == 1:
                 t = self.tasks.get(args[0])
                 if t is not None and not t.session:
@@ -294,9 +290,32 @@ class Fleet:
                 revoked.add(rest)
             else:
                 log.warning("ignored a notification of the database: %r", p[:80])
+        if results:
+            self._results_heard(results)
         if revoked:
             self._close_certs(revoked)
         self._schedule()
+
+    def _results_heard(self, results: list[tuple[int, int]]) -> None:
+        """`result ORDER TASK` notifications heard together: the results whose
+        buyer is connected here, read in one statement a buy order, and sent.
+        A notification comes twice (by the commit, then after it: the buyer
+        may have moved meanwhile); one of a result sent already, or acked
+        lately, reads nothing."""
+        by_order: dict[int, set[int]] = {}
+        for order, tid in results:
+            if self.buyers.get(order) and tid not in self.acked_lately:
+                by_order.setdefault(order, set()).add(tid)
+        for order, tids in by_order.items():
+            unknown = [t for t in tids if t not in self.pending_tasks]
+            if unknown:  # (submitted through another process since the buyer connected here)
+                for row in self.store.undelivered_among(order, unknown):
+                    if row[2] not in self.pending_tasks:
+                        self._remember_pending(*row)
+            conn = self.buyers[order][-1]
+            want = [t for t in tids if t in self.pending_tasks and t not in conn.unacked]
+            for r in self.store.results(want) if want else ():
+                self._deliver(conn, r.task_id, self._result_frame(r))
 
     # --- certificates --------------------------------------------------------------
 

@@ -125,6 +125,10 @@ class Store(abc.ABC):
     def undelivered_refs(self, buy_order_id: int | None = None
                          ) -> list[tuple[int, str, int, int]]: ...
     @abc.abstractmethod
+    def undelivered_among(self, buy_order_id: int, task_ids: list[int]
+                          ) -> list[tuple[int, str, int, int]]:
+        """undelivered_refs' rows of these tasks of the buy order (by their keys)."""
+    @abc.abstractmethod
     def pending_task(self, buy_order_id: int, ref: str) -> TaskRow | None: ...
     @abc.abstractmethod
     def task(self, task_id: int) -> TaskRow: ...
@@ -169,6 +173,9 @@ class Store(abc.ABC):
     def stale_results(self, before: float) -> list[int]: ...
     @abc.abstractmethod
     def result(self, task_id: int) -> Result: ...
+    @abc.abstractmethod
+    def results(self, task_ids: list[int]) -> list[Result]:
+        """Of these tasks, those that are (in one statement)."""
     @abc.abstractmethod
     def mark_delivered(self, task_ids: Iterable[int],
                        refs: Iterable[tuple[int, str]] | None = None) -> None:
