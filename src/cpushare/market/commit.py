@@ -1,6 +1,7 @@
 """The group commit: handlers write inside one open transaction; soon after
-every event the matcher runs; at most `commit_delay` later the transaction
-is committed, and only then go out the frames that announce what it wrote.
+every event the matcher runs; at most `commit_delay` later (less, the
+quieter the market: COMMIT_DELAY_MIN) the transaction is committed, and
+only then go out the frames that announce what it wrote.
 
 So a peer never hears of a state the store may lose, the commits of many
 tasks share their cost, and a seller never waits for a commit.
@@ -25,7 +26,15 @@ from .store import Store
 
 log = logging.getLogger("cpushare.market")
 
-COMMIT_DELAY = 0.005  # seconds: a group commit gathers what happened in this time
+# A group commit gathers what happened in a time that follows the load: a
+# group that begins within commit_delay of the last commit (COMMIT_DELAY
+# unless given: the market is busy) gathers for commit_delay, one that
+# begins after a quieter spell for COMMIT_DELAY_MIN.  So a busy market pays
+# a commit's own cost (a round trip and a transaction on PostgreSQL, a WAL
+# flush on a disk) at most 50 times a second, and a quiet one answers within
+# a few ms (docs/scale.md).
+COMMIT_DELAY = 0.02  # seconds, at most
+COMMIT_DELAY_MIN = 0.002
 FILES_POLL = 0.002  # seconds: a commit waiting for big files looks again after this
 FILES_WAIT_MAX = 0.25  # ... for at most this long; then it waits for them, blocking
 READ_WAIT_MAX = 0.02  # s a commit waits for reads ahead of the group (store.read_ahead)
@@ -47,6 +56,7 @@ class GroupCommit:
         self._dirty: list = []  # connections with frames in their outbox
         self._scheduled = False
         self._commit_timer: asyncio.TimerHandle | None = None
+        self._last_commit = float("-inf")  # when the last group commit began (loop time)
         self._files_since = 0.0  # when the commit first waited for big files
         self._held: set = set()  # keys locked against other processes until the commit
         self._inflight: tuple | None = None  # (future, announcements) of a commit on its way
@@ -101,7 +111,15 @@ class GroupCommit:
     def _schedule_commit(self) -> None:
         if self._commit_timer is None and not self._stopping:
             self._commit_timer = asyncio.get_running_loop().call_later(
-                self.commit_delay, self._commit)
+                self._delay(), self._commit)
+
+    def _delay(self) -> float:
+        """How long this group gathers: commit_delay if it begins soon after the
+        last commit, else (a quiet market) COMMIT_DELAY_MIN, if that is less."""
+        now = asyncio.get_running_loop().time()
+        if now - self._last_commit <= self.commit_delay:
+            return self.commit_delay
+        return min(self.commit_delay, COMMIT_DELAY_MIN)
 
     def _flush(self) -> None:
         """Soon after every event: match tasks to sellers, send what needs no commit."""
@@ -161,6 +179,7 @@ class GroupCommit:
             return
         self._held.clear()
         after, self._after = self._after, []
+        self._last_commit = asyncio.get_running_loop().time()
         if f is None:
             self._tell_committed(after)
             return
