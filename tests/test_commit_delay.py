@@ -1,6 +1,10 @@
-"""The group commit's delay follows the load (market/commit.py): a group that
-begins after a quiet spell commits within COMMIT_DELAY_MIN, one that begins
-soon after the last commit gathers for the market's commit_delay."""
+"""The group commit gathers while frames keep coming (market/commit.py): a
+group that no frame follows is committed COMMIT_DELAY_MIN after it began;
+one that frames keep following gathers COMMIT_DELAY_MIN at a time, for at
+most the market's commit_delay; one that is due (another process waits for
+a key it holds, or it waited for the commit before it) is committed at the
+next turn.  On a real SQLite store, with a clock of the test's own: the
+commit timer's firing is the test's call of _commit()."""
 
 from __future__ import annotations
 
@@ -13,36 +17,71 @@ from cpushare.market.store import SQLiteStore
 
 
 class _Group(GroupCommit):
-    """The group commit alone, on a real SQLite store."""
+    """The group commit alone, on the test's clock."""
+
+    t = 0.0
+
+    def _now(self) -> float:
+        return self.t
 
 
-def _waits(g: _Group) -> float:
-    """How long the open group will gather (its timer, from now)."""
-    return g._commit_timer.when() - asyncio.get_running_loop().time()
+def _fire(g: _Group) -> None:
+    """The commit timer fires (the test's clock says when)."""
+    assert g._commit_timer is not None, "no commit is scheduled"
+    g._commit_timer.cancel()
+    g._commit()
 
 
-@pytest.mark.parametrize("delay", [COMMIT_DELAY, 0.05, 0.001])
-def test_a_busy_market_gathers_for_commit_delay_a_quiet_one_commits_soon(tmp_path, delay):
+@pytest.mark.parametrize("delay", [COMMIT_DELAY, 0.05])
+def test_a_group_gathers_while_frames_come_and_commits_soon_when_none_do(tmp_path, delay):
     store = SQLiteStore(str(tmp_path / "m.db"), create=True)
+    commits: list[float] = []
 
     async def main():
         g = _Group()
         g._init_commit(store, delay)
-        quick = min(delay, COMMIT_DELAY_MIN)
-        g._tx().add_account("first")  # a group after a quiet spell (none before)
-        assert _waits(g) == pytest.approx(quick, abs=1e-3)
-        g._commit_timer.cancel()
-        g._commit()
-        g._tx().add_account("next")  # begun at once after that commit: busy
-        assert _waits(g) == pytest.approx(delay, abs=1e-3)
-        g._commit_timer.cancel()
-        g._commit()
-        g._last_commit -= delay + 0.001  # (as if the market had been quiet since)
-        g._tx().add_account("after a pause")
-        assert _waits(g) == pytest.approx(quick, abs=1e-3)
-        g._commit_timer.cancel()
-        g._commit()
-        assert {a.name for a in store.accounts()} >= {"first", "next", "after a pause"}
+        commit = store.commit
+        store.commit = lambda: (commits.append(g.t), commit())
+        # a lone request (a buyer waiting for its answer): committed after the minimum
+        g._frames += 1
+        g._tx().add_account("lone")
+        assert g._commit_timer.when() - asyncio.get_running_loop().time() == \
+            pytest.approx(COMMIT_DELAY_MIN, abs=5e-4)
+        g.t += COMMIT_DELAY_MIN
+        _fire(g)
+        assert commits == [COMMIT_DELAY_MIN]
+        # a stream of frames: the group gathers until commit_delay, then commits
+        g.t = began = 1.0
+        g._frames += 1
+        g._tx().add_account("streamed 0")
+        i = 0
+        while len(commits) < 2:
+            i += 1
+            g.t += COMMIT_DELAY_MIN
+            g._frames += 1
+            with g._op() as s:
+                s.add_account(f"streamed {i}")
+            _fire(g)
+        assert delay - COMMIT_DELAY_MIN <= commits[1] - began <= delay, commits
+        # a group that no frame follows after some did: committed then
+        g.t = began = 2.0
+        g._tx().add_account("then quiet")
+        g.t += COMMIT_DELAY_MIN
+        g._frames += 1
+        _fire(g)  # (a frame came: it gathers)
+        assert len(commits) == 2
+        g.t += COMMIT_DELAY_MIN
+        _fire(g)  # (none did)
+        assert commits[2] == pytest.approx(began + 2 * COMMIT_DELAY_MIN)
+        # a group that is due: at the next turn, though frames keep coming
+        g.t = 3.0
+        g._tx().add_account("due")
+        g._commit_soon()
+        g._frames += 1
+        await asyncio.sleep(0)
+        assert commits[3:] == [3.0]
+        names = {a.name for a in store.accounts()}
+        assert {"lone", "streamed 0", f"streamed {i}", "then quiet", "due"} <= names
 
     try:
         asyncio.run(main())

@@ -236,3 +236,89 @@ def test_the_reads_of_refs_look_each_up_and_scan_no_order(tmp_path, pg_cluster):
         assert found == {f"r{i}": ids[i] for i in range(0, 3000, 47)}
     finally:
         s.close()
+
+
+def test_a_claim_from_the_shared_queue_sends_no_statement_from_the_event_loop(tmp_path,
+                                                                               pg_cluster):
+    """Two market processes' Markets on one database (in this test's loop):
+    the buyer on A, the only seller on B, so every task crosses through the
+    shared queue.  B's claims (and the attempts of what they take) go in its
+    store's writer thread: B's loop thread sends (almost) no statement,
+    where it sent one a claim; every task is done once and `ledger check`
+    holds."""
+    import dataclasses
+    from cpushare.market import admin
+    from cpushare.market.server import Market
+    from test_market_peers import free_port
+    lm = LoopbackMarket(tmp_path, pg_cluster.database())
+    lm.account("buyer", COINS)
+    lm.account("alice")
+    n = 240
+
+    async def main():
+        await lm.start()
+        store_b, port_b = lm.open_store(), free_port()
+        b_market = Market(store_b)
+        started = asyncio.get_running_loop().create_future()
+        serving = asyncio.create_task(b_market.serve("127.0.0.1", port_b,
+                                                     admin.tls_context(store_b),
+                                                     started=started))
+        await asyncio.wait_for(started, 20)
+        try:
+            b, d = await buyer(lm)
+            await b.sync()
+            s = await ScriptedSeller.connect(dataclasses.replace(lm.sell("alice", BID),
+                                                                 port=port_b))
+            sent = store_b.db.sent
+            for i in range(n):
+                await b.send("submit", b"x%d" % i, ref=f"r{i}", image=d)
+            done: dict[str, int] = {}
+            while len(done) < n:
+                msg = await b.recv()
+                assert msg is not None and msg.type != "failed", msg
+                if msg.type == "done":
+                    done[msg["ref"]] = done.get(msg["ref"], 0) + 1
+                    await b.send("ack", task=msg["task"])
+            from_loop = store_b.db.sent - sent
+            claimed = store_b.db.execute("SELECT COUNT(*) FROM tasks WHERE owner = ?",
+                                         (b_market.server_id,)).fetchone()[0]
+            await b.sync()
+            await s.stop()
+            await b.close()
+            return from_loop, claimed, done
+        finally:
+            b_market.stop()
+            await asyncio.wait_for(serving, 20)
+            store_b.close()
+            await lm.stop()
+
+    from_loop, claimed, done = run(main())
+    assert claimed == n, f"B ran {claimed} of {n}: not every task crossed"
+    assert done == {f"r{i}": 1 for i in range(n)}
+    # (what remains is each first use: an id block, the image, a carry; and B's
+    # once-a-second look at the other processes)
+    assert from_loop < 12, f"{from_loop} statements from B's loop for {n} claimed tasks"
+    assert lm.check() == []
+    lm.close()
+
+
+def test_results_heard_together_are_read_within_the_buyers_room(tmp_path, pg_cluster):
+    """store.results_within: done, undelivered results in id order while the
+    outputs before each fit the room (the first whatever its size); the rest
+    are named, their outputs not read; queued or delivered tasks neither."""
+    s = _store(tmp_path, pg_cluster.database())
+    try:
+        buyer_id, _, _, bo = _setup(s)
+        with s.transaction():
+            s.transfer("mint", [(s.mint_id, -5000), (buyer_id, 5000)])
+            ids = [_task(s, bo, buyer_id, f"r{i}") for i in range(6)]
+            for i, tid in enumerate(ids[:5]):
+                s.finish_task(tid, "done", exit_status=0, output=b"x" * (1000 * (i + 1)))
+            s.mark_delivered([ids[4]], [(bo, "r4")])
+        got, past = s.results_within(ids, 2500)  # 1000 + 2000 before the third: past
+        assert [r.task_id for r in got] == ids[:2] and got[1].output == b"x" * 2000
+        assert past == ids[2:4]  # (r4 is delivered, r5 still queued: neither)
+        got, past = s.results_within(ids[3:], 10)  # the first, whatever its size
+        assert [r.task_id for r in got] == [ids[3]] and past == []
+    finally:
+        s.close()

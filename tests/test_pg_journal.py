@@ -269,6 +269,7 @@ def test_a_store_upgrades_an_older_apply_function_and_id_sequences_and_commits_i
     with psycopg.connect(url, autocommit=True) as c:
         c.execute("CREATE OR REPLACE FUNCTION cpushare_apply(runs jsonb, blobs bytea[]) "
                   "RETURNS void LANGUAGE plpgsql AS $f$" + old + "$f$")
+        c.execute("DELETE FROM meta WHERE key = 'journal_version'")  # (made before versions)
         for t in ID_BLOCKS:  # (an older version's sequences: an id a nextval)
             seq = c.execute("SELECT pg_get_serial_sequence(%s, 'id')", (t,)).fetchone()[0]
             c.execute(f"ALTER SEQUENCE {seq} INCREMENT BY 1")
@@ -311,6 +312,19 @@ def test_a_store_upgrades_an_older_apply_function_and_id_sequences_and_commits_i
         listener.execute("SELECT 1")  # (its notifications are taken in on the way)
         assert heard == ["hello there"]
         assert pg.check() == []
+        # a newer version's function (it knows our runs) is left as it is, and
+        # an increment above ours is never lowered
+        seq = listener.execute("SELECT pg_get_serial_sequence('tasks', 'id')").fetchone()[0]
+        listener.execute(f"ALTER SEQUENCE {seq} INCREMENT BY 4096")
+        listener.execute("UPDATE meta SET value = '3' WHERE key = 'journal_version'")
+        listener.execute("CREATE OR REPLACE FUNCTION cpushare_apply(runs jsonb, blobs bytea[]) "
+                         "RETURNS void LANGUAGE plpgsql AS $f$" + JOURNAL_BODY.replace(
+                             "DECLARE r jsonb;", "DECLARE r jsonb; -- newer") + "$f$")
+        PostgresStore(url, image_dir=str(tmp_path / "images")).close()
+        assert "-- newer" in listener.execute(
+            "SELECT prosrc FROM pg_proc WHERE proname = 'cpushare_apply'").fetchone()[0]
+        assert listener.execute(increments, ("tasks",)).fetchone()[0] == 4096
+        assert len(pg._id_block(pg.db.execute, "tasks")) == 4096
     finally:
         listener.close()
         other.close()
@@ -354,3 +368,32 @@ def test_an_entry_naming_no_account_fails_its_commit_and_ledger_check_finds_one(
     finally:
         lite.close()
         pg.close()
+
+
+def test_an_upgrade_blocked_by_a_table_lock_gives_up_clearly_and_succeeds_later(
+        tmp_path, pg_cluster, monkeypatch):
+    """An upgrade's step waits a bounded time for a table's lock (an older
+    process's open transaction, say), tries again, then refuses to open with
+    a clear error; nothing is half done, and the next open upgrades."""
+    import psycopg
+    from cpushare.market.store import StoreError
+    from cpushare.market.store import pgjournal
+    from cpushare.market.store.pg import PostgresStore
+    url = pg_cluster.database()
+    _, pg = _stores(tmp_path, url)
+    pg.close()
+    monkeypatch.setattr(pgjournal, "UPGRADE_LOCK_WAIT", 0.1)
+    monkeypatch.setattr(pgjournal, "UPGRADE_TRIES", 2)
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("ALTER TABLE entries ADD FOREIGN KEY (txn_id) REFERENCES transactions(id)")
+    holder = psycopg.connect(url)
+    try:
+        holder.execute("SELECT COUNT(*) FROM entries")  # (its transaction holds a lock)
+        with pytest.raises(StoreError, match="could not upgrade"):
+            PostgresStore(url, image_dir=str(tmp_path / "images"))
+        holder.rollback()
+        s = PostgresStore(url, image_dir=str(tmp_path / "images"))
+        assert s._entry_keys() == []
+        s.close()
+    finally:
+        holder.close()

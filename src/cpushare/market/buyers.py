@@ -326,7 +326,7 @@ class BuyerHandlers:
         self._forget_pending(tid)
         self.acked_lately[tid] = None  # (a late notification of its result: fleet.py)
         if len(self.acked_lately) > ACKED_LATELY:
-            del self.acked_lately[next(iter(self.acked_lately))]
+            self.acked_lately.popitem(last=False)
         # written now, in the group transaction: a resubmission of its ref in the
         # same group must see it (store.delivered_task)
         self._tx().mark_delivered([tid], [where.key])

@@ -1,7 +1,7 @@
 """The group commit: handlers write inside one open transaction; soon after
-every event the matcher runs; at most `commit_delay` later (less, the
-quieter the market: COMMIT_DELAY_MIN) the transaction is committed, and
-only then go out the frames that announce what it wrote.
+every event the matcher runs; at most `commit_delay` later (sooner, the
+fewer frames come meanwhile: COMMIT_DELAY_MIN) the transaction is
+committed, and only then go out the frames that announce what it wrote.
 
 So a peer never hears of a state the store may lose, the commits of many
 tasks share their cost, and a seller never waits for a commit.
@@ -26,15 +26,17 @@ from .store import Store
 
 log = logging.getLogger("cpushare.market")
 
-# A group commit gathers what happened in a time that follows the load: a
-# group that begins within commit_delay of the last commit (COMMIT_DELAY
-# unless given: the market is busy) gathers for commit_delay, one that
-# begins after a quieter spell for COMMIT_DELAY_MIN.  So a busy market pays
+# A group commit gathers while frames keep coming: it is committed
+# COMMIT_DELAY_MIN after it began, unless frames came meanwhile (the market
+# is busy), then again COMMIT_DELAY_MIN later, and so on, for at most the
+# market's commit_delay (COMMIT_DELAY unless given).  So a busy process pays
 # a commit's own cost (a round trip and a transaction on PostgreSQL, a WAL
-# flush on a disk) at most 50 times a second, and a quiet one answers within
-# a few ms (docs/scale.md).
+# flush on a disk: on a shared primary, every process's commits add up) at
+# most 50 times a second, and a buyer waiting for each answer before its
+# next request gets it within a few ms.  A group another process waits for
+# (a key it asked to be left, fleet.py) is committed at once (_commit_soon).
 COMMIT_DELAY = 0.02  # seconds, at most
-COMMIT_DELAY_MIN = 0.002
+COMMIT_DELAY_MIN = 0.002  # seconds: a group with no frame after its first
 FILES_POLL = 0.002  # seconds: a commit waiting for big files looks again after this
 FILES_WAIT_MAX = 0.25  # ... for at most this long; then it waits for them, blocking
 READ_WAIT_MAX = 0.02  # s a commit waits for reads ahead of the group (store.read_ahead)
@@ -55,8 +57,11 @@ class GroupCommit:
         self._after: list = []
         self._dirty: list = []  # connections with frames in their outbox
         self._scheduled = False
-        self._commit_timer: asyncio.TimerHandle | None = None
-        self._last_commit = float("-inf")  # when the last group commit began (loop time)
+        self._commit_timer: asyncio.Handle | None = None
+        self._frames = 0  # frames handled (listener.py), but pings
+        self._frames_at = 0  # ... when the open group began, or was last looked at
+        self._group_began = 0.0  # (loop time)
+        self._due = False  # the open group is committed at once, no more gathering
         self._files_since = 0.0  # when the commit first waited for big files
         self._held: set = set()  # keys locked against other processes until the commit
         self._inflight: tuple | None = None  # (future, announcements) of a commit on its way
@@ -110,16 +115,32 @@ class GroupCommit:
 
     def _schedule_commit(self) -> None:
         if self._commit_timer is None and not self._stopping:
+            self._frames_at, self._group_began = self._frames, self._now()
             self._commit_timer = asyncio.get_running_loop().call_later(
-                self._delay(), self._commit)
+                min(self.commit_delay, COMMIT_DELAY_MIN), self._commit)
 
-    def _delay(self) -> float:
-        """How long this group gathers: commit_delay if it begins soon after the
-        last commit, else (a quiet market) COMMIT_DELAY_MIN, if that is less."""
-        now = asyncio.get_running_loop().time()
-        if now - self._last_commit <= self.commit_delay:
-            return self.commit_delay
-        return min(self.commit_delay, COMMIT_DELAY_MIN)
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _commit_soon(self) -> None:
+        """The open group is due: committed at the next turn, gathering no more."""
+        self._due = True
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+        if not self._stopping:
+            self._commit_timer = asyncio.get_running_loop().call_soon(self._commit)
+
+    def _gathers(self) -> bool:
+        """Whether the open group gathers COMMIT_DELAY_MIN more (frames came since
+        it began or was last looked at, and commit_delay is not reached)."""
+        if self._due or self._frames == self._frames_at:
+            return False
+        if self._now() - self._group_began + COMMIT_DELAY_MIN > self.commit_delay:
+            return False
+        self._frames_at = self._frames
+        self._commit_timer = asyncio.get_running_loop().call_later(COMMIT_DELAY_MIN,
+                                                                   self._commit)
+        return True
 
     def _flush(self) -> None:
         """Soon after every event: match tasks to sellers, send what needs no commit."""
@@ -142,6 +163,8 @@ class GroupCommit:
         block the loop: meanwhile a big input goes out to its seller."""
         self._commit_timer = None
         if self.fatal is not None:
+            return
+        if not wait and not self._stopping and self._gathers():
             return
         if not wait and not self._stopping and self.store.files_pending():
             now = time.monotonic()
@@ -179,7 +202,7 @@ class GroupCommit:
             return
         self._held.clear()
         after, self._after = self._after, []
-        self._last_commit = asyncio.get_running_loop().time()
+        self._due = False
         if f is None:
             self._tell_committed(after)
             return
@@ -234,9 +257,9 @@ class GroupCommit:
             return
         self._tell_committed(after)
         self._schedule()  # (what waited for it: claims, notifications)
-        if self._commit_again:
+        if self._commit_again:  # (it was due already: it gathers no more)
             self._commit_again = False
-            self._schedule_commit()
+            self._commit_soon()
 
     def _tell_committed(self, after: list) -> None:
         for fn in after:

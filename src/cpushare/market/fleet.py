@@ -69,6 +69,7 @@ class Fleet:
         self._pool_hint = True  # the shared queue may hold work for our sellers
         self._remote_results: list[tuple[int, int]] = []  # (buy order, task) to announce
         self._heard: list[str] = []  # notifications heard during a commit on its way
+        self._claiming = False  # a claim is on its way in the store's writer thread
         self._share_due = False  # an offer waits for the commit on its way
         # buy orders with connections here whose newest is on another process
         self.away: dict[int, int] = {}
@@ -134,12 +135,14 @@ class Fleet:
 
     # --- tasks into memory ------------------------------------------------------
 
-    def _load_tasks(self, rows, why: str) -> None:
+    def _load_tasks(self, rows, why: str, attempts: dict | None = None) -> None:
         """Tasks read from the store (recovered, taken over, claimed) into memory:
-        rows of (TaskRow, input or None, whether its buyer cancelled it)."""
+        rows of (TaskRow, input or None, whether its buyer cancelled it), and
+        their attempts if read with them."""
         store = self.store
-        attempts = (store.attempts_of([r[0].id for r in rows]) if self.fleet
-                    else {r[0].id: store.attempts(r[0].id) for r in rows})
+        if attempts is None:
+            attempts = (store.attempts_of([r[0].id for r in rows]) if self.fleet
+                        else {r[0].id: store.attempts(r[0].id) for r in rows})
         for row, input_, cancelled in rows:
             t = TaskState(row.id, row.buy_order_id, row.buyer_account_id, row.ref, row.image,
                           row.redundancy, row.cpu_ms, row.bid_milli, row.escrow_milli,
@@ -195,14 +198,35 @@ class Fleet:
             self._share_timer = asyncio.get_running_loop().call_later(SHARE_AFTER, self._share)
 
     def _claim(self) -> None:
+        """Claim from the shared queue for the idle sellers, in the store's writer
+        thread (store.claim_apart): the loop goes on, and loads what came when
+        it comes (_claimed); the group's commit waits for it (as for a read
+        ahead), so the tasks it took are committed as this process's."""
+        if self._claiming:
+            return
         ready = list(self.matcher.ready)
         # (more than the sellers take at once: a claim per task crossing
         # processes would cost more than the task; what is left over waits
         # here, and is offered again if another process goes idle)
         n = min(BATCH, CLAIM_AHEAD * sum(max(1, s.credit) for s in ready))
-        rows = self._tx().claim(n, sorted({s.order.model for s in ready}),
-                                min(s.order.price_milli for s in ready),
-                                max(s.order.cpu_seconds for s in ready) * 1000)
+        f = self._tx().claim_apart(n, sorted({s.order.model for s in ready}),
+                                   min(s.order.price_milli for s in ready),
+                                   max(s.order.cpu_seconds for s in ready) * 1000)
+        self._claiming = True
+        self._reading += 1  # (GroupCommit._commit waits a little for it)
+        asyncio.wrap_future(f).add_done_callback(lambda f: self._claimed(f, n))
+
+    def _claimed(self, f, n: int) -> None:
+        self._claiming = False
+        self._reading -= 1
+        if self._stopping or self.fatal is not None:
+            return
+        if f.cancelled():  # (the store closed)
+            return
+        if f.exception() is not None:  # (its transaction failed: as a failed statement)
+            self._die("claiming from the shared queue failed", f.exception())
+            return
+        rows, attempts = f.result()
         if len(rows) < n:
             self._pool_hint = False
             now = time.monotonic()
@@ -212,8 +236,8 @@ class Fleet:
                 self.store.notify_idle(self._listen)
                 self._listened()
         if rows:
-            self._load_tasks(rows, "")
-            self._schedule()
+            self._load_tasks(rows, "", attempts)
+        self._schedule()
 
     def _share(self) -> None:
         """Offer the others the tasks that waited SHARE_AFTER here with no attempt
@@ -299,10 +323,11 @@ class Fleet:
 
     def _results_heard(self, results: list[tuple[int, int]]) -> None:
         """`result ORDER TASK` notifications heard together: the results whose
-        buyer is connected here, read in one statement a buy order, and sent.
-        A notification comes twice (by the commit, then after it: the buyer
-        may have moved meanwhile); one of a result sent already, or acked
-        lately, reads nothing."""
+        buyer is connected here are read together (a statement a buy order,
+        within its connection's budget: the rest are owed, and read as it
+        drains) and sent.  A notification comes twice (by the commit, then
+        after it: the buyer may have moved meanwhile); one of a result sent
+        or owed already, or acked lately, reads nothing."""
         by_order: dict[int, set[int]] = {}
         for order, tid in results:
             if self.buyers.get(order) and tid not in self.acked_lately:
@@ -314,9 +339,20 @@ class Fleet:
                     if row[2] not in self.pending_tasks:
                         self._remember_pending(*row)
             conn = self.buyers[order][-1]
-            want = [t for t in tids if t in self.pending_tasks and t not in conn.unacked]
-            for r in self.store.results(want) if want else ():
+            want = sorted(t for t in tids if t in self.pending_tasks
+                          and t not in conn.unacked and t not in conn.owed)
+            if not want:
+                continue
+            if conn.owed or conn.buffered >= self.result_budget:
+                got, past = [], want
+            else:
+                got, past = self.store.results_within(want, self.result_budget - conn.buffered)
+            for r in got:
                 self._deliver(conn, r.task_id, self._result_frame(r))
+            for t in past:  # (owed: read as the connection drains)
+                conn.owed[t] = None
+            if past:
+                self._feed(conn)
 
     # --- certificates --------------------------------------------------------------
 
@@ -356,7 +392,10 @@ class Fleet:
             return
         now = time.monotonic()
         self._yielding[k] = now + YIELD_FOR
+        held = k in self._held
         self._held.discard(k)  # (used no more in this group either: it is theirs next)
+        if held and self.store.in_transaction:  # (its lock goes with the commit: now)
+            self._commit_soon()
         log.debug("%s %s left to market process %s for %g s", kind, key, parts[0], YIELD_FOR)
         self._forget_expired(now)
 

@@ -255,6 +255,7 @@ class Listener:
                     if m.type == "error":
                         log.warning("%s reports: %s: %s", conn, m["code"], m["message"])
                 else:
+                    self._frames += 1  # (the group commit gathers while they come)
                     await self._store_ready(conn, m)
                     while True:
                         try:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 
 from ..protocol import DEFAULT_HEARTBEAT, DEFAULT_MAX_PAYLOAD, ByteBudget, encode, frame
 from .buyers import MAX_OPEN_TASKS, MAX_SESSIONS, RESULT_BUDGET, RESULT_TTL, BuyerHandlers
@@ -102,7 +102,7 @@ class Market(Listener, SellerHandlers, BuyerHandlers, ImageHandlers, Leases, Set
         self.pending_refs: dict[tuple[int, str], int] = {}
         self.pending_tasks: dict[int, Pending] = {}
         self.pending_of: dict[int, set[int]] = {}  # buy order: its tasks in pending_tasks
-        self.acked_lately: dict[int, None] = {}  # the last tasks acked here, oldest first
+        self.acked_lately: OrderedDict[int, None] = OrderedDict()  # last acked here, oldest first
         self.open_tasks: Counter = Counter()  # (buyer account, session) -> unacked tasks
         self.max_open_tasks = max_open_tasks
         self.max_sessions = max_sessions

@@ -125,10 +125,6 @@ class Store(abc.ABC):
     def undelivered_refs(self, buy_order_id: int | None = None
                          ) -> list[tuple[int, str, int, int]]: ...
     @abc.abstractmethod
-    def undelivered_among(self, buy_order_id: int, task_ids: list[int]
-                          ) -> list[tuple[int, str, int, int]]:
-        """undelivered_refs' rows of these tasks of the buy order (by their keys)."""
-    @abc.abstractmethod
     def pending_task(self, buy_order_id: int, ref: str) -> TaskRow | None: ...
     @abc.abstractmethod
     def task(self, task_id: int) -> TaskRow: ...
@@ -173,9 +169,6 @@ class Store(abc.ABC):
     def stale_results(self, before: float) -> list[int]: ...
     @abc.abstractmethod
     def result(self, task_id: int) -> Result: ...
-    @abc.abstractmethod
-    def results(self, task_ids: list[int]) -> list[Result]:
-        """Of these tasks, those that are (in one statement)."""
     @abc.abstractmethod
     def mark_delivered(self, task_ids: Iterable[int],
                        refs: Iterable[tuple[int, str]] | None = None) -> None:
@@ -225,6 +218,7 @@ class Store(abc.ABC):
     attempts_of = buyer_home = notify_result = announce_results = notify_all = _one_process
     forget_homes = try_lock = cancel_task = claim_cancelled = ask_yield = notify_idle = _one_process
     revoked_among = buyer_home_of = server_link = _one_process
-    lease_holder = hand_lease = handed_lease = _one_process
+    lease_holder = hand_lease = handed_lease = claim_apart = _one_process
+    results_within = undelivered_among = _one_process
     # (only where reads_ahead: store/pgahead.py)
     asks_ref = asks_lock = read_ahead = took_ahead = _one_process

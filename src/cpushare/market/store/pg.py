@@ -32,7 +32,7 @@ from .images import ImagesMixin
 from .ledger import LedgerMixin
 from .pgfleet import PG_FLEET_SCHEMA, PgFleetMixin
 from .pgahead import PgAheadMixin
-from .pgjournal import JOURNALED, PG_JOURNAL_SCHEMA, Journal, PgJournalMixin
+from .pgjournal import APPLY, JOURNALED, Journal, PgJournalMixin
 from .pgledger import PgLedgerMixin
 from .pgschema import PG_SCHEMA
 from .rows import ESCROW, MINT, StoreError
@@ -42,7 +42,6 @@ from .txn import TxnMixin
 
 
 PIPELINED = 32768  # bytes: a bigger journal is sent before the commit's pipeline, on its own
-APPLY = "SELECT cpushare_apply(%s::jsonb, %b::bytea[])"
 
 
 def is_url(db: str) -> bool:
@@ -269,7 +268,7 @@ class PostgresStore(PgFilesMixin, PgAheadMixin, PgJournalMixin, PgFleetMixin, Pg
         self._txns: list[tuple] = []  # ledger transactions not yet written (pgledger)
         self._unlink: list[str] = []
         self._id_blocks: dict[str, list[int]] = {}
-        self._ids_wanted: dict[str, int] = {}  # blocks to take after the next commit
+        self._ids_wanted: dict[str, bool] = {}  # tables whose next block the writer takes
         self._ids_ahead: dict[str, list[int]] = {}  # ... taken (by the writer thread)
         self._carries: dict[tuple[int, int], int] = {}
         self._balances: dict[int, tuple[str, int]] = {}
@@ -278,8 +277,7 @@ class PostgresStore(PgFilesMixin, PgAheadMixin, PgJournalMixin, PgFleetMixin, Pg
         if create:
             with self.transaction():
                 self.db.raw(PG_SCHEMA)
-                self.db.raw(PG_FLEET_SCHEMA)
-                self.db.raw(PG_JOURNAL_SCHEMA)
+                self.db.raw(PG_FLEET_SCHEMA)  # (the journal's function: _upgrade_journal)
                 if self.get_meta("schema_version") is None:
                     self.set_meta("schema_version", str(SCHEMA_VERSION))
                 for name in (MINT, ESCROW):

@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 from concurrent import futures
 
-from .pgfleet import FLEET_LOCK, LOCKS
+from .pgfleet import _ATTEMPTS_OF, _CLAIM, FLEET_LOCK, LOCKS, _attempts, _loaded
+from .pgjournal import APPLY
 
 # (of many refs at once: each ref and each id a lookup of its own, in a lateral
 # subquery kept apart by OFFSET 0.  While the planner's statistics think an
@@ -115,6 +116,30 @@ class PgAheadMixin:
             return epoch, mark, buy_order_id, refs, found, account, locked, row
 
         return self._writer_submit(lambda: db._sent(read))
+
+    def claim_apart(self, n: int, models: list[str], min_bid: int,
+                    max_cpu_ms: int) -> futures.Future:
+        """As claim(), then attempts_of() the tasks it took, in the writer thread
+        and the open transaction (the journal sent before them, as a statement
+        on the loop's thread would): the loop goes on.  Its result:
+        ([(TaskRow, input, cancelled)], {task: [AttemptRow]})."""
+        db = self.db
+        runs = db.journal.take()
+        claim, attempts_of = db._q(_CLAIM)[0], db._q(_ATTEMPTS_OF)[0]
+        args = (self.server_id, min_bid, models, max_cpu_ms, n)
+
+        def run():
+            conn = db.conn
+            if db._begin:  # (the BEGIN owed: the transaction's first statement is this)
+                db._begin = False
+                conn.execute("BEGIN")
+            if runs is not None:
+                conn.execute(APPLY, runs[:2])
+            rows = [_loaded(r, True) for r in sorted(conn.execute(claim, args).fetchall())]
+            ids = [r[0].id for r in rows]
+            return rows, (_attempts(conn.execute(attempts_of, (ids,))) if ids else {})
+
+        return self._writer_submit(lambda: db._sent(run))
 
     def took_ahead(self, answer) -> bool:
         """Keep the answers of a read ahead, for this transaction's statements,

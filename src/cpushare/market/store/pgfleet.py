@@ -69,11 +69,28 @@ _RESULTS = ("SELECT pg_notify(?::text || h.server, 'result ' || x.o || ' ' || x.
 
 # the classes of the advisory locks a group transaction takes with try (never waits)
 LOCKS = {"account": 1, "image": 2, "collect": 3}
-SCHEMA_LOCK = 4  # (its class: waited for, by a store replacing cpushare_apply, pg.py)
+SCHEMA_LOCK = 4  # (its class: waited for, by a store upgrading the journal: pgjournal.py)
 
 _COLS = ("id, buy_order_id, buyer_account_id, ref, image, redundancy, cpu_ms, bid_milli, "
          "escrow_milli, state, session, model, "
          "EXISTS (SELECT 1 FROM cancels c WHERE c.task_id = tasks.id)")
+
+
+# tasks of the shared queue taken by a process (claim, and pgahead's claim_apart)
+_CLAIM = (f"UPDATE tasks SET owner = ? WHERE id IN (SELECT id FROM tasks WHERE "
+          f"owner IS NULL AND state = 'queued' AND session = 0 AND bid_milli >= ? "
+          f"AND model = ANY(?::text[]) AND cpu_ms <= ? ORDER BY bid_milli DESC, id LIMIT ? "
+          f"FOR UPDATE SKIP LOCKED) RETURNING {_COLS}, input")
+_ATTEMPTS_OF = ("SELECT id, task_id, sell_order_id, seller_account_id, state, ask_milli, "
+                "cpu_ms, output_sha256, exit_status, signal, reason, paid_milli FROM attempts "
+                "WHERE task_id = ANY(?::bigint[]) ORDER BY id")
+
+
+def _attempts(rows) -> dict[int, list[AttemptRow]]:
+    out: dict[int, list[AttemptRow]] = {}
+    for r in rows:
+        out.setdefault(r[1], []).append(AttemptRow(*r))
+    return out
 
 
 def _loaded(r, with_input: bool) -> tuple:
@@ -226,12 +243,8 @@ class PgFleetMixin:
         """At most `n` tasks of the shared queue that sellers of these models,
         asks (from `min_bid`) and CPU time may run, highest bid first:
         [(TaskRow, input, cancelled)].  Locked rows (another's) are skipped."""
-        rows = self.db.execute(
-            f"UPDATE tasks SET owner = ? WHERE id IN (SELECT id FROM tasks WHERE "
-            f"owner IS NULL AND state = 'queued' AND session = 0 AND bid_milli >= ? "
-            f"AND model = ANY(?::text[]) AND cpu_ms <= ? ORDER BY bid_milli DESC, id LIMIT ? "
-            f"FOR UPDATE SKIP LOCKED) RETURNING {_COLS}, input",
-            (self.server_id, min_bid, models, max_cpu_ms, n)).fetchall()
+        rows = self.db.execute(_CLAIM, (self.server_id, min_bid, models, max_cpu_ms,
+                                        n)).fetchall()
         return [_loaded(r, True) for r in sorted(rows)]
 
     def claim_task(self, task_id: int) -> tuple | None:
@@ -258,16 +271,41 @@ class PgFleetMixin:
             (self.server_id,)).fetchall()
         return [_loaded(r, True) for r in sorted(rows)]
 
+    def undelivered_among(self, buy_order_id: int, task_ids: list[int]
+                          ) -> list[tuple[int, str, int, int]]:
+        """undelivered_refs' rows of these tasks of the buy order (by their keys)."""
+        return list(self.db.execute(
+            "SELECT buy_order_id, ref, id, buyer_account_id FROM tasks WHERE id = "
+            "ANY(?::bigint[]) AND buy_order_id = ? AND delivered = 0 AND session = 0 "
+            "ORDER BY id", (sorted(task_ids), buy_order_id)))
+
+    def results_within(self, task_ids: list[int], room: int) -> tuple[list, list[int]]:
+        """The results (store.Result) of these tasks that are done and not yet
+        delivered, in id order, as long as the outputs before each fit in
+        `room` bytes (the first is read whatever its size, as one result
+        alone would be); and the tasks past that room, whose output is not
+        read (owed: read when the buyer's budget has room).  One statement
+        for results heard together, and never more output in memory than the
+        buyer's budget has room for."""
+        out, past = [], []
+        for r in self.db.execute(
+                "SELECT id, ref, state, exit_status, signal, reason, used_cpu_ms, cost_milli, "
+                "attempts, CASE WHEN before < ? THEN output END, fail_code, fail_message, "
+                "before < ? FROM (SELECT *, SUM(COALESCE(octet_length(output), 0)) OVER "
+                "(ORDER BY id) - COALESCE(octet_length(output), 0) AS before FROM tasks "
+                "WHERE id = ANY(?::bigint[]) AND delivered = 0 AND state <> 'queued') t "
+                "ORDER BY id", (max(1, room), max(1, room), sorted(task_ids))):
+            if r[12]:
+                out.append(self._result(r[:12]))
+            else:
+                past.append(r[0])
+        return out, past
+
     def attempts_of(self, task_ids: list[int]) -> dict[int, list[AttemptRow]]:
         out: dict[int, list[AttemptRow]] = {}
         if not task_ids:
             return out
-        for r in self.db.execute(
-                "SELECT id, task_id, sell_order_id, seller_account_id, state, ask_milli, "
-                "cpu_ms, output_sha256, exit_status, signal, reason, paid_milli FROM attempts "
-                "WHERE task_id = ANY(?::bigint[]) ORDER BY id", (task_ids,)):
-            out.setdefault(r[1], []).append(AttemptRow(*r))
-        return out
+        return _attempts(self.db.execute(_ATTEMPTS_OF, (task_ids,)))
 
     def buyer_home(self, listener: Listener, buy_order_id: int) -> None:
         """This server has the newest connection of the buy order: its results come

@@ -30,7 +30,7 @@ import re
 import time
 
 from .pgfleet import FLEET_LOCK, SCHEMA_LOCK
-from .rows import Account
+from .rows import Account, StoreError
 
 # the tables whose writes are journaled: a statement naming one of them sends the journal first
 JOURNALED = re.compile(r"\b(tasks|attempts|disputes|carries)\b")
@@ -39,6 +39,7 @@ JOURNALED = re.compile(r"\b(tasks|attempts|disputes|carries)\b")
 # of ours to read it back)
 ID_BLOCKS = {"tasks": 128, "attempts": 128, "transactions": 1024}
 CARRY_CACHE = 65536  # (buyer, seller) pairs whose carry is kept in memory, at most
+APPLY = "SELECT cpushare_apply(%s::jsonb, %b::bytea[])"  # (the journal's call)
 INLINE = 4096  # bytes: a bigger input or output goes beside the JSON, as a bytea of its own
 
 # kind: (the statement's columns and their types, the statement over the recordset `x`)
@@ -158,8 +159,12 @@ END $f$;
 
 
 PG_JOURNAL_SCHEMA = _function()
-JOURNAL_BODY = PG_JOURNAL_SCHEMA.split("$f$")[1]  # (pg_proc.prosrc: a store that finds
-# another replaces it, every run the older knew being the same here)
+JOURNAL_BODY = PG_JOURNAL_SCHEMA.split("$f$")[1]  # (pg_proc.prosrc)
+# cpushare_apply's version, in meta (journal_version): 2 has the tail runs.  A
+# store replaces an older one, never a newer (which knows every run of ours).
+JOURNAL_VERSION = 2
+UPGRADE_LOCK_WAIT = 2.0  # s an upgrade's step waits for a table's lock, each time
+UPGRADE_TRIES = 5
 
 
 class Journal:
@@ -264,31 +269,75 @@ class PgJournalMixin:
         return list(range(first + n - 1, first - 1, -1))
 
     def _upgrade_journal(self) -> None:
-        """A database made before the journal, or by an older version of it: this
-        version's cpushare_apply (which knows every run the older did),
-        sequences that give ID_BLOCKS, and entries without foreign keys
-        (pgschema._ENTRY_KEYS: the ledger run checks what they did).  Processes starting together do it one
-        at a time (no "tuple concurrently updated")."""
-        tables = sorted(ID_BLOCKS)
-        row = self.db.execute(
-            "SELECT (SELECT prosrc FROM pg_proc WHERE oid = "
-            "to_regprocedure('cpushare_apply(jsonb, bytea[])')), ARRAY(SELECT seqincrement "
-            "FROM unnest(?::text[]) WITH ORDINALITY AS t(name, i) JOIN pg_sequence s ON "
-            "s.seqrelid = pg_get_serial_sequence(t.name, 'id')::regclass ORDER BY t.i)",
-            (tables,)).fetchone()
-        keyed = self.db.execute("SELECT COUNT(*) FROM pg_constraint WHERE contype = 'f' AND "
-                                "conrelid = 'entries'::regclass").fetchone()[0]
-        if row[0] == JOURNAL_BODY and row[1] == [ID_BLOCKS[t] for t in tables] and not keyed:
+        """A database made before the journal, or by an older version of it:
+        this version's cpushare_apply (JOURNAL_VERSION: it knows every run of
+        the older ones; a newer one, which knows ours, is left as it is),
+        sequences whose increments are at least ID_BLOCKS (never lowered:
+        _id_block takes whatever a sequence gives), and entries without
+        foreign keys (pgschema._ENTRY_KEYS).  Each change is a transaction of
+        its own under an advisory lock (processes starting together make it
+        one at a time, each looking again under the lock), which waits at
+        most UPGRADE_LOCK_WAIT for a table's lock and is tried again: an older
+        process serving meanwhile is held up that long at most, and a lock
+        cycle with it ends in a retry, not a deadlock.  The store's role must
+        own these tables, their sequences and the function."""
+        if not self._journal_behind():
             return
-        with self.transaction():
-            self.db.execute("SELECT pg_advisory_xact_lock(?::int, 0)", (FLEET_LOCK + SCHEMA_LOCK,))
+        for step in (self._drop_entry_keys, self._raise_increments, self._replace_apply):
+            self._upgrade_step(step)
+
+    def _journal_behind(self) -> bool:
+        version = self._journal_version()
+        increments = dict(self.db.execute(
+            "SELECT t.name, s.seqincrement FROM unnest(?::text[]) AS t(name) JOIN pg_sequence "
+            "s ON s.seqrelid = pg_get_serial_sequence(t.name, 'id')::regclass",
+            (sorted(ID_BLOCKS),)).fetchall())
+        return (version < JOURNAL_VERSION or self._entry_keys() != []
+                or any(increments.get(t, 0) < n for t, n in ID_BLOCKS.items()))
+
+    def _journal_version(self) -> int:
+        """Of the database's cpushare_apply: 0 if none, 1 if made before versions."""
+        if self.db.execute("SELECT to_regprocedure('cpushare_apply(jsonb, bytea[])')"
+                           ).fetchone()[0] is None:
+            return 0
+        return int(self.get_meta("journal_version") or 1)
+
+    def _entry_keys(self) -> list[str]:
+        return [n for n, in self.db.execute("SELECT conname FROM pg_constraint WHERE contype "
+                                            "= 'f' AND conrelid = 'entries'::regclass")]
+
+    def _upgrade_step(self, step) -> None:
+        import psycopg
+        for _ in range(UPGRADE_TRIES):
+            try:
+                with self.transaction():
+                    self.db.execute("SELECT pg_advisory_xact_lock(?::int, 0)",
+                                    (FLEET_LOCK + SCHEMA_LOCK,))
+                    self.db.raw(f"SET LOCAL lock_timeout = '{int(UPGRADE_LOCK_WAIT * 1000)}ms'")
+                    step()
+                return
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
+                time.sleep(UPGRADE_LOCK_WAIT / 4)
+        raise StoreError(f"{self.path}: could not upgrade the database's journal: other "
+                         f"sessions held its tables' locks {UPGRADE_TRIES} times running "
+                         f"(try again when the market is less busy)")
+
+    def _drop_entry_keys(self) -> None:
+        for name in self._entry_keys():
+            self.db.raw(f'ALTER TABLE entries DROP CONSTRAINT "{name}"')
+
+    def _raise_increments(self) -> None:
+        for t, n in sorted(ID_BLOCKS.items()):
+            seq, inc = self.db.execute(
+                "SELECT s.seqrelid::regclass::text, s.seqincrement FROM pg_sequence s WHERE "
+                "s.seqrelid = pg_get_serial_sequence(?, 'id')::regclass", (t,)).fetchone()
+            if inc < n:  # (a lock of the sequence only, not of its table)
+                self.db.raw(f"ALTER SEQUENCE {seq} INCREMENT BY {n}")
+
+    def _replace_apply(self) -> None:
+        if self._journal_version() < JOURNAL_VERSION:
             self.db.raw(PG_JOURNAL_SCHEMA)
-            for t in tables:  # (a lock of the sequence only, not of its table)
-                seq = self.db.execute("SELECT pg_get_serial_sequence(?, 'id')", (t,)).fetchone()[0]
-                self.db.raw(f"ALTER SEQUENCE {seq} INCREMENT BY {ID_BLOCKS[t]}")
-            for name, in self.db.execute("SELECT conname FROM pg_constraint WHERE contype = "
-                                         "'f' AND conrelid = 'entries'::regclass").fetchall():
-                self.db.raw(f'ALTER TABLE entries DROP CONSTRAINT "{name}"')  # (pgschema)
+            self.set_meta("journal_version", str(JOURNAL_VERSION))
 
     def _journal(self, kind: str, key, row: dict) -> None:
         self.db.journal.add(kind, key, row)

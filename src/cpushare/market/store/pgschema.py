@@ -13,11 +13,13 @@ from .schema import SCHEMA
 # The entries' foreign keys, which PostgreSQL's schema leaves out: each
 # checked row took a row lock (written to the WAL) of its transaction's and
 # its account's rows, 30 us of the server's CPU a tiny task (four entries).
-# Entries are written by the ledger run of cpushare_apply only, which checks
-# in one query that the accounts they name are (pgjournal._TAIL_CASES), and
-# whose entries name the transactions it writes (pgledger._ledger_run checks
-# that before it goes); nothing deletes either; `ledger check` looks for
-# entries naming neither, on both stores.
+# A serving store writes entries by the ledger run of cpushare_apply only,
+# which checks in one query that the accounts they name are
+# (pgjournal._TAIL_CASES), and whose entries name the transactions it writes
+# (pgledger._ledger_run checks that before it goes); `migrate` copies a
+# checked ledger, and checks it again; nothing deletes accounts or
+# transactions; `ledger check` looks for entries naming neither, on both
+# stores.
 _ENTRY_KEYS = (" REFERENCES transactions(id),", " REFERENCES accounts(id),")
 
 

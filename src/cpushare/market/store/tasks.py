@@ -43,13 +43,6 @@ class TasksMixin:
             return list(self.db.execute(sql))
         return list(self.db.execute(sql + " AND buy_order_id = ?", (buy_order_id,)))
 
-    def undelivered_among(self, buy_order_id: int, task_ids: list[int]
-                          ) -> list[tuple[int, str, int, int]]:
-        return [row for ids in _chunks(task_ids) for row in self.db.execute(
-            "SELECT buy_order_id, ref, id, buyer_account_id FROM tasks WHERE id IN "
-            f"({', '.join('?' * len(ids))}) AND buy_order_id = ? AND delivered = 0 AND "
-            "session = 0 ORDER BY id", (*ids, buy_order_id))]
-
     def pending_task(self, buy_order_id: int, ref: str) -> TaskRow | None:
         row = self.db.execute(self._TASK + "WHERE buy_order_id = ? AND delivered = 0 AND ref = ? "
                               "AND session = 0",
@@ -167,10 +160,6 @@ class TasksMixin:
             raise StoreError(f"no task {task_id}")
         return self._result(row)
 
-    def results(self, task_ids: list[int]) -> list[Result]:
-        return [self._result(row) for ids in _chunks(task_ids) for row in self.db.execute(
-            self._RESULT + f"WHERE id IN ({', '.join('?' * len(ids))}) ORDER BY id", ids)]
-
     def mark_delivered(self, task_ids: Iterable[int], refs=None) -> None:
         task_ids = list(task_ids)
         self.db.executemany("UPDATE tasks SET delivered = 1, output = NULL WHERE id = ?",
@@ -192,9 +181,3 @@ class TasksMixin:
             return list(self.db.execute(sql + " ORDER BY d.id"))
         return list(self.db.execute(sql + " WHERE d.task_id = ? ORDER BY d.id", (task_id,)))
 
-
-def _chunks(ids, n: int = 256):
-    """`ids` as ints, n at a time, ascending (a statement's text for each size
-    up to n: the statements' caches stay bounded)."""
-    ids = sorted(int(t) for t in ids)
-    return [ids[i:i + n] for i in range(0, len(ids), n)]
