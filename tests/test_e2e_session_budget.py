@@ -81,4 +81,7 @@ def test_input_a_spinning_job_does_not_read_waits_for_it(market):
     assert out[8:] == data  # nothing lost, in order
     assert stalled_at < SIZE // 2, stalled_at  # the buyer waited while the job spun
     growth_mib = (peak - base) / 1024
-    assert growth_mib < 16, f"the seller daemon grew by {growth_mib:.1f} MiB"
+    # (13.6 .. 17.2 MiB measured on these machines, before and after the market's
+    # changes of its group commit; a seller that held what it was sent would
+    # grow by the 70 MiB and more loopback's socket buffers do not hold)
+    assert growth_mib < 24, f"the seller daemon grew by {growth_mib:.1f} MiB"

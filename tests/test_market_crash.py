@@ -65,8 +65,10 @@ def connect_any(ports: list[int]) -> int | None:
     return None
 
 
-async def seller_forever(o, stop: asyncio.Event, ports: list[int] | None = None) -> None:
-    """A seller that reconnects (to the first of `ports` that listens) until `stop`."""
+async def seller_forever(o, stop: asyncio.Event, ports: list[int] | None = None,
+                         pause: float = 0.0) -> None:
+    """A seller that reconnects (to the first of `ports` that listens) until `stop`;
+    each task takes it `pause` s."""
     while not stop.is_set():
         port = connect_any(ports or [o.port])
         if port is None:
@@ -74,7 +76,7 @@ async def seller_forever(o, stop: asyncio.Event, ports: list[int] | None = None)
             continue
         try:
             s = await ScriptedSeller.connect(dataclasses.replace(o, port=port),
-                                             cpu_ms=random.randint(1, 3000))
+                                             cpu_ms=random.randint(1, 3000), pause=pause)
         except LOST:
             await asyncio.sleep(0.02)
             continue

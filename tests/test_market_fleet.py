@@ -26,8 +26,11 @@ from test_market_crash import PYTHON, SRC, buyer_forever, seller_forever
 from test_market_peers import LoopbackMarket, free_port
 
 # Enough that the survivors cannot finish the work while the test waits for
-# a takeover (about a second, at some 300 tasks/s): every kill is mid-run.
+# a takeover (about a second): every kill is mid-run.  Each seller takes
+# PAUSE a task, so the work's rate is bounded by the sellers (3 at most 250
+# tasks/s each), not by how fast the market is (1,000 tasks/s and more).
 TASKS = 2000
+PAUSE = 0.004
 BID = 360_000
 
 
@@ -117,7 +120,8 @@ def test_processes_share_the_work_and_take_over_after_kill9(tmp_path, pg_cluster
         for p in procs:
             p.start()
         seller_ports = [shared, home]  # (home only once no process has the shared address)
-        tasks = [asyncio.create_task(seller_forever(o, stop, seller_ports)) for o in sells]
+        tasks = [asyncio.create_task(seller_forever(o, stop, seller_ports, PAUSE))
+                 for o in sells]
         tasks.append(asyncio.create_task(
             buyer_forever(buy, results, all_done, [home, shared], TASKS, where)))
         try:

@@ -194,11 +194,12 @@ class ScriptedSeller:
     """A seller that answers every task with `answer(input)`, in a task of its own."""
 
     def __init__(self, peer: Peer, answer=lambda data: data[::-1], cpu_ms: int = 1000,
-                 hold: bool = False):
+                 hold: bool = False, pause: float = 0.0):
         self.peer = peer
         self.answer = answer
         self.cpu_ms = cpu_ms
         self.hold = hold  # keep tasks without answering (to test losses)
+        self.pause = pause  # s a task "runs" before its result goes back
         self.tasks: list[protocol.Message] = []
         self.settled: list[protocol.Message] = []
         self.images: dict[str, bytes] = {}
@@ -247,6 +248,8 @@ class ScriptedSeller:
                 assert image_digest(img.payload) == m["image"]
                 self.images[m["image"]] = img.payload
             out = self.answer(m.payload)
+            if self.pause:
+                await asyncio.sleep(self.pause)
             await self.peer.send("result", out, attempt=m["attempt"], exit_status=0, signal=None,
                                  reason="", cpu_ms=self.cpu_ms,
                                  output_sha256=protocol.digest(out))

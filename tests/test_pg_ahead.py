@@ -304,9 +304,13 @@ def test_a_claim_from_the_shared_queue_sends_no_statement_from_the_event_loop(tm
 
 
 def test_results_heard_together_are_read_within_the_buyers_room(tmp_path, pg_cluster):
-    """store.results_within: done, undelivered results in id order while the
-    outputs before each fit the room (the first whatever its size); the rest
-    are named, their outputs not read; queued or delivered tasks neither."""
+    """store.results_within: done, undelivered results in id order while they
+    fit the room with a frame's header each (the first whatever its size);
+    the rest are named, their outputs not read; queued or delivered tasks
+    neither.  (And the store's small input is the market's.)"""
+    from cpushare.market import buyers
+    from cpushare.market.store import pgfleet
+    assert pgfleet.SMALL_INPUT == buyers.SMALL_INPUT
     s = _store(tmp_path, pg_cluster.database())
     try:
         buyer_id, _, _, bo = _setup(s)
@@ -316,9 +320,13 @@ def test_results_heard_together_are_read_within_the_buyers_room(tmp_path, pg_clu
             for i, tid in enumerate(ids[:5]):
                 s.finish_task(tid, "done", exit_status=0, output=b"x" * (1000 * (i + 1)))
             s.mark_delivered([ids[4]], [(bo, "r4")])
-        got, past = s.results_within(ids, 2500)  # 1000 + 2000 before the third: past
+        each = pgfleet.FRAME_EACH
+        # 1000 and 2000 bytes fit in 3000 + two frames; the third does not
+        got, past = s.results_within(ids, 3000 + 2 * each)
         assert [r.task_id for r in got] == ids[:2] and got[1].output == b"x" * 2000
         assert past == ids[2:4]  # (r4 is delivered, r5 still queued: neither)
+        got, past = s.results_within(ids, 3000 + 2 * each - 1)
+        assert [r.task_id for r in got] == ids[:1] and past == ids[1:4]
         got, past = s.results_within(ids[3:], 10)  # the first, whatever its size
         assert [r.task_id for r in got] == [ids[3]] and past == []
     finally:

@@ -123,6 +123,8 @@ class BuyerHandlers:
                     return
             finally:
                 self._reading -= 1
+                if self.fleet:
+                    self._heard_later()  # (fleet.py: what was held back meanwhile)
 
     def _check_request(self, b: BuyerConn, m: Message, k: int) -> int:
         """The CPU time of a valid submit/open; raises Rejection."""

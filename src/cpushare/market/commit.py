@@ -29,14 +29,18 @@ log = logging.getLogger("cpushare.market")
 # A group commit gathers while frames keep coming: it is committed
 # COMMIT_DELAY_MIN after it began, unless frames came meanwhile (the market
 # is busy), then again COMMIT_DELAY_MIN later, and so on, for at most the
-# market's commit_delay (COMMIT_DELAY unless given).  So a busy process pays
-# a commit's own cost (a round trip and a transaction on PostgreSQL, a WAL
-# flush on a disk: on a shared primary, every process's commits add up) at
-# most 50 times a second, and a buyer waiting for each answer before its
-# next request gets it within a few ms.  A group another process waits for
-# (a key it asked to be left, fleet.py) is committed at once (_commit_soon).
+# market's commit_delay (COMMIT_DELAY unless given); and never sooner than
+# COMMIT_SPACING after the commit before it.  So a process pays a commit's
+# own cost (a round trip and a transaction on PostgreSQL, a WAL flush on a
+# disk: on a shared primary, every process's commits add up) at most 200
+# times a second, 50 once frames come faster than every 2 ms; a lone
+# request is answered within 2 ms, and a buyer waiting for each answer
+# before its next request within 5 ms, as before this rule.  A group
+# another process waits for (a key it asked to be left, fleet.py) is
+# committed at once (_commit_soon).
 COMMIT_DELAY = 0.02  # seconds, at most
 COMMIT_DELAY_MIN = 0.002  # seconds: a group with no frame after its first
+COMMIT_SPACING = 0.005  # seconds between the starts of two commits, at least
 FILES_POLL = 0.002  # seconds: a commit waiting for big files looks again after this
 FILES_WAIT_MAX = 0.25  # ... for at most this long; then it waits for them, blocking
 READ_WAIT_MAX = 0.02  # s a commit waits for reads ahead of the group (store.read_ahead)
@@ -62,6 +66,7 @@ class GroupCommit:
         self._frames_at = 0  # ... when the open group began, or was last looked at
         self._group_began = 0.0  # (loop time)
         self._due = False  # the open group is committed at once, no more gathering
+        self._last_commit = float("-inf")  # when the last commit began (_now())
         self._files_since = 0.0  # when the commit first waited for big files
         self._held: set = set()  # keys locked against other processes until the commit
         self._inflight: tuple | None = None  # (future, announcements) of a commit on its way
@@ -131,15 +136,21 @@ class GroupCommit:
             self._commit_timer = asyncio.get_running_loop().call_soon(self._commit)
 
     def _gathers(self) -> bool:
-        """Whether the open group gathers COMMIT_DELAY_MIN more (frames came since
-        it began or was last looked at, and commit_delay is not reached)."""
-        if self._due or self._frames == self._frames_at:
+        """Whether the open group gathers more: COMMIT_DELAY_MIN more if frames
+        came since it began or was last looked at (within commit_delay), or
+        until COMMIT_SPACING after the last commit began."""
+        if self._due:
             return False
-        if self._now() - self._group_began + COMMIT_DELAY_MIN > self.commit_delay:
+        now, later = self._now(), 0.0
+        if (self._frames != self._frames_at
+                and now - self._group_began + COMMIT_DELAY_MIN <= self.commit_delay):
+            later = COMMIT_DELAY_MIN
+        spaced = self._last_commit + min(COMMIT_SPACING, self.commit_delay) - now
+        later = max(later, spaced)
+        if later <= 0:
             return False
         self._frames_at = self._frames
-        self._commit_timer = asyncio.get_running_loop().call_later(COMMIT_DELAY_MIN,
-                                                                   self._commit)
+        self._commit_timer = asyncio.get_running_loop().call_later(later, self._commit)
         return True
 
     def _flush(self) -> None:
@@ -156,7 +167,7 @@ class GroupCommit:
         self._send_outboxes()
 
     def _commit(self, wait: bool = False) -> None:
-        """The group commit, at most every `commit_delay`: then what it made true is told.
+        """The group commit (when _gathers says it is time): then what it made true is told.
 
         While big inputs or outputs of the group are still being written to disk
         (by the store's own thread), it comes back a little later rather than
@@ -203,6 +214,7 @@ class GroupCommit:
         self._held.clear()
         after, self._after = self._after, []
         self._due = False
+        self._last_commit = self._now()
         if f is None:
             self._tell_committed(after)
             return

@@ -219,6 +219,7 @@ class Fleet:
     def _claimed(self, f, n: int) -> None:
         self._claiming = False
         self._reading -= 1
+        self._heard_later()
         if self._stopping or self.fatal is not None:
             return
         if f.cancelled():  # (the store closed)
@@ -279,8 +280,14 @@ class Fleet:
             self._fleet_leave()
             self._die("the database's notifications failed", e)
             return
-        if self._store_busy():  # (what they ask reads the store: after that commit)
-            self._heard += payloads
+        if self._store_busy() or self._claiming:
+            # (what they ask reads the store, or names a task a claim on its way
+            # may be taking: after it; a yield reads nothing, and is heard now)
+            for p in payloads:
+                if p.startswith("yield "):
+                    self._on_yield(p[6:])
+                else:
+                    self._heard.append(p)
             return
         payloads, self._heard = self._heard + payloads, []
         revoked: set[str] = set()
@@ -433,9 +440,13 @@ class Fleet:
         if self.fleet:
             self._remote_results.append((t.buy_order_id, t.id))
 
-    def _fleet_after_commit(self) -> None:
+    def _heard_later(self) -> None:
+        """Notifications held back while the store was busy: heard at the next turn."""
         if self._heard:
             asyncio.get_running_loop().call_soon(self._on_notifies)
+
+    def _fleet_after_commit(self) -> None:
+        self._heard_later()
         if self._share_due:
             self._share_due = False
             self._share()

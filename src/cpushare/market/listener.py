@@ -277,7 +277,7 @@ class Listener:
         and what it will ask, read ahead (pgahead).  Its connection waits (it
         is paused: not read, so not silent), the loop goes on."""
         ahead = m.type in READ_AHEAD and self.store.reads_ahead and conn.role == "buyer"
-        if not ahead and not (m.type in READS_STORE and self._committing()):
+        if not ahead and not (m.type in READS_STORE and self._store_busy()):
             return
         conn.paused = True
         try:

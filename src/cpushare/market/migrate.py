@@ -104,7 +104,7 @@ def _copy(src: SQLiteStore, dst, images: str) -> dict:
         dst.begin()
         # (the system accounts made by create are replaced by the source's own rows)
         dst.db.execute("DELETE FROM accounts")
-        dst.db.execute("DELETE FROM meta")
+        dst.db.execute("DELETE FROM meta WHERE key <> 'journal_version'")  # (the store's)
         for table, cols, blobs in TABLES:
             rows = q(f"SELECT {', '.join(cols)} FROM {table}")
             n = 0

@@ -32,6 +32,9 @@ import time
 
 from .rows import AttemptRow, TaskRow
 
+SMALL_INPUT = 64 << 10  # (market/buyers.py's: bigger inputs a claim does not read)
+FRAME_EACH = 256  # bytes counted for a result's frame besides its output (results_within)
+
 FLEET_LOCK = 0x43505553  # the class of the servers' advisory locks ("CPUS")
 CHANNEL = "cpushare"  # to every process; each also listens on cpushare_<id>
 # No statement should wait for a lock longer than a group commit or two; one
@@ -76,11 +79,13 @@ _COLS = ("id, buy_order_id, buyer_account_id, ref, image, redundancy, cpu_ms, bi
          "EXISTS (SELECT 1 FROM cancels c WHERE c.task_id = tasks.id)")
 
 
-# tasks of the shared queue taken by a process (claim, and pgahead's claim_apart)
+# tasks of the shared queue taken by a process (pgahead's claim_apart), at most n
+# (`?` last), highest bid first, locked rows (another's claim) skipped
 _CLAIM = (f"UPDATE tasks SET owner = ? WHERE id IN (SELECT id FROM tasks WHERE "
           f"owner IS NULL AND state = 'queued' AND session = 0 AND bid_milli >= ? "
           f"AND model = ANY(?::text[]) AND cpu_ms <= ? ORDER BY bid_milli DESC, id LIMIT ? "
-          f"FOR UPDATE SKIP LOCKED) RETURNING {_COLS}, input")
+          f"FOR UPDATE SKIP LOCKED) RETURNING {_COLS}, CASE WHEN octet_length(input) <= "
+          f"{SMALL_INPUT} THEN input END")  # (a bigger input is read when it goes out)
 _ATTEMPTS_OF = ("SELECT id, task_id, sell_order_id, seller_account_id, state, ask_milli, "
                 "cpu_ms, output_sha256, exit_status, signal, reason, paid_milli FROM attempts "
                 "WHERE task_id = ANY(?::bigint[]) ORDER BY id")
@@ -94,9 +99,9 @@ def _attempts(rows) -> dict[int, list[AttemptRow]]:
 
 
 def _loaded(r, with_input: bool) -> tuple:
-    """(TaskRow, input or None, cancelled) of a row of _COLS (and input)."""
+    """(TaskRow, input or None (not read), cancelled) of a row of _COLS (and input)."""
     return (TaskRow(*r[:10], bool(r[10]), r[11]),
-            bytes(r[13] or b"") if with_input else None, bool(r[12]))
+            bytes(r[13]) if with_input and r[13] is not None else None, bool(r[12]))
 
 
 class Listener:
@@ -239,14 +244,6 @@ class PgFleetMixin:
                         (task_ids, self.server_id))
         self.notify_all("queue")
 
-    def claim(self, n: int, models: list[str], min_bid: int, max_cpu_ms: int) -> list:
-        """At most `n` tasks of the shared queue that sellers of these models,
-        asks (from `min_bid`) and CPU time may run, highest bid first:
-        [(TaskRow, input, cancelled)].  Locked rows (another's) are skipped."""
-        rows = self.db.execute(_CLAIM, (self.server_id, min_bid, models, max_cpu_ms,
-                                        n)).fetchall()
-        return [_loaded(r, True) for r in sorted(rows)]
-
     def claim_task(self, task_id: int) -> tuple | None:
         """Task `task_id`, if it is in the shared queue and no other process
         is claiming it: (TaskRow, input, cancelled)."""
@@ -281,20 +278,21 @@ class PgFleetMixin:
 
     def results_within(self, task_ids: list[int], room: int) -> tuple[list, list[int]]:
         """The results (store.Result) of these tasks that are done and not yet
-        delivered, in id order, as long as the outputs before each fit in
-        `room` bytes (the first is read whatever its size, as one result
-        alone would be); and the tasks past that room, whose output is not
-        read (owed: read when the buyer's budget has room).  One statement
-        for results heard together, and never more output in memory than the
-        buyer's budget has room for."""
+        delivered, in id order, as long as they fit in `room` bytes with
+        theirs before them (FRAME_EACH a frame's header counted too; the
+        first is read whatever its size, as one result alone would be); and
+        the tasks past that room, whose output is not read (owed: read when
+        the buyer's budget has room).  One statement for results heard
+        together, and no more output in memory than the buyer's budget has
+        room for, but for a first result bigger than it."""
         out, past = [], []
         for r in self.db.execute(
                 "SELECT id, ref, state, exit_status, signal, reason, used_cpu_ms, cost_milli, "
-                "attempts, CASE WHEN before < ? THEN output END, fail_code, fail_message, "
-                "before < ? FROM (SELECT *, SUM(COALESCE(octet_length(output), 0)) OVER "
-                "(ORDER BY id) - COALESCE(octet_length(output), 0) AS before FROM tasks "
-                "WHERE id = ANY(?::bigint[]) AND delivered = 0 AND state <> 'queued') t "
-                "ORDER BY id", (max(1, room), max(1, room), sorted(task_ids))):
+                "attempts, CASE WHEN fits THEN output END, fail_code, fail_message, fits FROM "
+                "(SELECT *, ROW_NUMBER() OVER w = 1 OR SUM(COALESCE(octet_length(output), 0) "
+                "+ ?) OVER w <= ? AS fits FROM tasks WHERE id = ANY(?::bigint[]) AND "
+                "delivered = 0 AND state <> 'queued' WINDOW w AS (ORDER BY id)) t ORDER BY id",
+                (FRAME_EACH, room, sorted(task_ids))):
             if r[12]:
                 out.append(self._result(r[:12]))
             else:

@@ -163,8 +163,11 @@ JOURNAL_BODY = PG_JOURNAL_SCHEMA.split("$f$")[1]  # (pg_proc.prosrc)
 # cpushare_apply's version, in meta (journal_version): 2 has the tail runs.  A
 # store replaces an older one, never a newer (which knows every run of ours).
 JOURNAL_VERSION = 2
-UPGRADE_LOCK_WAIT = 2.0  # s an upgrade's step waits for a table's lock, each time
-UPGRADE_TRIES = 5
+# s an upgrade's step waits for a table's lock, each time: below PostgreSQL's
+# deadlock_timeout (1 s), so that in a lock cycle with a serving process it is
+# the upgrade that gives up (and tries again), never the process
+UPGRADE_LOCK_WAIT = 0.5
+UPGRADE_TRIES = 20
 
 
 class Journal:
@@ -279,7 +282,8 @@ class PgJournalMixin:
         one at a time, each looking again under the lock), which waits at
         most UPGRADE_LOCK_WAIT for a table's lock and is tried again: an older
         process serving meanwhile is held up that long at most, and a lock
-        cycle with it ends in a retry, not a deadlock.  The store's role must
+        cycle with it ends in the upgrade's retry (it gives up before
+        PostgreSQL's deadlock check would pick a victim).  The store's role must
         own these tables, their sequences and the function."""
         if not self._journal_behind():
             return
@@ -296,11 +300,17 @@ class PgJournalMixin:
                 or any(increments.get(t, 0) < n for t, n in ID_BLOCKS.items()))
 
     def _journal_version(self) -> int:
-        """Of the database's cpushare_apply: 0 if none, 1 if made before versions."""
-        if self.db.execute("SELECT to_regprocedure('cpushare_apply(jsonb, bytea[])')"
-                           ).fetchone()[0] is None:
+        """Of the database's cpushare_apply: 0 if none (or not this version's
+        body though it says so), 1 if made before versions."""
+        row = self.db.execute("SELECT prosrc FROM pg_proc WHERE oid = "
+                              "to_regprocedure('cpushare_apply(jsonb, bytea[])')").fetchone()
+        if row is None:
             return 0
-        return int(self.get_meta("journal_version") or 1)
+        said = self.get_meta("journal_version") or "1"
+        version = int(said) if said.isdigit() else 0
+        if version == JOURNAL_VERSION and row[0] != JOURNAL_BODY:
+            return 0  # (replaced by a binary that did not say its version: ours again)
+        return version
 
     def _entry_keys(self) -> list[str]:
         return [n for n, in self.db.execute("SELECT conname FROM pg_constraint WHERE contype "
