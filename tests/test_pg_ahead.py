@@ -243,9 +243,10 @@ def test_a_claim_from_the_shared_queue_sends_no_statement_from_the_event_loop(tm
     """Two market processes' Markets on one database (in this test's loop):
     the buyer on A, the only seller on B, so every task crosses through the
     shared queue.  B's claims (and the attempts of what they take) go in its
-    store's writer thread: B's loop thread sends (almost) no statement,
-    where it sent one a claim; every task is done once and `ledger check`
-    holds."""
+    store's writer thread, and so do A's reads of the results B tells it
+    of: neither loop sends a statement for them, where B's sent two a
+    claim and A's one a batch of results; every task is done once and
+    `ledger check` holds."""
     import dataclasses
     from cpushare.market import admin
     from cpushare.market.server import Market
@@ -269,7 +270,7 @@ def test_a_claim_from_the_shared_queue_sends_no_statement_from_the_event_loop(tm
             await b.sync()
             s = await ScriptedSeller.connect(dataclasses.replace(lm.sell("alice", BID),
                                                                  port=port_b))
-            sent = store_b.db.sent
+            sent, sent_a = store_b.db.sent, lm.market.store.db.sent
             for i in range(n):
                 await b.send("submit", b"x%d" % i, ref=f"r{i}", image=d)
             done: dict[str, int] = {}
@@ -280,25 +281,30 @@ def test_a_claim_from_the_shared_queue_sends_no_statement_from_the_event_loop(tm
                     done[msg["ref"]] = done.get(msg["ref"], 0) + 1
                     await b.send("ack", task=msg["task"])
             from_loop = store_b.db.sent - sent
+            from_a = lm.market.store.db.sent - sent_a
             claimed = store_b.db.execute("SELECT COUNT(*) FROM tasks WHERE owner = ?",
                                          (b_market.server_id,)).fetchone()[0]
             await b.sync()
             await s.stop()
             await b.close()
-            return from_loop, claimed, done
+            return from_loop, from_a, claimed, done
         finally:
             b_market.stop()
             await asyncio.wait_for(serving, 20)
             store_b.close()
             await lm.stop()
 
-    from_loop, claimed, done = run(main())
+    from_loop, from_a, claimed, done = run(main())
     assert claimed == n, f"B ran {claimed} of {n}: not every task crossed"
     assert done == {f"r{i}": 1 for i in range(n)}
     # (what remains is each first use: an id block, the image, a carry; and B's
     # once-a-second look at the other processes, two statements a second: 7 in
     # all here, against 43 when each claim was two of the loop's)
     assert from_loop < 20, f"{from_loop} statements from B's loop for {n} claimed tasks"
+    # A reads the results B's commits told it of in its writer thread too: what
+    # its loop sends is its offers to the shared queue and first uses (8 or 9
+    # here, 24 when each batch of results was read from the loop)
+    assert from_a < 16, f"{from_a} statements from A's loop for {n} results from B"
     assert lm.check() == []
     lm.close()
 

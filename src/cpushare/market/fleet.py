@@ -330,9 +330,10 @@ class Fleet:
 
     def _results_heard(self, results: list[tuple[int, int]]) -> None:
         """`result ORDER TASK` notifications heard together: the results whose
-        buyer is connected here are read together (a statement a buy order,
-        within its connection's budget: the rest are owed, and read as it
-        drains) and sent.  A notification comes twice (by the commit, then
+        buyer is connected here are read together, in the store's writer
+        thread (a statement a buy order, within its connection's budget: the
+        rest are owed, and read as it drains), and sent when they come
+        (_results_read).  A notification comes twice (by the commit, then
         after it: the buyer may have moved meanwhile); one of a result sent
         or owed already, or acked lately, reads nothing."""
         by_order: dict[int, set[int]] = {}
@@ -340,26 +341,44 @@ class Fleet:
             if self.buyers.get(order) and tid not in self.acked_lately:
                 by_order.setdefault(order, set()).add(tid)
         for order, tids in by_order.items():
-            unknown = [t for t in tids if t not in self.pending_tasks]
-            if unknown:  # (submitted through another process since the buyer connected here)
-                for row in self.store.undelivered_among(order, unknown):
-                    if row[2] not in self.pending_tasks:
-                        self._remember_pending(*row)
             conn = self.buyers[order][-1]
+            # (unknown: submitted through another process since the buyer connected here)
+            unknown = sorted(t for t in tids if t not in self.pending_tasks)
             want = sorted(t for t in tids if t in self.pending_tasks
                           and t not in conn.unacked and t not in conn.owed)
-            if not want:
+            if not unknown and not want:
                 continue
-            if conn.owed or conn.buffered >= self.result_budget:
-                got, past = [], want
-            else:
-                got, past = self.store.results_within(want, self.result_budget - conn.buffered)
-            for r in got:
+            room = (0 if conn.owed or conn.buffered >= self.result_budget
+                    else self.result_budget - conn.buffered)
+            f = self.store.results_apart(order, unknown, want, room)
+            self._reading += 1  # (GroupCommit._commit waits a little for it)
+            asyncio.wrap_future(f).add_done_callback(
+                lambda f, order=order: self._results_read(f, order))
+
+    def _results_read(self, f, order: int) -> None:
+        self._reading -= 1
+        self._heard_later()
+        if self._stopping or self.fatal is not None or f.cancelled():
+            return
+        if f.exception() is not None:  # (its transaction failed: as a failed statement)
+            self._die("reading results from the store failed", f.exception())
+            return
+        rows, got, past = f.result()
+        for row in rows:
+            if row[2] not in self.pending_tasks:
+                self._remember_pending(*row)
+        conns = self.buyers.get(order)
+        if not conns:  # (gone meanwhile: they wait for it, as every result does)
+            return
+        conn = conns[-1]
+        for r in got:
+            if r.task_id in self.pending_tasks:
                 self._deliver(conn, r.task_id, self._result_frame(r))
-            for t in past:  # (owed: read as the connection drains)
-                conn.owed[t] = None
-            if past:
-                self._feed(conn)
+        owed = [t for t in past if t in self.pending_tasks and t not in conn.unacked]
+        for t in owed:  # (read as the connection drains)
+            conn.owed[t] = None
+        if owed:
+            self._feed(conn)
 
     # --- certificates --------------------------------------------------------------
 

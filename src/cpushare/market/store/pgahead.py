@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 from concurrent import futures
 
-from .pgfleet import _ATTEMPTS_OF, _CLAIM, FLEET_LOCK, LOCKS, _attempts, _loaded
+from .pgfleet import (_ATTEMPTS_OF, _CLAIM, _RESULTS_WITHIN, _UNDELIVERED_AMONG, FLEET_LOCK,
+                      FRAME_EACH, LOCKS, _attempts, _loaded)
 from .pgjournal import APPLY
 
 # (of many refs at once: each ref and each id a lookup of its own, in a lateral
@@ -138,6 +139,32 @@ class PgAheadMixin:
             rows = [_loaded(r, True) for r in sorted(conn.execute(claim, args).fetchall())]
             ids = [r[0].id for r in rows]
             return rows, (_attempts(conn.execute(attempts_of, (ids,))) if ids else {})
+
+        return self._writer_submit(lambda: db._sent(run))
+
+    def results_apart(self, buy_order_id: int, unknown: list[int], want: list[int],
+                      room: int) -> futures.Future:
+        """In the writer thread (the journal sent first, in the open transaction
+        if one is): undelivered_among(buy_order_id, unknown), then
+        results_within() of those and `want` (none read if `room` <= 0: all
+        are past it).  Its result: (undelivered rows, results, tasks past)."""
+        db = self.db
+        runs = db.journal.take()
+        among, within = db._q(_UNDELIVERED_AMONG)[0], db._q(_RESULTS_WITHIN)[0]
+
+        def run():
+            conn = db.conn
+            if db._begin:
+                db._begin = False
+                conn.execute("BEGIN")
+            if runs is not None:
+                conn.execute(APPLY, runs[:2])
+            rows = (list(conn.execute(among, (sorted(unknown), buy_order_id)))
+                    if unknown else [])
+            ids = sorted(set(want) | {r[2] for r in rows})
+            if room <= 0 or not ids:
+                return rows, [], ids
+            return (rows, *self._within(conn.execute(within, (FRAME_EACH, room, ids))))
 
         return self._writer_submit(lambda: db._sent(run))
 

@@ -86,6 +86,15 @@ _CLAIM = (f"UPDATE tasks SET owner = ? WHERE id IN (SELECT id FROM tasks WHERE "
           f"AND model = ANY(?::text[]) AND cpu_ms <= ? ORDER BY bid_milli DESC, id LIMIT ? "
           f"FOR UPDATE SKIP LOCKED) RETURNING {_COLS}, CASE WHEN octet_length(input) <= "
           f"{SMALL_INPUT} THEN input END")  # (a bigger input is read when it goes out)
+_UNDELIVERED_AMONG = ("SELECT buy_order_id, ref, id, buyer_account_id FROM tasks WHERE id = "
+                      "ANY(?::bigint[]) AND buy_order_id = ? AND delivered = 0 AND session = 0 "
+                      "ORDER BY id")
+_RESULTS_WITHIN = (
+    "SELECT id, ref, state, exit_status, signal, reason, used_cpu_ms, cost_milli, "
+    "attempts, CASE WHEN fits THEN output END, fail_code, fail_message, fits FROM "
+    "(SELECT *, ROW_NUMBER() OVER w = 1 OR SUM(COALESCE(octet_length(output), 0) "
+    "+ ?) OVER w <= ? AS fits FROM tasks WHERE id = ANY(?::bigint[]) AND "
+    "delivered = 0 AND state <> 'queued' WINDOW w AS (ORDER BY id)) t ORDER BY id")
 _ATTEMPTS_OF = ("SELECT id, task_id, sell_order_id, seller_account_id, state, ask_milli, "
                 "cpu_ms, output_sha256, exit_status, signal, reason, paid_milli FROM attempts "
                 "WHERE task_id = ANY(?::bigint[]) ORDER BY id")
@@ -271,10 +280,7 @@ class PgFleetMixin:
     def undelivered_among(self, buy_order_id: int, task_ids: list[int]
                           ) -> list[tuple[int, str, int, int]]:
         """undelivered_refs' rows of these tasks of the buy order (by their keys)."""
-        return list(self.db.execute(
-            "SELECT buy_order_id, ref, id, buyer_account_id FROM tasks WHERE id = "
-            "ANY(?::bigint[]) AND buy_order_id = ? AND delivered = 0 AND session = 0 "
-            "ORDER BY id", (sorted(task_ids), buy_order_id)))
+        return list(self.db.execute(_UNDELIVERED_AMONG, (sorted(task_ids), buy_order_id)))
 
     def results_within(self, task_ids: list[int], room: int) -> tuple[list, list[int]]:
         """The results (store.Result) of these tasks that are done and not yet
@@ -285,14 +291,12 @@ class PgFleetMixin:
         the buyer's budget has room).  One statement for results heard
         together, and no more output in memory than the buyer's budget has
         room for, but for a first result bigger than it."""
+        return self._within(self.db.execute(_RESULTS_WITHIN, (FRAME_EACH, room,
+                                                              sorted(task_ids))))
+
+    def _within(self, rows) -> tuple[list, list[int]]:
         out, past = [], []
-        for r in self.db.execute(
-                "SELECT id, ref, state, exit_status, signal, reason, used_cpu_ms, cost_milli, "
-                "attempts, CASE WHEN fits THEN output END, fail_code, fail_message, fits FROM "
-                "(SELECT *, ROW_NUMBER() OVER w = 1 OR SUM(COALESCE(octet_length(output), 0) "
-                "+ ?) OVER w <= ? AS fits FROM tasks WHERE id = ANY(?::bigint[]) AND "
-                "delivered = 0 AND state <> 'queued' WINDOW w AS (ORDER BY id)) t ORDER BY id",
-                (FRAME_EACH, room, sorted(task_ids))):
+        for r in rows:
             if r[12]:
                 out.append(self._result(r[:12]))
             else:
