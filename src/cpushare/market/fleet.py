@@ -260,14 +260,22 @@ class Fleet:
             out.append(t)
             if len(out) >= BATCH:
                 break
-        if out:
-            self._tx().release([t.id for t in out])
+        if out:  # (in the store's writer thread: the group's commit waits for it)
+            f = self._tx().release_apart([t.id for t in out])
+            self._reading += 1
+            asyncio.wrap_future(f).add_done_callback(self._released)
             for t in out:
                 self.tasks.pop(t.id, None)
                 self.matcher.dequeue(t.id)
                 self._input_bytes -= t.input_in_memory
                 t.input_in_memory, t.input = 0, None
         self._share_later()
+
+    def _released(self, f) -> None:
+        self._reading -= 1
+        self._heard_later()
+        if not (self._stopping or self.fatal is not None or f.cancelled()) and f.exception():
+            self._die("offering tasks to the shared queue failed", f.exception())
 
     # --- notifications ----------------------------------------------------------
 

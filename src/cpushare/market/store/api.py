@@ -219,6 +219,6 @@ class Store(abc.ABC):
     forget_homes = try_lock = cancel_task = claim_cancelled = ask_yield = notify_idle = _one_process
     revoked_among = buyer_home_of = server_link = _one_process
     lease_holder = hand_lease = handed_lease = claim_apart = _one_process
-    results_within = undelivered_among = results_apart = _one_process
+    results_within = undelivered_among = results_apart = release_apart = _one_process
     # (only where reads_ahead: store/pgahead.py)
     asks_ref = asks_lock = read_ahead = took_ahead = _one_process

@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 from concurrent import futures
 
-from .pgfleet import (_ATTEMPTS_OF, _CLAIM, _RESULTS_WITHIN, _UNDELIVERED_AMONG, FLEET_LOCK,
-                      FRAME_EACH, LOCKS, _attempts, _loaded)
+from .pgfleet import (_ATTEMPTS_OF, _CLAIM, _RELEASE, _RESULTS_WITHIN, _UNDELIVERED_AMONG,
+                      FLEET_LOCK, FRAME_EACH, LOCKS, _attempts, _loaded)
 from .pgjournal import APPLY
 
 # (of many refs at once: each ref and each id a lookup of its own, in a lateral
@@ -139,6 +139,26 @@ class PgAheadMixin:
             rows = [_loaded(r, True) for r in sorted(conn.execute(claim, args).fetchall())]
             ids = [r[0].id for r in rows]
             return rows, (_attempts(conn.execute(attempts_of, (ids,))) if ids else {})
+
+        return self._writer_submit(lambda: db._sent(run))
+
+    def release_apart(self, task_ids: list[int]) -> futures.Future:
+        """As release(), in the writer thread and the open transaction (the
+        journal sent first: a task submitted in this group is inserted before
+        it is offered)."""
+        db = self.db
+        runs = db.journal.take()
+        sql, args = db._q(_RELEASE)[0], (sorted(task_ids), self.server_id)
+        self.notify_all("queue")
+
+        def run():
+            conn = db.conn
+            if db._begin:
+                db._begin = False
+                conn.execute("BEGIN")
+            if runs is not None:
+                conn.execute(APPLY, runs[:2])
+            conn.execute(sql, args)
 
         return self._writer_submit(lambda: db._sent(run))
 

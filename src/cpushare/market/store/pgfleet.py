@@ -86,6 +86,7 @@ _CLAIM = (f"UPDATE tasks SET owner = ? WHERE id IN (SELECT id FROM tasks WHERE "
           f"AND model = ANY(?::text[]) AND cpu_ms <= ? ORDER BY bid_milli DESC, id LIMIT ? "
           f"FOR UPDATE SKIP LOCKED) RETURNING {_COLS}, CASE WHEN octet_length(input) <= "
           f"{SMALL_INPUT} THEN input END")  # (a bigger input is read when it goes out)
+_RELEASE = "UPDATE tasks SET owner = NULL WHERE id = ANY(?::bigint[]) AND owner = ?"
 _UNDELIVERED_AMONG = ("SELECT buy_order_id, ref, id, buyer_account_id FROM tasks WHERE id = "
                       "ANY(?::bigint[]) AND buy_order_id = ? AND delivered = 0 AND session = 0 "
                       "ORDER BY id")
@@ -249,8 +250,7 @@ class PgFleetMixin:
 
     def release(self, task_ids: list[int]) -> None:
         """These queued tasks of this server go to the shared queue."""
-        self.db.execute("UPDATE tasks SET owner = NULL WHERE id = ANY(?::bigint[]) AND owner = ?",
-                        (task_ids, self.server_id))
+        self.db.execute(_RELEASE, (task_ids, self.server_id))
         self.notify_all("queue")
 
     def claim_task(self, task_id: int) -> tuple | None:
