@@ -82,3 +82,28 @@ def test_a_served_sqlite_market_moves_to_postgresql_and_serves_on(tmp_path, pg_c
         assert check.returncode == 0, check.stdout + check.stderr
     finally:
         pgm.close()
+
+
+def test_init_and_migrate_into_a_served_market_refuse_without_its_tables_locks(tmp_path,
+                                                                               pg_cluster):
+    """`init` or `migrate --to` a PostgreSQL database that holds a market (one a
+    process may be serving) refuses at once: it takes none of its tables'
+    locks (its schema's DDL waited for them, and held up every process
+    serving it), here while another session holds one."""
+    import psycopg
+    url = pg_cluster.database()
+    images = str(tmp_path / "pgimages")
+    _server(url, "--images", images, "init", "--listen", "127.0.0.1:7398")
+    holder = psycopg.connect(url)
+    try:
+        holder.execute("SELECT COUNT(*) FROM tasks")  # (a serving transaction's lock)
+        holder.execute("SELECT COUNT(*) FROM carries")
+        again = _server(url, "--images", images, "init", "--listen", "127.0.0.1:7398",
+                        check=False)
+        assert again.returncode == 1 and "holds a market already" in again.stderr, again
+        src = LocalMarket(tmp_path / "sqlite")
+        moved = _server(src.db, "--images", images, "migrate", "--from", str(src.db),
+                        "--to", url, check=False)
+        assert moved.returncode == 1 and "holds a market already" in moved.stderr, moved
+    finally:
+        holder.close()

@@ -274,7 +274,10 @@ class PostgresStore(PgFilesMixin, PgAheadMixin, PgJournalMixin, PgFleetMixin, Pg
         self._balances: dict[int, tuple[str, int]] = {}
         self._writer: futures.ThreadPoolExecutor | None = None  # commit_apart's thread
         self._init_ahead()
-        if create:
+        if create and self.get_meta("ca_cert") is None:
+            # (a database that holds a market keeps its schema: init and migrate
+            # refuse it, and its tables' locks are not taken from the processes
+            # serving it)
             with self.transaction():
                 self.db.raw(PG_SCHEMA)
                 self.db.raw(PG_FLEET_SCHEMA)  # (the journal's function: _upgrade_journal)
