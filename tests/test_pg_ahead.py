@@ -330,10 +330,11 @@ def test_a_claim_from_the_shared_queue_sends_no_statement_from_the_event_loop(tm
 
 
 def test_results_heard_together_are_read_within_the_buyers_room(tmp_path, pg_cluster):
-    """store.results_within: done, undelivered results in id order while they
+    """store.results_apart: done, undelivered results in id order while they
     fit the room with a frame's header each (the first whatever its size);
     the rest are named, their outputs not read; queued or delivered tasks
-    neither.  (And the store's small input is the market's.)"""
+    neither; and the tasks it is asked of that the buy order waits for.
+    (And the store's small input is the market's.)"""
     from cpushare.market import buyers
     from cpushare.market.store import pgfleet
     assert pgfleet.SMALL_INPUT == buyers.SMALL_INPUT
@@ -348,12 +349,21 @@ def test_results_heard_together_are_read_within_the_buyers_room(tmp_path, pg_clu
             s.mark_delivered([ids[4]], [(bo, "r4")])
         each = pgfleet.FRAME_EACH
         # 1000 and 2000 bytes fit in 3000 + two frames; the third does not
-        got, past = s.results_within(ids, 3000 + 2 * each)
+        def within(want, room, unknown=()):
+            return s.results_apart(bo, list(unknown), want, room).result(10)
+        rows, got, past = within(ids, 3000 + 2 * each)
+        assert rows == []
         assert [r.task_id for r in got] == ids[:2] and got[1].output == b"x" * 2000
         assert past == ids[2:4]  # (r4 is delivered, r5 still queued: neither)
-        got, past = s.results_within(ids, 3000 + 2 * each - 1)
+        _, got, past = within(ids, 3000 + 2 * each - 1)
         assert [r.task_id for r in got] == ids[:1] and past == ids[1:4]
-        got, past = s.results_within(ids[3:], 10)  # the first, whatever its size
+        _, got, past = within(ids[3:], 10)  # the first, whatever its size
         assert [r.task_id for r in got] == [ids[3]] and past == []
+        # asked of tasks it did not know: those the order waits for, and their results
+        rows, got, past = within([], 10 ** 6, unknown=[ids[0], ids[4], ids[5]])
+        assert [r[2] for r in rows] == [ids[0], ids[5]]  # (r4 is delivered)
+        assert [r.task_id for r in got] == [ids[0]] and past == []  # (r5 is queued)
+        _, got, past = within(ids[:2], 0)  # (no room: none read)
+        assert got == [] and past == ids[:2]
     finally:
         s.close()

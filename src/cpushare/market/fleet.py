@@ -213,21 +213,30 @@ class Fleet:
                                    min(s.order.price_milli for s in ready),
                                    max(s.order.cpu_seconds for s in ready) * 1000)
         self._claiming = True
-        self._reading += 1  # (GroupCommit._commit waits a little for it)
-        asyncio.wrap_future(f).add_done_callback(lambda f: self._claimed(f, n))
+        self._apart(f, "claiming from the shared queue", lambda r: self._claimed(r, n))
 
-    def _claimed(self, f, n: int) -> None:
-        self._claiming = False
-        self._reading -= 1
-        self._heard_later()
-        if self._stopping or self.fatal is not None:
-            return
-        if f.cancelled():  # (the store closed)
-            return
-        if f.exception() is not None:  # (its transaction failed: as a failed statement)
-            self._die("claiming from the shared queue failed", f.exception())
-            return
-        rows, attempts = f.result()
+    def _apart(self, f, what: str, then=None) -> None:
+        """A store call on its way in the writer thread (a claim, an offer, a read
+        of results): the group's commit waits a little for it, as for a read
+        ahead; when it is done, what was heard meanwhile is heard, and
+        `then(its result)` runs, unless the market stops.  Its failure stops
+        the market, as a failed statement of the loop's would."""
+        self._reading += 1
+
+        def done(f) -> None:
+            self._reading -= 1
+            self._heard_later()
+            if self._stopping or self.fatal is not None or f.cancelled():
+                return
+            if f.exception() is not None:  # (its transaction failed)
+                self._die(f"{what} failed", f.exception())
+            elif then is not None:
+                then(f.result())
+        asyncio.wrap_future(f).add_done_callback(done)
+
+    def _claimed(self, result, n: int) -> None:
+        self._claiming = False  # (before what was heard meanwhile: it may name these)
+        rows, attempts = result
         if len(rows) < n:
             self._pool_hint = False
             now = time.monotonic()
@@ -260,22 +269,15 @@ class Fleet:
             out.append(t)
             if len(out) >= BATCH:
                 break
-        if out:  # (in the store's writer thread: the group's commit waits for it)
-            f = self._tx().release_apart([t.id for t in out])
-            self._reading += 1
-            asyncio.wrap_future(f).add_done_callback(self._released)
+        if out:
+            self._apart(self._tx().release_apart([t.id for t in out]),
+                        "offering tasks to the shared queue")
             for t in out:
                 self.tasks.pop(t.id, None)
                 self.matcher.dequeue(t.id)
                 self._input_bytes -= t.input_in_memory
                 t.input_in_memory, t.input = 0, None
         self._share_later()
-
-    def _released(self, f) -> None:
-        self._reading -= 1
-        self._heard_later()
-        if not (self._stopping or self.fatal is not None or f.cancelled()) and f.exception():
-            self._die("offering tasks to the shared queue failed", f.exception())
 
     # --- notifications ----------------------------------------------------------
 
@@ -358,20 +360,12 @@ class Fleet:
                 continue
             room = (0 if conn.owed or conn.buffered >= self.result_budget
                     else self.result_budget - conn.buffered)
-            f = self.store.results_apart(order, unknown, want, room)
-            self._reading += 1  # (GroupCommit._commit waits a little for it)
-            asyncio.wrap_future(f).add_done_callback(
-                lambda f, order=order: self._results_read(f, order))
+            self._apart(self.store.results_apart(order, unknown, want, room),
+                        "reading results from the store",
+                        lambda r, order=order: self._results_read(r, order))
 
-    def _results_read(self, f, order: int) -> None:
-        self._reading -= 1
-        self._heard_later()
-        if self._stopping or self.fatal is not None or f.cancelled():
-            return
-        if f.exception() is not None:  # (its transaction failed: as a failed statement)
-            self._die("reading results from the store failed", f.exception())
-            return
-        rows, got, past = f.result()
+    def _results_read(self, result, order: int) -> None:
+        rows, got, past = result
         for row in rows:
             if row[2] not in self.pending_tasks:
                 self._remember_pending(*row)

@@ -214,11 +214,11 @@ class Store(abc.ABC):
     def _one_process(self, *_a, **_k):
         raise NotImplementedError(f"{type(self).__name__} is served by one process")
 
-    join = listener = servers = take_over = release = claim_task = _one_process
+    join = listener = servers = take_over = claim_task = _one_process
     attempts_of = buyer_home = notify_result = announce_results = notify_all = _one_process
     forget_homes = try_lock = cancel_task = claim_cancelled = ask_yield = notify_idle = _one_process
     revoked_among = buyer_home_of = server_link = _one_process
     lease_holder = hand_lease = handed_lease = claim_apart = _one_process
-    results_within = undelivered_among = results_apart = release_apart = _one_process
+    results_apart = release_apart = _one_process
     # (only where reads_ahead: store/pgahead.py)
     asks_ref = asks_lock = read_ahead = took_ahead = _one_process

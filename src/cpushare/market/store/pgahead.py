@@ -85,11 +85,7 @@ class PgAheadMixin:
         delivered = list(db.journal.delivered)
         balance = account is not None and account not in self._balances
 
-        def read():
-            conn = db.conn
-            if db._begin:  # (the BEGIN owed: the transaction's first statement is this)
-                db._begin = False
-                db._sent(conn.execute, "BEGIN")
+        def read(conn):
             found, locked, row = {}, None, None
             one = len(refs) + (account is not None) + balance == 1
             with contextlib.nullcontext() if one else conn.pipeline():  # (one: no pipeline)
@@ -116,69 +112,72 @@ class PgAheadMixin:
                 row = c_bal.fetchone()
             return epoch, mark, buy_order_id, refs, found, account, locked, row
 
-        return self._writer_submit(lambda: db._sent(read))
+        return self._apart(read, journal=False)  # (the refs' answers say what they hold)
 
-    def claim_apart(self, n: int, models: list[str], min_bid: int,
-                    max_cpu_ms: int) -> futures.Future:
-        """As claim(), then attempts_of() the tasks it took, in the writer thread
-        and the open transaction (the journal sent before them, as a statement
-        on the loop's thread would): the loop goes on.  Its result:
-        ([(TaskRow, input, cancelled)], {task: [AttemptRow]})."""
+    def _apart(self, body, journal: bool = True) -> futures.Future:
+        """body(connection) in the writer thread, in the open transaction: the
+        BEGIN owed first (the transaction's first statement is this), and with
+        `journal` the journal, taken now, as a statement of the loop's thread
+        would send it.  The loop goes on; the future has body's result."""
         db = self.db
-        runs = db.journal.take()
-        claim, attempts_of = db._q(_CLAIM)[0], db._q(_ATTEMPTS_OF)[0]
-        args = (self.server_id, min_bid, models, max_cpu_ms, n)
+        runs = db.journal.take() if journal else None
 
         def run():
             conn = db.conn
-            if db._begin:  # (the BEGIN owed: the transaction's first statement is this)
+            if db._begin:
                 db._begin = False
                 conn.execute("BEGIN")
             if runs is not None:
                 conn.execute(APPLY, runs[:2])
+            return body(conn)
+
+        return self._writer_submit(lambda: db._sent(run))
+
+    def claim_apart(self, n: int, models: list[str], min_bid: int,
+                    max_cpu_ms: int) -> futures.Future:
+        """At most `n` tasks of the shared queue that sellers of these models,
+        asks (from `min_bid`) and CPU time may run, highest bid first, locked
+        rows (another's claim) skipped, and the attempts of those it took
+        (_apart: the loop goes on).  Its result:
+        ([(TaskRow, input or None, cancelled)], {task: [AttemptRow]})."""
+        claim, attempts_of = self.db._q(_CLAIM)[0], self.db._q(_ATTEMPTS_OF)[0]
+        args = (self.server_id, min_bid, models, max_cpu_ms, n)
+
+        def run(conn):
             rows = [_loaded(r, True) for r in sorted(conn.execute(claim, args).fetchall())]
             ids = [r[0].id for r in rows]
             return rows, (_attempts(conn.execute(attempts_of, (ids,))) if ids else {})
 
-        return self._writer_submit(lambda: db._sent(run))
+        return self._apart(run)
 
     def release_apart(self, task_ids: list[int]) -> futures.Future:
-        """As release(), in the writer thread and the open transaction (the
-        journal sent first: a task submitted in this group is inserted before
-        it is offered)."""
-        db = self.db
-        runs = db.journal.take()
-        sql, args = db._q(_RELEASE)[0], (sorted(task_ids), self.server_id)
+        """These queued tasks of this server go to the shared queue (_apart: the
+        journal sent first, so a task submitted in this group is inserted
+        before it is offered)."""
+        sql, args = self.db._q(_RELEASE)[0], (sorted(task_ids), self.server_id)
         self.notify_all("queue")
 
-        def run():
-            conn = db.conn
-            if db._begin:
-                db._begin = False
-                conn.execute("BEGIN")
-            if runs is not None:
-                conn.execute(APPLY, runs[:2])
+        def run(conn):
             conn.execute(sql, args)
 
-        return self._writer_submit(lambda: db._sent(run))
+        return self._apart(run)
 
     def results_apart(self, buy_order_id: int, unknown: list[int], want: list[int],
                       room: int) -> futures.Future:
-        """In the writer thread (the journal sent first, in the open transaction
-        if one is): undelivered_among(buy_order_id, unknown), then
-        results_within() of those and `want` (none read if `room` <= 0: all
-        are past it).  Its result: (undelivered rows, results, tasks past)."""
-        db = self.db
-        runs = db.journal.take()
-        among, within = db._q(_UNDELIVERED_AMONG)[0], db._q(_RESULTS_WITHIN)[0]
+        """The tasks of `unknown` that are the buy order's and wait for an ack
+        (undelivered_refs' rows); then the results (store.Result) of those and
+        of `want` that are done and not yet delivered, in id order, as long as
+        they fit in `room` bytes with theirs before them (FRAME_EACH a frame's
+        header counted too; the first is read whatever its size, as one
+        result alone would be; none if `room` <= 0), and the tasks past that
+        room, whose output is not read (owed: read when the buyer's budget has
+        room).  One statement for results heard together, and no more output
+        in memory than the buyer's budget has room for, but for a first result
+        bigger than it (_apart: the loop goes on).  Its result: (rows,
+        results, tasks past)."""
+        among, within = self.db._q(_UNDELIVERED_AMONG)[0], self.db._q(_RESULTS_WITHIN)[0]
 
-        def run():
-            conn = db.conn
-            if db._begin:
-                db._begin = False
-                conn.execute("BEGIN")
-            if runs is not None:
-                conn.execute(APPLY, runs[:2])
+        def run(conn):
             rows = (list(conn.execute(among, (sorted(unknown), buy_order_id)))
                     if unknown else [])
             ids = sorted(set(want) | {r[2] for r in rows})
@@ -186,7 +185,7 @@ class PgAheadMixin:
                 return rows, [], ids
             return (rows, *self._within(conn.execute(within, (FRAME_EACH, room, ids))))
 
-        return self._writer_submit(lambda: db._sent(run))
+        return self._apart(run)
 
     def took_ahead(self, answer) -> bool:
         """Keep the answers of a read ahead, for this transaction's statements,

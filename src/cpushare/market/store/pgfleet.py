@@ -33,7 +33,7 @@ import time
 from .rows import AttemptRow, TaskRow
 
 SMALL_INPUT = 64 << 10  # (market/buyers.py's: bigger inputs a claim does not read)
-FRAME_EACH = 256  # bytes counted for a result's frame besides its output (results_within)
+FRAME_EACH = 256  # bytes counted for a result's frame besides its output (results_apart)
 
 FLEET_LOCK = 0x43505553  # the class of the servers' advisory locks ("CPUS")
 CHANNEL = "cpushare"  # to every process; each also listens on cpushare_<id>
@@ -248,11 +248,6 @@ class PgFleetMixin:
         self.db.execute("DELETE FROM servers WHERE id = ANY(?::bigint[])", (dead,))
         return [_loaded(r, False) for r in sorted(rows)], lost
 
-    def release(self, task_ids: list[int]) -> None:
-        """These queued tasks of this server go to the shared queue."""
-        self.db.execute(_RELEASE, (task_ids, self.server_id))
-        self.notify_all("queue")
-
     def claim_task(self, task_id: int) -> tuple | None:
         """Task `task_id`, if it is in the shared queue and no other process
         is claiming it: (TaskRow, input, cancelled)."""
@@ -277,24 +272,8 @@ class PgFleetMixin:
             (self.server_id,)).fetchall()
         return [_loaded(r, True) for r in sorted(rows)]
 
-    def undelivered_among(self, buy_order_id: int, task_ids: list[int]
-                          ) -> list[tuple[int, str, int, int]]:
-        """undelivered_refs' rows of these tasks of the buy order (by their keys)."""
-        return list(self.db.execute(_UNDELIVERED_AMONG, (sorted(task_ids), buy_order_id)))
-
-    def results_within(self, task_ids: list[int], room: int) -> tuple[list, list[int]]:
-        """The results (store.Result) of these tasks that are done and not yet
-        delivered, in id order, as long as they fit in `room` bytes with
-        theirs before them (FRAME_EACH a frame's header counted too; the
-        first is read whatever its size, as one result alone would be); and
-        the tasks past that room, whose output is not read (owed: read when
-        the buyer's budget has room).  One statement for results heard
-        together, and no more output in memory than the buyer's budget has
-        room for, but for a first result bigger than it."""
-        return self._within(self.db.execute(_RESULTS_WITHIN, (FRAME_EACH, room,
-                                                              sorted(task_ids))))
-
     def _within(self, rows) -> tuple[list, list[int]]:
+        """Rows of _RESULTS_WITHIN: (the results that fit, the tasks past them)."""
         out, past = [], []
         for r in rows:
             if r[12]:
